@@ -1,0 +1,132 @@
+"""Engine configuration: frozen dataclasses validated at construction.
+
+``LLM(**kwargs)`` and the CLI flags are generated from the fields of these
+classes (see :func:`EngineConfig.from_kwargs` and :func:`config_fields`), so a
+new setting is added in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: a Hugging Face folder and how to run it."""
+
+    model: str
+    tokenizer: Optional[str] = None  # defaults to the model folder
+    dtype: str = "auto"  # auto: the folder's torch_dtype (float32 on CPU if it is float16)
+    max_model_len: Optional[int] = None  # defaults to the config's max_position_embeddings
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, str) and bool(self.model), "model must be a path to a model folder")
+        _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.max_model_len is None or self.max_model_len >= 1,
+                 f"max_model_len must be >= 1, got {self.max_model_len}")
+        _require(self.trust_remote_code is False, "trust_remote_code is not supported: loraplex runs no model code from folders")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. ``num_kv_blocks`` overrides the size computed from memory."""
+
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+                 f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: Optional[int] = None  # defaults to max(max_model_len, 2048)
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter residency: ``max_loras`` device slots, ``max_cpu_loras`` in host memory."""
+
+    enable_lora: bool = True
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: Optional[int] = None  # defaults to max(max_loras, 16)
+    lora_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
+        _require(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        _require(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 16)
+
+
+_SECTIONS = {
+    "model_config": ModelConfig,
+    "device_config": DeviceConfig,
+    "cache_config": CacheConfig,
+    "scheduler_config": SchedulerConfig,
+    "lora_config": LoRAConfig,
+}
+
+
+def config_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every user-settable field of every section, as (section, field)."""
+    return [(sec, f) for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat keyword arguments (``LLM(model=..., max_loras=...)``)."""
+        per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        names = {f.name: sec for sec, f in config_fields()}
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        for k, v in kwargs.items():
+            per_section[names[k]][k] = v
+        return cls(**{sec: _SECTIONS[sec](**vals) for sec, vals in per_section.items()})
