@@ -1,0 +1,213 @@
+"""Token sampling and logprobs for one engine step.
+
+The sampler sees one logits row per sequence that samples this step. Rows may
+mix greedy and random requests, different temperatures / top-k / top-p, and
+requests with and without their own seed. Sampling math runs in float32 on the
+logits' device; the random numbers always come from CPU generators (one
+uniform per random row, inverse-CDF), so a seeded request draws the same tokens
+on CPU and on CUDA and regardless of the other requests in its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from loraplex.types import PositionLogprobs, SamplingParams
+
+TokenIds = Union[torch.Tensor, Sequence[int]]
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (one per seeded request)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return g
+
+
+def apply_min_tokens(logits_row: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """Forbid ``stop_ids`` (EOS and stop tokens) in place while a request is
+    below ``min_tokens``: ``logits_row[..., stop_ids] = -inf``. Returns the row."""
+    if len(stop_ids) > 0:
+        idx = torch.as_tensor(list(stop_ids), dtype=torch.long, device=logits_row.device)
+        logits_row[..., idx] = float("-inf")
+    return logits_row
+
+
+class Sampler:
+    """Samples one token per logits row.
+
+    ``vocab_size`` is the real vocabulary size: columns at and beyond it are
+    padding of the lm_head and are never sampled. ``seed`` seeds the engine-wide
+    CPU generator used by requests without a ``seed`` of their own.
+    """
+
+    def __init__(self, vocab_size: int, seed: int) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"Sampler: vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.generator = make_generator(seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+    ) -> torch.Tensor:
+        """``logits`` (n, V_padded) -> (n,) int64 token ids on CPU.
+
+        ``generators[i]`` is row i's own generator (seeded request) or None (use
+        the engine generator).
+        """
+        n = logits.shape[0]
+        if len(params) != n or len(generators) != n:
+            raise ValueError(
+                f"Sampler: got {n} logits rows but {len(params)} sampling params "
+                f"and {len(generators)} generators"
+            )
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(
+                f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
+            )
+        out = torch.empty(n, dtype=torch.long)
+        if n == 0:
+            return out
+        logits = logits[:, : self.vocab_size]  # (n, V): drop vocabulary padding
+
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+        rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
+        if greedy:
+            rows = torch.tensor(greedy, dtype=torch.long)
+            ids = logits[rows.to(logits.device)].argmax(dim=-1)
+            out[rows] = ids.cpu()
+        if rand:
+            rows = torch.tensor(rand, dtype=torch.long)
+            ids = self._sample_random(
+                logits[rows.to(logits.device)],
+                [params[i] for i in rand],
+                [generators[i] for i in rand],
+            )
+            out[rows] = ids
+        return out
+
+    def _sample_random(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+    ) -> torch.Tensor:
+        """Temperature, top-k, top-p, then one inverse-CDF draw per row."""
+        device = logits.device
+        m, vocab = logits.shape
+        x = logits.float()
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        # Subtract the row max before dividing so tiny temperatures cannot overflow to +inf.
+        x = (x - x.max(dim=-1, keepdim=True).values) / temps[:, None]  # (m, V)
+
+        need_k = any(p.top_k != -1 and p.top_k < vocab for p in params)
+        need_p = any(p.top_p < 1.0 for p in params)
+        if need_k or need_p:
+            # Stable sort: among equal logits the lower token id ranks first.
+            sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (m, V)
+            drop = torch.zeros_like(sorted_x, dtype=torch.bool)
+            if need_k:
+                ks = torch.tensor(
+                    [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=device
+                )
+                rank = torch.arange(vocab, device=device)
+                drop |= rank[None, :] >= ks[:, None]
+                sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            if need_p:
+                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+                probs = torch.softmax(sorted_x, dim=-1)
+                # Mass strictly before each token; keep while it is < top_p, which is the
+                # smallest prefix whose cumulative mass reaches top_p (always >= 1 token).
+                before = torch.cumsum(probs, dim=-1) - probs
+                drop_p = before >= top_p[:, None]
+                drop_p[:, 0] = False
+                drop |= drop_p
+            # Back from sorted to token order: order is a permutation, so every slot is written.
+            x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+        probs = torch.softmax(x, dim=-1)  # (m, V)
+        cdf = torch.cumsum(probs, dim=-1)  # (m, V)
+        u = torch.cat(
+            [torch.rand(1, generator=g if g is not None else self.generator) for g in generators]
+        ).to(device)  # (m,)
+        target = u * cdf[:, -1]  # (m,), in [0, total)
+        # First token whose cumulative mass exceeds the target; zero-probability tokens
+        # never qualify because their cdf equals their predecessor's.
+        ids = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (m,)
+        # Rounding may put target at the very top: fall back to the last token with mass.
+        last_pos = vocab - 1 - torch.argmax((probs > 0).flip(-1).to(torch.uint8), dim=-1)
+        ids = torch.minimum(ids, last_pos)
+        return ids.cpu()
+
+
+def compute_logprobs(
+    logits: torch.Tensor,
+    token_ids: TokenIds,
+    num_top: list[Optional[int]],
+    vocab_size: Optional[int] = None,
+) -> list[Optional[PositionLogprobs]]:
+    """Per row: None if ``num_top[i]`` is None, else {chosen token: logprob} plus
+    the ``num_top[i]`` most likely tokens, from ``log_softmax`` of the raw logits
+    (before temperature) over the first ``vocab_size`` columns (all if None).
+
+    ``logits`` (n, V), ``token_ids`` (n,). The chosen token comes first in each dict.
+    """
+    n = logits.shape[0]
+    if len(num_top) != n or len(token_ids) != n:
+        raise ValueError(
+            f"compute_logprobs: got {n} logits rows, {len(token_ids)} token ids and {len(num_top)} num_top"
+        )
+    result: list[Optional[PositionLogprobs]] = [None] * n
+    wanted = [i for i, k in enumerate(num_top) if k is not None]
+    if not wanted:
+        return result
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    device = logits.device
+    rows = torch.tensor(wanted, dtype=torch.long, device=device)
+    chosen = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(device)[rows]  # (w,)
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)  # (w, V)
+    chosen_lp = logp.gather(1, chosen[:, None]).squeeze(1).cpu().tolist()
+    k = min(max(num_top[i] for i in wanted), logp.shape[1])  # type: ignore[type-var]
+    if k > 0:
+        top_vals, top_ids = logp.topk(k, dim=-1)  # (w, k)
+        top_vals_l, top_ids_l = top_vals.cpu().tolist(), top_ids.cpu().tolist()
+    chosen_l = chosen.cpu().tolist()
+    for j, i in enumerate(wanted):
+        d: PositionLogprobs = {chosen_l[j]: chosen_lp[j]}
+        kk = num_top[i]
+        if k > 0 and kk:
+            for tid, val in zip(top_ids_l[j][:kk], top_vals_l[j][:kk]):
+                d.setdefault(tid, val)
+        result[i] = d
+    return result
+
+
+def prompt_logprobs(
+    logits: torch.Tensor,
+    prompt_token_ids: list[int],
+    num_top: int,
+    vocab_size: Optional[int] = None,
+) -> list[Optional[PositionLogprobs]]:
+    """Prompt logprobs: ``logits`` (len(prompt), V), row i predicts prompt token i+1.
+
+    Entry 0 is None; entry i >= 1 holds ``prompt_token_ids[i]`` and the top
+    ``num_top`` tokens of row i-1. A trailing row beyond len(prompt)-1 is ignored.
+    """
+    num = len(prompt_token_ids)
+    if num == 0:
+        return []
+    if logits.shape[0] < num - 1:
+        raise ValueError(
+            f"prompt_logprobs: need at least {num - 1} logits rows for a {num}-token prompt, "
+            f"got {logits.shape[0]}"
+        )
+    rest = compute_logprobs(
+        logits[: num - 1], prompt_token_ids[1:], [num_top] * (num - 1), vocab_size=vocab_size
+    )
+    return [None] + rest
