@@ -1,0 +1,74 @@
+"""Per-batch state for one model forward, set by a context manager.
+
+The model runner builds a :class:`ForwardContext` each step and runs the model
+under ``with forward_context(ctx):``; attention layers read the KV layout from
+it and LoRA wrappers read which adapter slot each token uses. Nothing here is a
+mutable module global: the current context lives in a ``ContextVar``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from loraplex.lora.batch import LoRABatch
+
+
+@dataclass
+class AttentionMetadata:
+    """Paged-attention layout of a flat batch of ``T`` tokens from ``B`` sequences.
+
+    Each sequence contributes its new tokens contiguously; ``query_index[b, j]``
+    is the flat index of its j-th new token (-1 for padding) and
+    ``query_pos[b, j]`` that token's position. ``context_lens[b]`` counts every
+    token of the sequence in the cache after this step, new ones included.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot = block * block_size + offset
+    block_tables: torch.Tensor  # (B, max_blocks) int64 (padding: 0)
+    context_lens: torch.Tensor  # (B,) int64
+    query_index: torch.Tensor  # (B, max_q) int64, -1 = padding
+    query_pos: torch.Tensor  # (B, max_q) int64, 0 for padding
+    max_context_len: int
+    # True when no sequence has cached tokens from earlier steps (pure prefill).
+    prefill_only: bool = False
+    query_lens: Optional[list[int]] = None
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # (T,) int64
+    attn: AttentionMetadata
+    lora: Optional[LoRABatch] = None  # adapter slot of each token
+    lora_logits: Optional[LoRABatch] = None  # adapter slot of each logits row
+
+
+_CURRENT: ContextVar[Optional[ForwardContext]] = ContextVar("loraplex_forward_context", default=None)
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise RuntimeError("model forward called outside `with forward_context(...)`")
+    return ctx
+
+
+def current_lora_batch(for_logits: bool = False) -> Optional[LoRABatch]:
+    """The LoRA batch info of the running forward, or None outside one (plain use)."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return None
+    return ctx.lora_logits if for_logits else ctx.lora

@@ -1,0 +1,265 @@
+"""The engine: add requests, step the model, collect outputs.
+
+``LLMEngine`` owns the model runner, the scheduler, the adapter pool and the
+sampler. ``step()`` runs one batch (prefills and decodes together) and returns
+the outputs of every request it touched; finished ones have ``finished=True``.
+Bad requests are refused in ``add_request`` with :class:`InvalidRequestError`;
+a request that fails later (its adapter folder vanished) finishes with
+``finish_reason="error"`` and its error in ``engine.errors``; others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.kv_cache import BlockAllocator
+from loraplex.engine.model_runner import ModelRunner, resolve_dtype
+from loraplex.engine.request import Request, Status
+from loraplex.engine.sampler import Sampler, apply_min_tokens, compute_logprobs, make_generator, prompt_logprobs
+from loraplex.engine.scheduler import Scheduler
+from loraplex.errors import AdapterError, InvalidRequestError, ModelLoadError
+from loraplex.lora.backends.base import get_backend
+from loraplex.lora.model_lora import LoRAModel
+from loraplex.lora.pool import LoRAPool
+from loraplex.models.loader import load_hf_config, load_model
+from loraplex.types import LoRARequest, RequestOutput, SamplingParams
+
+logger = logging.getLogger("loraplex")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _eos_ids(path: str, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        add(GenerationConfig.from_pretrained(path).eos_token_id)
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model_config
+        self.device = _resolve_device(config.device_config.device)
+        self.hf_config = load_hf_config(mc.model)
+        self.dtype = resolve_dtype(mc.dtype, self.hf_config, self.device)
+        self.tokenizer = self._load_tokenizer(mc.tokenizer or mc.model)
+        self.eos_token_ids = _eos_ids(mc.model, self.hf_config, self.tokenizer)
+        max_pos = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 4096
+        if mc.max_model_len is not None and mc.max_model_len > max_pos:
+            raise ValueError(f"max_model_len={mc.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={max_pos}")
+        self.max_model_len = mc.max_model_len or max_pos
+        self.vocab_size = int(self.hf_config.vocab_size)
+
+        torch.manual_seed(mc.seed)
+        model = load_model(mc.model, self.hf_config, self.dtype, self.device)
+        lc = config.lora_config
+        self.pool: Optional[LoRAPool] = None
+        if lc.enable_lora:
+            lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, get_backend(lc.lora_backend))
+            self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
+        self.model = model
+
+        sc = config.scheduler_config
+        self.max_num_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_model_len ({self.max_model_len}): prompts are prefilled in one step")
+        cc = config.cache_config
+        num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
+        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens)
+        self.sampler = Sampler(self.vocab_size, mc.seed)
+        self.requests: dict[str, Request] = {}
+        self.errors: dict[str, Exception] = {}
+        self._ids = itertools.count()
+        logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
+                    self.dtype, num_blocks, cc.block_size)
+
+    # ---- setup ----------------------------------------------------------------------------
+    @staticmethod
+    def _load_tokenizer(path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as e:  # transformers raises OSError, ValueError, ... here
+            raise ModelLoadError(f"cannot load the tokenizer from {path!r}: {e}") from e
+
+    def _num_kv_blocks(self, model: torch.nn.Module, max_num_seqs: int) -> int:
+        cc = self.config.cache_config
+        if cc.num_kv_blocks is not None:
+            return cc.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(model, cc.block_size, self.dtype)
+        wanted = max_num_seqs * math.ceil(self.max_model_len / cc.block_size) + 1
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            reserve = 1 << 30  # activations, logits and allocator slack
+            budget = int(total * cc.gpu_memory_utilization) - used - reserve
+        else:
+            budget = int(cc.cpu_kv_cache_gib * (1 << 30))
+        blocks = min(wanted, budget // per_block)
+        if blocks < math.ceil(self.max_model_len / cc.block_size):
+            raise ValueError(f"KV cache budget holds {blocks} blocks of {cc.block_size} tokens, fewer than one "
+                             f"max_model_len={self.max_model_len} sequence needs; lower max_model_len or raise "
+                             "gpu_memory_utilization / cpu_kv_cache_gib")
+        return blocks
+
+    # ---- adapters -------------------------------------------------------------------------
+    def _require_pool(self) -> LoRAPool:
+        if self.pool is None:
+            raise AdapterError("LoRA is disabled (enable_lora=False)")
+        return self.pool
+
+    def add_lora(self, req: LoRARequest) -> None:
+        self._require_pool().register(req)
+
+    def remove_lora(self, name: str) -> None:
+        self._require_pool().unregister(name)
+
+    def list_loras(self) -> list[str]:
+        return sorted(self.pool.registered) if self.pool else []
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: Union[str, dict, list]) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize(prompt["prompt"])
+            raise InvalidRequestError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise InvalidRequestError(f"prompt must be a string, a dict or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: Union[str, dict, list], params: SamplingParams,
+                    lora_name: Optional[str] = None, request_id: Optional[str] = None) -> str:
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no tokens)")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                                      "and at least one token must be generated")
+        if lora_name is not None and (self.pool is None or not self.pool.is_registered(lora_name)):
+            known = self.list_loras()
+            raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {known}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id, text, ids, params, lora_name, self.tokenizer, self.eos_token_ids, max_tokens)
+        if params.seed is not None:
+            req.generator = make_generator(params.seed)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None or req.finished:
+            return
+        self.scheduler.abort(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for req in sched.failed:
+            self.errors[req.request_id] = req.error
+            req.status = Status.FINISHED
+            req.finish_reason = "error"
+            outputs.append(self._pop(req))
+        if not sched.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler made no progress: waiting requests cannot be admitted")
+            return outputs
+        batch = self.runner.prepare(sched.seqs)
+        logits = self.runner.execute(batch)  # (R, padded vocab) float32
+
+        reqs = [s.req for s in sched.seqs]
+        sample_rows = torch.tensor([a + n - 1 for a, n in batch.logits_spans], device=logits.device)
+        sample_logits = logits[sample_rows]
+        for i, req in enumerate(reqs):
+            if len(req.output_token_ids) < req.params.min_tokens:
+                apply_min_tokens(sample_logits[i], sorted(req.eos_token_ids | set(req.params.stop_token_ids)))
+        tokens = self.sampler(sample_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        lps = compute_logprobs(sample_logits, tokens, [r.params.logprobs for r in reqs], self.vocab_size)
+        for s, (a, n), tok, lp in zip(sched.seqs, batch.logits_spans, tokens, lps):
+            req = s.req
+            if n > 1:  # first prefill of a request that asked for prompt logprobs
+                req.prompt_logprobs = prompt_logprobs(logits[a:a + n], req.prompt_token_ids,
+                                                      req.params.prompt_logprobs, self.vocab_size)
+            req.num_computed_tokens += s.num_new_tokens
+            self._append_token(req, tok, lp)
+            outputs.append(self._pop(req) if req.finished else req.to_output())
+        return outputs
+
+    def _append_token(self, req: Request, tok: int, lp: Optional[dict]) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_token_ids.append(tok)
+        if req.output_logprobs is not None:
+            req.output_logprobs.append(lp)
+        p = req.params
+        if req.detok is not None:
+            req.detok.append(tok)
+        n_out = len(req.output_token_ids)
+        reason = stop = None
+        if not p.ignore_eos and tok in req.eos_token_ids and n_out > p.min_tokens:
+            reason = "stop"
+        elif tok in p.stop_token_ids and n_out > p.min_tokens:
+            reason, stop = "stop", tok
+        elif req.detok is not None and req.detok.check_stop_string() is not None:
+            reason, stop = "stop", req.detok.check_stop_string()
+        elif n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if req.detok is not None and not isinstance(stop, str):
+                req.detok.finish()
+            req.finish_reason, req.stop_reason = reason, stop
+            self.scheduler.finish(req)
+
+    def _pop(self, req: Request) -> RequestOutput:
+        self.requests.pop(req.request_id, None)
+        return req.to_output()

@@ -1,0 +1,148 @@
+"""Builds the model, sizes and binds the KV cache, and runs one batch.
+
+``prepare`` turns the scheduled sequences into flat tensors: token ids,
+positions, KV slot mapping, the padded attention layout, the LoRA slot of every
+token and of every logits row, and which hidden rows need logits (the last new
+token of each sequence, plus every prompt position of sequences that asked for
+prompt logprobs on their first prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from loraplex.config import EngineConfig
+from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_context
+from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.layers.attention import PagedAttention
+from loraplex.lora.batch import LoRABatch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    d = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = _DTYPES.get(d, torch.float32)
+    d = d if isinstance(d, torch.dtype) else torch.float32
+    if device.type == "cpu" and d == torch.float16:
+        return torch.float32  # float16 matmuls on CPU are slow and inexact
+    return d
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor  # (T,)
+    ctx: ForwardContext
+    logits_indices: torch.Tensor  # (R,) rows of the hidden states that need logits
+    # Per sequence: (first logits row, number of logits rows); the sampled row is the last.
+    logits_spans: list[tuple[int, int]]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 num_blocks: int) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache_config.block_size
+        self.num_blocks = num_blocks
+        self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        self._bind_kv_cache()
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum(2 * block_size * m.num_kv_heads * m.head_dim * elem for m in layers)
+
+    def _bind_kv_cache(self) -> None:
+        for m in self.attn_layers:
+            shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+            m.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            m.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        token_slots: list[int] = []
+        logits_rows: list[int] = []
+        logits_row_slots: list[int] = []
+        spans: list[tuple[int, int]] = []
+        qlens: list[int] = []
+        ctx_lens: list[int] = []
+        for s in seqs:
+            req = s.req
+            toks = req.all_token_ids[s.start:s.start + s.num_new_tokens]
+            base = len(ids)
+            ids.extend(toks)
+            pos = range(s.start, s.start + s.num_new_tokens)
+            positions.extend(pos)
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            token_slots.extend([req.slot] * s.num_new_tokens)
+            qlens.append(s.num_new_tokens)
+            ctx_lens.append(s.start + s.num_new_tokens)
+            if s.start == 0 and req.wants_prompt_logprobs:
+                rows = list(range(base, base + s.num_new_tokens))
+            else:
+                rows = [base + s.num_new_tokens - 1]
+            spans.append((len(logits_rows), len(rows)))
+            logits_rows.extend(rows)
+            logits_row_slots.extend([req.slot] * len(rows))
+
+        B = len(seqs)
+        max_q = max(qlens)
+        max_blocks = max(len(s.req.block_table) for s in seqs)
+        query_index = torch.full((B, max_q), -1, dtype=torch.int64)
+        query_pos = torch.zeros((B, max_q), dtype=torch.int64)
+        tables = torch.zeros((B, max_blocks), dtype=torch.int64)
+        off = 0
+        for b, s in enumerate(seqs):
+            n = s.num_new_tokens
+            query_index[b, :n] = torch.arange(off, off + n)
+            query_pos[b, :n] = torch.arange(s.start, s.start + n)
+            tables[b, :len(s.req.block_table)] = torch.tensor(s.req.block_table, dtype=torch.int64)
+            off += n
+
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
+            block_tables=tables.to(dev),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int64).to(dev),
+            query_index=query_index.to(dev),
+            query_pos=query_pos.to(dev),
+            max_context_len=max(ctx_lens),
+            prefill_only=all(s.start == 0 for s in seqs),
+            query_lens=qlens,
+        )
+        has_lora = any(s.req.slot >= 0 for s in seqs)
+        ctx = ForwardContext(
+            positions=torch.tensor(positions, dtype=torch.int64).to(dev),
+            attn=attn,
+            lora=LoRABatch.from_row_slots(token_slots, dev) if has_lora else None,
+            lora_logits=LoRABatch.from_row_slots(logits_row_slots, dev) if has_lora else None,
+        )
+        return PreparedBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
+            ctx=ctx,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(dev),
+            logits_spans=spans,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: PreparedBatch) -> torch.Tensor:
+        """Run the model; returns float32 logits (R, padded vocab) for the logits rows."""
+        with forward_context(batch.ctx):
+            hidden = self.model(batch.input_ids, batch.ctx.positions)  # (T, hidden)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return logits.float()

@@ -1,0 +1,77 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Optional
+
+import torch
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.types import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, lora_name: Optional[str], tokenizer: Any,
+                 eos_token_ids: frozenset[int], max_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.lora_name = lora_name
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = max_tokens  # params.max_tokens clipped to max_model_len
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: Optional[list[PositionLogprobs]] = [] if params.logprobs is not None else None
+        self.prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.slot: int = -1  # adapter slot while running (-1: base model)
+        self.generator: Optional[torch.Generator] = None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params) if tokenizer is not None else None
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[Any] = None
+        self.error: Optional[Exception] = None
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        self.first_token_time: Optional[float] = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def to_output(self) -> RequestOutput:
+        text = self.detok.text if self.detok is not None else ""
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=list(self.output_token_ids),
+            logprobs=list(self.output_logprobs) if self.output_logprobs is not None else None,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        )
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+            prompt_logprobs=self.prompt_logprobs, outputs=[completion], finished=self.finished,
+            lora_name=self.lora_name,
+            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                     "num_preemptions": self.num_preemptions},
+        )

@@ -1,0 +1,226 @@
+"""LoRA wrappers: each stands in for its base layer everywhere.
+
+A wrapper holds the layer as ``base_layer`` and forwards every attribute it does
+not define to it, so model code, the weight loader, the sampler and the
+multimodal embedding routine never need to know a layer is wrapped. It owns
+stacked per-slot LoRA buffers (``max_loras`` slots, ``max_lora_rank`` columns,
+zero padded) and adds ``scale * B(A(x))`` for rows whose slot holds weights;
+rows of the base model (slot -1) get exactly the base output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from loraplex.distributed.parallel_state import all_reduce
+from loraplex.engine.context import current_lora_batch
+from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
+                                    QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
+from loraplex.lora.adapter import LoRAWeights
+from loraplex.lora.backends.base import LoRABackend
+
+
+class BaseLayerWithLoRA(nn.Module):
+    """Attribute forwarding and per-slot bookkeeping shared by every wrapper."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.backend: Optional[LoRABackend] = None
+        self.num_slices = 1
+        self.active: frozenset[int] = frozenset()  # slots holding weights for this layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def _update_active(self, slot: int, has_weights: bool) -> None:
+        self.active = self.active | {slot} if has_weights else self.active - {slot}
+
+    # Subclasses implement create_lora_weights / set_lora / reset_lora / forward.
+
+
+class LinearWithLoRA(BaseLayerWithLoRA):
+    """LoRA on a linear layer whose output is ``num_slices`` concatenated parts
+    (1 for plain projections, 3 for qkv, 2 for gate_up). Column-parallel layers
+    shard B along the output; row-parallel layers shard A along the input."""
+
+    def __init__(self, base_layer: LinearBase) -> None:
+        super().__init__(base_layer)
+        self.output_slices: tuple[int, ...] = tuple(base_layer.output_slices)
+        self.num_slices = len(self.output_slices)
+        self.row_parallel = isinstance(base_layer, RowParallelLinear)
+
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+        w = self.base_layer.weight
+        in_local = self.base_layer.input_size_per_partition
+        self.backend = backend
+        self.max_rank = max_rank
+        self.lora_a = [torch.zeros(max_loras, max_rank, in_local, dtype=w.dtype, device=w.device)
+                       for _ in range(self.num_slices)]
+        self.lora_b = [torch.zeros(max_loras, n, max_rank, dtype=w.dtype, device=w.device)
+                       for n in self.output_slices]
+        self.scales = [[0.0] * max_loras for _ in range(self.num_slices)]
+        self.ranks = [[0] * max_loras for _ in range(self.num_slices)]
+
+    def reset_lora(self, slot: int) -> None:
+        for i in range(self.num_slices):
+            self.lora_a[i][slot].zero_()
+            self.lora_b[i][slot].zero_()
+            self.scales[i][slot] = 0.0
+            self.ranks[i][slot] = 0
+        self._update_active(slot, False)
+
+    def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
+        """Copy one adapter's weights (one entry per slice, None = not targeted) into ``slot``."""
+        self.reset_lora(slot)
+        base = self.base_layer
+        for i, lw in enumerate(weights):
+            if lw is None:
+                continue
+            a, b = lw.A, lw.B  # (r, in), (out_slice_full, r)
+            if self.row_parallel and base.tp_size > 1:
+                n = base.input_size_per_partition
+                a = a[:, base.tp_rank * n:(base.tp_rank + 1) * n]
+            elif base.tp_size > 1:
+                n = self.output_slices[i]
+                b = b[base.tp_rank * n:(base.tp_rank + 1) * n]
+            r = lw.rank
+            self.lora_a[i][slot, :r].copy_(a)
+            self.lora_b[i][slot, :, :r].copy_(b)
+            self.scales[i][slot] = float(lw.scaling)
+            self.ranks[i][slot] = r
+        self._update_active(slot, any(w is not None for w in weights))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        batch = current_lora_batch()
+        if batch is None or not (batch.used_slots & self.active):
+            return y
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
+        buf = self.backend.shrink(x2, self.lora_a, self.ranks, batch, self.active)
+        if self.row_parallel and self.base_layer.tp_size > 1:
+            buf = all_reduce(buf)
+        self.backend.expand(y2, buf, self.lora_b, self.scales, self.ranks, self.output_slices, batch, self.active)
+        return y2.view(*lead, y.shape[-1])
+
+
+class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
+    """Embedding LoRA: ``E[ids] + scale * A.T[ids] @ B.T`` (PEFT's ``lora_embedding_A/B``)."""
+
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+        w = self.base_layer.weight
+        self.backend = backend
+        self.max_rank = max_rank
+        # A stored transposed so that a lookup by token id is a row gather.
+        self.lora_a_t = torch.zeros(max_loras, self.base_layer.num_embeddings, max_rank, dtype=w.dtype, device=w.device)
+        self.lora_b = torch.zeros(max_loras, self.base_layer.embedding_dim, max_rank, dtype=w.dtype, device=w.device)
+        self.scales = [0.0] * max_loras
+        self.ranks = [0] * max_loras
+
+    def reset_lora(self, slot: int) -> None:
+        self.lora_a_t[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 0
+        self._update_active(slot, False)
+
+    def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
+        self.reset_lora(slot)
+        lw = weights[0]
+        if lw is None:
+            return
+        r = lw.rank
+        vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size stay zero
+        self.lora_a_t[slot, :vocab, :r].copy_(lw.A.T)
+        self.lora_b[slot, :, :r].copy_(lw.B)
+        self.scales[slot] = float(lw.scaling)
+        self.ranks[slot] = r
+        self._update_active(slot, True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        batch = current_lora_batch()
+        if batch is None or not (batch.used_slots & self.active):
+            return y
+        self.backend.embed(y, ids, self.lora_a_t, self.lora_b, self.scales, self.ranks, batch, self.active)
+        return y
+
+
+class LMHeadWithLoRA(LinearWithLoRA):
+    """LoRA on the output head, applied per logits row (``lora_logits`` batch):
+    logits rows are a subset of tokens (last token of each sequence, or every
+    prompt position when prompt logprobs are asked for)."""
+
+    def __init__(self, base_layer: ParallelLMHead) -> None:
+        BaseLayerWithLoRA.__init__(self, base_layer)
+        self.output_slices = (base_layer.num_embeddings_per_partition,)
+        self.num_slices = 1
+        self.row_parallel = False
+
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+        w = self.base_layer.weight
+        self.backend = backend
+        self.max_rank = max_rank
+        self.lora_a = [torch.zeros(max_loras, max_rank, self.base_layer.embedding_dim, dtype=w.dtype, device=w.device)]
+        self.lora_b = [torch.zeros(max_loras, self.output_slices[0], max_rank, dtype=w.dtype, device=w.device)]
+        self.scales = [[0.0] * max_loras]
+        self.ranks = [[0] * max_loras]
+
+    def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
+        self.reset_lora(slot)
+        lw = weights[0]
+        if lw is None:
+            return
+        base = self.base_layer
+        r = lw.rank
+        b = lw.B  # (org_vocab, r): padded rows stay zero
+        n = self.output_slices[0]
+        start = base.tp_rank * n
+        part = b[start:min(start + n, b.shape[0])]
+        self.lora_a[0][slot, :r].copy_(lw.A)
+        self.lora_b[0][slot, :part.shape[0], :r].copy_(part)
+        self.scales[0][slot] = float(lw.scaling)
+        self.ranks[0][slot] = r
+        self._update_active(slot, True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        batch = current_lora_batch(for_logits=True)
+        logits = torch.nn.functional.linear(hidden, base.weight)  # (rows, vocab shard)
+        if batch is not None and batch.used_slots & self.active:
+            buf = self.backend.shrink(hidden, self.lora_a, self.ranks, batch, self.active)
+            self.backend.expand(logits, buf, self.lora_b, self.scales, self.ranks, self.output_slices,
+                                batch, self.active)
+        from loraplex.distributed.parallel_state import all_gather_last_dim
+        return all_gather_last_dim(logits)
+
+
+# Base layer class -> wrapper class. Order matters: the most specific class first.
+WRAPPERS: list[tuple[type, type]] = [
+    (ParallelLMHead, LMHeadWithLoRA),
+    (VocabParallelEmbedding, VocabEmbeddingWithLoRA),
+    (QKVParallelLinear, LinearWithLoRA),
+    (MergedColumnParallelLinear, LinearWithLoRA),
+    (ColumnParallelLinear, LinearWithLoRA),
+    (RowParallelLinear, LinearWithLoRA),
+    (ReplicatedLinear, LinearWithLoRA),
+]
+
+
+def wrapper_for(module: nn.Module) -> Optional[type]:
+    for base_cls, wrapper_cls in WRAPPERS:
+        if type(module) is base_cls:
+            return wrapper_cls
+    return None

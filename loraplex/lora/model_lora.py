@@ -1,0 +1,92 @@
+"""Wrap a model's LoRA-able layers and describe them to the adapter loader.
+
+Every linear layer inside the decoder, the input embedding and the output head
+are wrapped. Each wrapper is reachable under its loraplex module name and each
+of its slices under the Hugging Face module name an adapter uses (q_proj, k_proj
+and v_proj are the three slices of qkv_proj).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
+from loraplex.lora.backends.base import LoRABackend
+from loraplex.lora.layers import BaseLayerWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
+
+
+@dataclass
+class WrappedModule:
+    name: str  # loraplex module name, e.g. model.layers.0.self_attn.qkv_proj
+    wrapper: BaseLayerWithLoRA
+    slice_names: list[str]  # Hugging Face module names, one per output slice
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+class LoRAModel:
+    """The wrapped layers of one model, and its :class:`AdapterTargetSpec`."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+        self.model = model
+        packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", {}))
+        self.modules: list[WrappedModule] = []
+        targets: dict[str, ModuleTarget] = {}
+        candidates = [(n, m) for n, m in model.named_modules() if wrapper_for(m) is not None]
+        for name, base in candidates:
+            wrapper = wrapper_for(base)(base)
+            wrapper.create_lora_weights(max_loras, max_rank, backend)
+            _set_submodule(model, name, wrapper)
+            prefix, _, leaf = name.rpartition(".")
+            subs = packed.get(leaf)
+            if subs:
+                slice_names = [f"{prefix}.{s}" if prefix else s for s in subs]
+                sizes = list(getattr(base, "output_sizes"))
+            else:
+                slice_names = [name]
+                sizes = [getattr(base, "output_size", None) or getattr(base, "org_vocab_size")]
+            if isinstance(wrapper, VocabEmbeddingWithLoRA):
+                targets[name] = ModuleTarget(name, "embedding", base.org_vocab_size, base.embedding_dim)
+            else:
+                in_features = getattr(base, "input_size", None) or base.embedding_dim
+                for sn, out in zip(slice_names, sizes):
+                    targets[sn] = ModuleTarget(sn, "linear", in_features, out)
+            self.modules.append(WrappedModule(name, wrapper, slice_names))
+        self._by_slice = {sn: (wm, i) for wm in self.modules for i, sn in enumerate(wm.slice_names)}
+        config = getattr(model, "config", None)
+        self.spec = AdapterTargetSpec(
+            modules=targets,
+            packed_modules_mapping=packed,
+            num_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+            vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+            base_weight=self._base_weight,
+        )
+
+    def _base_weight(self, hf_name: str) -> Optional[torch.Tensor]:
+        hit = self._by_slice.get(hf_name)
+        if hit is None:
+            return None
+        wm, i = hit
+        base = wm.wrapper.base_layer
+        w = base.weight
+        if hasattr(base, "org_vocab_size"):
+            w = w[: base.org_vocab_size]
+        return w.detach()
+
+    def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
+        """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it)."""
+        with torch.no_grad():
+            for wm in self.modules:
+                weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)
+                if any(w is not None for w in weights):
+                    wm.wrapper.set_lora(slot, weights)
+                elif slot in wm.wrapper.active or adapter is None:
+                    wm.wrapper.reset_lora(slot)

@@ -1,0 +1,121 @@
+"""Build a model from a Hugging Face folder and load its safetensors weights.
+
+Checkpoint names are mapped onto loraplex parameters through the model's
+``packed_modules_mapping`` (``q_proj`` -> ``qkv_proj`` shard "q", ...); each
+parameter's ``weight_loader`` copies its shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loraplex.errors import ModelLoadError
+from loraplex.models.registry import resolve_model_class
+
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_hf_config(path: str) -> Any:
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model folder {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"model folder {path!r} has no config.json")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelLoadError(f"cannot read config.json of {path!r}: {e}") from e
+
+
+def weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    raise ModelLoadError(f"model folder {path!r} has no safetensors weights (pickled .bin weights are not loaded)")
+
+
+def iter_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+@contextmanager
+def _default_dtype_device(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _checkpoint_to_param(name: str, packed: dict[str, list[str]]) -> tuple[str, Any]:
+    parts = name.split(".")
+    for fused, subs in packed.items():
+        for idx, sub in enumerate(subs):
+            if sub in parts[:-1]:
+                i = parts.index(sub)
+                shard: Any = "qkv"[idx] if fused == "qkv_proj" else idx
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+    return name, None
+
+
+def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = resolve_model_class(getattr(config, "architectures", None))
+    with _default_dtype_device(dtype, device):
+        model = cls(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    loaded: set[str] = set()
+    for ckpt_name, tensor in iter_weights(path):
+        if ckpt_name.endswith(_SKIP_SUFFIXES):
+            continue
+        if ckpt_name == "lm_head.weight" and getattr(model, "tied_embeddings", False):
+            continue
+        pname, shard = _checkpoint_to_param(ckpt_name, packed)
+        param = params.get(pname)
+        if param is None:
+            raise ModelLoadError(f"checkpoint tensor {ckpt_name!r} in {path!r} has no matching parameter "
+                                 f"in {cls.__name__}")
+        loader = getattr(param, "weight_loader", None)
+        tensor = tensor.to(dtype=dtype)
+        try:
+            if loader is None:
+                if tensor.shape != param.shape:
+                    raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs parameter {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            elif shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+        except ValueError as e:
+            raise ModelLoadError(f"checkpoint tensor {ckpt_name!r} in {path!r}: {e}") from e
+        loaded.add(pname)
+    missing = sorted(n for n in params if n not in loaded and not _tied_alias(model, n))
+    if missing:
+        raise ModelLoadError(f"model folder {path!r} lacks weights for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+    return model.eval()
+
+
+def _tied_alias(model: nn.Module, name: str) -> bool:
+    return name == "lm_head.weight" and getattr(model, "tied_embeddings", False)
