@@ -1,18 +1,43 @@
 """Read and validate a PEFT LoRA adapter folder against a base model.
 
-INTERFACE (stable; implementation in progress):
-
     spec = AdapterTargetSpec(...)            # built by the model runner from the live model
     adapter = load_adapter(name, path, spec, max_lora_rank)   # -> LoRAAdapter, or raises AdapterError
+
+Only ``adapter_config.json`` + ``adapter_model.safetensors`` are read; pickled weights are refused, never unpickled.
+Which modules the adapter adapts follows PEFT's own matching (see ``peft_config.py``): tensors of modules that PEFT
+would not have wrapped (excluded by ``exclude_modules`` / ``layers_to_transform`` / ``modules_to_save``, or not
+targeted) are ignored, as ``PeftModel.from_pretrained`` ignores them. Tensors of modules the model lacks, shapes that
+do not fit, ranks that disagree with the config, non-finite values and LoRA variants loraplex does not compute
+(DoRA, LoRA bias, trainable tokens, trained full-module copies, resized vocabularies, ...) raise ``AdapterError``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from loraplex.errors import AdapterError
+from loraplex.lora.peft_config import PeftLoraConfig, leaf, parse_lora_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+_PREFIX = "base_model.model."
+_LORA_PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_UNSUPPORTED_MARKERS = {
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "token_adapter": "trainable tokens (token_adapter)",
+    "trainable_tokens_delta": "trainable tokens (trainable_tokens_delta)",
+}
+_COPY_MARKERS = ("base_layer", "modules_to_save", "original_module")
 
 _adapter_ids = itertools.count(1)
 
@@ -67,6 +92,8 @@ class LoRAAdapter:
     modules: dict[str, LoRAWeights]
     config: dict
     uid: int = field(default_factory=lambda: next(_adapter_ids))  # unique per load (cache keys, versions)
+    # tensor keys present in the file but skipped because PEFT would not have adapted their module
+    ignored_keys: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:
@@ -79,4 +106,223 @@ class LoRAAdapter:
 
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int) -> LoRAAdapter:
-    raise NotImplementedError("in progress")
+    """Read the PEFT folder ``path``, validate it against ``spec`` and return its LoRA weights (float32).
+
+    Raises ``AdapterError`` naming the adapter, file, tensor key and expected vs actual shape on any problem.
+    """
+    where = f"adapter {name!r} ({path})"
+    cfg = _read_config(where, path)
+    wfile = f"{where}: {WEIGHTS_FILE}"
+    tensors = _read_tensors(wfile, os.path.join(path, WEIGHTS_FILE))
+    candidates = _candidates(spec)
+    missing = cfg.unmatched_targets(list(candidates))
+    if missing:
+        have = sorted({leaf(n) for n in candidates})
+        raise AdapterError(f"{where}: {CONFIG_FILE}: target module {missing[0]!r} not found in model; "
+                           f"model has: {', '.join(have)}")
+
+    pairs = _group_lora_tensors(wfile, tensors, spec, cfg)
+    modules: dict[str, LoRAWeights] = {}
+    ignored: list[str] = []
+    for module in sorted(pairs):
+        slot = pairs[module]
+        keys = [k for k, _, _ in slot.values()]
+        cand = candidates.get(module)
+        if cand is None:
+            raise AdapterError(f"{wfile}: tensor {keys[0]!r} is for module {module!r}, which the model does not have")
+        target, parts = cand
+        if not cfg.is_targeted(module, target.kind == "linear", _is_output_head(target.name)):
+            ignored.extend(keys)
+            continue
+        weights = _validate_pair(wfile, module, slot, target, cfg, max_lora_rank, where)
+        for part_name, part in (_split_fused(wfile, slot["B"][0], weights, parts) if parts else [(module, weights)]):
+            if part_name in modules:
+                raise AdapterError(f"{wfile}: module {part_name!r} gets LoRA twice (fused and unfused keys)")
+            modules[part_name] = part
+    if ignored:
+        logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
+                       "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
+    return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored))
+
+
+def _read_config(where: str, path: str) -> PeftLoraConfig:
+    if not os.path.isdir(path):
+        raise AdapterError(f"{where}: adapter folder does not exist" if not os.path.exists(path)
+                           else f"{where}: not a folder")
+    names = set(os.listdir(path))
+    cfile = os.path.join(path, CONFIG_FILE)
+    if CONFIG_FILE not in names:
+        raise AdapterError(f"{where}: missing {CONFIG_FILE}")
+    if WEIGHTS_FILE not in names:
+        pickled = sorted(names.intersection(_PICKLE_FILES))
+        if pickled:
+            raise AdapterError(f"{where}: only pickled weights ({', '.join(pickled)}) found; pickled weights are "
+                               f"refused and never unpickled - convert the adapter to {WEIGHTS_FILE}")
+        raise AdapterError(f"{where}: missing {WEIGHTS_FILE}")
+    try:
+        with open(cfile, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterError(f"{where}: {CONFIG_FILE} is not valid JSON: {exc}") from None
+    return parse_lora_config(raw, f"{where}: {CONFIG_FILE}")
+
+
+def _read_tensors(wfile: str, file: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt headers
+        raise AdapterError(f"{wfile}: cannot read safetensors file: {exc}") from None
+    if not tensors:
+        raise AdapterError(f"{wfile}: the file holds no tensors")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{wfile}: tensor {key!r} has dtype {tensor.dtype}; expected a floating-point dtype")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{wfile}: tensor {key!r} contains NaN or Inf values")
+    return tensors
+
+
+def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: AdapterTargetSpec,
+                        cfg: PeftLoraConfig) -> dict[str, dict[str, tuple[str, torch.Tensor, bool]]]:
+    """module -> {"A"/"B": (key, tensor, is_embedding_key)}; full base copies are checked here and dropped."""
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor, bool]]] = {}
+    for key, tensor in tensors.items():
+        module, marker, rest = _split_key(key)
+        if marker in _UNSUPPORTED_MARKERS:
+            raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {_UNSUPPORTED_MARKERS[marker]}")
+        if marker in _LORA_PARTS:
+            if rest and rest[-1] == "bias":
+                raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature LoRA bias (lora_bias)")
+            is_emb = marker.startswith("lora_embedding")
+            # "weight" or "<adapter>.weight" for linear; nothing or "<adapter>" for embedding
+            bad = len(rest) > 1 if is_emb else (len(rest) not in (1, 2) or rest[-1] != "weight")
+            if bad:
+                raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
+            slot = pairs.setdefault(module, {})
+            if _LORA_PARTS[marker] in slot:
+                raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot[_LORA_PARTS[marker]][0]!r}")
+            slot[_LORA_PARTS[marker]] = (key, tensor, is_emb)
+        else:
+            _check_copy(wfile, key, module, rest, tensor, spec, cfg)
+    return pairs
+
+
+def _split_key(key: str) -> tuple[str, Optional[str], list[str]]:
+    """``base_model.model.<module>.<marker>.<rest>`` -> (module, marker, rest); marker None for a plain
+    ``<module>.<param>`` key (then rest is ``[param]``)."""
+    segments = key[len(_PREFIX):].split(".") if key.startswith(_PREFIX) else key.split(".")
+    for i, seg in enumerate(segments):
+        if seg in _LORA_PARTS or seg in _UNSUPPORTED_MARKERS or seg in _COPY_MARKERS:
+            marker = None if seg in _COPY_MARKERS else seg
+            rest = segments[i + 1:]
+            return ".".join(segments[:i]), marker, (rest[-1:] if marker is None else rest)
+    return ".".join(segments[:-1]), None, segments[-1:]
+
+
+def _candidates(spec: AdapterTargetSpec) -> dict[str, tuple[ModuleTarget, list[ModuleTarget]]]:
+    """Every module an adapter may name: the spec's modules, plus fused names (``...qkv_proj``) whose unfused parts
+    the spec has, as a virtual linear target with ``out_features`` summed over the parts."""
+    out: dict[str, tuple[ModuleTarget, list[ModuleTarget]]] = {n: (t, []) for n, t in spec.modules.items()}
+    for fused, part_leaves in spec.packed_modules_mapping.items():
+        for name in spec.modules:
+            if leaf(name) != part_leaves[0]:
+                continue
+            prefix = name[: len(name) - len(part_leaves[0])]
+            parts = [spec.modules.get(prefix + p) for p in part_leaves]
+            if any(p is None or p.kind != "linear" for p in parts) or prefix + fused in out:
+                continue
+            total = sum(p.out_features for p in parts)
+            out[prefix + fused] = (ModuleTarget(prefix + fused, "linear", parts[0].in_features, total), parts)
+    return out
+
+
+def _is_output_head(name: str) -> bool:
+    return leaf(name) == "lm_head"
+
+
+def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cfg: PeftLoraConfig,
+                   max_lora_rank: int, where: str) -> LoRAWeights:
+    """Check ``A [r, in]``, ``B [out, r]`` (embedding: ``A [r, vocab]``, ``B [hidden, r]``), r and the limit."""
+    if "A" not in slot or "B" not in slot:
+        have, missing = ("A", "B") if "A" in slot else ("B", "A")
+        raise AdapterError(f"{wfile}: tensor {slot[have][0]!r} has no matching lora_{missing} tensor "
+                           f"for module {module!r}")
+    (a_key, A, a_emb), (b_key, B, b_emb) = slot["A"], slot["B"]
+    is_emb = target.kind == "embedding"
+    if a_emb != is_emb or b_emb != is_emb:
+        want = "lora_embedding_A/B" if is_emb else "lora_A/B"
+        raise AdapterError(f"{wfile}: tensor {a_key!r}: module {module!r} is {target.kind} and expects {want} keys")
+    r_cfg, _ = cfg.rank_and_alpha(module)
+    vocab_dim_a = is_emb  # embedding A is [r, vocab]; head B is [vocab, r]
+    if A.dim() != 2 or A.shape[1] != target.in_features:
+        raise AdapterError(_shape_msg(wfile, a_key, (r_cfg, target.in_features), A, vocab_dim_a))
+    if B.dim() != 2 or B.shape[0] != target.out_features:
+        raise AdapterError(_shape_msg(wfile, b_key, (target.out_features, r_cfg), B, _is_output_head(module)))
+    if A.shape[0] != B.shape[1]:
+        raise AdapterError(f"{wfile}: tensors {a_key!r} {tuple(A.shape)} and {b_key!r} {tuple(B.shape)} disagree "
+                           f"on the rank ({A.shape[0]} vs {B.shape[1]})")
+    rank = int(A.shape[0])
+    if rank != r_cfg:
+        raise AdapterError(f"{wfile}: tensor {a_key!r} has rank {rank}, but {CONFIG_FILE} gives r={r_cfg} for "
+                           f"module {module!r} (r / rank_pattern)")
+    if rank > max_lora_rank:
+        raise AdapterError(f"{where}: module {module!r} has rank {rank}, above the limit max_lora_rank="
+                           f"{max_lora_rank}")
+    return LoRAWeights(A.float().contiguous(), B.float().contiguous(), cfg.scaling(module))
+
+
+def _shape_msg(wfile: str, key: str, expected: tuple[int, int], t: torch.Tensor, vocab_related: bool) -> str:
+    msg = f"{wfile}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected}"
+    if vocab_related:
+        msg += " (a different vocabulary size: added tokens / resized vocabulary are unsupported)"
+    return msg
+
+
+def _split_fused(wfile: str, b_key: str, w: LoRAWeights, parts: list[ModuleTarget]) -> list[tuple[str, LoRAWeights]]:
+    """Fused LoRA (``qkv_proj``) -> one LoRA per unfused module: A shared, B split along the output dim."""
+    sizes = [p.out_features for p in parts]
+    if w.B.shape[0] != sum(sizes):
+        raise AdapterError(f"{wfile}: tensor {b_key!r} has shape {tuple(w.B.shape)}, expected "
+                           f"({sum(sizes)}, {w.rank}) = {' + '.join(map(str, sizes))} rows")
+    return [(p.name, LoRAWeights(w.A.clone(), b.clone(), w.scaling)) for p, b in zip(parts, w.B.split(sizes, dim=0))]
+
+
+def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torch.Tensor,
+                spec: AdapterTargetSpec, cfg: PeftLoraConfig) -> None:
+    """A full copy of a base parameter: accepted only when it equals the base model's (PEFT saves embedding/head
+    copies beside their LoRA, and ``modules_to_save`` copies that may or may not have been trained)."""
+    param = rest[-1] if rest else ""
+    saved_module = cfg.is_module_to_save(module)
+    target = spec.modules.get(module)
+    if target is None and not saved_module:
+        raise AdapterError(f"{wfile}: tensor {key!r} is for module {module!r}, which the model does not have "
+                           "(or is not a LoRA tensor)")
+    feature = "modules_to_save" if saved_module else "a copy of the base weights"
+    if target is not None and param == "weight":
+        expected = ((target.in_features, target.out_features) if target.kind == "embedding"
+                    else (target.out_features, target.in_features))
+        if tuple(tensor.shape) != expected:
+            vocab = target.kind == "embedding" or _is_output_head(module)
+            raise AdapterError(_shape_msg(wfile, key, expected, tensor, vocab) + f" [{feature}]")
+    base = spec.base_weight(module if param == "weight" else f"{module}.{param}")
+    if base is None:
+        if saved_module or param != "weight":
+            raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {feature} (full copy of "
+                               f"{module}.{param}), and the base weight is not available to prove it unchanged")
+        return
+    if tuple(base.shape) != tuple(tensor.shape) or not _same_weights(tensor, base):
+        raise AdapterError(f"{wfile}: tensor {key!r}: the adapter carries a modified copy of the base weights of "
+                           f"{module!r} ({feature}); trained full-module copies are unsupported")
+
+
+def _same_weights(saved: torch.Tensor, base: torch.Tensor) -> bool:
+    # Round both to the coarser dtype first: a float32 copy must match a base that the engine holds in bf16.
+    coarse = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(base.dtype).eps else base.dtype
+    a = saved.detach().to("cpu", coarse).float()
+    b = base.detach().to("cpu", coarse).float()
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-8)
