@@ -1,0 +1,217 @@
+"""Engine behaviour: continuous batching, preemption, adapter slots, sampling,
+stop conditions and request errors, on a tiny Llama model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import load_base_model, make_adapter, make_tiny_model
+from loraplex import LLM, AdapterError, InvalidRequestError, LoRARequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("engine") / "model", family="llama")
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    targets = [["q_proj", "v_proj"], ["o_proj"], ["gate_proj", "down_proj"], ["k_proj", "up_proj"],
+               ["q_proj", "lm_head"], ["v_proj", "embed_tokens"]]
+    return {f"a{i}": make_adapter(model_dir, root / f"a{i}", seed=10 + i, r=4 + 2 * i, target_modules=t)
+            for i, t in enumerate(targets)}
+
+
+def make_llm(model_dir: str, **kw) -> LLM:
+    args = dict(dtype="float32", device="cpu", max_lora_rank=16, num_kv_blocks=64, block_size=4, seed=0)
+    args.update(kw)
+    return LLM(model_dir, **args)
+
+
+def greedy(n: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [9, 8, 7, 6, 5, 4],
+           [42, 43, 44], [60, 61, 62, 63, 64, 65, 66, 67], [200, 180, 160], [11, 22, 33, 44, 55]]
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_base_greedy_matches_transformers(model_dir) -> None:
+    llm = make_llm(model_dir)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(16), use_tqdm=False)
+    hf = load_base_model(model_dir)
+    with torch.no_grad():
+        for p, o in zip(PROMPTS, outs):
+            ids = torch.tensor([p])
+            want = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=16, min_new_tokens=16)[0, len(p):].tolist()
+            # ignore_eos lets EOS through while min_new_tokens masks it: compare up to the first EOS
+            got = o.outputs[0].token_ids
+            cut = next((i for i, t in enumerate(got) if t == hf.config.eos_token_id), len(got))
+            assert got[:cut] == want[:cut]
+
+
+def test_more_adapters_than_slots_all_served_and_identical(model_dir, adapters) -> None:
+    names = list(adapters)
+    reqs = [LoRARequest(n, adapters[n]) for n in names]
+    prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(12)]
+    loras = [reqs[i % len(reqs)] if i % 4 != 3 else None for i in range(12)]
+    roomy = make_llm(model_dir, max_loras=6)
+    want = tokens(roomy.generate(prompts, greedy(), lora_request=loras, use_tqdm=False))
+    tight = make_llm(model_dir, max_loras=2, max_cpu_loras=3)
+    got = tight.generate(prompts, greedy(), lora_request=loras, use_tqdm=False)
+    assert tokens(got) == want
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in got)
+    pool = tight.engine.pool
+    assert pool.num_slot_loads > 2  # slots were reused
+    assert len(pool.host_resident) <= 3  # host LRU bound held; evicted adapters were re-read
+    assert sorted(tight.list_loras()) == sorted(names)
+
+
+def test_preemption_recomputes_without_changing_outputs(model_dir, adapters) -> None:
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    loras = [LoRARequest("a0", adapters["a0"]), None] * 4
+    params = [greedy(20), SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)] * 4
+    want = tokens(make_llm(model_dir, max_loras=2).generate(prompts, params, lora_request=loras, use_tqdm=False))
+    # 14 blocks of 4 tokens cannot hold 8 sequences of up to 32 tokens: forces preemption
+    small = make_llm(model_dir, max_loras=2, num_kv_blocks=14)
+    outs = small.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    assert tokens(outs) == want
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    assert small.engine.allocator.num_free == 14  # every block returned
+
+
+def test_continuous_batching_new_requests_join_running_batch(model_dir) -> None:
+    llm = make_llm(model_dir)
+    eng = llm.engine
+    eng.add_request({"prompt_token_ids": PROMPTS[0]}, greedy(10), request_id="first")
+    eng.step()
+    eng.step()
+    eng.add_request({"prompt_token_ids": PROMPTS[1]}, greedy(10), request_id="second")
+    sched_sizes = []
+    done = {}
+    while eng.has_unfinished_requests():
+        sched_sizes.append(len(eng.scheduler.running) + len(eng.scheduler.waiting))
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert set(done) == {"first", "second"}
+    assert max(sched_sizes) == 2
+    alone = make_llm(model_dir).generate([{"prompt_token_ids": PROMPTS[1]}], greedy(10), use_tqdm=False)
+    assert done["second"].outputs[0].token_ids == alone[0].outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model_dir) -> None:
+    llm = make_llm(model_dir)
+    p = {"prompt_token_ids": PROMPTS[0]}
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    a = tokens(llm.generate([p], sp, use_tqdm=False))[0]
+    others = [{"prompt_token_ids": q} for q in PROMPTS[1:5]]
+    b = tokens(llm.generate(others + [p], [SamplingParams(max_tokens=16, temperature=1.0)] * 4 + [sp],
+                            use_tqdm=False))[-1]
+    assert a == b
+    c = tokens(llm.generate([p], SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True),
+                            use_tqdm=False))[0]
+    assert c != a
+    # unseeded requests follow the engine seed: a new LLM with the same seed repeats them
+    sp2 = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    x = tokens(make_llm(model_dir, seed=5).generate([p], sp2, use_tqdm=False))
+    y = tokens(make_llm(model_dir, seed=5).generate([p], sp2, use_tqdm=False))
+    assert x == y
+
+
+def test_stop_token_ids_stop_strings_and_logprobs(model_dir) -> None:
+    llm = make_llm(model_dir)
+    p = {"prompt_token_ids": PROMPTS[0]}
+    base = llm.generate([p], greedy(16, logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert len(base.logprobs) == 16
+    for tok, lp in zip(base.token_ids, base.logprobs):
+        assert tok in lp and len(lp) >= 3
+        assert max(lp.values()) == pytest.approx(lp[tok])  # greedy picks the most likely token
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate([p], greedy(16, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    text = base.text
+    if len(text) > 6:
+        stop = text[3:6]
+        out = llm.generate([p], greedy(16, stop=[stop]), use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[:text.index(stop)]
+
+
+def test_eos_from_model_folder_stops(model_dir) -> None:
+    llm = make_llm(model_dir)
+    eos = llm.get_tokenizer().eos_token_id
+    assert eos in llm.engine.eos_token_ids
+    p = {"prompt_token_ids": PROMPTS[0]}
+    base = llm.generate([p], greedy(16), use_tqdm=False)[0].outputs[0]
+    # force EOS by making it the only allowed next token through a stop id on the same token
+    out = llm.generate([p], SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    if eos in base.token_ids:
+        assert out.token_ids == base.token_ids[:base.token_ids.index(eos) + 1]
+        assert out.finish_reason == "stop"
+    else:
+        assert out.finish_reason == "length"
+
+
+def test_request_errors_are_clear_and_engine_keeps_serving(model_dir, adapters) -> None:
+    llm = make_llm(model_dir, max_model_len=32)
+    vocab = llm.engine.vocab_size
+    good = {"prompt_token_ids": PROMPTS[0]}
+    with pytest.raises(InvalidRequestError, match=rf"outside the vocabulary \[0, {vocab}\)"):
+        llm.generate([good, {"prompt_token_ids": [1, vocab + 5]}], greedy(), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="max_model_len is 32"):
+        llm.generate({"prompt_token_ids": list(range(1, 40))}, greedy(), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, greedy(), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="unknown adapter 'nope'"):
+        llm.generate(good, greedy(), lora_request="nope", use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        llm.generate(good, SamplingParams(temperature=-1.0), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="2 entries for 1 prompts"):
+        llm.generate(good, [greedy(), greedy()], use_tqdm=False)
+    with pytest.raises(AdapterError, match="does not exist|not found|missing"):
+        llm.generate(good, greedy(), lora_request=LoRARequest("ghost", "/nonexistent/adapter"), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()  # nothing left half-added
+    out = llm.generate([good, good], greedy(4), lora_request=[LoRARequest("a0", adapters["a0"]), None], use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    # max_tokens is clipped to max_model_len
+    out = llm.generate({"prompt_token_ids": list(range(1, 30))}, greedy(50), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].finish_reason == "length"
+
+
+def test_add_remove_list_loras(model_dir, adapters) -> None:
+    llm = make_llm(model_dir, max_loras=2)
+    llm.add_lora(LoRARequest("x", adapters["a1"]))
+    llm.add_lora(LoRARequest("x", adapters["a1"]))  # same name and path: no-op
+    with pytest.raises(AdapterError, match="already registered"):
+        llm.add_lora(LoRARequest("x", adapters["a2"]))
+    assert llm.list_loras() == ["x"]
+    p = {"prompt_token_ids": PROMPTS[2]}
+    by_name = tokens(llm.generate(p, greedy(), lora_request="x", use_tqdm=False))
+    by_req = tokens(llm.generate(p, greedy(), lora_request=LoRARequest("x", adapters["a1"]), use_tqdm=False))
+    assert by_name == by_req
+    llm.remove_lora("x")
+    assert llm.list_loras() == []
+    with pytest.raises(InvalidRequestError, match="unknown adapter"):
+        llm.generate(p, greedy(), lora_request="x", use_tqdm=False)
+    with pytest.raises(AdapterError, match="not registered"):
+        llm.remove_lora("x")
+
+
+def test_string_prompts_and_progress_bar(model_dir, capsys) -> None:
+    llm = make_llm(model_dir)
+    outs = llm.generate(["The quick brown fox", "Once upon a time"], greedy(4))
+    tok = llm.get_tokenizer()
+    assert outs[0].prompt == "The quick brown fox"
+    assert outs[0].prompt_token_ids == tok("The quick brown fox")["input_ids"]
+    assert outs[1].outputs[0].text == tok.decode(outs[1].outputs[0].token_ids, skip_special_tokens=True)
+    assert "generate" in capsys.readouterr().err
