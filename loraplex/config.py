@@ -28,14 +28,12 @@ class ModelConfig:
     dtype: str = "auto"  # auto: the folder's torch_dtype (float32 on CPU if it is float16)
     max_model_len: Optional[int] = None  # defaults to the config's max_position_embeddings
     seed: int = 0
-    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model must be a path to a model folder")
         _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len >= 1,
                  f"max_model_len must be >= 1, got {self.max_model_len}")
-        _require(self.trust_remote_code is False, "trust_remote_code is not supported: loraplex runs no model code from folders")
 
 
 @dataclass(frozen=True)

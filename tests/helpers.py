@@ -251,3 +251,23 @@ def load_peft_model(model_dir: PathLike, adapters: dict[str, PathLike]):
     for name, path in items[1:]:
         peft_model.load_adapter(str(path), adapter_name=name)
     return peft_model.to(torch.float32).eval()
+
+
+def _main() -> None:
+    """``python tests/helpers.py OUT_DIR``: a tiny random Llama folder and two PEFT adapters, for trying
+    the CLI without downloading a model (the text it generates is noise: the weights are random)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    model_dir = make_tiny_model(out / "model", family=args.family)
+    make_adapter(model_dir, out / "adapter-qv", seed=1, r=8, target_modules=["q_proj", "v_proj"])
+    make_adapter(model_dir, out / "adapter-emb", seed=2, r=4, target_modules=["embed_tokens", "lm_head", "o_proj"])
+    print(f"model: {model_dir}\nadapters: {out / 'adapter-qv'} {out / 'adapter-emb'}")
+
+
+if __name__ == "__main__":
+    _main()
