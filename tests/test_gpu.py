@@ -1,0 +1,66 @@
+"""The same engine on a CUDA device: float32 parity with PEFT on the GPU, and
+bfloat16 / float16 runs that stay close to the float32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import load_peft_model, make_tiny_model
+from loraplex import LLM, LoRARequest, SamplingParams
+from test_parity import ADAPTERS, NEW_TOKENS, PROMPTS, build_adapters
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    root = tmp_path_factory.mktemp("gpu")
+    model_dir = make_tiny_model(root / "model", family="qwen2", tie_word_embeddings=True)
+    return model_dir, build_adapters(model_dir, root)
+
+
+def _run(model_dir, paths, dtype):
+    llm = LLM(model_dir, dtype=dtype, device="cuda", max_loras=2, max_lora_rank=16, num_kv_blocks=64, block_size=4)
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0)
+    loras = [LoRARequest(a, paths[a]) if a else None for a in ADAPTERS]
+    return llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=loras, use_tqdm=False)
+
+
+def _reference_logprobs(model_dir, paths, dtype=torch.float32):
+    ref = load_peft_model(model_dir, paths).to(device="cuda", dtype=dtype)
+    out = []
+    with torch.no_grad():
+        for p, a in zip(PROMPTS, ADAPTERS):
+            ids = torch.tensor([p], device="cuda")
+            out.append(ref(input_ids=ids, adapter_names=[a or "__base__"]).logits[0].float().log_softmax(-1).cpu())
+    return ref, out
+
+
+def test_float32_cuda_matches_peft(setup) -> None:
+    model_dir, paths = setup
+    outs = _run(model_dir, paths, "float32")
+    ref, logps = _reference_logprobs(model_dir, paths)
+    with torch.no_grad():
+        for p, a, o, lp in zip(PROMPTS, ADAPTERS, outs, logps):
+            for i in range(1, len(p)):
+                assert o.prompt_logprobs[i][p[i]] == pytest.approx(lp[i - 1, p[i]].item(), abs=1e-4)
+            ids = torch.tensor([p], device="cuda")
+            want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[a or "__base__"],
+                                do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+            assert o.outputs[0].token_ids == want[0, len(p):].tolist(), a
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_no_worse_than_peft(setup, dtype) -> None:
+    """In half precision loraplex may differ from float32 by rounding, but by no more than PEFT does."""
+    model_dir, paths = setup
+    _, exact = _reference_logprobs(model_dir, paths)
+    _, peft_half = _reference_logprobs(model_dir, paths, getattr(torch, dtype))
+    outs = _run(model_dir, paths, dtype)
+    for p, o, lp, lp_half in zip(PROMPTS, outs, exact, peft_half):
+        ours = max(abs(o.prompt_logprobs[i][p[i]] - lp[i - 1, p[i]].item()) for i in range(1, len(p)))
+        theirs = max(abs(lp_half[i - 1, p[i]].item() - lp[i - 1, p[i]].item()) for i in range(1, len(p)))
+        assert ours <= 2 * theirs + 0.02, (dtype, ours, theirs)
