@@ -14,14 +14,19 @@ import torch
 from helpers import load_peft_model, make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 CASES = [
-    ("llama", False),
-    ("llama", True),
-    ("qwen2", True),
-    ("qwen2", False),
-    ("qwen3", False),
-    ("qwen3", True),
+    ("llama", False, {}),
+    ("llama", True, {}),
+    ("llama", False, {"rope_scaling": LLAMA3_ROPE}),
+    ("mistral", False, {"sliding_window": 8}),
+    ("qwen2", True, {}),
+    ("qwen2", False, {}),
+    ("qwen3", False, {}),
+    ("qwen3", True, {}),
 ]
+CASE_IDS = [f"{f}-{'tied' if t else 'untied'}{'-' + '-'.join(o) if o else ''}" for f, t, o in CASES]
 
 PROMPTS = [
     [5, 17, 33, 99, 120, 7, 8, 250],
@@ -53,16 +58,17 @@ def build_adapters(model_dir: str, root) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("family,tied", CASES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in CASES])
-def test_mixed_batch_matches_peft(tmp_path, family: str, tied: bool) -> None:
-    model_dir = make_tiny_model(tmp_path / "model", family=family, tie_word_embeddings=tied)
+@pytest.mark.parametrize("family,tied,overrides", CASES, ids=CASE_IDS)
+def test_mixed_batch_matches_peft(tmp_path, family: str, tied: bool, overrides: dict) -> None:
+    model_dir = make_tiny_model(tmp_path / "model", family=family, tie_word_embeddings=tied, **overrides)
     paths = build_adapters(model_dir, tmp_path)
 
     llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=4, max_lora_rank=16, seed=0,
               num_kv_blocks=64, block_size=4)
     loras = [LoRARequest(a, paths[a]) if a else None for a in ADAPTERS]
     # min_tokens masks EOS as min_new_tokens does in transformers, so both run 16 tokens.
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=2)
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=2,
+                            logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=loras, use_tqdm=False)
 
     ref = load_peft_model(model_dir, paths)
@@ -79,9 +85,15 @@ def test_mixed_batch_matches_peft(tmp_path, family: str, tied: bool) -> None:
                 top = logp[i - 1].topk(2)
                 for tok, val in zip(top.indices.tolist(), top.values.tolist()):
                     assert got[tok] == pytest.approx(val, abs=1e-4), (tag, i, tok)
-            want = ref.generate(input_ids=ids, attention_mask=mask, adapter_names=[tag], do_sample=False,
-                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+            gen = ref.generate(input_ids=ids, attention_mask=mask, adapter_names=[tag], do_sample=False,
+                               max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+                               return_dict_in_generate=True)
+            want = gen.sequences[0, len(prompt):].tolist()
             assert out.outputs[0].token_ids == want, tag
+            # logprobs of generated tokens (raw logits, lm_head LoRA included) match PEFT's step logits
+            for step, (tok, lp) in enumerate(zip(want, out.outputs[0].logprobs)):
+                ref_lp = gen.logits[step][0].float().log_softmax(-1)[tok].item()
+                assert lp[tok] == pytest.approx(ref_lp, abs=1e-4), (tag, step)
             assert out.outputs[0].finish_reason == "length"
 
 

@@ -219,12 +219,13 @@ class LLMEngine:
 
         reqs = [s.req for s in sched.seqs]
         sample_rows = torch.tensor([a + n - 1 for a, n in batch.logits_spans], device=logits.device)
-        sample_logits = logits[sample_rows]
-        for i, req in enumerate(reqs):
-            if len(req.output_token_ids) < req.params.min_tokens:
-                apply_min_tokens(sample_logits[i], sorted(req.eos_token_ids | set(req.params.stop_token_ids)))
+        raw = logits[sample_rows]  # logprobs are reported from the raw logits, before min_tokens masking
+        held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
+        sample_logits = raw.clone() if held else raw
+        for i in held:
+            apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
         tokens = self.sampler(sample_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-        lps = compute_logprobs(sample_logits, tokens, [r.params.logprobs for r in reqs], self.vocab_size)
+        lps = compute_logprobs(raw, tokens, [r.params.logprobs for r in reqs], self.vocab_size)
         for s, (a, n), tok, lp in zip(sched.seqs, batch.logits_spans, tokens, lps):
             req = s.req
             if n > 1:  # first prefill of a request that asked for prompt logprobs
