@@ -110,6 +110,21 @@ class LLM:
             raise AdapterError(f"{len(failed)} request(s) failed; request {ids.index(rid)}: {err}") from err
         return [results[rid] for rid in ids]
 
+    def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             lora_request: Union[LoRAArg, Sequence[LoRAArg]] = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them (OpenAI-style message dicts),
+        formatted with the chat template of the model folder."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("the model folder has no chat template; use generate() with plain prompts")
+        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                                     tokenize=True, return_dict=False))}
+                   for c in convs]
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
     @staticmethod
     def _per_prompt(value: Any, kind: Any, n: int, what: str) -> list:
         if isinstance(value, (list, tuple)):

@@ -3,6 +3,8 @@ stop conditions and request errors, on a tiny Llama model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -215,3 +217,51 @@ def test_string_prompts_and_progress_bar(model_dir, capsys) -> None:
     assert outs[0].prompt_token_ids == tok("The quick brown fox")["input_ids"]
     assert outs[1].outputs[0].text == tok.decode(outs[1].outputs[0].token_ids, skip_special_tokens=True)
     assert "generate" in capsys.readouterr().err
+
+
+def test_chat_uses_the_folders_template(model_dir) -> None:
+    llm = make_llm(model_dir)
+    msgs = [{"role": "user", "content": "hello there"}]
+    out = llm.chat(msgs, greedy(4), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert out.prompt_token_ids == list(want)
+    assert out.prompt_token_ids[0] == tok.bos_token_id
+    direct = llm.generate({"prompt_token_ids": list(want)}, greedy(4), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_max_num_seqs_bounds_the_running_batch(model_dir) -> None:
+    llm = make_llm(model_dir, max_num_seqs=3)
+    eng = llm.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request({"prompt_token_ids": p}, greedy(6), request_id=str(i))
+    finished = set()
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        assert len(eng.scheduler.running) <= 3
+        finished |= {o.request_id for o in outs if o.finished}
+    assert finished == {str(i) for i in range(len(PROMPTS))}
+
+
+def test_sharded_checkpoint_loads_identically(model_dir, tmp_path) -> None:
+    hf = load_base_model(model_dir)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / f).write_bytes((Path(model_dir) / f).read_bytes())
+    p = [{"prompt_token_ids": q} for q in PROMPTS[:3]]
+    a = tokens(make_llm(model_dir).generate(p, greedy(8), use_tqdm=False))
+    b = tokens(make_llm(str(sharded)).generate(p, greedy(8), use_tqdm=False))
+    assert a == b
+
+
+def test_bad_model_folder_errors(tmp_path) -> None:
+    from loraplex import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(str(tmp_path / "missing"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        LLM(str(tmp_path / "empty"), device="cpu")
