@@ -265,3 +265,29 @@ def test_bad_model_folder_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         LLM(str(tmp_path / "empty"), device="cpu")
+
+
+def test_adapter_folder_vanishing_fails_only_its_requests(model_dir, adapters, tmp_path) -> None:
+    import shutil
+
+    doomed = tmp_path / "doomed"
+    shutil.copytree(adapters["a1"], doomed)
+    llm = make_llm(model_dir, max_loras=1, max_cpu_loras=1)
+    llm.add_lora(LoRARequest("keep", adapters["a0"]))
+    llm.add_lora(LoRARequest("doomed", str(doomed)))  # evicts "keep" from host memory (capacity 1)
+    llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), lora_request="keep", use_tqdm=False)  # evicts "doomed"
+    shutil.rmtree(doomed)
+    eng = llm.engine
+    ids = [eng.add_request({"prompt_token_ids": PROMPTS[i]}, greedy(4), lora) for i, lora in
+           enumerate(["doomed", "keep", None])]
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done[ids[0]].outputs[0].finish_reason == "error"
+    assert isinstance(eng.errors[ids[0]], AdapterError) and "doomed" in str(eng.errors[ids[0]])
+    assert [len(done[i].outputs[0].token_ids) for i in ids[1:]] == [4, 4]
+    with pytest.raises(AdapterError, match="doomed"):
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), lora_request="doomed", use_tqdm=False)
+    assert len(llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), use_tqdm=False)[0].outputs[0].token_ids) == 2
