@@ -104,10 +104,6 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        failed = {rid: engine.errors.pop(rid) for rid in ids if rid in engine.errors}
-        if failed:
-            rid, err = next(iter(failed.items()))
-            raise AdapterError(f"{len(failed)} request(s) failed; request {ids.index(rid)}: {err}") from err
         return [results[rid] for rid in ids]
 
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],

@@ -126,6 +126,7 @@ class CompletionOutput:
     logprobs: Optional[list[PositionLogprobs]]
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
     stop_reason: Union[int, str, None] = None  # the stop string or stop token id that ended it
+    text_delta: str = ""  # text finalised since this request's previous output (for streaming)
 
     @property
     def cumulative_logprob(self) -> Optional[float]:

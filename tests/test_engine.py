@@ -205,6 +205,7 @@ def test_add_remove_list_loras(model_dir, adapters) -> None:
     assert llm.list_loras() == []
     with pytest.raises(InvalidRequestError, match="unknown adapter"):
         llm.generate(p, greedy(), lora_request="x", use_tqdm=False)
+    assert llm.engine.pool.device_resident == [None, None]
     with pytest.raises(AdapterError, match="not registered"):
         llm.remove_lora("x")
 
@@ -278,16 +279,40 @@ def test_adapter_folder_vanishing_fails_only_its_requests(model_dir, adapters, t
     llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), lora_request="keep", use_tqdm=False)  # evicts "doomed"
     shutil.rmtree(doomed)
     eng = llm.engine
-    ids = [eng.add_request({"prompt_token_ids": PROMPTS[i]}, greedy(4), lora) for i, lora in
-           enumerate(["doomed", "keep", None])]
+    running = eng.add_request({"prompt_token_ids": PROMPTS[1]}, greedy(4), "keep")
+    eng.step()
+    with pytest.raises(AdapterError, match="doomed"):
+        eng.add_request({"prompt_token_ids": PROMPTS[0]}, greedy(4), "doomed")
     done = {}
     while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o
-    assert done[ids[0]].outputs[0].finish_reason == "error"
-    assert isinstance(eng.errors[ids[0]], AdapterError) and "doomed" in str(eng.errors[ids[0]])
-    assert [len(done[i].outputs[0].token_ids) for i in ids[1:]] == [4, 4]
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert len(done[running].outputs[0].token_ids) == 4
     with pytest.raises(AdapterError, match="doomed"):
         llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), lora_request="doomed", use_tqdm=False)
     assert len(llm.generate({"prompt_token_ids": PROMPTS[0]}, greedy(2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_inflight_requests_keep_their_adapter_version(model_dir, adapters) -> None:
+    """Reload or unload while a request runs: it finishes with the weights it started with."""
+    p = {"prompt_token_ids": PROMPTS[0]}
+    ref = make_llm(model_dir, max_loras=2)
+    want_a1 = tokens(ref.generate(p, greedy(8), lora_request=LoRARequest("x", adapters["a1"]), use_tqdm=False))[0]
+    want_a2 = tokens(ref.generate(p, greedy(8), lora_request=LoRARequest("y", adapters["a2"]), use_tqdm=False))[0]
+    assert want_a1 != want_a2
+
+    llm = make_llm(model_dir, max_loras=2)
+    eng = llm.engine
+    llm.add_lora(LoRARequest("x", adapters["a1"]))
+    first = eng.add_request(p, greedy(8), "x")
+    eng.step()
+    eng.add_lora(LoRARequest("x", adapters["a2"]), reload=True)  # same name, new weights
+    second = eng.add_request(p, greedy(8), "x")
+    eng.step()
+    llm.remove_lora("x")  # unload while both run
+    assert llm.list_loras() == []
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert done[first].outputs[0].token_ids == want_a1
+    assert done[second].outputs[0].token_ids == want_a2
+    assert eng.pool.device_resident == [None, None]  # stale versions freed once unused

@@ -3,9 +3,9 @@
 ``LLMEngine`` owns the model runner, the scheduler, the adapter pool and the
 sampler. ``step()`` runs one batch (prefills and decodes together) and returns
 the outputs of every request it touched; finished ones have ``finished=True``.
-Bad requests are refused in ``add_request`` with :class:`InvalidRequestError`;
-a request that fails later (its adapter folder vanished) finishes with
-``finish_reason="error"`` and its error in ``engine.errors``; others go on.
+Bad requests are refused in ``add_request`` with :class:`InvalidRequestError`
+(or :class:`AdapterError` when the adapter's folder cannot be read again); a
+request that was accepted runs to the end with the adapter version it started with.
 """
 
 from __future__ import annotations
@@ -100,7 +100,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, mc.seed)
         self.requests: dict[str, Request] = {}
-        self.errors: dict[str, Exception] = {}
         self._ids = itertools.count()
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
@@ -141,8 +140,8 @@ class LLMEngine:
             raise AdapterError("LoRA is disabled (enable_lora=False)")
         return self.pool
 
-    def add_lora(self, req: LoRARequest) -> None:
-        self._require_pool().register(req)
+    def add_lora(self, req: LoRARequest, reload: bool = False) -> None:
+        self._require_pool().register(req, reload=reload)
 
     def remove_lora(self, name: str) -> None:
         self._require_pool().unregister(name)
@@ -175,15 +174,17 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
                                       "and at least one token must be generated")
-        if lora_name is not None and (self.pool is None or not self.pool.is_registered(lora_name)):
-            known = self.list_loras()
-            raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {known}")
+        adapter = None
+        if lora_name is not None:
+            if self.pool is None or not self.pool.is_registered(lora_name):
+                raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {self.list_loras()}")
+            adapter = self.pool.get(lora_name)  # pinned for the request's lifetime; may raise AdapterError
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, text, ids, params, lora_name, self.tokenizer, self.eos_token_ids, max_tokens)
+        req = Request(request_id, text, ids, params, adapter, self.tokenizer, self.eos_token_ids, max_tokens)
         if params.seed is not None:
             req.generator = make_generator(params.seed)
         self.requests[request_id] = req
@@ -205,11 +206,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
-        for req in sched.failed:
-            self.errors[req.request_id] = req.error
-            req.status = Status.FINISHED
-            req.finish_reason = "error"
-            outputs.append(self._pop(req))
         if not sched.seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: waiting requests cannot be admitted")
@@ -244,7 +240,7 @@ class LLMEngine:
             req.output_logprobs.append(lp)
         p = req.params
         if req.detok is not None:
-            req.detok.append(tok)
+            req.text_delta += req.detok.append(tok)
         n_out = len(req.output_token_ids)
         reason = stop = None
         if not p.ignore_eos and tok in req.eos_token_ids and n_out > p.min_tokens:
@@ -257,7 +253,7 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             if req.detok is not None and not isinstance(stop, str):
-                req.detok.finish()
+                req.text_delta += req.detok.finish()
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
 

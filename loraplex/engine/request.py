@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.lora.adapter import LoRAAdapter
 from loraplex.types import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
 
 
@@ -20,13 +21,14 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 params: SamplingParams, lora_name: Optional[str], tokenizer: Any,
+                 params: SamplingParams, adapter: Optional[LoRAAdapter], tokenizer: Any,
                  eos_token_ids: frozenset[int], max_tokens: int) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        self.lora_name = lora_name
+        self.adapter = adapter  # the adapter version this request runs with, from start to finish
+        self.lora_name = adapter.name if adapter is not None else None
         self.eos_token_ids = eos_token_ids
         self.max_tokens = max_tokens  # params.max_tokens clipped to max_model_len
         self.output_token_ids: list[int] = []
@@ -40,7 +42,7 @@ class Request:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params) if tokenizer is not None else None
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[Any] = None
-        self.error: Optional[Exception] = None
+        self.text_delta = ""  # text finalised since the last output (streaming)
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
@@ -63,8 +65,9 @@ class Request:
 
     def to_output(self) -> RequestOutput:
         text = self.detok.text if self.detok is not None else ""
+        delta, self.text_delta = self.text_delta, ""
         completion = CompletionOutput(
-            index=0, text=text, token_ids=list(self.output_token_ids),
+            index=0, text=text, text_delta=delta, token_ids=list(self.output_token_ids),
             logprobs=list(self.output_logprobs) if self.output_logprobs is not None else None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
         )

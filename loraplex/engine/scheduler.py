@@ -18,7 +18,6 @@ from typing import Optional
 
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.request import Request, Status
-from loraplex.errors import AdapterError
 from loraplex.lora.pool import LoRAPool
 
 
@@ -33,7 +32,6 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
     preempted: list[Request]
-    failed: list[Request]  # requests that cannot run (their adapter failed to load)
 
 
 class Scheduler:
@@ -61,7 +59,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput([], [], [])
+        out = SchedulerOutput([], [])
         budget = self.max_num_batched_tokens
         # 1. Decodes of running requests; preempt from the back when blocks run out.
         decodes: list[Request] = []
@@ -95,13 +93,8 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 break
             slot = -1
-            if req.lora_name is not None:
-                try:
-                    got = self.pool.acquire(req.lora_name)
-                except AdapterError as e:
-                    req.error = e
-                    out.failed.append(req)
-                    continue
+            if req.adapter is not None:
+                got = self.pool.acquire(req.adapter)
                 if got is None:
                     passed.append(req)
                     continue

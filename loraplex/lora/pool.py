@@ -1,12 +1,20 @@
 """Adapter residency: registered adapters, a host-memory LRU cache, device slots.
 
-Three tiers: *registered* (name -> PEFT folder; validated when registered),
-*host* (``max_cpu_loras`` loaded adapters, LRU; evicted ones are re-read from
-their folder when needed again) and *device* (``max_loras`` slots in the
-stacked wrapper buffers). A slot is pinned while any running request uses it
-(reference count); only unpinned slots are evicted, least recently used first.
-When every slot is pinned a request simply waits: running requests always
-finish or are preempted, which unpins their slots, so waiting never deadlocks.
+Three tiers: *registered* (name -> the current :class:`LoRAAdapter` version, validated
+when registered), *host* (``max_cpu_loras`` loaded adapters, LRU; an evicted one is
+re-read from its folder when a new request needs it) and *device* (``max_loras``
+slots in the stacked wrapper buffers).
+
+A request resolves its adapter once, when it is added, and keeps that version (the
+object, identified by ``uid``) until it finishes. So an adapter that is reloaded or
+unloaded meanwhile changes nothing for requests already in flight: they finish with
+the weights they started with, and the old version's memory is released when the
+last of them finishes. New requests see the change at once.
+
+A slot is pinned while any running request uses it (reference count); only unpinned
+slots are evicted, stale versions first, then least recently used. When every slot is
+pinned a request waits: running requests always finish or are preempted, which unpins
+their slots, so waiting never deadlocks.
 """
 
 from __future__ import annotations
@@ -30,42 +38,61 @@ class LoRAPool:
         self.max_cpu_loras = max_cpu_loras
         self._load = loader
         self.registered: dict[str, LoRARequest] = {}
+        self._uid: dict[str, int] = {}  # name -> uid of its current version
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
-        self._slot_name: list[Optional[str]] = [None] * max_loras
-        self._slot_uid: list[int] = [0] * max_loras
+        self._slot: list[Optional[LoRAAdapter]] = [None] * max_loras
         self._refs: list[int] = [0] * max_loras
         self._last_use: list[int] = [0] * max_loras
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
 
     # ---- registration -------------------------------------------------------------------
-    def register(self, req: LoRARequest) -> LoRAAdapter:
-        """Validate and cache ``req``; raises :class:`AdapterError`. Registering the same
-        name and path again is a no-op; another path under a registered name is an error."""
+    def register(self, req: LoRARequest, reload: bool = False) -> LoRAAdapter:
+        """Validate and cache ``req``; raises :class:`AdapterError`.
+
+        Registering a name again with the same path is a no-op; with another path it is an
+        error, unless ``reload`` is set: then the folder is read again and becomes the
+        name's current version (requests in flight keep the version they started with)."""
         old = self.registered.get(req.name)
-        if old is not None:
+        if old is not None and not reload:
             if old.path != req.path:
                 raise AdapterError(f"adapter name {req.name!r} is already registered with path {old.path!r}; "
-                                   f"remove it before registering {req.path!r}")
-            return self._host_get(req.name)
+                                   f"unload it or reload it explicitly to use {req.path!r}")
+            return self.get(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
         self.registered[req.name] = req
+        self._uid[req.name] = adapter.uid
         self._host_put(adapter)
         return adapter
 
     def unregister(self, name: str) -> None:
+        """Forget ``name`` for new requests. Requests in flight finish with their version;
+        its slot is freed for reuse once they are done."""
         if name not in self.registered:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
-        slot = self.slot_of(name)
-        if slot is not None:
-            if self._refs[slot] > 0:
-                raise AdapterError(f"adapter {name!r} is in use by {self._refs[slot]} running request(s)")
-            self._clear_slot(slot)
-        self._host.pop(name, None)
         del self.registered[name]
+        del self._uid[name]
+        self._host.pop(name, None)
+        for s, a in enumerate(self._slot):
+            if a is not None and a.name == name and self._refs[s] == 0:
+                self._clear_slot(s)
 
     def is_registered(self, name: str) -> bool:
         return name in self.registered
+
+    def get(self, name: str) -> LoRAAdapter:
+        """The current version of ``name`` (re-read from its folder if evicted from host memory)."""
+        if name not in self.registered:
+            raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
+        adapter = self._host.get(name)
+        if adapter is None:  # a device slot may still hold the current version
+            adapter = next((a for a in self._slot if a is not None and a.uid == self._uid[name]), None)
+        if adapter is None:
+            req = self.registered[name]
+            adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
+            self._uid[name] = adapter.uid
+        self._host_put(adapter)
+        return adapter
 
     # ---- host tier ----------------------------------------------------------------------
     def _host_put(self, adapter: LoRAAdapter) -> None:
@@ -74,49 +101,41 @@ class LoRAPool:
         while len(self._host) > self.max_cpu_loras:
             self._host.popitem(last=False)
 
-    def _host_get(self, name: str) -> LoRAAdapter:
-        adapter = self._host.get(name)
-        if adapter is None:  # evicted from host memory: read its folder again
-            req = self.registered[name]
-            adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
-        self._host_put(adapter)
-        return adapter
-
     @property
     def host_resident(self) -> list[str]:
         return list(self._host)
 
     # ---- device slots -------------------------------------------------------------------
-    def slot_of(self, name: str) -> Optional[int]:
-        try:
-            return self._slot_name.index(name)
-        except ValueError:
-            return None
+    def _is_current(self, adapter: LoRAAdapter) -> bool:
+        return self._uid.get(adapter.name) == adapter.uid
+
+    def slot_of(self, adapter: LoRAAdapter) -> Optional[int]:
+        for s, a in enumerate(self._slot):
+            if a is not None and a.uid == adapter.uid:
+                return s
+        return None
 
     @property
     def device_resident(self) -> list[Optional[str]]:
-        return list(self._slot_name)
+        return [a.name if a is not None else None for a in self._slot]
 
-    def can_acquire(self, name: str) -> bool:
-        return self.slot_of(name) is not None or any(r == 0 for r in self._refs)
+    def slot_refcount(self, slot: int) -> int:
+        return self._refs[slot]
 
-    def acquire(self, name: str) -> Optional[int]:
-        """Pin a slot holding ``name`` (loading it if needed) and return it, or None
-        when every slot is pinned by other adapters. Raises AdapterError if the
-        adapter's folder can no longer be read."""
-        if name not in self.registered:
-            raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
-        slot = self.slot_of(name)
+    def acquire(self, adapter: LoRAAdapter) -> Optional[int]:
+        """Pin a slot holding ``adapter`` (copying it in if needed) and return it, or None
+        when every slot is pinned by other adapters."""
+        slot = self.slot_of(adapter)
         if slot is None:
             free = [s for s in range(self.max_loras) if self._refs[s] == 0]
             if not free:
                 return None
-            empty = [s for s in free if self._slot_name[s] is None]
-            slot = empty[0] if empty else min(free, key=lambda s: self._last_use[s])
-            adapter = self._host_get(name)
+            # empty slots first, then stale versions, then the least recently used
+            slot = min(free, key=lambda s: (self._slot[s] is not None,
+                                            self._slot[s] is not None and self._is_current(self._slot[s]),
+                                            self._last_use[s]))
             self.lora_model.set_slot(slot, adapter)
-            self._slot_name[slot] = name
-            self._slot_uid[slot] = adapter.uid
+            self._slot[slot] = adapter
             self.num_slot_loads += 1
         self._refs[slot] += 1
         self._last_use[slot] = next(self._tick)
@@ -126,8 +145,10 @@ class LoRAPool:
         if self._refs[slot] <= 0:
             raise RuntimeError(f"LoRA slot {slot} released more often than acquired")
         self._refs[slot] -= 1
+        adapter = self._slot[slot]
+        if self._refs[slot] == 0 and adapter is not None and not self._is_current(adapter):
+            self._clear_slot(slot)  # a stale version nobody uses: free its slot now
 
     def _clear_slot(self, slot: int) -> None:
         self.lora_model.set_slot(slot, None)
-        self._slot_name[slot] = None
-        self._slot_uid[slot] = 0
+        self._slot[slot] = None
