@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -37,6 +37,22 @@ class AttentionMetadata:
     # True when no sequence has cached tokens from earlier steps (pure prefill).
     prefill_only: bool = False
     query_lens: Optional[list[int]] = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def attention_mask(self, num_keys: int, sliding_window: Optional[int]) -> torch.Tensor:
+        """(B, 1, max_q, num_keys) bool: query j of sequence b may see key position i.
+        Built once per step and shared by every layer with the same window."""
+        key = (num_keys, sliding_window)
+        mask = self._masks.get(key)
+        if mask is None:
+            B = self.query_pos.shape[0]
+            kpos = torch.arange(num_keys, device=self.query_pos.device).view(1, 1, num_keys)
+            qpos = self.query_pos.unsqueeze(-1)  # (B, max_q, 1)
+            mask = (kpos <= qpos) & (kpos < self.context_lens.view(B, 1, 1))
+            if sliding_window is not None:
+                mask &= kpos > qpos - sliding_window
+            mask = self._masks[key] = mask.unsqueeze(1)
+        return mask
 
 
 @dataclass

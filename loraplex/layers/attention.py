@@ -40,36 +40,30 @@ class PagedAttention(nn.Module):
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
         vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
-        return self._attend(q, meta)
+        return self._attend(q, k, v, meta)
 
-    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         B, max_q = meta.query_index.shape
         T = q.shape[0]
-        bs = self.k_cache.shape[1]
-        nblk = (meta.max_context_len + bs - 1) // bs
-        tables = meta.block_tables[:, :nblk]
-        L = nblk * bs
-        keys = self.k_cache[tables].reshape(B, L, self.num_kv_heads, self.head_dim)
-        vals = self.v_cache[tables].reshape(B, L, self.num_kv_heads, self.head_dim)
         qi = meta.query_index.clamp(min=0)
-        qp = q[qi]  # (B, max_q, heads, dim)
-
-        key_pos = torch.arange(L, device=q.device)
-        qpos = meta.query_pos.unsqueeze(-1)  # (B, max_q, 1)
-        mask = (key_pos.view(1, 1, L) <= qpos) & (key_pos.view(1, 1, L) < meta.context_lens.view(B, 1, 1))
-        if self.sliding_window is not None:
-            mask &= key_pos.view(1, 1, L) > qpos - self.sliding_window
-
-        rep = self.num_heads // self.num_kv_heads
-        qh = qp.transpose(1, 2)  # (B, heads, max_q, dim)
-        kh = keys.transpose(1, 2)  # (B, kv_heads, L, dim)
-        vh = vals.transpose(1, 2)
-        if rep > 1:
-            kh = kh.repeat_interleave(rep, dim=1)
-            vh = vh.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.unsqueeze(1), scale=self.scale)
-        out = out.transpose(1, 2)  # (B, max_q, heads, dim)
-
+        if meta.prefill_only:
+            # No earlier context: each sequence attends over its own new tokens only,
+            # so keys come straight from this step's k/v, no cache gather.
+            keys, vals = k[qi], v[qi]  # (B, max_q, kv_heads, dim)
+            L = max_q
+        else:
+            bs = self.k_cache.shape[1]
+            nblk = (meta.max_context_len + bs - 1) // bs
+            tables = meta.block_tables[:, :nblk]
+            L = nblk * bs
+            keys = self.k_cache[tables].reshape(B, L, self.num_kv_heads, self.head_dim)
+            vals = self.v_cache[tables].reshape(B, L, self.num_kv_heads, self.head_dim)
+        mask = meta.attention_mask(L, self.sliding_window)  # (B, 1, max_q, L), shared by all layers
+        out = F.scaled_dot_product_attention(
+            q[qi].transpose(1, 2),  # (B, heads, max_q, dim)
+            keys.transpose(1, 2), vals.transpose(1, 2),  # (B, kv_heads, L, dim)
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        ).transpose(1, 2)  # (B, max_q, heads, dim)
         flat = torch.empty(T, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         valid = meta.query_index >= 0
         flat[meta.query_index[valid]] = out[valid]
