@@ -1,4 +1,4 @@
-"""Command line: ``loraplex generate`` (and, later, ``serve`` and ``demo``).
+"""Command line: ``loraplex generate``, ``loraplex serve``.
 
 Engine flags are generated from the config dataclasses, so every ``LLM(**kwargs)``
 setting is also a flag (``max_loras`` -> ``--max-loras``).
@@ -29,18 +29,29 @@ def _flag_type(f: dataclasses.Field) -> Any:
     return str
 
 
+def _add_field(group: Any, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kind = _flag_type(f)
+    default = None if f.default is dataclasses.MISSING else f.default
+    if kind is None:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+    else:
+        group.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field of a config dataclass (``lora_root`` -> ``--lora-root``)."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        _add_field(group, f)
+
+
 def add_engine_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("model",)) -> None:
     group = parser.add_argument_group("engine")
     for _, f in config_fields():
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _flag_type(f)
-        default = None if f.default is dataclasses.MISSING else f.default
-        if kind is None:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
+        _add_field(group, f)
 
 
 def engine_kwargs(args: argparse.Namespace, skip: Sequence[str] = ("model",)) -> dict[str, Any]:
@@ -93,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from loraplex.server.cli import add_serve_parser
+
+    add_serve_parser(sub, add_dataclass_args, add_engine_args, _parse_lora)
     return parser
 
 

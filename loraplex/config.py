@@ -128,3 +128,27 @@ class EngineConfig:
         for k, v in kwargs.items():
             per_section[names[k]][k] = v
         return cls(**{sec: _SECTIONS[sec](**vals) for sec, vals in per_section.items()})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server settings (``loraplex serve``); flags are generated from these fields."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None  # defaults to the model folder's name
+    allow_runtime_lora_updates: bool = False
+    lora_root: Optional[str] = None  # runtime loads must lie inside this folder
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    allow_remote_images: bool = False
+    timeout_graceful_shutdown: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535 or self.port == 0, f"port must be in [0, 65535], got {self.port}")
+        _require(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
+        _require(self.max_request_body_bytes >= 1024, "max_request_body_bytes must be at least 1024")
+        _require(not self.allow_runtime_lora_updates or self.lora_root is not None,
+                 "--allow-runtime-lora-updates needs --lora-root: runtime loads are only accepted from inside it")
+        _require(self.timeout_graceful_shutdown >= 0, "timeout_graceful_shutdown must be >= 0")

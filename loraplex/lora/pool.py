@@ -47,19 +47,25 @@ class LoRAPool:
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
 
     # ---- registration -------------------------------------------------------------------
-    def register(self, req: LoRARequest, reload: bool = False) -> LoRAAdapter:
+    def read(self, req: LoRARequest) -> LoRAAdapter:
+        """Read and validate ``req``'s folder without registering it (safe off the engine thread)."""
+        return self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
+
+    def register(self, req: LoRARequest, reload: bool = False, adapter: Optional[LoRAAdapter] = None) -> LoRAAdapter:
         """Validate and cache ``req``; raises :class:`AdapterError`.
 
         Registering a name again with the same path is a no-op; with another path it is an
         error, unless ``reload`` is set: then the folder is read again and becomes the
-        name's current version (requests in flight keep the version they started with)."""
+        name's current version (requests in flight keep the version they started with).
+        ``adapter``: the result of :meth:`read` for ``req``, when it was read beforehand."""
         old = self.registered.get(req.name)
         if old is not None and not reload:
             if old.path != req.path:
                 raise AdapterError(f"adapter name {req.name!r} is already registered with path {old.path!r}; "
                                    f"unload it or reload it explicitly to use {req.path!r}")
             return self.get(req.name)
-        adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
+        if adapter is None:
+            adapter = self.read(req)
         self.registered[req.name] = req
         self._uid[req.name] = adapter.uid
         self._host_put(adapter)

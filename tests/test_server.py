@@ -1,0 +1,350 @@
+"""The OpenAI-compatible server, started for real on a loopback port and driven
+with the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from helpers import make_adapter, make_tiny_model
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex.engine.engine import LLMEngine
+from loraplex.server.api import build_app, wrap
+from loraplex.server.async_engine import AsyncLLMEngine
+
+ENGINE_KW = dict(dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=256, block_size=8,
+                 max_loras=2, max_lora_rank=16, max_num_seqs=8)
+PROMPT = "Once upon a time there was"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, model_dir: str, loras: dict[str, str], **cfg) -> None:
+        self.port = free_port()
+        self.cfg = ServerConfig(port=self.port, served_model_name="tiny", **cfg)
+        engine = LLMEngine(EngineConfig.from_kwargs(model=model_dir, **ENGINE_KW))
+        for name, path in loras.items():
+            engine.add_lora(LoRARequest(name, path))
+        self.engine = AsyncLLMEngine(engine)
+        app = wrap(build_app(self.engine, self.cfg, model_dir), self.cfg)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    model_dir = make_tiny_model(root / "model", family="llama")
+    loras = {
+        "qv": make_adapter(model_dir, root / "loras" / "qv", seed=1, r=8, target_modules=["q_proj", "v_proj"]),
+        "emb": make_adapter(model_dir, root / "loras" / "emb", seed=2, r=4,
+                            target_modules=["embed_tokens", "lm_head", "o_proj"]),
+        "extra": make_adapter(model_dir, root / "loras" / "extra", seed=3, r=16, target_modules="all-linear"),
+    }
+    return root, model_dir, loras
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    _, model_dir, loras = assets
+    s = Server(model_dir, {"qv": loras["qv"], "emb": loras["emb"]})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(assets):
+    _, model_dir, loras = assets
+    llm = LLM(model_dir, **ENGINE_KW)
+    for name in ("qv", "emb", "extra"):
+        llm.add_lora(LoRARequest(name, loras[name]))
+    return llm
+
+
+def offline_text(llm: LLM, prompt, adapter, n: int = 12, **kw) -> str:
+    p = SamplingParams(max_tokens=n, temperature=0.0, **kw)
+    return llm.generate(prompt, p, lora_request=adapter, use_tqdm=False)[0].outputs[0].text
+
+
+def sse_events(resp: httpx.Response) -> list:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- models, completions, chat ---------------------------------------------------------------
+def test_models_lists_base_and_adapters(server, assets) -> None:
+    _, model_dir, loras = assets
+    data = server.client().models.list().data
+    by_id = {m.id: m for m in data}
+    assert set(by_id) == {"tiny", "qv", "emb"}
+    assert by_id["qv"].parent == "tiny" and by_id["emb"].parent == "tiny"
+    assert getattr(by_id["tiny"], "parent", None) is None
+    assert by_id["qv"].root == loras["qv"]
+
+
+@pytest.mark.parametrize("model,adapter", [("tiny", None), ("qv", "qv"), ("tiny:emb", "emb"), ("emb", "emb")])
+def test_completion_matches_offline_generate(server, offline, model, adapter) -> None:
+    r = server.client().completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == model
+    assert r.choices[0].text == offline_text(offline, PROMPT, adapter)
+    assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
+
+
+def test_adapters_change_the_output(server) -> None:
+    c = server.client()
+    texts = {m: c.completions.create(model=m, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+             for m in ("tiny", "qv", "emb")}
+    assert len(set(texts.values())) == 3
+
+
+def test_streaming_completion_equals_non_streaming(server) -> None:
+    c = server.client()
+    full = c.completions.create(model="qv", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    chunks = list(c.completions.create(model="qv", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert all(ch.object == "text_completion" for ch in chunks)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+
+
+def test_chat_matches_offline_chat(server, offline) -> None:
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    r = server.client().chat.completions.create(model="emb", messages=msgs, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    want = offline.chat(msgs, SamplingParams(max_tokens=10, temperature=0.0), lora_request="emb",
+                        use_tqdm=False)[0].outputs[0].text
+    assert r.choices[0].message.content == want
+    stream = list(server.client().chat.completions.create(model="emb", messages=msgs, max_tokens=10,
+                                                          temperature=0, stream=True,
+                                                          stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in stream)
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == want
+    assert stream[-1].usage.total_tokens == stream[-1].usage.prompt_tokens + stream[-1].usage.completion_tokens
+
+
+def test_n_seed_logprobs_echo_stop(server, offline) -> None:
+    c = server.client()
+    r = c.completions.create(model="qv", prompt=PROMPT, max_tokens=8, temperature=1.0, n=2, seed=11)
+    again = c.completions.create(model="qv", prompt=PROMPT, max_tokens=8, temperature=1.0, n=2, seed=11)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    assert [ch.text for ch in r.choices] == [ch.text for ch in again.choices]
+    assert r.choices[0].text != r.choices[1].text
+    r = c.completions.create(model="qv", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2, echo=True)
+    ch = r.choices[0]
+    assert ch.text.startswith(PROMPT)
+    n_prompt = r.usage.prompt_tokens
+    assert len(ch.logprobs.tokens) == n_prompt + 5
+    assert ch.logprobs.token_logprobs[0] is None and ch.logprobs.token_logprobs[n_prompt] < 0
+    assert all(len(t) >= 1 for t in ch.logprobs.top_logprobs[1:])
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                  temperature=0, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == 4 and all(len(t.top_logprobs) == 3 for t in lp)
+    assert lp[0].logprob == pytest.approx(max(t.logprob for t in lp[0].top_logprobs))
+    full = offline_text(offline, PROMPT, None, n=16)
+    if len(full) > 5:
+        stop = full[2:5]
+        r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+        assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def test_errors_have_openai_shape_and_status(server) -> None:
+    c = server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert "qv" in str(e.value) and "tiny" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="other:qv", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+        c.completions.create(model="tiny", prompt=list(range(3, 300)), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=2, n=100)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        c.completions.create(model="tiny", prompt=[1, 10 ** 6], max_tokens=2)
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "max_tokens": "many", "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/completions", content=b"{" + b" " * (40 * 1024 * 1024) + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 403 and "allow-runtime-lora-updates" in r.json()["error"]["message"]
+    # the server still serves
+    assert c.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_health_and_metrics(server) -> None:
+    assert httpx.get(server.url + "/health").status_code == 200
+    server.client().completions.create(model="qv", prompt="x", max_tokens=3)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("loraplex_requests_total", "loraplex_generation_tokens_total", "loraplex_prompt_tokens_total",
+                 "loraplex_time_to_first_token_seconds_bucket", "loraplex_e2e_request_latency_seconds_bucket",
+                 "loraplex_num_requests_running", "loraplex_num_requests_waiting", "loraplex_loras_registered 2.0",
+                 "loraplex_kv_cache_usage_ratio"):
+        assert name in text, name
+
+
+def test_client_disconnect_aborts_and_frees(server) -> None:
+    eng = server.engine
+    before = eng.num_aborted
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", server.url + "/v1/completions",
+                      json={"model": "qv", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                            "stream": True}) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk, then hang up
+    deadline = time.time() + 10
+    while time.time() < deadline and (eng.num_aborted == before or eng.stats()["running"]):
+        time.sleep(0.05)
+    assert eng.num_aborted == before + 1
+    stats = eng.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_usage"] == 0.0
+    pool = eng.engine.pool
+    assert all(pool.slot_refcount(s) == 0 for s in range(pool.max_loras))
+
+
+# ---- auth and runtime adapter updates ----------------------------------------------------------
+def test_api_key_required(assets) -> None:
+    _, model_dir, loras = assets
+    s = Server(model_dir, {}, api_key="sekrit")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").completions.create(model="tiny", prompt="x", max_tokens=2)
+        assert s.client("sekrit").completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    finally:
+        s.stop()
+
+
+def test_runtime_load_unload(assets, offline, tmp_path) -> None:
+    root, model_dir, loras = assets
+    lora_root = root / "loras"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if not (lora_root / "escape").exists():
+        (lora_root / "escape").symlink_to(outside)  # a link inside the root that points out of it
+    s = Server(model_dir, {}, allow_runtime_lora_updates=True, lora_root=str(lora_root))
+    try:
+        c = s.client()
+        post = lambda path, body: httpx.post(s.url + path, json=body)  # noqa: E731
+        assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "qv"}).status_code == 200
+        assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "qv"}).status_code == 400
+        for bad in ("../loras/qv", str(outside), "escape", "/etc"):
+            r = post("/v1/load_lora_adapter", {"lora_name": "b", "lora_path": bad})
+            assert r.status_code == 400, bad
+        r = post("/v1/load_lora_adapter", {"lora_name": "b", "lora_path": "missing"})
+        assert r.status_code == 400 and "missing" in r.json()["error"]["message"]
+        assert {m.id for m in c.models.list().data} == {"tiny", "a"}
+        got = c.completions.create(model="a", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+        assert got == offline_text(offline, PROMPT, "qv")
+
+        # reload "a" with other weights, then unload it, while a long request with the old weights streams
+        with httpx.Client(timeout=60) as h:
+            with h.stream("POST", s.url + "/v1/completions",
+                          json={"model": "a", "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+                                "ignore_eos": True, "stream": True}) as resp:
+                assert resp.status_code == 200
+                events = []
+                lines = resp.iter_lines()
+                events.append(next(line for line in lines if line.startswith("data: ")))
+                r = post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "extra", "load_inplace": True})
+                assert r.status_code == 200
+                new = c.completions.create(model="a", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+                assert post("/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 200
+                events.extend(line for line in lines if line.startswith("data: "))
+        assert new == offline_text(offline, PROMPT, "extra")
+        assert events[-1] == "data: [DONE]"
+        old = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+        assert old == offline_text(offline, PROMPT, "qv", n=200, ignore_eos=True)  # the weights it started with
+        assert post("/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 404
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="a", prompt="x", max_tokens=2)
+    finally:
+        s.stop()
+
+
+# ---- graceful shutdown -------------------------------------------------------------------------
+def test_sigterm_finishes_inflight_and_exits_zero(assets) -> None:
+    _, model_dir, loras = assets
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", model_dir, "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--max-model-len", "256", "--lora", f"qv={loras['qv']}", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        lines: list[str] = []
+        with httpx.Client(timeout=60) as h:
+            with h.stream("POST", url + "/v1/completions",
+                          json={"model": "qv", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                                "stream": True}) as resp:
+                it = resp.iter_lines()
+                lines.append(next(line for line in it if line.startswith("data: ")))
+                proc.send_signal(signal.SIGTERM)
+                lines.extend(it)
+        assert lines[-1] == "data: [DONE]" or "data: [DONE]" in lines
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
