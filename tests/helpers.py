@@ -193,10 +193,12 @@ def make_tiny_model(
 
 
 def load_base_model(model_dir: PathLike):
-    """The saved tiny model through transformers, float32, eval mode."""
-    from transformers import AutoModelForCausalLM
+    """The saved tiny model through transformers, float32, eval mode (vision-language folders too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    multimodal = hasattr(AutoConfig.from_pretrained(str(model_dir)), "vision_config")
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    return auto.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
 def make_adapter(

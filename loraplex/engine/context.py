@@ -8,10 +8,11 @@ mutable module global: the current context lives in a ``ContextVar``.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -57,10 +58,12 @@ class AttentionMetadata:
 
 @dataclass
 class ForwardContext:
-    positions: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64; (3, T) for M-RoPE models
     attn: AttentionMetadata
     lora: Optional[LoRABatch] = None  # adapter slot of each token
     lora_logits: Optional[LoRABatch] = None  # adapter slot of each logits row
+    # Images of the sequences prefilled this step (loraplex.multimodal.batch.MultiModalBatch), or None.
+    multimodal: Optional[Any] = None
 
 
 _CURRENT: ContextVar[Optional[ForwardContext]] = ContextVar("loraplex_forward_context", default=None)
@@ -73,6 +76,15 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         yield ctx
     finally:
         _CURRENT.reset(token)
+
+
+@contextmanager
+def lora_rows(batch: Optional[LoRABatch]) -> Iterator[None]:
+    """Run a part of the forward whose rows are not the step's tokens (e.g. vision-tower
+    patches) with ``batch`` as the adapter slot of each row; the step's own batch is back after."""
+    ctx = get_forward_context()
+    with forward_context(dataclasses.replace(ctx, lora=batch)):
+        yield
 
 
 def get_forward_context() -> ForwardContext:

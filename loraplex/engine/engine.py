@@ -30,6 +30,7 @@ from loraplex.lora.backends.base import get_backend
 from loraplex.lora.model_lora import LoRAModel
 from loraplex.lora.pool import LoRAPool
 from loraplex.models.loader import load_hf_config, load_model
+from loraplex.multimodal.processing import MultiModalProcessor
 from loraplex.types import LoRARequest, RequestOutput, SamplingParams
 
 logger = logging.getLogger("loraplex")
@@ -72,12 +73,13 @@ class LLMEngine:
         self.dtype = resolve_dtype(mc.dtype, self.hf_config, self.device)
         self.tokenizer = self._load_tokenizer(mc.tokenizer or mc.model)
         self.eos_token_ids = _eos_ids(mc.model, self.hf_config, self.tokenizer)
-        max_pos = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 4096
+        text_config = self.hf_config.get_text_config()  # the config itself for text-only models
+        max_pos = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 4096
         if mc.max_model_len is not None and mc.max_model_len > max_pos:
             raise ValueError(f"max_model_len={mc.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_pos}")
         self.max_model_len = mc.max_model_len or max_pos
-        self.vocab_size = int(self.hf_config.vocab_size)
+        self.vocab_size = int(text_config.vocab_size)
 
         torch.manual_seed(mc.seed)
         model = load_model(mc.model, self.hf_config, self.dtype, self.device)
@@ -87,6 +89,9 @@ class LLMEngine:
             lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, get_backend(lc.lora_backend))
             self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
         self.model = model
+        self.mm_processor: Optional[MultiModalProcessor] = None
+        if getattr(model, "supports_images", False):
+            self.mm_processor = MultiModalProcessor(mc.model, model, mc.max_image_pixels)
 
         sc = config.scheduler_config
         self.max_num_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
@@ -168,7 +173,16 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty (no tokens)")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        mm = None
+        if self.mm_processor is not None:  # expands image tokens into placeholder positions
+            ids, mm = self.mm_processor.process(ids, mm_data)
+        elif mm_data:
+            raise InvalidRequestError(f"model architecture {type(self.model).__name__} is text-only; it does not "
+                                      "accept images (multi_modal_data)")
+        image_pos = mm.image_positions() if mm is not None else ()  # the only positions outside the vocabulary
+        bad = [t for i, t in enumerate(ids) if i not in image_pos and (
+            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)]
         if bad:
             raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
@@ -184,7 +198,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, text, ids, params, adapter, self.tokenizer, self.eos_token_ids, max_tokens)
+        req = Request(request_id, text, ids, params, adapter, self.tokenizer, self.eos_token_ids, max_tokens, mm=mm)
         if params.seed is not None:
             req.generator = make_generator(params.seed)
         self.requests[request_id] = req
@@ -225,7 +239,7 @@ class LLMEngine:
         for s, (a, n), tok, lp in zip(sched.seqs, batch.logits_spans, tokens, lps):
             req = s.req
             if n > 1:  # first prefill of a request that asked for prompt logprobs
-                req.prompt_logprobs = prompt_logprobs(logits[a:a + n], req.prompt_token_ids,
+                req.prompt_logprobs = prompt_logprobs(logits[a:a + n], req.visible_prompt_token_ids,
                                                       req.params.prompt_logprobs, self.vocab_size)
             req.num_computed_tokens += s.num_new_tokens
             self._append_token(req, tok, lp)

@@ -20,6 +20,7 @@ from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_c
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
+from loraplex.multimodal.batch import gather_images, mrope_positions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +56,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.num_blocks = num_blocks
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))  # (3, T) positions (Qwen2-VL)
         self._bind_kv_cache()
 
     @staticmethod
@@ -126,11 +128,13 @@ class ModelRunner:
             query_lens=qlens,
         )
         has_lora = any(s.req.slot >= 0 for s in seqs)
+        pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)
         ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.int64).to(dev),
+            positions=pos_t.to(dev),
             attn=attn,
             lora=LoRABatch.from_row_slots(token_slots, dev) if has_lora else None,
             lora_logits=LoRABatch.from_row_slots(logits_row_slots, dev) if has_lora else None,
+            multimodal=gather_images(seqs),  # images of sequences prefilled now (always whole prompts)
         )
         return PreparedBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),

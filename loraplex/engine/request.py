@@ -22,10 +22,11 @@ class Status(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                  params: SamplingParams, adapter: Optional[LoRAAdapter], tokenizer: Any,
-                 eos_token_ids: frozenset[int], max_tokens: int) -> None:
+                 eos_token_ids: frozenset[int], max_tokens: int, mm: Optional[Any] = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
+        self.prompt_token_ids = prompt_token_ids  # image positions hold placeholder ids (>= vocabulary)
+        self.mm = mm  # MultiModalInputs (processed images, placeholder spans, M-RoPE positions) or None
         self.params = params
         self.adapter = adapter  # the adapter version this request runs with, from start to finish
         self.lora_name = adapter.name if adapter is not None else None
@@ -39,7 +40,8 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.slot: int = -1  # adapter slot while running (-1: base model)
         self.generator: Optional[torch.Generator] = None
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params) if tokenizer is not None else None
+        self.detok = (IncrementalDetokenizer(tokenizer, self.visible_prompt_token_ids, params)
+                      if tokenizer is not None else None)
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[Any] = None
         self.text_delta = ""  # text finalised since the last output (streaming)
@@ -50,6 +52,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def visible_prompt_token_ids(self) -> list[int]:
+        """The prompt as users see it: placeholder ids shown as the model's image token id."""
+        return self.mm.visible_token_ids(self.prompt_token_ids) if self.mm is not None else self.prompt_token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +79,7 @@ class Request:
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
         )
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.visible_prompt_token_ids),
             prompt_logprobs=self.prompt_logprobs, outputs=[completion], finished=self.finished,
             lora_name=self.lora_name,
             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,

@@ -1,6 +1,9 @@
-"""Gated activations for MLPs: ``act(gate) * up`` on a fused ``[gate | up]`` input."""
+"""Activations: gated ``act(gate) * up`` on a fused ``[gate | up]`` input (decoder MLPs) and
+plain element-wise ones by Hugging Face ``hidden_act`` name (vision towers, projectors)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,27 @@ _ACTS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
+
+
+def get_act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The element-wise activation a Hugging Face config names (``hidden_act``)."""
+    if name not in _ACTS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
+class Activation(nn.Module):
+    """``get_act_fn(name)`` as a module (for ``nn.Sequential`` stacks that mirror Hugging Face's)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.act = get_act_fn(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
 
 
 class GatedActivation(nn.Module):

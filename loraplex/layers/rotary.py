@@ -73,3 +73,39 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (tokens, 1, rotary_dim)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary embedding (M-RoPE, Qwen2-VL): positions are ``(3, tokens)``
+    (temporal, height, width). The half-spectrum of frequencies is cut into
+    ``mrope_section`` chunks; chunk ``i`` rotates by position row ``i % 3``. Text
+    tokens carry the same position in all three rows, which reduces to 1-D RoPE, so
+    ``(tokens,)`` positions are accepted too."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict, rotary_dim: Optional[int] = None) -> None:
+        super().__init__(head_dim, max_position, params, rotary_dim)
+        section = [int(s) for s in params["mrope_section"]]
+        half = self.rotary_dim // 2
+        if sum(section) != half:
+            raise ValueError(f"mrope_section {section} must sum to rotary_dim / 2 = {half}")
+        rows = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(section)])
+        # (rotary_dim,): which position row drives each cos/sin column (both halves alike).
+        self.register_buffer("row_of_col", torch.cat([rows, rows]), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        T = positions.shape[1]
+        index = self.row_of_col.view(1, 1, -1).expand(1, T, -1)
+        cos = self.cos[positions].gather(0, index).squeeze(0)  # (3, T, rotary_dim) -> (T, rotary_dim)
+        sin = self.sin[positions].gather(0, index).squeeze(0)
+        cos = cos.to(q.dtype).unsqueeze(1)  # (T, 1, rotary_dim)
+        sin = sin.to(q.dtype).unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+
+def get_rope(head_dim: int, max_position: int, params: dict, rotary_dim: Optional[int] = None) -> RotaryEmbedding:
+    """The rotary embedding a config's rope parameters ask for (M-RoPE when they carry ``mrope_section``)."""
+    if params.get("mrope_section"):
+        return MRotaryEmbedding(head_dim, max_position, params, rotary_dim)
+    return RotaryEmbedding(head_dim, max_position, params, rotary_dim)

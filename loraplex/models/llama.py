@@ -16,7 +16,7 @@ from loraplex.layers.attention import PagedAttention
 from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from loraplex.layers.norm import RMSNorm
-from loraplex.layers.rotary import RotaryEmbedding, rope_parameters
+from loraplex.layers.rotary import get_rope, rope_parameters
 
 
 def _head_dim(config: Any) -> int:
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         params = rope_parameters(config)
         rotary_dim = int(hd * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
-        self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, params, rotary_dim)
+        self.rotary_emb = get_rope(hd, config.max_position_embeddings, params, rotary_dim)
         window = getattr(config, "sliding_window", None)
         if getattr(config, "use_sliding_window", True) is False:
             window = None

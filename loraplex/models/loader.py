@@ -19,7 +19,7 @@ from torch import nn
 from loraplex.errors import ModelLoadError
 from loraplex.models.registry import resolve_model_class
 
-_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def load_hf_config(path: str) -> Any:
@@ -86,7 +86,10 @@ def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device)
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
+    rename = getattr(model, "rename_checkpoint_key", None)  # VLMs: legacy checkpoint layouts -> module names
     for ckpt_name, tensor in iter_weights(path):
+        if rename is not None:
+            ckpt_name = rename(ckpt_name)
         if ckpt_name.endswith(_SKIP_SUFFIXES):
             continue
         if ckpt_name == "lm_head.weight" and getattr(model, "tied_embeddings", False):

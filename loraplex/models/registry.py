@@ -12,6 +12,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("loraplex.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("loraplex.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("loraplex.models.llama", "Qwen3ForCausalLM"),
+    "Qwen2VLForConditionalGeneration": ("loraplex.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "LlavaForConditionalGeneration": ("loraplex.models.llava", "LlavaForConditionalGeneration"),
 }
 
 
