@@ -53,11 +53,11 @@ def build_adapters(model_dir: str, family: str, root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + ["qwen2_vl-tied"])
 def vlm(request, tmp_path_factory):
-    family = request.param
-    root = tmp_path_factory.mktemp(family)
-    model_dir = make_tiny_vlm(root / "model", family=family)
+    family, _, tied = request.param.partition("-")
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = make_tiny_vlm(root / "model", family=family, tie_word_embeddings=bool(tied))
     return family, model_dir, build_adapters(model_dir, family, root)
 
 
@@ -122,3 +122,274 @@ def test_mixed_batch_matches_peft(vlm) -> None:
             for step, (tok, lp) in enumerate(zip(want, out.outputs[0].logprobs)):
                 ref_lp = gen.logits[step][0].float().log_softmax(-1)[tok].item()
                 assert lp[tok] == pytest.approx(ref_lp, abs=1e-4), (tag, template, step)
+
+
+def test_vision_adapter_touches_image_requests_only(vlm) -> None:
+    """Guard against a parity test that passes because vision LoRA does nothing."""
+    family, model_dir, paths = vlm
+    llm = make_llm(model_dir)
+    text = {"prompt": "The quick brown fox"}
+    image = {"prompt": image_prompt(model_dir, "Look at {image} please"), "multi_modal_data": {"image": images_of(["b"])}}
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    vision = LoRARequest("vision", paths["vision"])
+    outs = llm.generate([text, text, image, image], params, lora_request=[None, vision, None, vision], use_tqdm=False)
+    assert outs[0].prompt_logprobs == outs[1].prompt_logprobs  # a text-only request never sees the tower
+    base, adapted = outs[2].prompt_logprobs, outs[3].prompt_logprobs
+    last = len(base) - 1
+    assert base[last] != adapted[last]  # text after the image sees the adapted vision features
+
+
+# ---- the embedding routine ------------------------------------------------------------------------------
+
+def _embedding_setup(adapter_scale: float):
+    from loraplex.engine.context import AttentionMetadata, ForwardContext
+    from loraplex.layers.embedding import VocabParallelEmbedding
+    from loraplex.lora.adapter import LoRAWeights
+    from loraplex.lora.backends.base import get_backend
+    from loraplex.lora.batch import LoRABatch
+    from loraplex.lora.layers import wrapper_for
+
+    torch.manual_seed(0)
+    base = VocabParallelEmbedding(100, 16)
+    base.weight.data.normal_()
+    wrapper = wrapper_for(base)(base)
+    wrapper.create_lora_weights(2, 4, get_backend("torch"))
+    wrapper.set_lora(0, [LoRAWeights(torch.randn(4, 100) * adapter_scale, torch.randn(16, 4) * adapter_scale, 2.0)])
+    n = base.num_embeddings  # 128: ids >= 128 are placeholders
+    ids = torch.tensor([5, 99, n + 7, n + 7, n + 7, 3, 1_000_123, 1_000_123, 42])
+    features = torch.randn(5, 16)
+    z = torch.zeros(len(ids), dtype=torch.int64)
+    attn = AttentionMetadata(z, z.view(-1, 1), z, z.view(-1, 1), z.view(-1, 1), 1)
+    batch = LoRABatch.from_row_slots([0] * len(ids), torch.device("cpu"))
+    ctx = ForwardContext(positions=z, attn=attn, lora=batch, lora_logits=batch)
+    return base, wrapper, ids, features, ctx
+
+
+def test_embedding_routine_same_with_zero_adapter_wrapper() -> None:
+    from loraplex.engine.context import forward_context
+    from loraplex.multimodal.embedding import embed_multimodal
+
+    base, wrapper, ids, features, ctx = _embedding_setup(adapter_scale=0.0)
+    with torch.no_grad(), forward_context(ctx):
+        plain = embed_multimodal(base, ids, features)
+        wrapped = embed_multimodal(wrapper, ids, features)
+    assert torch.equal(plain, wrapped)
+    image = ids >= base.num_embeddings
+    assert torch.equal(plain[image], features)
+    assert torch.equal(plain[~image], base.weight[ids[~image]])
+
+
+def test_embedding_routine_text_rows_get_delta_image_rows_exact_features() -> None:
+    from loraplex.engine.context import forward_context
+    from loraplex.multimodal.embedding import embed_multimodal
+
+    base, wrapper, ids, features, ctx = _embedding_setup(adapter_scale=1.0)
+    with torch.no_grad(), forward_context(ctx):
+        out = embed_multimodal(wrapper, ids, features)
+    image = ids >= base.num_embeddings
+    assert torch.equal(out[image], features)
+    text_ids = ids[~image]
+    a_t, b = wrapper.lora_a_t[0, :, :4], wrapper.lora_b[0, :, :4]
+    want = base.weight[text_ids] + (a_t[text_ids] @ b.T) * 2.0
+    torch.testing.assert_close(out[~image], want)
+    assert not torch.allclose(out[~image], base.weight[text_ids])
+
+
+class _Recorder:
+    """Stands in for a module and records every attribute read and call made on it."""
+
+    def __init__(self, target) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "reads", [])
+
+    def __getattr__(self, name: str):
+        self.reads.append(name)
+        return getattr(self._target, name)
+
+    def __call__(self, *args, **kwargs):
+        self.reads.append("__call__")
+        return self._target(*args, **kwargs)
+
+
+def test_embedding_routine_reads_every_attribute_through_the_wrapper() -> None:
+    from loraplex.engine.context import forward_context
+    from loraplex.lora.layers import BaseLayerWithLoRA
+    from loraplex.multimodal.embedding import embed_multimodal
+
+    base, wrapper, ids, features, ctx = _embedding_setup(adapter_scale=0.0)
+    spy_base, spy_wrapper = _Recorder(base), _Recorder(wrapper)
+    with torch.no_grad(), forward_context(ctx):
+        embed_multimodal(spy_base, ids, features)
+        embed_multimodal(spy_wrapper, ids, features)
+    assert spy_wrapper.reads == spy_base.reads  # the routine does the same on a wrapped and a plain layer
+    attrs = [r for r in spy_wrapper.reads if r != "__call__"]
+    assert "num_embeddings" in attrs and "base_layer" not in attrs
+    for name in attrs:
+        # not the wrapper's own attribute: served by forwarding, and equal to the base layer's
+        assert name not in vars(wrapper) and not hasattr(BaseLayerWithLoRA, name), name
+        assert getattr(wrapper, name) == getattr(base, name), name
+
+
+# ---- inputs and errors ----------------------------------------------------------------------------------
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(img)).decode()
+
+
+def test_load_image_sources_and_refusals() -> None:
+    from loraplex.multimodal.inputs import load_image
+
+    img = make_image(7, 20, 12)
+    for src in (img, _png_bytes(img), _data_url(img)):
+        got = load_image(src)
+        assert got.size == (20, 12) and got.convert("RGB").tobytes() == img.tobytes()
+    cases = [
+        (b"definitely not an image", "cannot decode image bytes"),
+        ("data:image/png;base64,@@@", "invalid base64"),
+        ("data:text/plain;base64,aGVsbG8=", "media type 'text/plain'"),
+        ("data:image/png;base64," + base64.b64encode(_png_bytes(img)[:40]).decode(), "cannot decode"),
+        ("https://example.com/cat.png", "remote images are disabled"),
+        ("/etc/passwd", "local paths are never read"),
+        ("file:///etc/passwd", "not a data: URL"),
+        (12345, "got int"),
+    ]
+    for src, msg in cases:
+        with pytest.raises(InvalidRequestError, match=msg):
+            load_image(src)
+    with pytest.raises(InvalidRequestError, match=r"20x12 = 240 pixels, above the limit max_image_pixels=239"):
+        load_image(_data_url(img), max_pixels=239)
+    assert load_image(_data_url(img), max_pixels=240).size == (20, 12)
+
+
+def test_load_image_remote_only_when_allowed() -> None:
+    import http.server
+    import threading
+
+    from loraplex.multimodal.inputs import load_image
+
+    payload = _png_bytes(make_image(8, 9, 7))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/img.png"
+        with pytest.raises(InvalidRequestError, match="refused"):
+            load_image(url)
+        assert load_image(url, allow_remote=True).size == (9, 7)
+        with pytest.raises(InvalidRequestError, match="larger than 10 bytes"):
+            load_image(url, allow_remote=True, max_remote_bytes=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> str:
+    return make_tiny_vlm(tmp_path_factory.mktemp("qwen") / "model", family="qwen2_vl")
+
+
+def test_request_errors_name_the_problem_and_leave_others_unaffected(qwen_dir, tmp_path) -> None:
+    llm = make_llm(qwen_dir, max_image_pixels=48 * 48)
+    one = image_prompt(qwen_dir, "Look at {image} please")
+    img = make_image(1, 32, 32)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    good = {"prompt": one, "multi_modal_data": {"image": img}}
+    want = llm.generate(good, params, use_tqdm=False)[0].outputs[0].token_ids
+    n = llm.engine.vocab_size
+    bad_requests = [
+        ({"prompt": one, "multi_modal_data": {"image": b"\x89PNG broken"}}, "image 0: cannot decode image bytes"),
+        ({"prompt": one, "multi_modal_data": {"image": [img, img]}}, "1 image token.* but 2 image"),
+        ({"prompt": image_prompt(qwen_dir, "{image}{image}"), "multi_modal_data": {"image": img}},
+         "2 image token.* but 1 image"),
+        ({"prompt": one}, "1 image token.* but 0 image"),
+        ({"prompt": one, "multi_modal_data": {"image": make_image(2, 64, 64)}},
+         "64x64 = 4096 pixels, above the limit max_image_pixels=2304"),
+        ({"prompt": one, "multi_modal_data": {"video": img}}, "unsupported multi_modal_data modality 'video'"),
+        ({"prompt": one, "multi_modal_data": {"image": "https://example.com/x.png"}}, "remote images are disabled"),
+        ({"prompt_token_ids": [5, 6, 1_000_007]}, r"outside the vocabulary \[0, %d\)" % n),
+    ]
+    for prompt, msg in bad_requests:
+        with pytest.raises(InvalidRequestError, match=msg):
+            llm.generate([good, prompt], params, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+    outs = llm.generate([good, {"prompt": "The quick brown fox"}], params, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == want
+
+    text_model = make_tiny_model(tmp_path / "llama", family="llama")
+    with pytest.raises(InvalidRequestError, match="LlamaForCausalLM is text-only"):
+        make_llm(text_model).generate({"prompt": "Hi", "multi_modal_data": {"image": img}}, params, use_tqdm=False)
+
+
+def test_placeholder_ids_identify_images(qwen_dir) -> None:
+    from loraplex.multimodal.processing import PLACEHOLDER_BASE
+
+    llm = make_llm(qwen_dir)
+    engine = llm.engine
+    prompt = image_prompt(qwen_dir, "{image} {image} {image}")
+    a, b = make_image(1, 32, 32), make_image(2, 24, 40)
+    rid = engine.add_request({"prompt": prompt, "multi_modal_data": {"image": [a, b, _png_bytes(a)]}},
+                             SamplingParams(max_tokens=1))
+    req = engine.requests[rid]
+    ids = [img.placeholder_id for img in req.mm.images]
+    assert ids[0] == ids[2] != ids[1]  # same pixels (PIL or PNG bytes) -> same id; other image -> other id
+    assert min(ids) >= max(PLACEHOLDER_BASE, engine.model.get_input_embeddings().num_embeddings)
+    for img in req.mm.images:
+        assert req.prompt_token_ids[img.offset:img.offset + img.length] == [img.placeholder_id] * img.length
+    image_token = engine.hf_config.image_token_id
+    assert req.visible_prompt_token_ids.count(image_token) == sum(img.length for img in req.mm.images)
+    engine.abort_request(rid)
+
+
+def test_preempted_image_requests_recompute_exactly(vlm) -> None:
+    """Preemption recomputes prompt + generated tokens: images are re-encoded, M-RoPE offsets carry on."""
+    family, model_dir, paths = vlm
+    prompts = [{"prompt": image_prompt(model_dir, t), "multi_modal_data": {"image": images_of(n)}}
+               for t, n in [("{image} and {image}", ["a", "b"]), ("Look at {image} please", ["c"]),
+                            ("{image}Describe the robot", ["b"])]]
+    loras = [LoRARequest("all", paths["all"]), LoRARequest("vision", paths["vision"]), None]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(model_dir).generate(prompts, params, lora_request=loras,
+                                                                          use_tqdm=False)]
+    small = make_llm(model_dir, num_kv_blocks=26)  # 104 token slots for three sequences of 40-60 tokens
+    outs = small.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_checkpoint_names_map_to_transformers5_modules() -> None:
+    from loraplex.models.llava import LlavaForConditionalGeneration as L
+    from loraplex.models.qwen2_vl import Qwen2VLForConditionalGeneration as Q
+
+    cases = [
+        (Q, "model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight"),
+        (Q, "visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"),
+        (Q, "model.language_model.norm.weight", "model.language_model.norm.weight"),
+        (Q, "model.visual.merger.mlp.0.bias", "model.visual.merger.mlp.0.bias"),
+        (Q, "lm_head.weight", "lm_head.weight"),
+        (L, "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+        (L, "language_model.lm_head.weight", "lm_head.weight"),
+        (L, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+         "model.vision_tower.encoder.layers.0.mlp.fc1.weight"),
+        (L, "vision_tower.pre_layrnorm.weight", "model.vision_tower.pre_layrnorm.weight"),
+        (L, "multi_modal_projector.linear_1.bias", "model.multi_modal_projector.linear_1.bias"),
+        (L, "model.vision_tower.embeddings.class_embedding", "model.vision_tower.embeddings.class_embedding"),
+    ]
+    for cls, name, want in cases:
+        assert cls.rename_checkpoint_key(name) == want, (cls.__name__, name)
