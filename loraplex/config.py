@@ -28,10 +28,12 @@ class ModelConfig:
     dtype: str = "auto"  # auto: the folder's torch_dtype (float32 on CPU if it is float16)
     max_model_len: Optional[int] = None  # defaults to the config's max_position_embeddings
     seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks, profiling)
     max_image_pixels: int = 4096 * 4096  # vision-language models: larger images (width * height) are refused
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model must be a path to a model folder")
+        _require(self.load_format in ("auto", "dummy"), f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len >= 1,

@@ -82,7 +82,7 @@ class LLMEngine:
         self.vocab_size = int(text_config.vocab_size)
 
         torch.manual_seed(mc.seed)
-        model = load_model(mc.model, self.hf_config, self.dtype, self.device)
+        model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
         lc = config.lora_config
         self.pool: Optional[LoRAPool] = None
         if lc.enable_lora:

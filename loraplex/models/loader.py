@@ -79,10 +79,12 @@ def _checkpoint_to_param(name: str, packed: dict[str, list[str]]) -> tuple[str, 
     return name, None
 
 
-def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device, load_format: str = "auto") -> nn.Module:
     cls = resolve_model_class(getattr(config, "architectures", None))
     with _default_dtype_device(dtype, device):
         model = cls(config)
+    if load_format == "dummy":
+        return _init_dummy(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
@@ -117,6 +119,19 @@ def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device)
     if missing:
         raise ModelLoadError(f"model folder {path!r} lacks weights for: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
+    return model.eval()
+
+
+@torch.no_grad()
+def _init_dummy(model: nn.Module) -> nn.Module:
+    """Random weights (normal, std 0.02; norms at one) for timing runs without a checkpoint."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+            continue
+        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(0))
+        p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(0.02))
     return model.eval()
 
 
