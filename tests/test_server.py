@@ -225,6 +225,8 @@ def test_health_and_metrics(server) -> None:
                  "loraplex_num_requests_running", "loraplex_num_requests_waiting", "loraplex_loras_registered 2.0",
                  "loraplex_kv_cache_usage_ratio"):
         assert name in text, name
+    itl_count = next(line for line in text.splitlines() if line.startswith("loraplex_inter_token_latency_seconds_count"))
+    assert float(itl_count.split()[-1]) >= 2  # the 3-token request above had two gaps
 
 
 def test_client_disconnect_aborts_and_frees(server) -> None:

@@ -84,7 +84,24 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
     max_model_len = eng.max_model_len
     max_n = eng.scheduler.max_num_seqs
     metrics = ServerMetrics(engine.stats)
-    engine._on_step = lambda outs, dt: metrics.step.observe(dt)
+    last_token_at: dict[str, float] = {}
+
+    def on_step(outs: list[RequestOutput], dt: float) -> None:
+        metrics.step.observe(dt)
+        now = time.monotonic()
+        for out in outs:  # one new token per output and step: the gap since the previous one
+            prev = last_token_at.get(out.request_id)
+            if prev is not None:
+                metrics.itl.observe(now - prev)
+            if out.finished:
+                last_token_at.pop(out.request_id, None)
+            else:
+                last_token_at[out.request_id] = now
+        if len(last_token_at) > 4 * max_n + 64:  # aborted requests never finish: forget stale entries
+            for rid in [r for r, t in last_token_at.items() if now - t > 60.0]:
+                del last_token_at[rid]
+
+    engine._on_step = on_step
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
