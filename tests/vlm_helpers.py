@@ -165,3 +165,31 @@ def make_image(seed: int, width: int, height: int):
 
     rng = np.random.RandomState(seed)
     return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def _main() -> None:
+    """``python tests/vlm_helpers.py OUT_DIR``: a tiny random vision-language folder, two PEFT adapters (one on
+    the vision tower and projector, one on embed_tokens + lm_head) and two PNG images, for trying the vision API
+    without downloading a model (the text it generates is noise: the weights are random)."""
+    import argparse
+
+    from helpers import make_adapter
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_vl", choices=sorted(IMAGE_TOKENS))
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    model_dir = make_tiny_vlm(out / "model", family=args.family)
+    vision = {"qwen2_vl": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "merger.mlp.0", "merger.mlp.2"],
+              "llava": ["self_attn.out_proj", "mlp.fc1", "mlp.fc2", "linear_1", "linear_2"]}[args.family]
+    make_adapter(model_dir, out / "adapter-vision", seed=1, r=4, target_modules=vision)
+    make_adapter(model_dir, out / "adapter-emb", seed=2, r=8, target_modules=["embed_tokens", "lm_head", "q_proj"])
+    make_image(1, 32, 32).save(out / "cat.png")
+    make_image(2, 40, 24).save(out / "dog.png")
+    print(f"model: {model_dir}\nadapters: {out / 'adapter-vision'} {out / 'adapter-emb'}\n"
+          f"images: {out / 'cat.png'} {out / 'dog.png'}\nimage token: {IMAGE_SNIPPET[args.family]}")
+
+
+if __name__ == "__main__":
+    _main()
