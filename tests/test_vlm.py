@@ -393,3 +393,20 @@ def test_checkpoint_names_map_to_transformers5_modules() -> None:
     ]
     for cls, name, want in cases:
         assert cls.rename_checkpoint_key(name) == want, (cls.__name__, name)
+
+
+def test_chat_with_image_parts(qwen_dir) -> None:
+    llm = make_llm(qwen_dir)
+    a, b = make_image(1, 32, 32), make_image(2, 24, 40)
+    conv = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": _data_url(a)}},
+        {"type": "text", "text": " with "}, {"type": "image", "image": b}]}]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    got = llm.chat(conv, params, use_tqdm=False)[0]
+    assert llm.engine.mm_processor.image_placeholder(llm.get_tokenizer()) == "<|vision_start|><|image_pad|><|vision_end|>"
+    prompt = image_prompt(qwen_dir, "<s><|user|>Compare {image} with {image}</s><|assistant|>")
+    want = llm.generate({"prompt": prompt, "multi_modal_data": {"image": [a, b]}}, params, use_tqdm=False)[0]
+    assert got.prompt_token_ids == want.prompt_token_ids
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="unsupported content part 'audio'"):
+        llm.chat([{"role": "user", "content": [{"type": "audio"}]}], params, use_tqdm=False)

@@ -166,6 +166,10 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         if self.tied_embeddings:
             self.lm_head.tie_to(self.model.language_model.embed_tokens)
 
+    def image_prompt_token_ids(self) -> list[int]:
+        c = self.config
+        return [int(c.vision_start_token_id), self.image_token_id, int(c.vision_end_token_id)]
+
     @staticmethod
     def _grid(data: dict[str, torch.Tensor]) -> list[int]:
         return [int(v) for v in data["image_grid_thw"].reshape(-1, 3)[0]]

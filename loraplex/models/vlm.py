@@ -49,6 +49,10 @@ class VisionLanguageModel(nn.Module):
     def tied_embeddings(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
+    def image_prompt_token_ids(self) -> list[int]:
+        """The tokens that stand for one image in a prompt (before expansion)."""
+        return [self.image_token_id]
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.language_model.embed_tokens
 

@@ -81,6 +81,8 @@ class SupportsImages(Protocol):
 
     def get_input_embeddings(self) -> torch.nn.Module: ...
 
+    def image_prompt_token_ids(self) -> list[int]: ...
+
     def num_image_features(self, data: dict[str, torch.Tensor]) -> int:
         """Vision features (= placeholder positions) the model produces for one processed image."""
 
@@ -105,6 +107,11 @@ class MultiModalProcessor:
         # Read through whatever wraps the embedding (a LoRA wrapper forwards num_embeddings).
         self.num_embeddings = int(model.get_input_embeddings().num_embeddings)
         self.max_image_pixels = max_image_pixels
+
+    def image_placeholder(self, tokenizer: Any) -> str:
+        """The text that stands for one image in a prompt: ``<|vision_start|><|image_pad|><|vision_end|>``
+        (Qwen2-VL), ``<image>`` (LLaVA). Chat front ends put it where a message has an image."""
+        return "".join(tokenizer.convert_ids_to_tokens(self.model.image_prompt_token_ids()))
 
     def process(self, token_ids: list[int], mm_data: Optional[dict]) -> tuple[list[int], Optional[MultiModalInputs]]:
         """Expand the image tokens of ``token_ids`` for the images in ``mm_data`` (``{"image": image or
