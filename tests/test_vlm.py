@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_base_model, load_peft_model, make_adapter, make_tiny_model
+from helpers import load_peft_model, make_adapter, make_tiny_model
 from loraplex import LLM, InvalidRequestError, LoRARequest, SamplingParams
 from vlm_helpers import image_prompt, load_processor, make_image, make_tiny_vlm
 

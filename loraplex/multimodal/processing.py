@@ -59,7 +59,7 @@ class MultiModalInputs:
     image_token_id: int  # shown in place of placeholder ids in outputs (as Hugging Face processors do)
     mrope_positions: Optional[torch.Tensor] = None  # (3, prompt_len) int64
     mrope_delta: int = 0  # a token at sequence index p >= prompt_len has position p + mrope_delta
-    _placeholders: frozenset[int] = field(default=frozenset(), repr=False)
+    _placeholders: frozenset[int] = field(default=frozenset(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._placeholders = frozenset(img.placeholder_id for img in self.images)
