@@ -350,3 +350,46 @@ def test_sigterm_finishes_inflight_and_exits_zero(assets) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- images in chat (vision-language models) ---------------------------------------------------
+def test_chat_with_data_url_images_matches_offline(tmp_path) -> None:
+    import base64
+    import io
+
+    from vlm_helpers import make_image, make_tiny_vlm
+
+    model_dir = make_tiny_vlm(tmp_path / "vlm", family="qwen2_vl")
+    s = Server(model_dir, {}, max_request_body_bytes=4 * 1024 * 1024)
+    try:
+        def data_url(img) -> str:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+        a, b = make_image(1, 32, 32), make_image(2, 24, 40)
+        content = [{"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": data_url(a)}},
+                   {"type": "text", "text": " with "}, {"type": "image_url", "image_url": {"url": data_url(b)}}]
+        msgs = [{"role": "user", "content": content}]
+        r = s.client().chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+        offline = LLM(model_dir, **ENGINE_KW)
+        want = offline.chat([{"role": "user", "content": [content[0], {"type": "image", "image": a}, content[2],
+                                                          {"type": "image", "image": b}]}],
+                            SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)[0]
+        assert r.choices[0].message.content == want.outputs[0].text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)  # image positions included
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+        with pytest.raises(openai.BadRequestError):
+            s.client().chat.completions.create(model="tiny", messages=bad, max_tokens=2)
+        remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]
+        with pytest.raises(openai.BadRequestError, match="remote"):
+            s.client().chat.completions.create(model="tiny", messages=remote, max_tokens=2)
+    finally:
+        s.stop()
+
+
+def test_text_only_model_refuses_images(server) -> None:
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(openai.BadRequestError, match="does not accept images"):
+        server.client().chat.completions.create(model="tiny", messages=msgs, max_tokens=2)

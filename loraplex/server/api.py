@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraplex.config import ServerConfig
 from loraplex.errors import AdapterError, InvalidRequestError
+from loraplex.multimodal.chat import split_chat_images
+from loraplex.multimodal.inputs import load_image
 from loraplex.server import protocol as P
 from loraplex.server.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from loraplex.server.metrics import ServerMetrics
@@ -412,25 +414,19 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
         model_name = body.model or served
         if not body.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        messages, images = [], []
-        for m in body.messages:
-            if isinstance(m.content, list):
-                parts = []
-                for part in m.content:
-                    if part.type == "text":
-                        parts.append(part.text or "")
-                    elif part.type == "image_url":
-                        if part.image_url is None:
-                            raise APIError(400, "image_url part without an image_url", param="messages")
-                        images.append(part.image_url.url)
-                    else:
-                        raise APIError(400, f"unsupported content part type {part.type!r}", param="messages")
-                messages.append({"role": m.role, "content": "".join(parts)})
-            else:
-                messages.append({"role": m.role, "content": m.content or ""})
-        if images:
-            raise APIError(400, f"model {served!r} ({type(eng.model).__name__}) does not accept images",
-                           param="messages")
+        raw = [m.model_dump(exclude_none=True) for m in body.messages]
+        if eng.mm_processor is not None:  # vision-language model: image parts become placeholders + images
+            messages, sources = split_chat_images(raw, eng.mm_processor.image_placeholder(tok))
+        else:
+            messages, sources = split_chat_images(raw, "")
+            if sources:
+                raise APIError(400, f"model {served!r} ({type(eng.model).__name__}) does not accept images",
+                               param="messages")
+        images = []
+        if sources:  # decoding (and, if allowed, fetching) images is slow: off the event loop
+            limit = eng.config.model_config.max_image_pixels
+            images = await asyncio.get_running_loop().run_in_executor(None, lambda: [
+                load_image(src, allow_remote=cfg.allow_remote_images, max_pixels=limit) for src in sources])
         ids = engine.chat_template(messages, body.add_generation_prompt)
         top = body.top_logprobs if body.top_logprobs is not None else 0
         if body.top_logprobs is not None and not body.logprobs:
@@ -440,14 +436,17 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling(body, len(ids), max_tokens, top if body.logprobs else None, None)
         rid = P.random_id("chatcmpl")
-        jobs = [({"prompt_token_ids": ids}, with_seed(params, j), lora, f"{rid}-{j}") for j in range(body.n)]
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        jobs = [(prompt, with_seed(params, j), lora, f"{rid}-{j}") for j in range(body.n)]
         echo_text = messages[-1]["content"] if body.echo and messages else ""
 
         streams = add_all(jobs)
         if body.stream:
             async def stream() -> AsyncIterator[str]:
                 sent_tokens = [0] * len(jobs)
-                usage = P.UsageInfo(prompt_tokens=len(ids) * len(jobs))
+                usage = P.UsageInfo()
                 for j in range(len(jobs)):
                     yield sse(P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
                         index=j, delta=P.DeltaMessage(role="assistant", content=echo_text))]))
@@ -464,6 +463,7 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
                                 finish_reason=c.finish_reason)]))
                         if out.finished:
                             finish_metrics(out)
+                            usage.prompt_tokens += len(out.prompt_token_ids)
                             usage.completion_tokens += len(c.token_ids)
                 except EngineDeadError as e:
                     yield sse(P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="internal_error", code=500)))
@@ -480,15 +480,16 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
             if out.finished:
                 finals[j] = out
                 finish_metrics(out)
-        choices, completion_tokens = [], 0
+        choices, completion_tokens, prompt_tokens = [], 0, 0
         for j in range(len(jobs)):
             c = finals[j].outputs[0]
+            prompt_tokens += len(finals[j].prompt_token_ids)
             lp = chat_logprobs(c.token_ids, c.logprobs, top) if body.logprobs else None
             choices.append(P.ChatChoice(index=j, message=P.ChatResponseMessage(content=echo_text + c.text),
                                         logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             completion_tokens += len(c.token_ids)
-        usage = P.UsageInfo(prompt_tokens=len(ids) * len(jobs), completion_tokens=completion_tokens,
-                            total_tokens=len(ids) * len(jobs) + completion_tokens)
+        usage = P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens)
         return P.ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage).model_dump()
 
     return app
