@@ -64,3 +64,47 @@ def test_half_precision_no_worse_than_peft(setup, dtype) -> None:
         ours = max(abs(o.prompt_logprobs[i][p[i]] - lp[i - 1, p[i]].item()) for i in range(1, len(p)))
         theirs = max(abs(lp_half[i - 1, p[i]].item() - lp[i - 1, p[i]].item()) for i in range(1, len(p)))
         assert ours <= 2 * theirs + 0.02, (dtype, ours, theirs)
+
+
+class _CudaReference:
+    """The PEFT reference model on the GPU, taking and returning CPU tensors."""
+
+    def __init__(self, model) -> None:
+        self.model = model.cuda()
+
+    @staticmethod
+    def _to_cuda(kw: dict) -> dict:
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+
+    def __call__(self, **kw):
+        out = self.model(**self._to_cuda(kw))
+        out.logits = out.logits.float().cpu()
+        return out
+
+    def generate(self, **kw):
+        gen = self.model.generate(**self._to_cuda(kw))
+        gen.sequences = gen.sequences.cpu()
+        gen.logits = tuple(x.float().cpu() for x in gen.logits)
+        return gen
+
+    def set_adapter(self, name: str) -> None:
+        self.model.set_adapter(name)
+
+    def disable_adapter(self):
+        return self.model.disable_adapter()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_vlm_mixed_batch_on_cuda_matches_peft(family, tmp_path, monkeypatch) -> None:
+    """The VLM parity test of test_vlm.py with loraplex and the PEFT reference both on the GPU."""
+    import test_vlm
+    from vlm_helpers import make_tiny_vlm
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False  # the vision towers' patch convolutions run in cuDNN
+    base_args = dict(dtype="float32", device="cuda", max_loras=4, max_lora_rank=8, seed=0, num_kv_blocks=256,
+                     block_size=4)
+    monkeypatch.setattr(test_vlm, "make_llm", lambda d, **kw: LLM(d, **{**base_args, **kw}))
+    monkeypatch.setattr(test_vlm, "load_peft_model", lambda d, paths: _CudaReference(load_peft_model(d, paths)))
+    model_dir = make_tiny_vlm(tmp_path / "model", family=family)
+    test_vlm.test_mixed_batch_matches_peft((family, model_dir, test_vlm.build_adapters(model_dir, family, tmp_path)))
