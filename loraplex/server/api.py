@@ -231,6 +231,42 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
                 st.close()
             await asyncio.gather(*tasks, watcher, return_exceptions=True)
 
+    async def event_stream(http: Request, streams: list[RequestStream], chunk: Any, usage_chunk: Any,
+                           include_usage: bool, preamble: tuple[Any, ...] = ()) -> AsyncIterator[str]:
+        """Server-sent events: ``preamble``, then ``chunk(index, output)`` (None: nothing to send) for
+        every output, then the usage chunk when asked for, then ``[DONE]``."""
+        usage = P.UsageInfo()
+        for obj in preamble:
+            yield sse(obj)
+        try:
+            async for idx, out in merged(http, streams):
+                piece = chunk(idx, out)
+                if piece is not None:
+                    yield sse(piece)
+                if out.finished:
+                    finish_metrics(out)
+                    usage.prompt_tokens += len(out.prompt_token_ids)
+                    usage.completion_tokens += len(out.outputs[0].token_ids)
+        except EngineDeadError as e:
+            yield sse(P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="internal_error", code=500)))
+            return
+        if include_usage:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield sse(usage_chunk(usage))
+        yield "data: [DONE]\n\n"
+
+    async def collect(http: Request, streams: list[RequestStream]) -> tuple[list[RequestOutput], P.UsageInfo]:
+        """Final outputs of every stream, in order, and their token usage."""
+        finals: dict[int, RequestOutput] = {}
+        async for idx, out in merged(http, streams):
+            if out.finished:
+                finals[idx] = out
+                finish_metrics(out)
+        outs = [finals[i] for i in range(len(streams))]
+        prompt = sum(len(o.prompt_token_ids) for o in outs)
+        completion = sum(len(o.outputs[0].token_ids) for o in outs)
+        return outs, P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
     def finish_metrics(out: RequestOutput) -> None:
         c = out.outputs[0]
         m = out.metrics
@@ -359,53 +395,34 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
 
         streams = add_all(jobs)
         if body.stream:
-            async def stream() -> AsyncIterator[str]:
-                sent_tokens = [0] * len(jobs)
-                echoed = [False] * len(jobs)
-                usage = P.UsageInfo()
-                try:
-                    async for idx, out in merged(http, streams):
-                        c = out.outputs[0]
-                        text = c.text_delta
-                        echo_now = body.echo and not echoed[idx]
-                        if echo_now:
-                            text = texts[idx // body.n] + text
-                            echoed[idx] = True
-                        lp = choice_logprobs(out, sent_tokens[idx], echo_now)
-                        sent_tokens[idx] = len(c.token_ids)
-                        if text or lp or out.finished:
-                            yield sse(P.CompletionResponse(id=rid, model=model_name, choices=[P.CompletionChoice(
-                                index=idx, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)]))
-                        if out.finished:
-                            finish_metrics(out)
-                            usage.prompt_tokens += len(out.prompt_token_ids)
-                            usage.completion_tokens += len(c.token_ids)
-                except EngineDeadError as e:
-                    yield sse(P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="internal_error", code=500)))
-                    return
-                if body.stream_options and body.stream_options.include_usage:
-                    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                    yield sse(P.CompletionResponse(id=rid, model=model_name, choices=[], usage=usage))
-                yield "data: [DONE]\n\n"
+            sent_tokens = [0] * len(jobs)
+            echoed = [False] * len(jobs)
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            def chunk(idx: int, out: RequestOutput) -> Optional[P.CompletionResponse]:
+                c = out.outputs[0]
+                text = c.text_delta
+                echo_now = body.echo and not echoed[idx]
+                if echo_now:
+                    text = texts[idx // body.n] + text
+                    echoed[idx] = True
+                lp = choice_logprobs(out, sent_tokens[idx], echo_now)
+                sent_tokens[idx] = len(c.token_ids)
+                if not (text or lp or out.finished):
+                    return None
+                return P.CompletionResponse(id=rid, model=model_name, choices=[P.CompletionChoice(
+                    index=idx, text=text, logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
 
-        finals: dict[int, RequestOutput] = {}
-        async for idx, out in merged(http, streams):
-            if out.finished:
-                finals[idx] = out
-                finish_metrics(out)
-        choices, usage = [], P.UsageInfo()
-        for idx in range(len(jobs)):
-            out = finals[idx]
+            return StreamingResponse(event_stream(
+                http, streams, chunk, lambda u: P.CompletionResponse(id=rid, model=model_name, choices=[], usage=u),
+                bool(body.stream_options and body.stream_options.include_usage)), media_type="text/event-stream")
+
+        outs, usage = await collect(http, streams)
+        choices = []
+        for idx, out in enumerate(outs):
             c = out.outputs[0]
             text = (texts[idx // body.n] + c.text) if body.echo else c.text
             choices.append(P.CompletionChoice(index=idx, text=text, logprobs=choice_logprobs(out, 0, body.echo),
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            usage.prompt_tokens += len(out.prompt_token_ids)
-            usage.completion_tokens += len(c.token_ids)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return P.CompletionResponse(id=rid, model=model_name, choices=choices, usage=usage).model_dump()
 
     @app.post("/v1/chat/completions")
@@ -444,52 +461,33 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> Fas
 
         streams = add_all(jobs)
         if body.stream:
-            async def stream() -> AsyncIterator[str]:
-                sent_tokens = [0] * len(jobs)
-                usage = P.UsageInfo()
-                for j in range(len(jobs)):
-                    yield sse(P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
-                        index=j, delta=P.DeltaMessage(role="assistant", content=echo_text))]))
-                try:
-                    async for j, out in merged(http, streams):
-                        c = out.outputs[0]
-                        lp = None
-                        if body.logprobs:
-                            lp = chat_logprobs(c.token_ids[sent_tokens[j]:], c.logprobs[sent_tokens[j]:], top)
-                        sent_tokens[j] = len(c.token_ids)
-                        if c.text_delta or out.finished or (lp and lp.content):
-                            yield sse(P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
-                                index=j, delta=P.DeltaMessage(content=c.text_delta), logprobs=lp,
-                                finish_reason=c.finish_reason)]))
-                        if out.finished:
-                            finish_metrics(out)
-                            usage.prompt_tokens += len(out.prompt_token_ids)
-                            usage.completion_tokens += len(c.token_ids)
-                except EngineDeadError as e:
-                    yield sse(P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="internal_error", code=500)))
-                    return
-                if body.stream_options and body.stream_options.include_usage:
-                    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                    yield sse(P.ChatCompletionChunk(id=rid, model=model_name, choices=[], usage=usage))
-                yield "data: [DONE]\n\n"
+            sent_tokens = [0] * len(jobs)
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            def chunk(j: int, out: RequestOutput) -> Optional[P.ChatCompletionChunk]:
+                c = out.outputs[0]
+                lp = None
+                if body.logprobs:
+                    lp = chat_logprobs(c.token_ids[sent_tokens[j]:], c.logprobs[sent_tokens[j]:], top)
+                sent_tokens[j] = len(c.token_ids)
+                if not (c.text_delta or out.finished or (lp and lp.content)):
+                    return None
+                return P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
+                    index=j, delta=P.DeltaMessage(content=c.text_delta), logprobs=lp, finish_reason=c.finish_reason)])
 
-        finals: dict[int, RequestOutput] = {}
-        async for j, out in merged(http, streams):
-            if out.finished:
-                finals[j] = out
-                finish_metrics(out)
-        choices, completion_tokens, prompt_tokens = [], 0, 0
-        for j in range(len(jobs)):
-            c = finals[j].outputs[0]
-            prompt_tokens += len(finals[j].prompt_token_ids)
+            first = tuple(P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
+                index=j, delta=P.DeltaMessage(role="assistant", content=echo_text))]) for j in range(len(jobs)))
+            return StreamingResponse(event_stream(
+                http, streams, chunk, lambda u: P.ChatCompletionChunk(id=rid, model=model_name, choices=[], usage=u),
+                bool(body.stream_options and body.stream_options.include_usage), first),
+                media_type="text/event-stream")
+
+        outs, usage = await collect(http, streams)
+        choices = []
+        for j, out in enumerate(outs):
+            c = out.outputs[0]
             lp = chat_logprobs(c.token_ids, c.logprobs, top) if body.logprobs else None
             choices.append(P.ChatChoice(index=j, message=P.ChatResponseMessage(content=echo_text + c.text),
                                         logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            completion_tokens += len(c.token_ids)
-        usage = P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens)
         return P.ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage).model_dump()
 
     return app
