@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 

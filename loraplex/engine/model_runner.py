@@ -10,7 +10,7 @@ prompt logprobs on their first prefill).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
