@@ -3,8 +3,10 @@
 A wrapper holds the layer as ``base_layer`` and forwards every attribute it does
 not define to it, so model code, the weight loader, the sampler and the
 multimodal embedding routine never need to know a layer is wrapped. It owns
-stacked per-slot LoRA buffers (``max_loras`` slots, ``max_lora_rank`` columns,
-zero padded) and adds ``scale * B(A(x))`` for rows whose slot holds weights;
+stacked per-slot LoRA buffers (a :class:`LoRAStack`: ``max_loras`` slots,
+``max_lora_rank`` columns, zero padded, with per-slot ranks and scales kept on
+the host and mirrored on the device, both updated only in ``set_lora`` /
+``reset_lora``) and adds ``scale * B(A(x))`` for rows whose slot holds weights;
 rows of the base model (slot -1) get exactly the base output.
 """
 
@@ -21,7 +23,7 @@ from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                     QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
 from loraplex.lora.adapter import LoRAWeights
-from loraplex.lora.backends.base import LoRABackend
+from loraplex.lora.backends.base import LoRABackend, LoRAStack
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -43,6 +45,16 @@ class BaseLayerWithLoRA(nn.Module):
                 raise
             return getattr(base, name)
 
+    def _init_stack(self, backend: LoRABackend, stack: LoRAStack) -> None:
+        self.backend = backend
+        self.stack = stack
+        self.max_rank = stack.max_rank
+        # Per-slice views and host lists, shared with the stack (the torch backend and tests read them).
+        self.lora_a = stack.a_slices  # [slice] (slots, max_rank, in)
+        self.lora_b = stack.b_slices  # [slice] (slots, n_slice, max_rank)
+        self.ranks = stack.ranks  # [slice][slot]
+        self.scales = stack.scales  # [slice][slot]
+
     def _update_active(self, slot: int, has_weights: bool) -> None:
         self.active = self.active | {slot} if has_weights else self.active - {slot}
 
@@ -63,21 +75,11 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
         w = self.base_layer.weight
         in_local = self.base_layer.input_size_per_partition
-        self.backend = backend
-        self.max_rank = max_rank
-        self.lora_a = [torch.zeros(max_loras, max_rank, in_local, dtype=w.dtype, device=w.device)
-                       for _ in range(self.num_slices)]
-        self.lora_b = [torch.zeros(max_loras, n, max_rank, dtype=w.dtype, device=w.device)
-                       for n in self.output_slices]
-        self.scales = [[0.0] * max_loras for _ in range(self.num_slices)]
-        self.ranks = [[0] * max_loras for _ in range(self.num_slices)]
+        self._init_stack(backend, LoRAStack.zeros(self.num_slices, max_loras, max_rank, max_rank, in_local,
+                                                  self.output_slices, w.dtype, w.device))
 
     def reset_lora(self, slot: int) -> None:
-        for i in range(self.num_slices):
-            self.lora_a[i][slot].zero_()
-            self.lora_b[i][slot].zero_()
-            self.scales[i][slot] = 0.0
-            self.ranks[i][slot] = 0
+        self.stack.clear(slot)
         self._update_active(slot, False)
 
     def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
@@ -97,8 +99,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             r = lw.rank
             self.lora_a[i][slot, :r].copy_(a)
             self.lora_b[i][slot, :, :r].copy_(b)
-            self.scales[i][slot] = float(lw.scaling)
-            self.ranks[i][slot] = r
+            self.stack.set(slot, i, r, float(lw.scaling))
         self._update_active(slot, any(w is not None for w in weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +110,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
-        buf = self.backend.shrink(x2, self.lora_a, self.ranks, batch, self.active)
+        buf = self.backend.shrink(x2, self.stack, batch)
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
-        self.backend.expand(y2, buf, self.lora_b, self.scales, self.ranks, self.output_slices, batch, self.active)
+        self.backend.expand(y2, buf, self.stack, batch)
         return y2.view(*lead, y.shape[-1])
 
 
@@ -121,19 +122,15 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
 
     def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
         w = self.base_layer.weight
-        self.backend = backend
-        self.max_rank = max_rank
-        # A stored transposed so that a lookup by token id is a row gather.
-        self.lora_a_t = torch.zeros(max_loras, self.base_layer.num_embeddings, max_rank, dtype=w.dtype, device=w.device)
-        self.lora_b = torch.zeros(max_loras, self.base_layer.embedding_dim, max_rank, dtype=w.dtype, device=w.device)
-        self.scales = [0.0] * max_loras
-        self.ranks = [0] * max_loras
+        base = self.base_layer
+        # A stored transposed, (1, slots, vocab, rank), so that a lookup by token id is a row gather.
+        self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, base.num_embeddings, max_rank,
+                                                  (base.embedding_dim,), w.dtype, w.device))
+        self.lora_a_t = self.stack.a[0]  # (slots, vocab, rank)
+        self.lora_b = self.stack.b_slices[0]  # (slots, hidden, rank)
 
     def reset_lora(self, slot: int) -> None:
-        self.lora_a_t[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.scales[slot] = 0.0
-        self.ranks[slot] = 0
+        self.stack.clear(slot)
         self._update_active(slot, False)
 
     def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
@@ -145,8 +142,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size stay zero
         self.lora_a_t[slot, :vocab, :r].copy_(lw.A.T)
         self.lora_b[slot, :, :r].copy_(lw.B)
-        self.scales[slot] = float(lw.scaling)
-        self.ranks[slot] = r
+        self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +150,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         batch = current_lora_batch()
         if batch is None or not (batch.used_slots & self.active):
             return y
-        self.backend.embed(y, ids, self.lora_a_t, self.lora_b, self.scales, self.ranks, batch, self.active)
+        self.backend.embed(y, ids, self.stack, batch)
         return y
 
 
@@ -171,12 +167,8 @@ class LMHeadWithLoRA(LinearWithLoRA):
 
     def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
         w = self.base_layer.weight
-        self.backend = backend
-        self.max_rank = max_rank
-        self.lora_a = [torch.zeros(max_loras, max_rank, self.base_layer.embedding_dim, dtype=w.dtype, device=w.device)]
-        self.lora_b = [torch.zeros(max_loras, self.output_slices[0], max_rank, dtype=w.dtype, device=w.device)]
-        self.scales = [[0.0] * max_loras]
-        self.ranks = [[0] * max_loras]
+        self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, max_rank, self.base_layer.embedding_dim,
+                                                  self.output_slices, w.dtype, w.device))
 
     def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
         self.reset_lora(slot)
@@ -191,8 +183,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
         part = b[start:min(start + n, b.shape[0])]
         self.lora_a[0][slot, :r].copy_(lw.A)
         self.lora_b[0][slot, :part.shape[0], :r].copy_(part)
-        self.scales[0][slot] = float(lw.scaling)
-        self.ranks[0][slot] = r
+        self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -200,9 +191,8 @@ class LMHeadWithLoRA(LinearWithLoRA):
         batch = current_lora_batch(for_logits=True)
         logits = torch.nn.functional.linear(hidden, base.weight)  # (rows, vocab shard)
         if batch is not None and batch.used_slots & self.active:
-            buf = self.backend.shrink(hidden, self.lora_a, self.ranks, batch, self.active)
-            self.backend.expand(logits, buf, self.lora_b, self.scales, self.ranks, self.output_slices,
-                                batch, self.active)
+            buf = self.backend.shrink(hidden, self.stack, batch)
+            self.backend.expand(logits, buf, self.stack, batch)
         from loraplex.distributed.parallel_state import all_gather_last_dim
         return all_gather_last_dim(logits)
 

@@ -5,46 +5,149 @@ A backend computes the batched LoRA delta in two steps (punica's split):
     shrink: buf[t, i, :r] = x[t] @ A_i[slot(t)][:r].T          for every slice i
     expand: y[t, off_i:off_i+n_i] += buf[t, i, :r] @ B_i[slot(t)][:, :r].T * scale_i[slot(t)]
 
-with ``r = ranks[i][slot]`` (0: the slot has no weights for slice i), for rows
-``t`` whose slot is in ``active`` (slots that hold weights for this
-layer); other rows, base-model rows (slot -1) included, are left untouched.
-Row-parallel layers all-reduce ``buf`` between the two steps.
+with ``r = ranks[i][slot]`` (0: the slot has no weights for slice i); rows
+whose slot is -1 (the base model) or has rank 0 everywhere are left untouched.
+Row-parallel layers all-reduce ``buf`` between the two steps, so ``buf`` is
+opaque to the wrapper: each backend defines its layout (it must be linear in
+the rows' contributions).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Protocol, Sequence
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
 
 import torch
 
 from loraplex.lora.batch import LoRABatch
 
 
+@dataclass
+class LoRAStack:
+    """The stacked per-slot weights of one wrapper, as every backend reads them.
+
+    Linear layers: ``a`` (slices, slots, max_rank, in); embeddings: ``a`` (1, slots, vocab, max_rank), A
+    transposed so that a lookup by token id is a row gather. ``b`` (slots, max_rank, sum(slices)): B
+    transposed, the slices side by side along the last dim (row-contiguous for the expand kernel).
+    ``a_slices[i]`` / ``b_slices[i]`` are views of slice i: (slots, max_rank, in) / (slots, n_i, max_rank).
+    Host ``ranks`` / ``scales`` ``[slice][slot]`` serve the torch backend; their device mirrors
+    ``ranks_t`` (slices, slots) int32 and ``scales_t`` (slices, slots) float32 serve the kernels. All of
+    them change only in :meth:`set` / :meth:`clear` (adapter loads), never in a forward.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    slices: tuple[int, ...]
+    a_slices: list[torch.Tensor] = field(init=False)
+    b_slices: list[torch.Tensor] = field(init=False)
+    ranks: list[list[int]] = field(init=False)
+    scales: list[list[float]] = field(init=False)
+    ranks_t: torch.Tensor = field(init=False)
+    scales_t: torch.Tensor = field(init=False)
+    slice_meta: torch.Tensor = field(init=False)  # (slices, 2) int32: offset, width of each slice in y
+
+    @classmethod
+    def zeros(cls, num_slices: int, max_loras: int, max_rank: int, a_rows: int, a_cols: int,
+              slices: Sequence[int], dtype: torch.dtype, device: torch.device) -> "LoRAStack":
+        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, max_rank, sum(slices))."""
+        a = torch.zeros(num_slices, max_loras, a_rows, a_cols, dtype=dtype, device=device)
+        b = torch.zeros(max_loras, max_rank, sum(slices), dtype=dtype, device=device)
+        return cls(a, b, tuple(slices))
+
+    def __post_init__(self) -> None:
+        n_slices, n_slots = self.a.shape[0], self.a.shape[1]
+        dev = self.a.device
+        self.a_slices = [self.a[i] for i in range(n_slices)]
+        offs = [sum(self.slices[:i]) for i in range(len(self.slices))]
+        self.b_slices = [self.b[:, :, o:o + n].transpose(1, 2) for o, n in zip(offs, self.slices)]
+        self.ranks = [[0] * n_slots for _ in range(n_slices)]
+        self.scales = [[0.0] * n_slots for _ in range(n_slices)]
+        self.ranks_t = torch.zeros(n_slices, n_slots, dtype=torch.int32, device=dev)
+        self.scales_t = torch.zeros(n_slices, n_slots, dtype=torch.float32, device=dev)
+        self.slice_meta = torch.tensor([[o, n] for o, n in zip(offs, self.slices)], dtype=torch.int32).to(dev)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slices)
+
+    @property
+    def max_rank(self) -> int:
+        return self.b.shape[1]
+
+    def set(self, slot: int, i: int, rank: int, scale: float) -> None:
+        """Record slice ``i`` of ``slot`` (its weights already copied into ``a`` / ``b``)."""
+        self.ranks[i][slot] = rank
+        self.scales[i][slot] = scale
+        self._sync(slot)
+
+    def clear(self, slot: int) -> None:
+        """Zero every slice of ``slot``."""
+        for i in range(self.num_slices):
+            self.a[i, slot].zero_()
+            self.ranks[i][slot] = 0
+            self.scales[i][slot] = 0.0
+        self.b[slot].zero_()
+        self._sync(slot)
+
+    def _sync(self, slot: int) -> None:
+        col = [self.ranks[i][slot] for i in range(self.num_slices)]
+        self.ranks_t[:, slot].copy_(torch.tensor(col, dtype=torch.int32))
+        col_s = [self.scales[i][slot] for i in range(self.num_slices)]
+        self.scales_t[:, slot].copy_(torch.tensor(col_s, dtype=torch.float32))
+
+
 class LoRABackend(Protocol):
     name: str
 
-    def shrink(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], ranks: Sequence[Sequence[int]],
-               batch: LoRABatch, active: frozenset[int]) -> torch.Tensor:
-        """x (T, in), lora_a[i] (slots, max_rank, in) -> buf (T, slices, max_rank)."""
+    def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
+        """x (T, in) -> buf holding x[t] @ A_i[slot(t), :r].T for every slice (layout: the backend's)."""
 
-    def expand(self, y: torch.Tensor, buf: torch.Tensor, lora_b: Sequence[torch.Tensor],
-               scales: Sequence[Sequence[float]], ranks: Sequence[Sequence[int]], slices: Sequence[int],
-               batch: LoRABatch, active: frozenset[int]) -> None:
-        """y (T, sum(slices)) += per-slice buf @ B.T * scale, in place."""
+    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+        """y (T, sum(slices)) += per-slice buf @ B_i[slot].T * scale_i[slot], in place."""
 
-    def embed(self, y: torch.Tensor, ids: torch.Tensor, lora_a_t: torch.Tensor, lora_b: torch.Tensor,
-              scales: Sequence[float], ranks: Sequence[int], batch: LoRABatch, active: frozenset[int]) -> None:
-        """y (T, hidden) += lora_a_t[slot][ids, :r] @ lora_b[slot][:, :r].T * scale[slot], in place."""
+    def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+        """y (T, hidden) += A_t[slot][ids, :r] @ B[slot][:, :r].T * scale[slot], in place (``w.a`` holds A_t)."""
 
 
 _BACKENDS = {
     "torch": ("loraplex.lora.backends.torch_backend", "TorchLoRABackend"),
+    "triton": ("loraplex.lora.backends.triton_backend", "TritonLoRABackend"),
 }
+NAMES = (*_BACKENDS, "auto")
 
 
-def get_backend(name: str) -> LoRABackend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown LoRA backend {name!r}; available: {sorted(_BACKENDS)}")
+def triton_usable(device: Optional[torch.device]) -> bool:
+    """True when the Triton backend can run on ``device``: CUDA with triton importable (or CPU with
+    ``TRITON_INTERPRET=1``, for tests)."""
+    if device is None:
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend_name(name: str, device: Optional[torch.device] = None) -> str:
+    """``auto`` -> ``triton`` on CUDA when triton imports, else ``torch``; other names unchanged."""
+    if name != "auto":
+        return name
+    return "triton" if device is not None and torch.device(device).type == "cuda" and triton_usable(device) else "torch"
+
+
+def get_backend(name: str, device: Optional[torch.device] = None) -> LoRABackend:
+    """The backend registered as ``name`` (``auto``: see :func:`resolve_backend_name`)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown LoRA backend {name!r}; available: {sorted(NAMES)}")
+    name = resolve_backend_name(name, device)
+    if name == "triton" and device is not None and not triton_usable(device):
+        raise ValueError(f"lora_backend='triton' cannot run on device {str(device)!r}: it needs a CUDA device and "
+                         "the triton package (on CPU only for tests, with TRITON_INTERPRET=1 set before triton "
+                         "is imported); use lora_backend='torch' or 'auto'")
     module, cls = _BACKENDS[name]
     return getattr(importlib.import_module(module), cls)()
