@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LORA_BACKENDS = ("torch", "triton", "auto")  # loraplex.lora.backends.base registers them
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -86,6 +87,7 @@ class LoRAConfig:
     max_loras: int = 4
     max_lora_rank: int = 64
     max_cpu_loras: Optional[int] = None  # defaults to max(max_loras, 16)
+    # torch (reference), triton (segmented kernels: CUDA), or auto (triton on CUDA when triton imports, else torch)
     lora_backend: str = "torch"
 
     def __post_init__(self) -> None:
@@ -93,6 +95,8 @@ class LoRAConfig:
         _require(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         _require(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
                  f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        _require(self.lora_backend in _LORA_BACKENDS,
+                 f"lora_backend must be one of {_LORA_BACKENDS}, got {self.lora_backend!r}")
 
     @property
     def cpu_capacity(self) -> int:

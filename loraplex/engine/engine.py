@@ -86,7 +86,7 @@ class LLMEngine:
         lc = config.lora_config
         self.pool: Optional[LoRAPool] = None
         if lc.enable_lora:
-            lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, get_backend(lc.lora_backend))
+            lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, get_backend(lc.lora_backend, self.device))
             self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
         self.model = model
         self.mm_processor: Optional[MultiModalProcessor] = None

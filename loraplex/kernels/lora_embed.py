@@ -1,0 +1,57 @@
+"""Embedding LoRA, the A side: a row gather by token id, per token slot.
+
+    buf[t, :r] = A_t[slot(t), ids[t], :r]        (zero for base rows, slot -1, and past the slot's rank)
+
+The B side is :func:`loraplex.kernels.lora_expand.lora_expand` with one slice.
+Reference: :func:`loraplex.lora.backends.torch_backend.embed_reference`.
+Schedule: one program per ``BLOCK_T`` tokens; loads past a slot's rank are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _embed_gather_kernel(
+    ids_ptr, slots_ptr, a_ptr, ranks_ptr, out_ptr,
+    T, V,
+    stride_as, stride_av, stride_ar,
+    MAX_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    slot = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
+    tok = tl.load(ids_ptr + offs_t, mask=t_mask, other=0)
+    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=t_mask, other=0)
+    rank = tl.where(slot >= 0, rank, 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    rank = tl.where((tok >= 0) & (tok < V), rank, 0)  # memory safety: an id outside the table reads nothing
+    mask = offs_r[None, :] < rank[:, None]
+    rows = a_ptr + tl.maximum(slot, 0)[:, None] * stride_as + tok[:, None] * stride_av
+    vals = tl.load(rows + offs_r[None, :] * stride_ar, mask=mask, other=0.0)
+    tl.store(out_ptr + offs_t[:, None] * MAX_RANK + offs_r[None, :], vals.to(tl.float32),
+             mask=t_mask[:, None] & (offs_r[None, :] < MAX_RANK))
+
+
+def lora_embed_gather(ids: torch.Tensor, token_slots: torch.Tensor, a_t: torch.Tensor,
+                      ranks_t: torch.Tensor) -> torch.Tensor:
+    """``buf[t, :r] = A_t[slot(t), ids[t], :r]`` as float32 ``(1, T, 1, max_rank)`` (the expand kernel's input).
+
+    ids (T,) int; token_slots (T,) int64 (-1: base); a_t (slots, vocab, max_rank); ranks_t (slots,) int32."""
+    T = ids.shape[0]
+    max_rank = a_t.shape[2]
+    out = torch.empty(1, T, 1, max_rank, dtype=torch.float32, device=ids.device)
+    if T == 0:
+        return out
+    block_t = 32
+    _embed_gather_kernel[(triton.cdiv(T, block_t),)](
+        ids, token_slots, a_t, ranks_t, out,
+        T, a_t.shape[1],
+        a_t.stride(0), a_t.stride(1), a_t.stride(2),
+        MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,128 @@
+"""Segmented LoRA shrink: every slice and every segment of a layer in one launch.
+
+    out[s, t, i, :r] = x[t, ks] @ A[i, slot(t), :r, ks].T     summed over s: buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T
+
+``ks`` is split ``s``'s share of the input features (split-K: ``out.sum(0)`` is the
+product; the expand kernel does that sum). ``r = ranks[i, slot]``; rank 0 (an
+untargeted slice) and base rows (slot -1) get zeros. Reference:
+:func:`loraplex.lora.backends.torch_backend.shrink_reference`.
+
+Schedule: one program per (tile, slice x rank block, split). A tile is at most
+``block_m`` rows of one segment (``LoRABatch.tiles``: row_start, row_end, slot),
+so every program reads one adapter's A; rows of the tile past the segment end
+are masked. Loads of A rows beyond the slot's rank are masked, so a rank-8
+adapter in a rank-64 pool reads only its 8 rows. Accumulation is in float32
+(``ieee`` dot for float32 inputs, tensor cores for bf16/fp16). Every element of
+``out`` is written exactly once, so it needs no zero fill and no atomics, and the
+result is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.common import INTERPRET, dot_precision, num_sms
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr,
+    K, k_per_split,
+    stride_xm, stride_xk,
+    stride_ai, stride_as, stride_ar, stride_ak,
+    stride_os, stride_om, stride_oi, stride_or,
+    stride_ri,
+    MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    i = tl.program_id(1) // R_BLOCKS  # slice
+    rb = tl.program_id(1) % R_BLOCKS  # rank block
+    split = tl.program_id(2)
+
+    row0 = tl.load(tiles_ptr + tile * 3)
+    row_end = tl.load(tiles_ptr + tile * 3 + 1)
+    slot = tl.load(tiles_ptr + tile * 3 + 2)
+    rank = tl.load(ranks_ptr + i * stride_ri + tl.maximum(slot, 0))
+    rank = tl.where(slot >= 0, rank, 0)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_mask = offs_m < row_end
+    r_mask = offs_r < rank
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
+
+    x_base = x_ptr + offs_m[:, None] * stride_xm
+    a_base = a_ptr + i * stride_ai + tl.maximum(slot, 0) * stride_as + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xs = tl.load(x_base + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot cannot take bf16; products are exact in float32 anyway
+            xs = xs.to(tl.float32)
+            at = at.to(tl.float32)
+        acc += tl.dot(xs, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
+
+    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + i * stride_oi + offs_r[None, :] * stride_or
+    tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
+
+
+def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slices: int,
+                  split_k: Optional[int] = None, block_k: Optional[int] = None,
+                  device: Optional[torch.device] = None) -> dict:
+    """Tile sizes and split-K for one launch. Decode tiles (16 rows) are memory bound on A: wide K steps
+    and enough splits to occupy every SM; prefill tiles (64 rows) use narrower K steps."""
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    r_blocks = triton.cdiv(max_rank, block_r)
+    if block_k is None:
+        block_k = 256 if block_m <= 16 else 128 if block_m <= 32 else 64
+        block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    if split_k is None:
+        programs = num_tiles * num_slices * r_blocks
+        want = triton.cdiv(2 * num_sms(device), max(programs, 1))
+        split_k = max(1, min(want, K // (2 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    return dict(block_r=block_r, r_blocks=r_blocks, block_k=block_k, split_k=split_k, k_per_split=k_per_split,
+                num_warps=4, num_stages=3 if block_m <= 32 else 2)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
+                split_k: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
+    """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
+    ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
+
+    x (T, K); a (slices, slots, max_rank, K); ranks_t (slices, slots) int32; tiles (num_tiles, 3) int64
+    (row_start, row_end, slot), each covering at most ``block_m`` rows of one segment. ``split_k`` /
+    ``block_k`` override the heuristic (tests, tuning)."""
+    T, K = x.shape
+    num_slices, _, max_rank, _ = a.shape
+    num_tiles = tiles.shape[0]
+    cfg = shrink_config(block_m, max_rank, K, num_tiles, num_slices, split_k, block_k, x.device)
+    out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
+    if num_tiles == 0 or T == 0:
+        return out.zero_()
+    grid = (num_tiles, num_slices * cfg["r_blocks"], cfg["split_k"])
+    _shrink_kernel[grid](
+        x, a, out, tiles, ranks_t,
+        K, cfg["k_per_split"],
+        x.stride(0), x.stride(1),
+        a.stride(0), a.stride(1), a.stride(2), a.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        ranks_t.stride(0),
+        MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"],
+        BLOCK_M=block_m, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
+        PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out

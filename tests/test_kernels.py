@@ -1,0 +1,249 @@
+"""Triton LoRA kernels and backend against the torch reference.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here and in conftest.py before
+triton is imported); on a CUDA machine they run compiled. Parametrised over dtype and adapter popularity
+(identical, distinct, uniform, skewed), with base rows (slot -1) mixed in that must stay bit-exact, slots
+of different ranks, fused slices with an untargeted slice (rank 0), and decode- and prefill-shaped batches.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton kernels
+
+pytest.importorskip("triton", reason="the Triton LoRA backend needs the triton package")
+
+from helpers import make_adapter, make_tiny_model  # noqa: E402
+from loraplex import LLM, LoRARequest, SamplingParams  # noqa: E402
+from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_context  # noqa: E402
+from loraplex.kernels.lora_embed import lora_embed_gather  # noqa: E402
+from loraplex.kernels.lora_expand import lora_expand  # noqa: E402
+from loraplex.kernels.lora_shrink import lora_shrink  # noqa: E402
+from loraplex.lora.adapter import LoRAWeights  # noqa: E402
+from loraplex.lora.backends.base import LoRAStack, get_backend, resolve_backend_name  # noqa: E402
+from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, shrink_reference  # noqa: E402
+from loraplex.lora.batch import LoRABatch  # noqa: E402
+from loraplex.lora.layers import wrapper_for  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16]
+POPULARITY = ["identical", "distinct", "uniform", "skewed"]
+# slot -> rank of each of the three slices (0: slice not targeted); slot 5 holds no adapter at all
+SLOT_RANKS = {0: [4, 8, 0], 1: [16, 16, 16], 2: [8, 0, 2], 3: [2, 2, 2], 4: [16, 1, 12]}
+NUM_SLOTS = 6
+SLICES = (136, 24, 40)  # q spans several output blocks; widths not multiples of the block
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+
+
+def _seq_slots(popularity: str, n: int, rng: random.Random) -> list[int]:
+    """Adapter slot of each of ``n`` sequences; every mix has base sequences (-1) and the empty slot 5."""
+    if popularity == "identical":
+        slots = [1] * n
+    elif popularity == "distinct":
+        slots = [i % NUM_SLOTS for i in range(n)]  # consecutive sequences never share a slot
+    elif popularity == "uniform":
+        slots = [rng.randrange(NUM_SLOTS) for _ in range(n)]
+    else:  # skewed: most sequences on one adapter
+        slots = rng.choices(range(NUM_SLOTS), weights=[1, 20, 2, 1, 1, 1], k=n)
+    slots[2] = slots[-3] = -1
+    if popularity != "identical":
+        slots[4] = 5
+    return slots
+
+
+def _batch(popularity: str, shape: str, seed: int = 0) -> LoRABatch:
+    rng = random.Random(seed)
+    n = 12
+    lens = [1] * n if shape == "decode" else [rng.randint(1, 40) for _ in range(n)]
+    if shape == "prefill":
+        lens[1] = 70  # several 64-row tiles in one segment
+    return LoRABatch.from_seq_slots(_seq_slots(popularity, n, rng), lens, DEVICE)
+
+
+def _stack(dtype: torch.dtype, K: int, max_rank: int = 16, slot_ranks=SLOT_RANKS, slices=SLICES) -> LoRAStack:
+    g = torch.Generator().manual_seed(1)
+    w = LoRAStack.zeros(len(slices), NUM_SLOTS, max_rank, max_rank, K, slices, dtype, DEVICE)
+    for slot, ranks in slot_ranks.items():
+        for i, r in enumerate(ranks):
+            if r:
+                w.a[i, slot, :r] = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
+                w.b_slices[i][slot, :, :r] = (torch.randn(slices[i], r, generator=g) / r ** 0.5).to(dtype)
+                w.set(slot, i, r, 0.5 + 0.25 * i + 0.1 * slot)
+    return w
+
+
+def _base_rows(batch: LoRABatch) -> torch.Tensor:
+    return (batch.token_slots < 0) | (batch.token_slots == 5)
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shrink_expand_match_reference(dtype, shape, popularity) -> None:
+    K = 48
+    w = _stack(dtype, K)
+    batch = _batch(popularity, shape)
+    assert batch.block_m == (16 if shape == "decode" else 64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch.num_rows, K, generator=g).to(dtype).to(DEVICE)
+    y0 = torch.randn(batch.num_rows, sum(SLICES), generator=g).to(dtype).to(DEVICE)
+
+    want_buf = shrink_reference(x, w, batch)
+    parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m)
+    assert parts.dtype == torch.float32 and parts.shape[1:] == want_buf.shape
+    torch.testing.assert_close(parts.sum(0), want_buf.float(), **_tol(dtype))
+    base = (batch.token_slots < 0)
+    assert not parts[:, base].any()  # base rows: buf is zero
+
+    want = y0.clone()
+    expand_reference(want, want_buf, w, batch)
+    got = y0.clone()
+    lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
+    untouched = _base_rows(batch)
+    assert untouched.any() and torch.equal(got[untouched], y0[untouched])  # bit-exact
+    off = SLICES[0]
+    for slot, ranks in SLOT_RANKS.items():  # an untargeted slice of a slot keeps its base values exactly
+        if ranks[1] == 0:
+            rows = batch.token_slots == slot
+            assert torch.equal(got[rows, off:off + SLICES[1]], y0[rows, off:off + SLICES[1]])
+    torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_and_wide_rank(dtype) -> None:
+    """Split-K partials sum to the product; ranks beyond one 64-wide block (two rank blocks in shrink, a
+    rank loop in expand); a max_rank that is not a power of two."""
+    for K, max_rank, ranks, split_k, block_k in [(160, 16, SLOT_RANKS, 3, 32), (64, 80, {1: [80, 70, 0], 3: [5, 65, 64]}, 2, 16),
+                                                 (40, 24, {0: [24, 3, 17]}, 1, None)]:
+        w = _stack(dtype, K, max_rank, ranks)
+        batch = _batch("uniform", "prefill", seed=K)
+        x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
+        parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=split_k, block_k=block_k)
+        assert parts.shape[0] == split_k
+        want_buf = shrink_reference(x, w, batch)
+        torch.testing.assert_close(parts.sum(0), want_buf.float(), **_tol(dtype))
+        y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
+        want, got = y0.clone(), y0.clone()
+        expand_reference(want, want_buf, w, batch)
+        lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+        assert torch.equal(got[batch.token_slots < 0], y0[batch.token_slots < 0])
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_embedding_matches_reference(dtype, popularity) -> None:
+    vocab, hidden = 128, 40
+    w = LoRAStack.zeros(1, NUM_SLOTS, 16, vocab, 16, (hidden,), dtype, DEVICE)
+    g = torch.Generator().manual_seed(3)
+    for slot, ranks in SLOT_RANKS.items():
+        r = ranks[0]
+        w.a[0, slot, :100, :r] = torch.randn(100, r, generator=g).to(dtype)  # ids >= 100: padding rows stay zero
+        w.b_slices[0][slot, :, :r] = (torch.randn(hidden, r, generator=g) / r ** 0.5).to(dtype)
+        w.set(slot, 0, r, 1.5)
+    batch = _batch(popularity, "prefill", seed=5)
+    ids = torch.randint(0, vocab, (batch.num_rows,), generator=g).to(DEVICE)
+    y0 = torch.randn(batch.num_rows, hidden, generator=g).to(dtype).to(DEVICE)
+
+    buf = lora_embed_gather(ids, batch.token_slots, w.a[0], w.ranks_t[0])
+    slots = batch.token_slots.clamp(min=0)
+    want_buf = w.a[0][slots, ids].float() * (batch.token_slots >= 0)[:, None]
+    for slot, ranks in SLOT_RANKS.items():
+        want_buf[batch.token_slots == slot, ranks[0]:] = 0
+    assert torch.equal(buf[0, :, 0], want_buf)
+
+    want, got = y0.clone(), y0.clone()
+    embed_reference(want, ids, w, batch)
+    get_backend("triton", DEVICE).embed(got, ids, w, batch)
+    assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])
+    torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+def test_backend_registry() -> None:
+    assert get_backend("triton", DEVICE).name == "triton"
+    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"  # CPU: never triton by default
+    assert resolve_backend_name("torch", DEVICE) == "torch"
+    with pytest.raises(ValueError, match="unknown LoRA backend 'nope'"):
+        get_backend("nope")
+
+
+# ---- the wrappers and the engine with the Triton backend -------------------------------------------------
+
+@pytest.mark.parametrize("base_name", ["ReplicatedLinear", "RowParallelLinear", "MergedColumnParallelLinear",
+                                       "QKVParallelLinear", "VocabParallelEmbedding", "ParallelLMHead"])
+def test_wrapper_triton_matches_torch(base_name) -> None:
+    from test_wrappers import BASE_LAYERS
+
+    base_cls = next(c for c in BASE_LAYERS if c.__name__ == base_name)
+    torch.manual_seed(0)
+    base = BASE_LAYERS[base_cls]()
+    for p in base.parameters():
+        p.data.normal_()
+    base.to(DEVICE)
+    outs = []
+    slots = [-1, 1, 1, -1, 0, 1, 2, 2]  # slot 0 holds nothing; slot 2 holds the second adapter
+    n = len(slots)
+    z = torch.zeros(n, dtype=torch.int64, device=DEVICE)
+    attn = AttentionMetadata(z, z.view(n, 1), z, z.view(n, 1), z.view(n, 1), 1)
+    lb = LoRABatch.from_row_slots(slots, DEVICE)
+    ctx = ForwardContext(positions=z, attn=attn, lora=lb, lora_logits=lb)
+    is_emb = base_cls.__name__ == "VocabParallelEmbedding"
+    in_f = base.embedding_dim if base_name == "ParallelLMHead" else getattr(base, "input_size", None)
+    x = (torch.randint(0, base.org_vocab_size, (n,)) if is_emb else torch.randn(n, in_f)).to(DEVICE)
+    for backend in ("torch", "triton"):
+        wrapper = wrapper_for(base)(base)
+        wrapper.create_lora_weights(3, 8, get_backend(backend, DEVICE))
+        g = torch.Generator().manual_seed(4)
+        for slot, ranks in ((1, [4, 2, 8]), (2, [8, 8, 3])):
+            if is_emb:
+                weights = [LoRAWeights(torch.randn(ranks[0], base.org_vocab_size, generator=g),
+                                       torch.randn(base.embedding_dim, ranks[0], generator=g), 0.5)]
+            else:
+                sizes = list(getattr(base, "output_sizes", None)
+                             or [getattr(base, "output_size", None) or base.org_vocab_size])
+                weights = [LoRAWeights(torch.randn(r, in_f, generator=g), torch.randn(s, r, generator=g), 0.25 * (i + 1))
+                           for i, (s, r) in enumerate(zip(sizes, ranks))]
+                if len(weights) > 1 and slot == 1:
+                    weights[-1] = None  # the last slice is not targeted by this adapter
+            wrapper.set_lora(slot, weights)
+        with torch.no_grad(), forward_context(ctx):
+            outs.append(wrapper(x))
+    want, got = outs
+    plain = base(x)
+    for row in (0, 3, 4):
+        assert torch.equal(got[row], plain[row])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_triton_matches_torch(tmp_path) -> None:
+    """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'."""
+    model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
+    paths = {
+        "emb": make_adapter(model_dir, tmp_path / "emb", seed=1, r=8, lora_alpha=16,
+                            target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+        "all": make_adapter(model_dir, tmp_path / "all", seed=2, r=4, lora_alpha=8, target_modules="all-linear",
+                            rank_pattern={"down_proj": 2}),
+    }
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5], [100, 101, 102, 103, 104, 105], [42, 43], [9, 8, 7, 6, 5]]
+    adapters = ["emb", "all", None, "all", "emb"]
+    params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, prompt_logprobs=1)
+    results = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=8, seed=0,
+                  num_kv_blocks=32, block_size=4, lora_backend=backend)
+        loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]
+        results[backend] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
+                                        use_tqdm=False)
+    for ref, out, prompt in zip(results["torch"], results["triton"], prompts):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for i in range(1, len(prompt)):
+            assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-4)
