@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     from loraplex.server.cli import add_serve_parser
 
     add_serve_parser(sub, add_dataclass_args, add_engine_args, _parse_lora)
+
+    from loraplex.demo.run import add_demo_args, cmd_demo  # light: no torch until the command runs
+
+    demo = sub.add_parser("demo", help="run the embedded model and its adapters (no download)",
+                          description="Run prompts through the embedded demo model and each of its LoRA "
+                                      "adapters in one batch, and print a table.")
+    add_demo_args(demo)
+    add_engine_args(demo)
+    demo.set_defaults(func=cmd_demo, dtype="float32")
     return parser
 
 
