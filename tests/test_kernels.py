@@ -92,7 +92,7 @@ def test_shrink_expand_match_reference(dtype, shape, popularity) -> None:
     K = 48
     w = _stack(dtype, K)
     batch = _batch(popularity, shape)
-    assert batch.block_m == (16 if shape == "decode" else 64)
+    assert (batch.block_m, batch.expand_block_m) == ((16, 16) if shape == "decode" else (64, 32))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch.num_rows, K, generator=g).to(dtype).to(DEVICE)
     y0 = torch.randn(batch.num_rows, sum(SLICES), generator=g).to(dtype).to(DEVICE)
@@ -107,7 +107,8 @@ def test_shrink_expand_match_reference(dtype, shape, popularity) -> None:
     want = y0.clone()
     expand_reference(want, want_buf, w, batch)
     got = y0.clone()
-    lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
+    lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.expand_tiles,
+                batch.expand_block_m)
     untouched = _base_rows(batch)
     assert untouched.any() and torch.equal(got[untouched], y0[untouched])  # bit-exact
     off = SLICES[0]
@@ -116,6 +117,12 @@ def test_shrink_expand_match_reference(dtype, shape, popularity) -> None:
             rows = batch.token_slots == slot
             assert torch.equal(got[rows, off:off + SLICES[1]], y0[rows, off:off + SLICES[1]])
     torch.testing.assert_close(got, want, **_tol(dtype))
+    # a second launch of the same specialisation takes the cached compiled kernel (on CUDA): same result
+    assert torch.equal(lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m), parts)
+    again = y0.clone()
+    lora_expand(again, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.expand_tiles,
+                batch.expand_block_m)
+    assert torch.equal(again, got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,9 +141,38 @@ def test_split_k_and_wide_rank(dtype) -> None:
         y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
         want, got = y0.clone(), y0.clone()
         expand_reference(want, want_buf, w, batch)
+        # expand on the shrink's 64-row tiles: any tile height works
         lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
         torch.testing.assert_close(got, want, **_tol(dtype))
         assert torch.equal(got[batch.token_slots < 0], y0[batch.token_slots < 0])
+
+
+def test_padded_work_list_changes_nothing() -> None:
+    """Tiles (0, 0, -1) are no-ops, so a work list padded to a fixed length (a CUDA graph's fixed grid, whatever
+    the number of segments this step) gives the same result."""
+    w = _stack(torch.float32, 48)
+    batch = _batch("uniform", "decode")
+    x = torch.randn(batch.num_rows, 48).to(DEVICE)
+    pad = torch.tensor([[0, 0, -1]] * 7, dtype=torch.int64, device=DEVICE)
+    tiles = torch.cat([batch.tiles, pad])
+    parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=1)
+    assert torch.equal(lora_shrink(x, w.a, w.ranks_t, tiles, batch.block_m, split_k=1), parts)
+    y0 = torch.randn(batch.num_rows, sum(SLICES)).to(DEVICE)
+    want, got = y0.clone(), y0.clone()
+    lora_expand(want, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
+    lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), tiles, batch.block_m)
+    assert torch.equal(got, want)
+
+
+def test_batch_segments_and_tiles() -> None:
+    b = LoRABatch.from_row_slots([3, 3, -1, 0, 0, 0] + [2] * 40, DEVICE)
+    assert (b.seg_starts, b.seg_ends, b.seg_slots) == ([0, 2, 3, 6], [2, 3, 6, 46], [3, -1, 0, 2])
+    assert b.seg_indptr.tolist() == [0, 2, 3, 6, 46] and b.seg_slot_t.tolist() == [3, -1, 0, 2]
+    assert b.token_slots.tolist() == [3, 3, -1, 0, 0, 0] + [2] * 40 and b.used_slots == {0, 2, 3}
+    assert (b.max_seg_len, b.block_m, b.expand_block_m) == (40, 64, 32)
+    assert b.tiles.tolist() == [[0, 2, 3], [2, 3, -1], [3, 6, 0], [6, 46, 2]]
+    assert b.expand_tiles.tolist() == [[0, 2, 3], [2, 3, -1], [3, 6, 0], [6, 46, 2], [38, 46, 2]]
+    assert torch.equal(b.tiles_for(32), b.expand_tiles) and b.tiles_for(16).shape[0] == 6
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)

@@ -29,3 +29,49 @@ def num_sms(device: Optional[torch.device] = None) -> int:
         return 1
     index = torch.cuda.current_device() if device is None or device.index is None else device.index
     return _sms(index)
+
+
+def _spec(arg) -> tuple:
+    """Everything about one argument that Triton may specialise a compiled kernel on (a superset: pointer
+    alignment and dtype; an int's width, divisibility by 16 and equality to 1)."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):
+        return ("b", arg)
+    if isinstance(arg, int):
+        return ("i", arg == 1, arg % 16 == 0, -(2 ** 31) <= arg < 2 ** 31)
+    if isinstance(arg, float):
+        return ("f",)
+    return (type(arg), arg)
+
+
+class Launcher:
+    """Launches a ``@triton.jit`` kernel, keeping the compiled kernel of each specialisation so that repeat
+    launches skip Triton's argument binding and cache-key building, most of its host cost per launch.
+
+    ``args`` are the kernel's runtime arguments in order, ``constexprs`` its constexpr arguments in signature
+    order (they follow the runtime ones). The first launch of a specialisation goes through the JIT (and
+    compiles); under the interpreter, with ``LORAPLEX_TRITON_FAST_LAUNCH=0``, or if this Triton's compiled
+    kernels take their arguments otherwise, every launch does.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.fast = not INTERPRET and os.environ.get("LORAPLEX_TRITON_FAST_LAUNCH", "1") != "0"
+        self._compiled: dict = {}
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+        if not self.fast:
+            self.fn[grid](*args, **constexprs, **options)
+            return
+        key = (tuple(map(_spec, args)), tuple(constexprs.values()), tuple(options.items()),
+               torch.cuda.current_device())
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            self._compiled[key] = self.fn[grid](*args, **constexprs, **options)
+            return
+        try:
+            compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())
+        except (TypeError, IndexError):  # a Triton whose compiled kernels launch otherwise: JIT from now on
+            self.fast = False
+            self.fn[grid](*args, **constexprs, **options)

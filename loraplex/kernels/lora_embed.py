@@ -13,12 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.kernels.common import Launcher
+
 
 @triton.jit
 def _embed_gather_kernel(
     ids_ptr, slots_ptr, a_ptr, ranks_ptr, out_ptr,
     T, V,
-    stride_as, stride_av, stride_ar,
     MAX_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -30,10 +31,13 @@ def _embed_gather_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     rank = tl.where((tok >= 0) & (tok < V), rank, 0)  # memory safety: an id outside the table reads nothing
     mask = offs_r[None, :] < rank[:, None]
-    rows = a_ptr + tl.maximum(slot, 0)[:, None] * stride_as + tok[:, None] * stride_av
-    vals = tl.load(rows + offs_r[None, :] * stride_ar, mask=mask, other=0.0)
+    rows = a_ptr + (tl.maximum(slot, 0)[:, None] * V + tok[:, None]) * MAX_RANK  # a_t (slots, V, MAX_RANK)
+    vals = tl.load(rows + offs_r[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + offs_t[:, None] * MAX_RANK + offs_r[None, :], vals.to(tl.float32),
              mask=t_mask[:, None] & (offs_r[None, :] < MAX_RANK))
+
+
+_launch_gather = Launcher(_embed_gather_kernel)
 
 
 def lora_embed_gather(ids: torch.Tensor, token_slots: torch.Tensor, a_t: torch.Tensor,
@@ -41,17 +45,19 @@ def lora_embed_gather(ids: torch.Tensor, token_slots: torch.Tensor, a_t: torch.T
     """``buf[t, :r] = A_t[slot(t), ids[t], :r]`` as float32 ``(1, T, 1, max_rank)`` (the expand kernel's input).
 
     ids (T,) int; token_slots (T,) int64 (-1: base); a_t (slots, vocab, max_rank); ranks_t (slots,) int32."""
+    assert a_t.is_contiguous() and ranks_t.is_contiguous() and token_slots.is_contiguous()
+    ids = ids if ids.is_contiguous() else ids.contiguous()
     T = ids.shape[0]
     max_rank = a_t.shape[2]
     out = torch.empty(1, T, 1, max_rank, dtype=torch.float32, device=ids.device)
     if T == 0:
         return out
     block_t = 32
-    _embed_gather_kernel[(triton.cdiv(T, block_t),)](
-        ids, token_slots, a_t, ranks_t, out,
-        T, a_t.shape[1],
-        a_t.stride(0), a_t.stride(1), a_t.stride(2),
-        MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+    _launch_gather(
+        (triton.cdiv(T, block_t),),
+        (ids, token_slots, a_t, ranks_t, out,
+         T, a_t.shape[1]),
+        dict(MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(max_rank))),
         num_warps=4,
     )
     return out

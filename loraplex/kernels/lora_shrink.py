@@ -19,36 +19,36 @@ result is deterministic.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, dot_precision, num_sms
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr,
-    K, k_per_split,
-    stride_xm, stride_xk,
-    stride_ai, stride_as, stride_ar, stride_ak,
-    stride_os, stride_om, stride_oi, stride_or,
-    stride_ri,
-    MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
+    T, K, k_per_split, stride_xm, num_slots,
+    NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # a (slices, slots, MAX_RANK, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots): contiguous;
+    # x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     tile = tl.program_id(0)
-    i = tl.program_id(1) // R_BLOCKS  # slice
+    i = (tl.program_id(1) // R_BLOCKS).to(tl.int64)  # slice
     rb = tl.program_id(1) % R_BLOCKS  # rank block
-    split = tl.program_id(2)
+    split = tl.program_id(2).to(tl.int64)
 
     row0 = tl.load(tiles_ptr + tile * 3)
     row_end = tl.load(tiles_ptr + tile * 3 + 1)
     slot = tl.load(tiles_ptr + tile * 3 + 2)
-    rank = tl.load(ranks_ptr + i * stride_ri + tl.maximum(slot, 0))
+    slot0 = tl.maximum(slot, 0)
+    rank = tl.load(ranks_ptr + i * num_slots + slot0)
     rank = tl.where(slot >= 0, rank, 0)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -61,32 +61,36 @@ def _shrink_kernel(
     k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
 
     x_base = x_ptr + offs_m[:, None] * stride_xm
-    a_base = a_ptr + i * stride_ai + tl.maximum(slot, 0) * stride_as + offs_r[None, :] * stride_ar
+    a_base = a_ptr + ((i * num_slots + slot0) * MAX_RANK + offs_r[None, :]) * K
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        xs = tl.load(x_base + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_base + offs_k[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        xs = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         if UPCAST:  # the interpreter's tl.dot cannot take bf16; products are exact in float32 anyway
             xs = xs.to(tl.float32)
             at = at.to(tl.float32)
         acc += tl.dot(xs, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
 
-    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + i * stride_oi + offs_r[None, :] * stride_or
+    out = out_ptr + ((split * T + offs_m[:, None]) * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
 
+_launch_shrink = Launcher(_shrink_kernel)
+
+
+@functools.lru_cache(maxsize=4096)
 def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slices: int,
                   split_k: Optional[int] = None, block_k: Optional[int] = None,
                   device: Optional[torch.device] = None) -> dict:
-    """Tile sizes and split-K for one launch. Decode tiles (16 rows) are memory bound on A: wide K steps
-    and enough splits to occupy every SM; prefill tiles (64 rows) use narrower K steps."""
+    """Tile sizes and split-K for one launch: K steps of 128, and enough K splits for about two programs per
+    SM, since a decode-shaped shrink is bound by reading A and has few tiles (measured on an H100: 2.3 us
+    for 32 tokens of one adapter, 3.6 us for 32 distinct adapters, 4096 inputs, rank 16)."""
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     r_blocks = triton.cdiv(max_rank, block_r)
     if block_k is None:
-        block_k = 256 if block_m <= 16 else 128 if block_m <= 32 else 64
-        block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+        block_k = min(128, max(16, triton.next_power_of_2(K)))
     if split_k is None:
         programs = num_tiles * num_slices * r_blocks
         want = triton.cdiv(2 * num_sms(device), max(programs, 1))
@@ -94,7 +98,7 @@ def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slice
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     return dict(block_r=block_r, r_blocks=r_blocks, block_k=block_k, split_k=split_k, k_per_split=k_per_split,
-                num_warps=4, num_stages=3 if block_m <= 32 else 2)
+                num_warps=4, num_stages=3)
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
@@ -105,24 +109,22 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     x (T, K); a (slices, slots, max_rank, K); ranks_t (slices, slots) int32; tiles (num_tiles, 3) int64
     (row_start, row_end, slot), each covering at most ``block_m`` rows of one segment. ``split_k`` /
     ``block_k`` override the heuristic (tests, tuning)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
     T, K = x.shape
     num_slices, _, max_rank, _ = a.shape
+    assert a.is_contiguous() and ranks_t.is_contiguous(), "A stack and ranks must be contiguous"
     num_tiles = tiles.shape[0]
     cfg = shrink_config(block_m, max_rank, K, num_tiles, num_slices, split_k, block_k, x.device)
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
     if num_tiles == 0 or T == 0:
         return out.zero_()
     grid = (num_tiles, num_slices * cfg["r_blocks"], cfg["split_k"])
-    _shrink_kernel[grid](
-        x, a, out, tiles, ranks_t,
-        K, cfg["k_per_split"],
-        x.stride(0), x.stride(1),
-        a.stride(0), a.stride(1), a.stride(2), a.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        ranks_t.stride(0),
-        MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"],
-        BLOCK_M=block_m, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
-        PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+    _launch_shrink(
+        grid,
+        (x, a, out, tiles, ranks_t, T, K, cfg["k_per_split"], x.stride(0), a.shape[1]),
+        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
+             BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

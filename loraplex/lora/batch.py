@@ -4,27 +4,32 @@ Built once per step by the model runner. A segment is a run of consecutive
 rows (tokens, or logits rows) that use the same slot; slot ``-1`` means the base
 model (no adapter), and such rows are left untouched by every LoRA wrapper.
 
-The batch also carries the work list of the Triton kernels (``tiles``): every
-segment cut into pieces of at most ``block_m`` rows. All device metadata
+The batch also carries the work lists of the Triton kernels (``tiles`` for the
+shrink, ``expand_tiles`` for the expand): every segment cut into pieces of at
+most ``block_m`` (``expand_block_m``) rows. All device metadata
 travels in one host-to-device copy, made here, before the forward, so that no
 LoRA layer copies or synchronises during it.
 """
 
 from __future__ import annotations
 
+import array
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 
-def block_m_for(max_seg_len: int) -> int:
-    """Rows per kernel tile: 16 for decode-shaped batches (a few rows per segment), up to 64 for prefill."""
+def block_m_for(max_seg_len: int) -> tuple[int, int]:
+    """Rows per kernel tile (shrink, expand): 16 for decode-shaped batches (a few rows per segment); for
+    prefill, 64 for the shrink and 32 for the expand, whose tiles also span up to 256 output columns (best
+    measured on an H100)."""
     if max_seg_len <= 16:
-        return 16
+        return 16, 16
     if max_seg_len <= 32:
-        return 32
-    return 64
+        return 32, 32
+    return 64, 32
 
 
 def segment_tiles(starts: Sequence[int], ends: Sequence[int], slots: Sequence[int], block_m: int) -> list[int]:
@@ -49,15 +54,20 @@ class LoRABatch:
     max_seg_len: int = 0
     block_m: int = 16  # rows per tile of ``tiles``
     tiles: Optional[torch.Tensor] = None  # (num_tiles, 3) int64 on the device: row_start, row_end, slot
+    expand_block_m: int = 16
+    expand_tiles: Optional[torch.Tensor] = None  # as ``tiles``, pieces of ``expand_block_m`` rows
 
     @property
     def used_slots(self) -> frozenset[int]:
         return frozenset(s for s in self.seg_slots if s >= 0)
 
     def tiles_for(self, block_m: int) -> torch.Tensor:
-        """The work list for another tile height. Copies to the device: call it outside a forward."""
+        """The work list for any tile height. Copies to the device unless it is one of the batch's own:
+        call it outside a forward."""
         if block_m == self.block_m and self.tiles is not None:
             return self.tiles
+        if block_m == self.expand_block_m and self.expand_tiles is not None:
+            return self.expand_tiles
         flat = segment_tiles(self.seg_starts, self.seg_ends, self.seg_slots, block_m)
         return torch.tensor(flat, dtype=torch.int64).view(-1, 3).to(self.token_slots.device)
 
@@ -66,22 +76,25 @@ class LoRABatch:
         starts: list[int] = []
         ends: list[int] = []
         slots: list[int] = []
-        for i, s in enumerate(row_slots):
-            if slots and slots[-1] == s:
-                ends[-1] = i + 1
-            else:
-                starts.append(i)
-                ends.append(i + 1)
-                slots.append(int(s))
-        n = len(row_slots)
+        n = 0
+        for slot, run in itertools.groupby(row_slots):  # C-speed runs: prefill steps have thousands of rows
+            starts.append(n)
+            n += sum(1 for _ in run)
+            ends.append(n)
+            slots.append(int(slot))
         max_len = max((e - s for s, e in zip(starts, ends)), default=0)
-        block_m = block_m_for(max_len)
+        block_m, expand_block_m = block_m_for(max_len)
         tiles = segment_tiles(starts, ends, slots, block_m)
-        # One host tensor, one copy: token slots | indptr | segment slots | tiles.
-        packed = torch.tensor(list(row_slots) + starts + [n] + slots + tiles, dtype=torch.int64)
-        packed = packed.to(device)
+        etiles = segment_tiles(starts, ends, slots, expand_block_m) if expand_block_m != block_m else []
+        # One host buffer, one copy: token slots | indptr | segment slots | tiles | expand tiles.
+        host = array.array("q", row_slots)
+        for part in (starts, [n], slots, tiles, etiles):
+            host.extend(part)
+        packed = torch.frombuffer(host, dtype=torch.int64) if len(host) else torch.empty(0, dtype=torch.int64)
+        packed = packed.to(device) if torch.device(device).type != "cpu" else packed.clone()
         nseg = len(slots)
-        a, b, c = n, n + nseg + 1, n + 2 * nseg + 1
+        a, b, c, d = n, n + nseg + 1, n + 2 * nseg + 1, n + 2 * nseg + 1 + len(tiles)
+        tiles_t = packed[c:d].view(-1, 3)
         return cls(
             seg_starts=starts,
             seg_ends=ends,
@@ -92,7 +105,9 @@ class LoRABatch:
             num_rows=n,
             max_seg_len=max_len,
             block_m=block_m,
-            tiles=packed[c:].view(-1, 3),
+            tiles=tiles_t,
+            expand_block_m=expand_block_m,
+            expand_tiles=packed[d:].view(-1, 3) if etiles else tiles_t,
         )
 
     @classmethod

@@ -29,8 +29,9 @@ class LoRAStack:
     """The stacked per-slot weights of one wrapper, as every backend reads them.
 
     Linear layers: ``a`` (slices, slots, max_rank, in); embeddings: ``a`` (1, slots, vocab, max_rank), A
-    transposed so that a lookup by token id is a row gather. ``b`` (slots, max_rank, sum(slices)): B
-    transposed, the slices side by side along the last dim (row-contiguous for the expand kernel).
+    transposed so that a lookup by token id is a row gather. ``b`` (slots, sum(slices), max_rank): B with the
+    slices side by side along dim 1 (each slice's view has the layout of PEFT's ``lora_B.weight``, so the
+    torch backend's matmuls round as PEFT's do).
     ``a_slices[i]`` / ``b_slices[i]`` are views of slice i: (slots, max_rank, in) / (slots, n_i, max_rank).
     Host ``ranks`` / ``scales`` ``[slice][slot]`` serve the torch backend; their device mirrors
     ``ranks_t`` (slices, slots) int32 and ``scales_t`` (slices, slots) float32 serve the kernels. All of
@@ -51,9 +52,9 @@ class LoRAStack:
     @classmethod
     def zeros(cls, num_slices: int, max_loras: int, max_rank: int, a_rows: int, a_cols: int,
               slices: Sequence[int], dtype: torch.dtype, device: torch.device) -> "LoRAStack":
-        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, max_rank, sum(slices))."""
+        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, sum(slices), max_rank)."""
         a = torch.zeros(num_slices, max_loras, a_rows, a_cols, dtype=dtype, device=device)
-        b = torch.zeros(max_loras, max_rank, sum(slices), dtype=dtype, device=device)
+        b = torch.zeros(max_loras, sum(slices), max_rank, dtype=dtype, device=device)
         return cls(a, b, tuple(slices))
 
     def __post_init__(self) -> None:
@@ -61,7 +62,7 @@ class LoRAStack:
         dev = self.a.device
         self.a_slices = [self.a[i] for i in range(n_slices)]
         offs = [sum(self.slices[:i]) for i in range(len(self.slices))]
-        self.b_slices = [self.b[:, :, o:o + n].transpose(1, 2) for o, n in zip(offs, self.slices)]
+        self.b_slices = [self.b[:, o:o + n] for o, n in zip(offs, self.slices)]
         self.ranks = [[0] * n_slots for _ in range(n_slices)]
         self.scales = [[0.0] * n_slots for _ in range(n_slices)]
         self.ranks_t = torch.zeros(n_slices, n_slots, dtype=torch.int32, device=dev)
@@ -74,7 +75,7 @@ class LoRAStack:
 
     @property
     def max_rank(self) -> int:
-        return self.b.shape[1]
+        return self.b.shape[2]
 
     def set(self, slot: int, i: int, rank: int, scale: float) -> None:
         """Record slice ``i`` of ``slot`` (its weights already copied into ``a`` / ``b``)."""

@@ -2,8 +2,8 @@
 
 Each launch covers every slice (q/k/v, gate/up) and every segment of the batch;
 per-slot ranks and scales are read from the wrapper's device mirrors and the
-work list from ``LoRABatch.tiles``, so a forward makes no host-device copy and
-no synchronisation. Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1``
+work lists from ``LoRABatch.tiles`` / ``expand_tiles``, so a forward makes no
+host-device copy and no synchronisation. Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1``
 (tests). Reference: :mod:`loraplex.lora.backends.torch_backend`.
 """
 
@@ -26,9 +26,10 @@ class TritonLoRABackend:
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m)
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
-        lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.tiles, batch.block_m)
+        lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
+                    batch.expand_block_m)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
-        buf = lora_embed_gather(ids.reshape(-1).contiguous(), batch.token_slots, w.a[0], w.ranks_t[0])
+        buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0])
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
-                    batch.tiles, batch.block_m)
+                    batch.expand_tiles, batch.expand_block_m)
