@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out-dir", default="bench_out/gpu_lora")
     ap.add_argument("--json", default="bench_out/gpu_lora.json")
+    ap.add_argument("--lora-backend", default="torch", help="torch, triton or auto")
     a = ap.parse_args()
 
     from loraplex import LLM, LoRARequest, SamplingParams
@@ -90,7 +91,8 @@ def main() -> None:
     model = build_model_folder(out, a)
     adapters = [build_adapter(out, a, i) for i in range(a.batch)]
     llm = LLM(str(model), dtype=a.dtype, load_format="dummy", max_loras=a.batch, max_lora_rank=a.rank,
-              max_num_seqs=a.batch, max_model_len=a.prompt_len + a.max_tokens + 8, seed=0)
+              max_num_seqs=a.batch, max_model_len=a.prompt_len + a.max_tokens + 8, seed=0,
+              lora_backend=a.lora_backend)
     for i, p in enumerate(adapters):
         llm.add_lora(LoRARequest(f"a{i}", str(p)))
     g = torch.Generator().manual_seed(0)
