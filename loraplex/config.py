@@ -88,7 +88,7 @@ class LoRAConfig:
     max_lora_rank: int = 64
     max_cpu_loras: Optional[int] = None  # defaults to max(max_loras, 16)
     # torch (reference), triton (segmented kernels: CUDA), or auto (triton on CUDA when triton imports, else torch)
-    lora_backend: str = "torch"
+    lora_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
