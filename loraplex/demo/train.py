@@ -11,12 +11,14 @@ does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -304,7 +306,11 @@ def train_adapter(spec: AdapterSpec, model_dir: Path, paragraphs: list[str], tok
     base = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     lcfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, lcfg)
+    with warnings.catch_warnings():
+        # PEFT warns when a LoRA targets a tied layer without ensure_weight_tying; swap means its embedding and
+        # head LoRAs to be separate (the head's never reaches the embedding), which is what PEFT then does.
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        model = get_peft_model(base, lcfg)
     rng = random.Random(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"adapter {spec.name}: rank {spec.rank}, targets {', '.join(spec.targets)}, "
@@ -323,7 +329,7 @@ def train_adapter(spec: AdapterSpec, model_dir: Path, paragraphs: list[str], tok
     # The base model's embedding is unchanged: never store a copy of it beside the LoRA weights.
     model.save_pretrained(str(out), save_embedding_layers=False)
     tidy_adapter_folder(out)
-    return {"rank": spec.rank, "steps": steps, "train_loss": round(loss, 4)}
+    return {"rank": spec.rank, "steps": steps, "lr": lr, "train_loss": round(loss, 4)}
 
 
 def tidy_adapter_folder(folder: Path) -> None:
@@ -332,6 +338,8 @@ def tidy_adapter_folder(folder: Path) -> None:
     cfg_path = folder / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = None
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT keeps a set: fix the order
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").unlink(missing_ok=True)
 
@@ -352,22 +360,11 @@ def show_samples(model_dir: Path, adapters: dict[str, Path], prompts: tuple[str,
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         for name in [None] + names:
-            if name is None:
-                ctx = peft.disable_adapter() if names else _nullcontext()
-            else:
+            if name is not None:
                 peft.set_adapter(name)
-                ctx = _nullcontext()
-            with ctx:
+            with peft.disable_adapter() if name is None and names else contextlib.nullcontext():
                 gen = peft.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             log(f"  [{name or 'base'}] {prompt!r} -> {tokenizer.decode(gen[0, ids.shape[1]:])!r}")
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
