@@ -9,6 +9,7 @@ features into the token embeddings with :func:`embed_multimodal`.
 
 from __future__ import annotations
 
+import abc
 import re
 from typing import Any, Optional
 
@@ -20,7 +21,7 @@ from loraplex.multimodal.batch import MultiModalBatch
 from loraplex.multimodal.embedding import embed_multimodal
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(nn.Module, abc.ABC):
     """Base class; subclasses build ``self.model`` (with ``language_model``) and ``self.lm_head`` and
     implement :meth:`embed_images` and :meth:`num_image_features`."""
 
@@ -64,12 +65,13 @@ class VisionLanguageModel(nn.Module):
                 return new
         return name
 
+    @abc.abstractmethod
     def embed_images(self, mm: MultiModalBatch) -> torch.Tensor:
         """(total placeholder positions of ``mm``'s images, hidden) vision features, image by image."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def num_image_features(self, data: dict[str, torch.Tensor]) -> int:
-        raise NotImplementedError
+        """How many placeholder positions one processed image expands to."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
