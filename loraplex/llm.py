@@ -113,19 +113,10 @@ class LLM:
         """Generate replies to one conversation or a list of them (OpenAI-style message dicts),
         formatted with the chat template of the model folder. Content may be a list of parts, images
         included (``image_url`` with a ``data:`` URL, or ``{"type": "image", "image": PIL image}``)."""
-        from loraplex.multimodal.chat import split_chat_images
-
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequestError("the model folder has no chat template; use generate() with plain prompts")
-        mm = self.engine.mm_processor
-        placeholder = mm.image_placeholder(tok) if mm is not None else ""
         prompts = []
         for conv in convs:
-            conv, images = split_chat_images(conv, placeholder)
-            ids = list(tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                               return_dict=False))
+            ids, images = self.engine.chat_prompt(conv, add_generation_prompt)
             prompts.append({"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 

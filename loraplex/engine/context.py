@@ -37,7 +37,6 @@ class AttentionMetadata:
     max_context_len: int
     # True when no sequence has cached tokens from earlier steps (pure prefill).
     prefill_only: bool = False
-    query_lens: Optional[list[int]] = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def attention_mask(self, num_keys: int, sliding_window: Optional[int]) -> torch.Tensor:

@@ -125,7 +125,6 @@ class ModelRunner:
             query_pos=query_pos.to(dev),
             max_context_len=max(ctx_lens),
             prefill_only=all(s.start == 0 for s in seqs),
-            query_lens=qlens,
         )
         has_lora = any(s.req.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)

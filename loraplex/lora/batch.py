@@ -14,6 +14,7 @@ LoRA layer copies or synchronises during it.
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -57,8 +58,9 @@ class LoRABatch:
     expand_block_m: int = 16
     expand_tiles: Optional[torch.Tensor] = None  # as ``tiles``, pieces of ``expand_block_m`` rows
 
-    @property
+    @functools.cached_property
     def used_slots(self) -> frozenset[int]:
+        """Adapter slots of this batch (every LoRA layer asks, once per forward)."""
         return frozenset(s for s in self.seg_slots if s >= 0)
 
     def tiles_for(self, block_m: int) -> torch.Tensor:

@@ -87,19 +87,9 @@ class AsyncLLMEngine:
         with self._lock:  # the tokenizer is shared with the engine thread's detokenizer
             return self.engine.tokenize(prompt)
 
-    def chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        from loraplex.errors import InvalidRequestError
-
-        with self._lock:
-            tok = self.engine.tokenizer
-            if not getattr(tok, "chat_template", None):
-                raise InvalidRequestError("the model folder has no chat template; use /v1/completions")
-            try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                              tokenize=True, return_dict=False)
-            except Exception as e:  # jinja errors: the template rejected these messages
-                raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
-        return list(ids)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[Any]]:
+        with self._lock:  # the tokenizer is shared with the engine thread's detokenizer
+            return self.engine.chat_prompt(messages, add_generation_prompt)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -9,7 +9,6 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from loraplex.multimodal.chat import split_chat_images
 from loraplex.multimodal.inputs import load_image
 from loraplex.server import protocol as P
 from loraplex.server.serving import APIError, Serving
@@ -91,19 +90,15 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
     raw = [m.model_dump(exclude_none=True) for m in body.messages]
-    if sv.eng.mm_processor is not None:  # vision-language model: image parts become placeholders + images
-        messages, sources = split_chat_images(raw, sv.eng.mm_processor.image_placeholder(sv.tok))
-    else:
-        messages, sources = split_chat_images(raw, "")
-        if sources:
-            raise APIError(400, f"model {sv.served!r} ({type(sv.eng.model).__name__}) does not accept images",
-                           param="messages")
+    ids, sources = sv.engine.chat_prompt(raw, body.add_generation_prompt)
+    if sources and sv.eng.mm_processor is None:
+        raise APIError(400, f"model {sv.served!r} ({type(sv.eng.model).__name__}) does not accept images",
+                       param="messages")
     images = []
     if sources:  # decoding (and, if allowed, fetching) images is slow: off the event loop
         limit = sv.eng.config.model_config.max_image_pixels
         images = await asyncio.get_running_loop().run_in_executor(None, lambda: [
             load_image(src, allow_remote=sv.cfg.allow_remote_images, max_pixels=limit) for src in sources])
-    ids = sv.engine.chat_template(messages, body.add_generation_prompt)
     top = body.top_logprobs if body.top_logprobs is not None else 0
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -116,7 +111,7 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     if images:
         prompt["multi_modal_data"] = {"image": images}
     jobs = [(prompt, sv.with_seed(params, j), lora, f"{rid}-{j}") for j in range(body.n)]
-    echo_text = messages[-1]["content"] if body.echo and messages else ""
+    echo_text = _text_of(raw[-1].get("content")) if body.echo else ""
 
     streams = sv.add_all(jobs)
     if body.stream:
@@ -148,3 +143,10 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
         choices.append(P.ChatChoice(index=j, message=P.ChatResponseMessage(content=echo_text + c.text),
                                     logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     return P.ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage).model_dump()
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return content or ""
