@@ -99,11 +99,6 @@ class LoRAAdapter:
     def max_rank(self) -> int:
         return max((w.rank for w in self.modules.values()), default=0)
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(w.A.numel() * w.A.element_size() + w.B.numel() * w.B.element_size()
-                   for w in self.modules.values())
-
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int) -> LoRAAdapter:
     """Read the PEFT folder ``path``, validate it against ``spec`` and return its LoRA weights (float32).
