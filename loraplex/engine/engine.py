@@ -145,8 +145,10 @@ class LLMEngine:
             raise AdapterError("LoRA is disabled (enable_lora=False)")
         return self.pool
 
-    def add_lora(self, req: LoRARequest, reload: bool = False) -> None:
-        self._require_pool().register(req, reload=reload)
+    def add_lora(self, req: LoRARequest, reload: bool = False, root: Optional[str] = None) -> None:
+        """Register ``req`` (see :meth:`LoRAPool.register`); with ``root``, every file read for it, now and
+        on any later re-read, must resolve inside that folder."""
+        self._require_pool().register(req, reload=reload, root=root)
 
     def remove_lora(self, name: str) -> None:
         self._require_pool().unregister(name)

@@ -1,9 +1,11 @@
 """Read and validate a PEFT LoRA adapter folder against a base model.
 
     spec = AdapterTargetSpec(...)            # built by the model runner from the live model
-    adapter = load_adapter(name, path, spec, max_lora_rank)   # -> LoRAAdapter, or raises AdapterError
+    adapter = load_adapter(name, path, spec, max_lora_rank, root=None)   # -> LoRAAdapter, or raises AdapterError
 
 Only ``adapter_config.json`` + ``adapter_model.safetensors`` are read; pickled weights are refused, never unpickled.
+With ``root`` set, the folder and each file, checked as it is opened, must resolve (symlinks followed) inside the
+resolved ``root``; a file that resolves outside it (a symlink leaving the root) raises ``AdapterError``.
 Which modules the adapter adapts follows PEFT's own matching (see ``peft_config.py``): tensors of modules that PEFT
 would not have wrapped (excluded by ``exclude_modules`` / ``layers_to_transform`` / ``modules_to_save``, or not
 targeted) are ignored, as ``PeftModel.from_pretrained`` ignores them. Tensors of modules the model lacks, shapes that
@@ -100,15 +102,20 @@ class LoRAAdapter:
         return max((w.rank for w in self.modules.values()), default=0)
 
 
-def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int) -> LoRAAdapter:
+def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
+                 root: Optional[str] = None) -> LoRAAdapter:
     """Read the PEFT folder ``path``, validate it against ``spec`` and return its LoRA weights (float32).
+
+    ``root``: when given, the folder and every file read from it must resolve (``os.path.realpath``) inside
+    ``realpath(root)``; symlinks that stay inside the root are followed. Each file is checked as it is opened,
+    and the resolved path is what is opened, so a symlink swapped in after an earlier check is still caught.
 
     Raises ``AdapterError`` naming the adapter, file, tensor key and expected vs actual shape on any problem.
     """
     where = f"adapter {name!r} ({path})"
-    cfg = _read_config(where, path)
+    cfg = _read_config(where, path, root)
     wfile = f"{where}: {WEIGHTS_FILE}"
-    tensors = _read_tensors(wfile, os.path.join(path, WEIGHTS_FILE))
+    tensors = _read_tensors(wfile, _confined(where, os.path.join(path, WEIGHTS_FILE), root))
     candidates = _candidates(spec)
     missing = cfg.unmatched_targets(list(candidates))
     if missing:
@@ -140,7 +147,24 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
     return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored))
 
 
-def _read_config(where: str, path: str) -> PeftLoraConfig:
+def _confined(where: str, file: str, root: Optional[str], what: Optional[str] = None) -> str:
+    """The path to open for ``file``: ``file`` itself without a ``root``; with one, ``file`` resolved, which must
+    lie inside the resolved ``root`` (``AdapterError`` naming the adapter and file otherwise)."""
+    if root is None:
+        return file
+    real_root, real = os.path.realpath(root), os.path.realpath(file)
+    try:
+        inside = os.path.commonpath([real_root, real]) == real_root
+    except ValueError:  # different drives (Windows)
+        inside = False
+    if not inside:
+        raise AdapterError(f"{where}: {what or os.path.basename(file)} resolves outside the allowed root "
+                           "(a symlink leaving the root?); adapter files must resolve inside it")
+    return real
+
+
+def _read_config(where: str, path: str, root: Optional[str] = None) -> PeftLoraConfig:
+    path = _confined(where, path, root, what="the adapter folder")  # before any existence check: no probing
     if not os.path.isdir(path):
         raise AdapterError(f"{where}: adapter folder does not exist" if not os.path.exists(path)
                            else f"{where}: not a folder")
@@ -154,6 +178,7 @@ def _read_config(where: str, path: str) -> PeftLoraConfig:
             raise AdapterError(f"{where}: only pickled weights ({', '.join(pickled)}) found; pickled weights are "
                                f"refused and never unpickled - convert the adapter to {WEIGHTS_FILE}")
         raise AdapterError(f"{where}: missing {WEIGHTS_FILE}")
+    cfile = _confined(where, cfile, root)
     try:
         with open(cfile, encoding="utf-8") as f:
             raw = json.load(f)

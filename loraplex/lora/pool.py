@@ -15,11 +15,16 @@ A slot is pinned while any running request uses it (reference count); only unpin
 slots are evicted, stale versions first, then least recently used. When every slot is
 pinned a request waits: running requests always finish or are preempted, which unpins
 their slots, so waiting never deadlocks.
+
+A registration may carry a ``root`` folder: then every read of the adapter's folder, the
+first and every re-read after host eviction, must find each file resolving inside it
+(see :func:`load_adapter`). Names obey :func:`validate_adapter_name`.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -27,6 +32,24 @@ from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
 from loraplex.types import LoRARequest
+
+MAX_ADAPTER_NAME_LEN = 256
+# First character a letter or digit, then letters, digits, '.', '_', '-', '/'. ':' is reserved for the server's
+# ``base:adapter`` model syntax and '@' for ``name@version`` pinning. ASCII only.
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
+def validate_adapter_name(name: str) -> None:
+    """Raise :class:`AdapterError` unless ``name`` is a valid adapter name: 1 to 256 characters, the first an
+    ASCII letter or digit, the rest ASCII letters, digits, ``.``, ``_``, ``-`` or ``/`` (so ``org/name-v1.2_x``
+    is valid). ``:`` is reserved for the server's ``base:adapter`` syntax and ``@`` for ``name@version``."""
+    ok = isinstance(name, str) and len(name) <= MAX_ADAPTER_NAME_LEN and ADAPTER_NAME_RE.fullmatch(name)
+    if not ok:
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
+        size = f" ({len(name)} characters)" if isinstance(name, str) else ""
+        raise AdapterError(f"invalid adapter name {shown!r}{size}: a name has at most {MAX_ADAPTER_NAME_LEN} "
+                           "characters, starts with a letter or digit and continues with letters, digits, "
+                           "'.', '_', '-' or '/' (':' and '@' are reserved)")
 
 
 class LoRAPool:
@@ -39,6 +62,7 @@ class LoRAPool:
         self._load = loader
         self.registered: dict[str, LoRARequest] = {}
         self._uid: dict[str, int] = {}  # name -> uid of its current version
+        self._root: dict[str, Optional[str]] = {}  # name -> the folder its files must resolve inside, or None
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._slot: list[Optional[LoRAAdapter]] = [None] * max_loras
         self._refs: list[int] = [0] * max_loras
@@ -47,17 +71,23 @@ class LoRAPool:
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
 
     # ---- registration -------------------------------------------------------------------
-    def read(self, req: LoRARequest) -> LoRAAdapter:
-        """Read and validate ``req``'s folder without registering it (safe off the engine thread)."""
-        return self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
+    def read(self, req: LoRARequest, root: Optional[str] = None) -> LoRAAdapter:
+        """Read and validate ``req``'s folder without registering it (safe off the engine thread).
+        ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
+        validate_adapter_name(req.name)
+        return self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
 
-    def register(self, req: LoRARequest, reload: bool = False, adapter: Optional[LoRAAdapter] = None) -> LoRAAdapter:
+    def register(self, req: LoRARequest, reload: bool = False, adapter: Optional[LoRAAdapter] = None,
+                 root: Optional[str] = None) -> LoRAAdapter:
         """Validate and cache ``req``; raises :class:`AdapterError`.
 
-        Registering a name again with the same path is a no-op; with another path it is an
-        error, unless ``reload`` is set: then the folder is read again and becomes the
-        name's current version (requests in flight keep the version they started with).
-        ``adapter``: the result of :meth:`read` for ``req``, when it was read beforehand."""
+        Registering a name again with the same path is a no-op (the first registration's
+        ``root`` stays); with another path it is an error, unless ``reload`` is set: then the
+        folder is read again and becomes the name's current version (requests in flight keep
+        the version they started with). ``adapter``: the result of :meth:`read` for ``req``
+        with the same ``root``, when it was read beforehand. ``root``: remembered for the
+        name, so every later re-read of its folder (after host eviction) is confined to it too."""
+        validate_adapter_name(req.name)
         old = self.registered.get(req.name)
         if old is not None and not reload:
             if old.path != req.path:
@@ -65,9 +95,10 @@ class LoRAPool:
                                    f"unload it or reload it explicitly to use {req.path!r}")
             return self.get(req.name)
         if adapter is None:
-            adapter = self.read(req)
+            adapter = self.read(req, root=root)
         self.registered[req.name] = req
         self._uid[req.name] = adapter.uid
+        self._root[req.name] = root
         self._host_put(adapter)
         return adapter
 
@@ -78,6 +109,7 @@ class LoRAPool:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
         del self.registered[name]
         del self._uid[name]
+        del self._root[name]
         self._host.pop(name, None)
         for s, a in enumerate(self._slot):
             if a is not None and a.name == name and self._refs[s] == 0:
@@ -95,7 +127,7 @@ class LoRAPool:
             adapter = next((a for a in self._slot if a is not None and a.uid == self._uid[name]), None)
         if adapter is None:
             req = self.registered[name]
-            adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank)
+            adapter = self.read(req, root=self._root[name])
             self._uid[name] = adapter.uid
         self._host_put(adapter)
         return adapter
