@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from loraplex.config import config_fields
+from loraplex.config import ModelConfig, config_fields
 
 
 def _flag_type(f: dataclasses.Field) -> Any:
@@ -29,14 +29,24 @@ def _flag_type(f: dataclasses.Field) -> Any:
     return str
 
 
+def field_help(f: dataclasses.Field) -> str:
+    """A config field's flag help: its documentation, then its default and environment variable.
+
+    The default is left to argparse (``%(default)s``) so ``set_defaults`` on a subcommand shows in it."""
+    doc = f.metadata.get("help", "").replace("%", "%%")
+    env = f.metadata.get("env")
+    return f"{doc} (default: %(default)s" + (f"; env: {env})" if env else ")")
+
+
 def _add_field(group: Any, f: dataclasses.Field) -> None:
     flag = "--" + f.name.replace("_", "-")
     kind = _flag_type(f)
     default = None if f.default is dataclasses.MISSING else f.default
     if kind is None:
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        action = group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
     else:
-        group.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
+        action = group.add_argument(flag, dest=f.name, type=kind, default=default)
+    action.help = field_help(f)  # set afterwards: Python 3.10's BooleanOptionalAction appends its own default
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -92,16 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text with a model and its adapters",
                          description="Run prompts through the base model and adapters in one batch.")
-    gen.add_argument("--model", required=True, help="Hugging Face model folder")
+    gen.add_argument("--model", required=True, help=ModelConfig.__dataclass_fields__["model"].metadata["help"])
     gen.add_argument("--lora", type=_parse_lora, action="append", default=[], metavar="NAME=PATH",
                      help="register a PEFT adapter folder (repeatable)")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     gen.add_argument("--adapter", help="run the prompts with this adapter only (default: base and every --lora)")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: smallest set of tokens whose probability reaches P (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=-1,
+                     help="sample among the K most likely tokens; -1 for all (default: %(default)s)")
+    gen.add_argument("--sampling-seed", type=int, default=None,
+                     help="per-request sampling seed (default: None: the engine's --seed stream)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -2,7 +2,9 @@
 
 ``LLM(**kwargs)`` and the CLI flags are generated from the fields of these
 classes (see :func:`EngineConfig.from_kwargs` and :func:`config_fields`), so a
-new setting is added in exactly one place.
+new setting is added in exactly one place. Each field carries its one-line
+documentation in ``metadata["help"]`` (and ``metadata["env"]`` where an
+environment variable also sets it); ``--help`` prints that text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LORA_BACKENDS = ("torch", "triton", "auto")  # loraplex.lora.backends.base registers them
 
 
+def _doc(default: Any, help: str, env: Optional[str] = None) -> Any:
+    """A field with a default and its documentation (the CLI help of its flag)."""
+    return field(default=default, metadata={"help": help, **({"env": env} if env else {})})
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -24,13 +31,17 @@ def _require(cond: bool, msg: str) -> None:
 class ModelConfig:
     """The base model: a Hugging Face folder and how to run it."""
 
-    model: str
-    tokenizer: Optional[str] = None  # defaults to the model folder
-    dtype: str = "auto"  # auto: the folder's torch_dtype (float32 on CPU if it is float16)
-    max_model_len: Optional[int] = None  # defaults to the config's max_position_embeddings
-    seed: int = 0
-    load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks, profiling)
-    max_image_pixels: int = 4096 * 4096  # vision-language models: larger images (width * height) are refused
+    model: str = field(metadata={"help": "Hugging Face model folder (config.json, safetensors weights, tokenizer)"})
+    tokenizer: Optional[str] = _doc(None, "tokenizer folder (None: the model folder)")
+    dtype: str = _doc("auto", "weight and activation dtype: auto, float32, bfloat16 or float16 (auto: the "
+                              "folder's torch_dtype, float32 on CPU where that is float16)")
+    max_model_len: Optional[int] = _doc(None, "longest sequence, prompt plus output, in tokens (None: the "
+                                              "model's max_position_embeddings)")
+    seed: int = _doc(0, "seed of the dummy weights and of sampling for requests without a seed of their own")
+    load_format: str = _doc("auto", "auto: read the folder's safetensors weights; dummy: random weights, no "
+                                    "checkpoint read (benchmarks, profiling)")
+    max_image_pixels: int = _doc(4096 * 4096, "vision-language models: largest image accepted, in pixels "
+                                              "(width x height); larger ones are refused")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model must be a path to a model folder")
@@ -43,7 +54,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "auto"  # auto: cuda when available, else cpu
+    """Where the model runs."""
+
+    device: str = _doc("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available, else cpu)")
 
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -54,10 +67,12 @@ class DeviceConfig:
 class CacheConfig:
     """Paged KV cache. ``num_kv_blocks`` overrides the size computed from memory."""
 
-    block_size: int = 16
-    num_kv_blocks: Optional[int] = None
-    gpu_memory_utilization: float = 0.90
-    cpu_kv_cache_gib: float = 4.0
+    block_size: int = _doc(16, "tokens per KV-cache block")
+    num_kv_blocks: Optional[int] = _doc(None, "KV-cache blocks to allocate (None: enough for max_num_seqs "
+                                              "full-length sequences, within the memory budget)")
+    gpu_memory_utilization: float = _doc(0.90, "CUDA: share of the GPU's total memory, in (0, 1], that "
+                                               "weights, activations and the KV cache may fill")
+    cpu_kv_cache_gib: float = _doc(4.0, "CPU: memory for the KV cache, in GiB")
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -70,8 +85,12 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: Optional[int] = None  # defaults to max(max_model_len, 2048)
+    """Continuous batching: how many sequences and tokens one engine step may hold."""
+
+    max_num_seqs: int = _doc(64, "most sequences running at once (the batch of a decode step)")
+    max_num_batched_tokens: Optional[int] = _doc(None, "most tokens in one engine step, prompts and decodes "
+                                                       "together; at least max_model_len (None: "
+                                                       "max(max_model_len, 2048))")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -83,12 +102,13 @@ class SchedulerConfig:
 class LoRAConfig:
     """Adapter residency: ``max_loras`` device slots, ``max_cpu_loras`` in host memory."""
 
-    enable_lora: bool = True
-    max_loras: int = 4
-    max_lora_rank: int = 64
-    max_cpu_loras: Optional[int] = None  # defaults to max(max_loras, 16)
-    # torch (reference), triton (segmented kernels: CUDA), or auto (triton on CUDA when triton imports, else torch)
-    lora_backend: str = "auto"
+    enable_lora: bool = _doc(True, "wrap the model's layers for LoRA adapters (--no-enable-lora: base model only)")
+    max_loras: int = _doc(4, "adapter slots on the device: most distinct adapters in one batch")
+    max_lora_rank: int = _doc(64, "largest adapter rank accepted; the slot buffers are sized for it")
+    max_cpu_loras: Optional[int] = _doc(None, "loaded adapters kept in host memory, least recently used evicted "
+                                              "and re-read when needed (None: max(max_loras, 16))")
+    lora_backend: str = _doc("auto", "LoRA kernels: torch (reference), triton (segmented kernels, CUDA) or auto "
+                                     "(triton on CUDA when it imports, else torch)")
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
@@ -142,16 +162,27 @@ class EngineConfig:
 class ServerConfig:
     """HTTP server settings (``loraplex serve``); flags are generated from these fields."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: Optional[str] = None
-    served_model_name: Optional[str] = None  # defaults to the model folder's name
-    allow_runtime_lora_updates: bool = False
-    lora_root: Optional[str] = None  # runtime loads must lie inside this folder
-    max_request_body_bytes: int = 32 * 1024 * 1024
-    allow_remote_images: bool = False
-    timeout_graceful_shutdown: float = 30.0
-    log_level: str = "info"
+    host: str = _doc("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = _doc(8000, "TCP port to listen on (0: any free port)")
+    api_key: Optional[str] = _doc(None, "key every route but /health requires as 'Authorization: Bearer KEY' "
+                                        "(None: no key); the environment variable keeps it out of the process "
+                                        "list", env="LORAPLEX_API_KEY")
+    served_model_name: Optional[str] = _doc(None, "model name that clients send and /v1/models lists (None: the "
+                                                  "model folder's name)")
+    allow_runtime_lora_updates: bool = _doc(False, "accept POST /v1/load_lora_adapter and "
+                                                   "/v1/unload_lora_adapter (needs --lora-root)")
+    lora_root: Optional[str] = _doc(None, "folder that every file of a runtime adapter load must resolve inside "
+                                          "(None: no runtime loads)")
+    max_request_body_bytes: int = _doc(32 * 1024 * 1024, "largest request body, in bytes; larger ones get 413")
+    allow_remote_images: bool = _doc(False, "fetch http(s) image URLs in chat messages (otherwise data: URLs "
+                                            "only)")
+    timeout_graceful_shutdown: float = _doc(30.0, "seconds that requests in flight may run after SIGTERM "
+                                                  "before they are aborted (0: no limit)")
+    log_level: str = _doc("info", "log level: debug, info, warning, error or critical")
+    chat_template: Optional[str] = _doc(None, "chat template for chat requests: a file or an inline Jinja "
+                                              "string (None: the model folder's)")
+    max_seqs_per_request: Optional[int] = _doc(None, "most sequences one request may ask for, prompts x n "
+                                                     "(None: the engine's max_num_seqs)")
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, f"port must be in [0, 65535], got {self.port}")
@@ -160,3 +191,6 @@ class ServerConfig:
         _require(not self.allow_runtime_lora_updates or self.lora_root is not None,
                  "--allow-runtime-lora-updates needs --lora-root: runtime loads are only accepted from inside it")
         _require(self.timeout_graceful_shutdown >= 0, "timeout_graceful_shutdown must be >= 0")
+        _require(self.chat_template is None or len(self.chat_template) > 0, "chat_template must not be empty")
+        _require(self.max_seqs_per_request is None or self.max_seqs_per_request >= 1,
+                 f"max_seqs_per_request must be >= 1, got {self.max_seqs_per_request}")
