@@ -109,14 +109,18 @@ class LLM:
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              lora_request: Union[LoRAArg, Sequence[LoRAArg]] = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, chat_template: Optional[str] = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them (OpenAI-style message dicts),
-        formatted with the chat template of the model folder. Content may be a list of parts, images
-        included (``image_url`` with a ``data:`` URL, or ``{"type": "image", "image": PIL image}``)."""
+        formatted with ``chat_template`` (a file path or an inline Jinja string) or else the chat template
+        of the model folder. Content may be a list of parts, images included (``image_url`` with a
+        ``data:`` URL, or ``{"type": "image", "image": PIL image}``)."""
+        from loraplex.multimodal.chat import load_chat_template
+
+        template = load_chat_template(chat_template) if chat_template is not None else None
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in convs:
-            ids, images = self.engine.chat_prompt(conv, add_generation_prompt)
+            ids, images = self.engine.chat_prompt(conv, add_generation_prompt, template)
             prompts.append({"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 

@@ -1,7 +1,8 @@
 """The embedded demo: a small Llama trained on public-domain text and three PEFT adapters, shipped inside
 the package so ``loraplex demo`` runs with no download.
 
-- ``assets/model``: the base model (Hugging Face folder: config, safetensors weights, ``tokenizer.json``).
+- ``assets/model``: the base model (Hugging Face folder: config, safetensors weights, ``tokenizer.json``,
+  ``chat_template.jinja``: see ``CHAT_TEMPLATE``).
 - ``assets/adapters/{upper,rot13,swap}``: PEFT LoRA folders (see ``ADAPTER_SPECS``).
 - ``assets/training.json``: the configuration, losses and seconds of the run that built them.
 
@@ -17,6 +18,15 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 MODEL_DIR = ASSETS / "model"
 ADAPTER_DIR = ASSETS / "adapters"
+
+# The model writes prose, not dialogue: a conversation is its messages' text, one message a line, and the
+# reply continues the last line (no generation prompt), so one user message gets what a completion of the
+# same text gets. The training text has no line breaks: a newline after the last message would make the
+# reply start from a token the model has hardly seen.
+CHAT_TEMPLATE = (
+    "{#- loraplex demo model: the messages' text, one message a line; the reply continues the last line -#}\n"
+    "{{- messages | selectattr('content', 'string') | map(attribute='content') | map('trim') | join('\\n') -}}\n"
+)
 
 
 @dataclass(frozen=True)

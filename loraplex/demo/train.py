@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from loraplex.demo import ADAPTER_SPECS, ASSETS, AdapterSpec
+from loraplex.demo import ADAPTER_SPECS, ASSETS, CHAT_TEMPLATE, AdapterSpec
 from loraplex.demo.text import HELD_OUT_PROMPTS, REWRITES, WORD_PAIRS, load_corpus, rot13, upper
 
 EOS = "<|endoftext|>"
@@ -84,6 +84,7 @@ def train_tokenizer(paragraphs: list[str], cfg: TrainConfig, out: Path):
     tok.train_from_iterator([f(p) for f in (str, str, upper, rot13) for p in paragraphs], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
                                    model_max_length=cfg.max_position_embeddings)
+    fast.chat_template = CHAT_TEMPLATE  # saved as chat_template.jinja
     fast.save_pretrained(str(out))
     return tok
 

@@ -170,23 +170,17 @@ class LLMEngine:
             return None, list(prompt)
         raise InvalidRequestError(f"prompt must be a string, a dict or a list of token ids, got {type(prompt).__name__}")
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[Any]]:
-        """A conversation (OpenAI-style message dicts) rendered by the folder's chat template: its token
-        ids, and the images its content parts hold, in order (each part becomes the model's image
-        placeholder text; text-only models get none, and their image parts are refused later)."""
-        from loraplex.multimodal.chat import split_chat_images
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: Optional[str] = None) -> tuple[list[int], list[Any]]:
+        """A conversation (OpenAI-style message dicts) rendered by ``chat_template`` (template text) or the
+        folder's chat template: its token ids, and the images its content parts hold, in order (each part
+        becomes the model's image placeholder text; text-only models get none, and their image parts are
+        refused later). See :func:`loraplex.multimodal.chat.render_chat`."""
+        from loraplex.multimodal.chat import render_chat
 
         tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequestError("the model folder has no chat template; send plain prompts instead")
         placeholder = self.mm_processor.image_placeholder(tok) if self.mm_processor is not None else ""
-        messages, images = split_chat_images(messages, placeholder)
-        try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                          return_dict=False)
-        except Exception as e:  # jinja raises many kinds: the template rejected these messages
-            raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
-        return list(ids), images
+        return render_chat(tok, messages, add_generation_prompt, chat_template, placeholder)
 
     def add_request(self, prompt: Union[str, dict, list], params: SamplingParams,
                     lora_name: Optional[str] = None, request_id: Optional[str] = None) -> str:
