@@ -152,4 +152,26 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass
+class RequestDelta:
+    """What one engine step added to a request: the engine process sends these to the HTTP
+    process instead of whole :class:`RequestOutput` snapshots, so a step's message grows with
+    the batch, not with the length of every sequence. Output tokens only ever append."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: Optional[list[PositionLogprobs]]
+    text_delta: str
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    # Set on a request's first delta only: the prompt as the engine ran it (image positions
+    # expanded) and, when asked for, its logprobs.
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 PromptType = Union[str, dict, Sequence[int]]

@@ -31,6 +31,7 @@ from loraplex.lora.model_lora import LoRAModel
 from loraplex.lora.pool import LoRAPool
 from loraplex.models.loader import load_hf_config, load_model
 from loraplex.multimodal.processing import MultiModalProcessor
+from loraplex.tokenizer import load_tokenizer
 from loraplex.types import LoRARequest, RequestOutput, SamplingParams
 
 logger = logging.getLogger("loraplex")
@@ -71,7 +72,7 @@ class LLMEngine:
         self.device = _resolve_device(config.device_config.device)
         self.hf_config = load_hf_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, self.hf_config, self.device)
-        self.tokenizer = self._load_tokenizer(mc.tokenizer or mc.model)
+        self.tokenizer = load_tokenizer(mc.tokenizer or mc.model)
         self.eos_token_ids = _eos_ids(mc.model, self.hf_config, self.tokenizer)
         text_config = self.hf_config.get_text_config()  # the config itself for text-only models
         max_pos = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 4096
@@ -106,19 +107,13 @@ class LLMEngine:
         self.sampler = Sampler(self.vocab_size, mc.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # step() returns RequestDelta objects instead of RequestOutput snapshots (the engine process
+        # of the server sets this; LLM.generate keeps snapshots)
+        self.output_deltas = False
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
 
     # ---- setup ----------------------------------------------------------------------------
-    @staticmethod
-    def _load_tokenizer(path: str) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        except Exception as e:  # transformers raises OSError, ValueError, ... here
-            raise ModelLoadError(f"cannot load the tokenizer from {path!r}: {e}") from e
-
     def _num_kv_blocks(self, model: torch.nn.Module, max_num_seqs: int) -> int:
         cc = self.config.cache_config
         if cc.num_kv_blocks is not None:
@@ -257,7 +252,9 @@ class LLMEngine:
                                                       req.params.prompt_logprobs, self.vocab_size)
             req.num_computed_tokens += s.num_new_tokens
             self._append_token(req, tok, lp)
-            outputs.append(self._pop(req) if req.finished else req.to_output())
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+            outputs.append(req.to_delta() if self.output_deltas else req.to_output())
         return outputs
 
     def _append_token(self, req: Request, tok: int, lp: Optional[dict]) -> None:
@@ -284,7 +281,3 @@ class LLMEngine:
                 req.text_delta += req.detok.finish()
             req.finish_reason, req.stop_reason = reason, stop
             self.scheduler.finish(req)
-
-    def _pop(self, req: Request) -> RequestOutput:
-        self.requests.pop(req.request_id, None)
-        return req.to_output()

@@ -10,7 +10,7 @@ import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.lora.adapter import LoRAAdapter
-from loraplex.types import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
+from loraplex.types import CompletionOutput, PositionLogprobs, RequestDelta, RequestOutput, SamplingParams
 
 
 class Status(enum.Enum):
@@ -48,6 +48,7 @@ class Request:
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
+        self.num_sent_tokens = -1  # output tokens already sent as deltas (-1: nothing sent yet)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -84,4 +85,18 @@ class Request:
             lora_name=self.lora_name,
             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                      "num_preemptions": self.num_preemptions},
+        )
+
+    def to_delta(self) -> RequestDelta:
+        """What changed since the previous delta (the first one carries the prompt)."""
+        first = self.num_sent_tokens < 0
+        start = max(self.num_sent_tokens, 0)
+        self.num_sent_tokens = len(self.output_token_ids)
+        delta, self.text_delta = self.text_delta, ""
+        return RequestDelta(
+            request_id=self.request_id, new_token_ids=self.output_token_ids[start:],
+            new_logprobs=self.output_logprobs[start:] if self.output_logprobs is not None else None,
+            text_delta=delta, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            prompt_token_ids=list(self.visible_prompt_token_ids) if first else None,
+            prompt_logprobs=self.prompt_logprobs if first else None,
         )

@@ -1,10 +1,11 @@
 """``loraplex serve MODEL``: the OpenAI-compatible server.
 
-Flags come from :class:`ServerConfig` and the engine's config dataclasses. The
-server binds to 127.0.0.1 unless told otherwise. SIGTERM (or Ctrl-C) stops
-accepting connections, lets requests in flight finish for up to
-``--timeout-graceful-shutdown`` seconds (then aborts them), and exits 0. The API key
-may also come from the ``LORAPLEX_API_KEY`` environment variable.
+Two processes: this one (HTTP: parse, validate, tokenise, stream) and the engine process it
+spawns (model, scheduler, steps). Flags come from :class:`ServerConfig` and the engine's config
+dataclasses. The server binds to 127.0.0.1 unless told otherwise. SIGTERM (or Ctrl-C) stops
+accepting connections, lets requests in flight finish for up to ``--timeout-graceful-shutdown``
+seconds (then cuts them: streams get an error event), and exits 0. If the engine process dies,
+the server answers 503 and exits 1. The API key may also come from ``LORAPLEX_API_KEY``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ def add_serve_parser(sub: Any, add_dataclass_args: Any, add_engine_args: Any, pa
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from loraplex.cli import engine_kwargs
-    from loraplex.engine.engine import LLMEngine
-    from loraplex.server.api import build_app, wrap
-    from loraplex.server.async_engine import AsyncLLMEngine
-    from loraplex.types import LoRARequest
+    from loraplex.multimodal.chat import load_chat_template
+    from loraplex.server.api import HTTPServer, build_app
+    from loraplex.server.engine_client import EngineClient
+    from loraplex.tokenizer import load_tokenizer
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
     if values["api_key"] is None:  # keeps the key out of the process list
@@ -45,16 +44,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(**values)
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, **engine_kwargs(args)))
-    for name, path in args.lora:
-        engine.add_lora(LoRARequest(name, path))
-    async_engine = AsyncLLMEngine(engine)
-    app = build_app(async_engine, cfg, args.model)
+    config = EngineConfig.from_kwargs(model=args.model, **engine_kwargs(args))
+    chat_template = load_chat_template(cfg.chat_template) if cfg.chat_template else None
+    tokenizer = load_tokenizer(config.model_config.tokenizer or args.model)
+    client = EngineClient.start(config, args.lora, cfg.log_level)  # the model is built in the engine process
+    server = HTTPServer(build_app(client, cfg, args.model, tokenizer, chat_template), cfg, log_level=cfg.log_level)
     # uvicorn handles SIGTERM/SIGINT while serving (graceful shutdown), then restores the
     # previous handlers and raises the signal again; make those handlers no-ops so a
     # graceful stop ends with exit status 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(wrap(app, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                timeout_graceful_shutdown=cfg.timeout_graceful_shutdown or None, lifespan="on")
+    try:
+        server.run()
+    finally:
+        if client.is_running:
+            client.shutdown()
+    if server.engine_died:
+        logging.getLogger("loraplex.server").error("stopped because the engine process died: %s", client.dead)
+        return 1
     return 0
+

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.types import SamplingParams
+
+# Ranges of integer and float fields: out-of-range values get a 400 that names the field.
+NonNegInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2 ** 63)]
+MAX_STOP = 64
 
 
 def random_id(prefix: str) -> str:
@@ -24,19 +31,19 @@ class StreamOptions(_Request):
 
 class _SamplingFields(_Request):
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None  # extension (vLLM)
-    n: int = 1
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=-1)  # extension (vLLM)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None  # extension (vLLM)
-    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, max_length=MAX_STOP)
+    stop_token_ids: Optional[list[NonNegInt]] = Field(None, max_length=MAX_STOP)  # extension (vLLM)
+    seed: Optional[Seed] = None
     echo: bool = False
     ignore_eos: bool = False  # extension (vLLM)
-    min_tokens: int = 0  # extension (vLLM)
+    min_tokens: int = Field(0, ge=0)  # extension (vLLM)
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
     user: Optional[str] = None
@@ -44,7 +51,7 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = None  # number of top alternatives per token
+    logprobs: Optional[int] = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)  # top alternatives per token
 
 
 class ImageURL(_Request):
@@ -66,9 +73,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
     add_generation_prompt: bool = True
 
 

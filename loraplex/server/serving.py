@@ -1,23 +1,32 @@
-"""Shared machinery of the OpenAI routes: adapter resolution, request limits, sub-request
-fan-out with disconnect handling, server-sent events, logprob formatting and metrics."""
+"""Shared machinery of the OpenAI routes, in the HTTP process: body parsing, adapter resolution,
+request limits, tokenisation off the event loop, sub-request fan-out with disconnect and
+shutdown handling, server-sent events, logprob formatting and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import logging
 import os
+import re
 import time
-from typing import Any, AsyncIterator, Optional, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
 from loraplex.config import ServerConfig
 from loraplex.server import protocol as P
-from loraplex.server.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from loraplex.server.engine_client import EngineClient, EngineDeadError, RequestState, RequestStream
 from loraplex.server.metrics import ServerMetrics
-from loraplex.types import RequestOutput, SamplingParams
+from loraplex.types import RequestDelta, SamplingParams
+
+logger = logging.getLogger("loraplex.server")
+M = TypeVar("M", bound=BaseModel)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -27,6 +36,14 @@ class APIError(Exception):
                  param: Optional[str] = None, code: Optional[Union[int, str]] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+class ClientGone(Exception):
+    """The client hung up; its sub-requests were aborted. Nothing is sent back."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and the graceful-shutdown time ran out for this request."""
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
@@ -40,22 +57,115 @@ def sse(obj: Any) -> str:
     return f"data: {data}\n\n"
 
 
-class Serving:
-    """What every route needs: the engine, the served name, the limits and the metrics."""
+def sse_error(message: str, type_: str, code: int) -> str:
+    return sse(P.ErrorResponse(error=P.ErrorInfo(message=message, type=type_, code=code)))
 
-    def __init__(self, engine: AsyncLLMEngine, cfg: ServerConfig, model_path: str) -> None:
-        self.engine = engine
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc if x != "body") or None
+
+
+def validation_message(e: ValidationError) -> tuple[str, Optional[str]]:
+    """The first error of a pydantic validation, as (message, param)."""
+    errs = e.errors(include_url=False)
+    first = errs[0] if errs else {}
+    where = _where(tuple(first.get("loc", ())))
+    return f"invalid request: {where or 'body'}: {first.get('msg', 'invalid value')}", where
+
+
+def _find_surrogate(data: Any) -> Optional[str]:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no
+    tokenizer or UTF-8 encoder does). Iterative: JSON may nest up to the parser's depth limit."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    return (path + "." if path else "") + "<key>"
+                todo.append(((path + "." if path else "") + k, x))
+        elif isinstance(v, list):
+            todo.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
+    return None
+
+
+async def parse_body(http: Request, model: type[M]) -> M:
+    """The request body as ``model``, or an :class:`APIError` 400 that says what is wrong with it:
+    not UTF-8, not JSON (with line and column), nested too deeply, not an object, a lone surrogate,
+    or a field of the wrong type or range (``param`` names the field)."""
+    raw = await http.body()  # GuardMiddleware refuses bodies over the size limit (413) while reading
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") \
+            from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    bad = _find_surrogate(data)
+    if bad is not None:
+        raise APIError(400, f"invalid request: {bad}: a string holds a lone UTF-16 surrogate (not valid Unicode)",
+                       param=bad)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise APIError(400, message, param=param) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """An upper bound on the characters of text one token stands for, from the vocabulary's raw
+    token strings (byte-level tokens show one character per byte, so raw length >= decoded length),
+    doubled for normalisers that fold several characters into one."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+    return 2 * max(longest, 1)
+
+
+@dataclasses.dataclass
+class Job:
+    """One sub-request of an HTTP request: a prompt (tokenised) and its sampling parameters."""
+
+    prompt: dict
+    params: SamplingParams
+    lora: Optional[str]
+    request_id: str
+
+
+class Serving:
+    """What every route needs: the engine client, the tokenizer, the limits and the metrics."""
+
+    def __init__(self, client: EngineClient, cfg: ServerConfig, model_path: str, tokenizer: Any,
+                 chat_template: Optional[str] = None) -> None:
+        self.client = client
         self.cfg = cfg
         self.model_path = model_path
         self.served = cfg.served_model_name or os.path.basename(os.path.normpath(model_path))
-        self.eng = engine.engine
-        self.tok = self.eng.tokenizer
-        self.max_model_len = self.eng.max_model_len
-        self.max_n = self.eng.scheduler.max_num_seqs
-        self.metrics = ServerMetrics(engine.stats)
-        self.last_token_at: dict[str, float] = {}
-        engine._on_step = self.on_step
+        self.tok = tokenizer
+        self.chat_template = chat_template
+        self.max_model_len = client.max_model_len
+        self.vocab_size = client.vocab_size
+        self.max_n = client.max_num_seqs
+        self.max_seqs = getattr(cfg, "max_seqs_per_request", None) or client.max_num_seqs
+        # Tokenisation and chat rendering run here, one at a time (the fast tokenizer is not meant for
+        # concurrent use), off the event loop.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+        self.max_prompt_chars = self.max_model_len * max_chars_per_token(tokenizer)
+        self.metrics = ServerMetrics(lambda: client.stats)
+        client.on_step = self.on_step
+        self.shutdown_deadline: Optional[float] = None
+        self._active: set[asyncio.Queue] = set()
 
+    # ---- adapters -------------------------------------------------------------------------------
     def resolve_adapter(self, model: Optional[str]) -> Optional[str]:
         if model is None or model == self.served:
             return None
@@ -63,13 +173,52 @@ class Serving:
         if ":" in model:
             base, _, name = model.partition(":")
             if base != self.served:
-                raise APIError(404, f"model {model!r} not found: base model is {self.served!r}", code="model_not_found")
-        known = [r.name for r in self.engine.list_loras()]
-        if name not in known:
-            raise APIError(404, f"model {model!r} not found; available: {[self.served] + known}", param="model",
+                raise APIError(404, f"model {model[:300]!r} not found: base model is {self.served!r}", param="model",
+                               code="model_not_found")
+        if name not in self.client.loras:
+            available = [self.served] + sorted(self.client.loras)
+            raise APIError(404, f"model {model[:300]!r} not found; available: {available}", param="model",
                            code="model_not_found")
         return name
 
+    # ---- prompts --------------------------------------------------------------------------------
+    def check_seqs(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_seqs:
+            raise APIError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                                f"the limit is {self.max_seqs} per request (--max-seqs-per-request)",
+                           param="n" if n > 1 else "prompt")
+
+    def check_chars(self, nchars: int, param: str) -> None:
+        """Refuse a prompt that cannot fit max_model_len without tokenising it."""
+        if nchars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {nchars} characters, more than max_model_len ({self.max_model_len} "
+                                "tokens) can hold with this vocabulary", param=param)
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, "the prompt is empty (no tokens)", param=param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} and at "
+                                "least one token must be generated", param=param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            shown = [str(t)[:30] for t in bad[:5]]
+            raise APIError(400, f"prompt token id(s) {', '.join(shown)} outside the vocabulary [0, {self.vocab_size})",
+                           param=param)
+        return ids
+
+    async def in_tokenizer_thread(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    async def tokenize(self, text: str, param: str) -> list[int]:
+        self.check_chars(len(text), param)
+        ids = await self.in_tokenizer_thread(lambda: list(self.tok(text)["input_ids"]))
+        return self.check_ids(ids, param)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.in_tokenizer_thread(self.tok.decode, ids)
+
+    # ---- sampling -------------------------------------------------------------------------------
     def sampling(self, req: P._SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int],
                  prompt_logprobs: Optional[int]) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -84,6 +233,9 @@ class Serving:
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt ({prompt_len} tokens) exceeds "
                                 f"max_model_len ({self.max_model_len})", param="max_tokens")
+        if req.stop_token_ids and any(t >= self.vocab_size for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must lie in the vocabulary [0, {self.vocab_size})",
+                           param="stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else room,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -96,40 +248,46 @@ class Serving:
     def with_seed(params: SamplingParams, j: int) -> SamplingParams:
         if j == 0 or params.seed is None:
             return params
-        return dataclasses.replace(params, seed=params.seed + j)  # n samples that differ, reproducibly
+        # n samples that differ, reproducibly; seeds stay in [0, 2**63)
+        return dataclasses.replace(params, seed=(params.seed + j) % (1 << 63))
 
-    def add_all(self, jobs: list[tuple[Any, SamplingParams, Optional[str], str]]) -> list[RequestStream]:
-        """Add every sub-request now, so a bad one fails the call (with its HTTP status)
-        before anything runs or streams; nothing is left behind on failure."""
-        streams: list[RequestStream] = []
-        try:
-            for prompt, sp, lora, rid in jobs:
-                streams.append(self.engine.add_request(prompt, sp, lora, rid))
-        except BaseException:
+    # ---- running sub-requests -------------------------------------------------------------------
+    async def add_all(self, jobs: list[Job]) -> list[RequestStream]:
+        """Hand every sub-request to the engine; if it refuses one, the call fails with its error
+        (a 400 before anything streams) and the accepted ones are aborted."""
+        results = await asyncio.gather(
+            *(self.client.add_request(j.prompt, j.params, j.lora, j.request_id) for j in jobs),
+            return_exceptions=True)
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
             for st in streams:
                 st.close()
-            raise
+            raise failed[0]
         return streams
 
-    async def merged(self, http: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of all streams as (index, output) in arrival order. A client that goes away
-        aborts every unfinished sub-request (freeing KV blocks and adapter slots)."""
+    async def merged(self, http: Request, streams: list[RequestStream]
+                     ) -> AsyncIterator[tuple[int, RequestDelta, RequestState]]:
+        """Deltas of all streams as (index, delta, state) in arrival order. A client that goes away,
+        the engine's death or the end of the shutdown grace period end it with ClientGone,
+        EngineDeadError or ShuttingDown; unfinished sub-requests are then aborted and counted."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, st: RequestStream) -> None:
             try:
-                async for out in st:
-                    await queue.put((i, out))
+                async for d in st:
+                    await queue.put((i, d))
             except BaseException as e:
                 await queue.put((i, e))
 
         async def watch_disconnect() -> None:
             while not await http.is_disconnected():
-                await asyncio.sleep(0.2)
-            await queue.put((-1, ConnectionError("client disconnected")))
+                await asyncio.sleep(0.25)
+            await queue.put((-1, ClientGone()))
 
         tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
         watcher = asyncio.create_task(watch_disconnect())
+        self._active.add(queue)
         try:
             done = 0
             while done < len(streams):
@@ -137,58 +295,89 @@ class Serving:
                 if isinstance(item, BaseException):
                     raise item
                 done += item.finished
-                yield i, item
+                yield i, item, streams[i].state
+        except ClientGone:
+            logger.info("client disconnected: aborted %d unfinished sequence(s) of %s",
+                        sum(not st.state.finished for st in streams), streams[0].request_id.rsplit("-", 2)[0])
+            raise
         finally:
+            self._active.discard(queue)
             watcher.cancel()
             for t in tasks:
                 t.cancel()
             for st in streams:
-                st.close()
+                if not st.state.finished:
+                    st.close()
+                    self.observe_finish(st.state, "abort")
             await asyncio.gather(*tasks, watcher, return_exceptions=True)
 
-    async def event_stream(self, http: Request, streams: list[RequestStream], chunk: Any, usage_chunk: Any,
+    async def event_stream(self, http: Request, streams: list[RequestStream], chunk: Callable, usage_chunk: Callable,
                            include_usage: bool, preamble: tuple[Any, ...] = ()) -> AsyncIterator[str]:
-        """Server-sent events: ``preamble``, then ``chunk(index, output)`` (None: nothing to send) for
-        every output, then the usage chunk when asked for, then ``[DONE]``."""
+        """Server-sent events: ``preamble``, then ``chunk(index, delta, state)`` (None: nothing to send)
+        for every delta, then the usage chunk when asked for, then ``[DONE]``. An engine failure or the
+        end of the shutdown grace period sends an error event and ends the stream without ``[DONE]``."""
         usage = P.UsageInfo()
         for obj in preamble:
             yield sse(obj)
         try:
-            async for idx, out in self.merged(http, streams):
-                piece = chunk(idx, out)
+            async for idx, d, state in self.merged(http, streams):
+                piece = chunk(idx, d, state)
                 if piece is not None:
                     yield sse(piece)
-                if out.finished:
-                    self.finish_metrics(out)
-                    usage.prompt_tokens += len(out.prompt_token_ids)
-                    usage.completion_tokens += len(out.outputs[0].token_ids)
+                if d.finished:
+                    self.observe_finish(state)
+                    usage.prompt_tokens += len(state.prompt_token_ids)
+                    usage.completion_tokens += len(state.token_ids)
+        except ClientGone:
+            return
         except EngineDeadError as e:
-            yield sse(P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="internal_error", code=500)))
+            yield sse_error(str(e), "internal_error", 503)
+            return
+        except ShuttingDown as e:
+            yield sse_error(str(e), "server_error", 503)
             return
         if include_usage:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             yield sse(usage_chunk(usage))
         yield "data: [DONE]\n\n"
 
-    async def collect(self, http: Request, streams: list[RequestStream]) -> tuple[list[RequestOutput], P.UsageInfo]:
-        """Final outputs of every stream, in order, and their token usage."""
-        finals: dict[int, RequestOutput] = {}
-        async for idx, out in self.merged(http, streams):
-            if out.finished:
-                finals[idx] = out
-                self.finish_metrics(out)
-        outs = [finals[i] for i in range(len(streams))]
-        prompt = sum(len(o.prompt_token_ids) for o in outs)
-        completion = sum(len(o.outputs[0].token_ids) for o in outs)
-        return outs, P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    async def collect(self, http: Request, streams: list[RequestStream]) -> tuple[list[RequestState], P.UsageInfo]:
+        """Final states of every stream, in order, and their token usage."""
+        async for _, d, state in self.merged(http, streams):
+            if d.finished:
+                self.observe_finish(state)
+        states = [st.state for st in streams]
+        prompt = sum(len(s.prompt_token_ids) for s in states)
+        completion = sum(len(s.token_ids) for s in states)
+        return states, P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def finish_metrics(self, out: RequestOutput) -> None:
-        c = out.outputs[0]
-        m = out.metrics
+    # ---- shutdown -------------------------------------------------------------------------------
+    def begin_shutdown(self, grace: float) -> None:
+        """Called when the server starts to stop: requests still running after ``grace`` seconds are
+        cut (streams get an error event, others a 503) so the server can exit in time."""
+        if self.shutdown_deadline is not None:
+            return
+        self.shutdown_deadline = time.monotonic() + grace
+        asyncio.get_running_loop().call_later(grace, self._cut_all)
+
+    def _cut_all(self) -> None:
+        for q in list(self._active):
+            q.put_nowait((-1, ShuttingDown("the server is shutting down; this request was cut at the end of the "
+                                           "graceful-shutdown period")))
+
+    # ---- metrics and logprobs -------------------------------------------------------------------
+    def observe_finish(self, state: RequestState, reason: Optional[str] = None) -> None:
         now = time.monotonic()
-        ttft = m["first_token_time"] - m["arrival_time"] if m.get("first_token_time") else None
-        self.metrics.observe_finish(c.finish_reason, len(out.prompt_token_ids), len(c.token_ids), ttft,
-                                    now - m["arrival_time"])
+        ttft = state.first_token_time - state.arrival_time if state.first_token_time is not None else None
+        self.metrics.observe_finish(reason or state.finish_reason, len(state.prompt_token_ids), len(state.token_ids),
+                                    ttft, now - state.arrival_time)
+
+    def on_step(self, dt: Optional[float], seen: list[tuple[RequestDelta, RequestState, Optional[float]]]) -> None:
+        if dt is not None:
+            self.metrics.step.observe(dt)
+        for _, _, gap in seen:
+            if gap is not None:
+                self.metrics.itl.observe(gap)
 
     def token_str(self, tid: int) -> str:
         return self.tok.decode([tid])
@@ -215,31 +404,21 @@ class Serving:
             content.append(P.ChatTokenLogprob(token=s, logprob=lp[tid], bytes=list(s.encode()), top_logprobs=top))
         return P.ChatLogprobs(content=content)
 
-    def on_step(self, outs: list[RequestOutput], dt: float) -> None:
-        self.metrics.step.observe(dt)
-        now = time.monotonic()
-        for out in outs:  # one new token per output and step: the gap since the previous one
-            prev = self.last_token_at.get(out.request_id)
-            if prev is not None:
-                self.metrics.itl.observe(now - prev)
-            if out.finished:
-                self.last_token_at.pop(out.request_id, None)
-            else:
-                self.last_token_at[out.request_id] = now
-        if len(self.last_token_at) > 4 * self.max_n + 64:  # aborted requests never finish: forget stale entries
-            for rid in [r for r, t in self.last_token_at.items() if now - t > 60.0]:
-                del self.last_token_at[rid]
-
+    # ---- runtime adapter loading ----------------------------------------------------------------
     def runtime_updates_allowed(self) -> None:
         if not self.cfg.allow_runtime_lora_updates:
             raise APIError(403, "runtime adapter loading is disabled; start the server with "
                                 "--allow-runtime-lora-updates --lora-root DIR", "permission_error")
 
     def checked_lora_path(self, path: str) -> str:
+        """``path`` (relative to --lora-root, or absolute) as a real path inside the root. The engine
+        checks again that every file it reads for the adapter resolves inside the root."""
         root = os.path.realpath(self.cfg.lora_root)
+        if "\x00" in path:
+            raise APIError(400, "lora_path must not contain NUL characters", param="lora_path")
         if ".." in path.replace("\\", "/").split("/"):
-            raise APIError(400, f"lora_path {path!r} must not contain '..'", param="lora_path")
+            raise APIError(400, f"lora_path {path[:300]!r} must not contain '..'", param="lora_path")
         full = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
         if os.path.commonpath([root, full]) != root:
-            raise APIError(400, f"lora_path {path!r} resolves outside the allowed --lora-root", param="lora_path")
+            raise APIError(400, f"lora_path {path[:300]!r} resolves outside the allowed --lora-root", param="lora_path")
         return full

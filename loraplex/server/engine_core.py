@@ -1,0 +1,222 @@
+"""The engine process of the server: it owns the model, schedules and steps, and nothing else.
+
+The HTTP process (:mod:`loraplex.server.engine_client`) parses, validates, tokenises and streams;
+this process runs :class:`LLMEngine` in a loop. They talk over one duplex
+:func:`multiprocessing.Pipe` of pickled tuples (both ends are loraplex, started together):
+
+    HTTP -> engine   ("add", request_id, prompt, params, lora_name)
+                     ("abort", [request_id, ...])
+                     ("load_lora", op_id, name, path, reload, root)
+                     ("unload_lora", op_id, name)
+                     ("shutdown",)
+    engine -> HTTP   ("ready", info)                       once, after the model is built
+                     ("step", acks, deltas, step_seconds, stats)
+                     ("reply", op_id, error, loras)        adapter load/unload results
+                     ("fatal", error)                      before the process exits on a bug
+
+``acks`` answer "add" messages as (request_id, error); ``error`` is None or
+(exception class name, message). ``deltas`` are :class:`RequestDelta` objects of the step.
+
+A reader thread drains the pipe into a queue the whole time, so the HTTP side never blocks on a
+busy engine, and every message that arrived during a step is applied before the next one: new
+requests join the running batch at the next step. Adapter folders are read (disk I/O and
+validation) on a worker thread; only the registration happens between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+logger = logging.getLogger("loraplex.engine")
+
+Error = Optional[tuple[str, str]]
+
+
+def error_of(e: BaseException) -> tuple[str, str]:
+    return type(e).__name__, str(e)
+
+
+class EngineCore:
+    """The loop of the engine process around one :class:`LLMEngine`."""
+
+    def __init__(self, engine: Any, conn: Any) -> None:
+        self.engine = engine
+        self.engine.output_deltas = True
+        self.conn = conn
+        self.inbox: "queue.Queue[tuple]" = queue.Queue()
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
+        self.running = True
+        self.acks: list[tuple[str, Error]] = []
+
+    # ---- messages in --------------------------------------------------------------------------
+    def _read_pipe(self) -> None:
+        try:
+            while True:
+                self.inbox.put(self.conn.recv())
+        except (EOFError, OSError):  # the HTTP process is gone: stop
+            self.inbox.put(("shutdown",))
+
+    def _drain(self, block: bool) -> list[tuple]:
+        msgs = []
+        if block:
+            msgs.append(self.inbox.get())
+        while True:
+            try:
+                msgs.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, rid, prompt, params, lora = msg
+            try:
+                self.engine.add_request(prompt, params, lora, rid)
+                self.acks.append((rid, None))
+            except Exception as e:  # InvalidRequestError, AdapterError: the request's own fault
+                self.acks.append((rid, error_of(e)))
+        elif kind == "abort":
+            for rid in msg[1]:
+                self.engine.abort_request(rid)
+        elif kind == "load_lora":
+            _, op, name, path, reload, root = msg
+            self._start_load(op, name, path, reload, root)
+        elif kind == "lora_read":  # posted by the adapter I/O thread
+            _, op, req, reload, root, adapter, err = msg
+            if err is None:
+                try:
+                    self.engine._require_pool().register(req, reload=reload, adapter=adapter, root=root)
+                except Exception as e:
+                    err = error_of(e)
+            self._send(("reply", op, err, self._loras()))
+        elif kind == "unload_lora":
+            _, op, name = msg
+            try:
+                self.engine.remove_lora(name)
+                self._send(("reply", op, None, self._loras()))
+            except Exception as e:
+                self._send(("reply", op, error_of(e), self._loras()))
+        elif kind == "shutdown":
+            self.running = False
+        else:
+            logger.error("engine process: unknown message %r", kind)
+
+    def _start_load(self, op: int, name: str, path: str, reload: bool, root: Optional[str]) -> None:
+        from loraplex.types import LoRARequest
+
+        try:
+            req = LoRARequest(name, path)
+            pool = self.engine._require_pool()
+            known = pool.registered.get(name)
+            if known is not None and not reload:
+                raise_already(name, known.path)
+        except Exception as e:
+            self._send(("reply", op, error_of(e), self._loras()))
+            return
+
+        def read() -> None:
+            try:
+                adapter = pool.read(req, root=root)
+                self.inbox.put(("lora_read", op, req, reload, root, adapter, None))
+            except Exception as e:
+                self.inbox.put(("lora_read", op, req, reload, root, None, error_of(e)))
+
+        self.io.submit(read)
+
+    # ---- messages out -------------------------------------------------------------------------
+    def _send(self, msg: tuple) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, EOFError):  # the HTTP process is gone
+            self.running = False
+
+    def _loras(self) -> list[tuple[str, str]]:
+        pool = self.engine.pool
+        return [(n, pool.registered[n].path) for n in sorted(pool.registered)] if pool else []
+
+    def stats(self) -> dict[str, float]:
+        eng = self.engine
+        pool = eng.pool
+        return {
+            "running": len(eng.scheduler.running),
+            "waiting": len(eng.scheduler.waiting),
+            "kv_usage": eng.allocator.usage,
+            "loras_registered": len(pool.registered) if pool else 0,
+            "lora_slots_used": sum(1 for a in pool.device_resident if a is not None) if pool else 0,
+            "lora_slot_refs": sum(pool.slot_refcount(s) for s in range(pool.max_loras)) if pool else 0,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        threading.Thread(target=self._read_pipe, name="loraplex-engine-inbox", daemon=True).start()
+        eng = self.engine
+        while self.running:
+            msgs = self._drain(block=not eng.has_unfinished_requests() and not self.acks)
+            for msg in msgs:
+                self._handle(msg)
+            if not self.running:
+                break
+            deltas: list = []
+            dt = None
+            if eng.has_unfinished_requests():
+                t0 = time.perf_counter()
+                deltas = eng.step()
+                dt = time.perf_counter() - t0
+            if msgs or deltas or dt is not None:  # after aborts too: the HTTP side's stats stay current
+                acks, self.acks = self.acks, []
+                self._send(("step", acks, deltas, dt, self.stats()))
+        self.io.shutdown(wait=False, cancel_futures=True)
+
+
+def raise_already(name: str, path: str) -> None:
+    from loraplex.errors import AdapterError
+
+    raise AdapterError(f"adapter {name!r} is already loaded (from {path!r}); pass load_inplace=true to reload it")
+
+
+def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log_level: str) -> None:
+    """Entry point of the engine process (``multiprocessing`` spawn target)."""
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    try:
+        from loraplex.engine.engine import LLMEngine
+        from loraplex.types import LoRARequest
+
+        engine = LLMEngine(config)
+        for name, path in loras:
+            engine.add_lora(LoRARequest(name, path))
+        info = {
+            "pid": os.getpid(),
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "max_num_seqs": engine.scheduler.max_num_seqs,
+            "model_class": type(engine.model).__name__,
+            "accepts_images": engine.mm_processor is not None,
+            "max_image_pixels": config.model_config.max_image_pixels,
+            "image_placeholder": (engine.mm_processor.image_placeholder(engine.tokenizer)
+                                  if engine.mm_processor is not None else ""),
+            "loras": [(n, engine.pool.registered[n].path) for n in sorted(engine.pool.registered)]
+            if engine.pool else [],
+            "lora_enabled": engine.pool is not None,
+        }
+    except BaseException as e:  # start-up failed: tell the HTTP process why, then exit
+        conn.send(("fatal", error_of(e)))
+        raise SystemExit(2)
+    conn.send(("ready", info))
+    core = EngineCore(engine, conn)
+    try:
+        core.run()
+    except BaseException as e:  # a bug: report it, then die loudly (the server answers 503 and exits)
+        logger.error("engine process failed:\n%s", traceback.format_exc())
+        try:
+            conn.send(("fatal", error_of(e)))
+        except Exception:
+            pass
+        raise SystemExit(1)
