@@ -288,27 +288,29 @@ class Serving:
         tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
         watcher = asyncio.create_task(watch_disconnect())
         self._active.add(queue)
+        ended_by: Optional[BaseException] = None
         try:
             done = 0
             while done < len(streams):
                 i, item = await queue.get()
                 if isinstance(item, BaseException):
+                    ended_by = item
                     raise item
                 done += item.finished
                 yield i, item, streams[i].state
-        except ClientGone:
-            logger.info("client disconnected: aborted %d unfinished sequence(s) of %s",
-                        sum(not st.state.finished for st in streams), streams[0].request_id.rsplit("-", 2)[0])
-            raise
         finally:
             self._active.discard(queue)
             watcher.cancel()
             for t in tasks:
                 t.cancel()
-            for st in streams:
-                if not st.state.finished:
-                    st.close()
-                    self.observe_finish(st.state, "abort")
+            unfinished = [st for st in streams if not st.state.finished]
+            if unfinished and (ended_by is None or isinstance(ended_by, ClientGone)):
+                # ClientGone, or the response was cancelled (the ASGI server saw the disconnect first)
+                logger.info("client disconnected: aborted %d unfinished sequence(s) (first: %s)", len(unfinished),
+                            unfinished[0].request_id)
+            for st in unfinished:
+                st.close()
+                self.observe_finish(st.state, "abort")
             await asyncio.gather(*tasks, watcher, return_exceptions=True)
 
     async def event_stream(self, http: Request, streams: list[RequestStream], chunk: Callable, usage_chunk: Callable,
