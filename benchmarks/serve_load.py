@@ -1,12 +1,16 @@
 """Load test of an OpenAI-compatible server: N concurrent streaming clients, a mix of adapters, bounded time.
 
 Each client loops until --duration seconds have passed: POST /v1/completions with ``stream=true`` and
-``stream_options.include_usage``, a prompt from a fixed seeded list, temperature 0 or 0.7, and as
-``model`` an adapter name (or the base model's name). Per request it measures TTFT (request start to the
+``stream_options.include_usage``, a prompt from a fixed seeded list, temperature 0 or 0.7 (or
+--temperature), and as ``model`` an adapter name (or the base model's name). With --num-requests K the
+clients instead share one fixed, seeded list of K requests (request i takes prompt i mod --num-prompts;
+see :func:`fixed_requests`) and stop when it is used up, so another run (an offline one, say) can replay
+exactly the same requests. Per request it measures TTFT (request start to the
 first chunk with non-empty text) and the gaps between later text chunks (inter-token latency, per chunk as
-the client sees it: a chunk may hold several tokens), and takes the output token count from the final usage
-chunk. Errors are non-200 answers, error events in the stream, streams without usage or [DONE], and
-exceptions (timeouts, dropped connections); any error makes the script exit non-zero.
+the client sees it: a chunk may hold several tokens), and takes the prompt and output token counts from the
+final usage chunk (never from the text, which may hold fewer tokens' worth than were generated). Errors
+are non-200 answers, error events in the stream, streams without usage or [DONE], and exceptions
+(timeouts, dropped connections); any error makes the script exit non-zero.
 
 Adapter mixes (--mix): ``uniform`` (each request picks an adapter uniformly), ``skewed`` (70% go to one
 adapter, the rest spread evenly), ``distinct`` (client i always uses adapter i: needs at least --concurrency
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -69,8 +74,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mix", default="all", choices=MIXES + ("all",))
     p.add_argument("--concurrency", type=int, default=8, help="concurrent streaming clients")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per mix")
+    p.add_argument("--num-requests", type=int, help="send exactly this many requests per mix, from a fixed seeded "
+                                                     "list the clients share, instead of looping for --duration")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, help="temperature of every request (default: 0 or 0.7, drawn "
+                                                      "per request)")
     p.add_argument("--num-prompts", type=int, default=32, help="size of the fixed seeded prompt list")
+    p.add_argument("--prompt-words", type=int, help="words in every prompt (default: 4 to 24, drawn per prompt)")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (vLLM/loraplex extension)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before one request is an error")
     p.add_argument("--base-model", help="--url mode: the base model's name (default: the first entry of "
@@ -78,7 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="(default: $OPENAI_API_KEY)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_out/serve_load.json")
-    p.add_argument("--plot", default="bench_out/serve_load.png")
+    p.add_argument("--plot", default="bench_out/serve_load.png", help="PNG plot ('' for none)")
     s = p.add_argument_group("--spawn")
     s.add_argument("--out-dir", default="bench_out/serve", help="where the model and adapters are built")
     s.add_argument("--num-adapters", type=int, default=8)
@@ -92,6 +102,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--concurrency, --max-tokens, --num-prompts, --num-adapters and --max-loras must be >= 1")
     if args.duration <= 0 or args.request_timeout <= 0:
         p.error("--duration and --request-timeout must be > 0")
+    if min(args.num_requests or 1, args.prompt_words or 1) < 1:
+        p.error("--num-requests and --prompt-words must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        p.error("--temperature must be >= 0")
     args.spawn = args.url is None
     return args
 
@@ -173,6 +187,7 @@ class MixResult:
     elapsed_s: float = 0.0
     requests: int = 0  # finished without error
     output_tokens: int = 0
+    prompt_tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
@@ -191,9 +206,10 @@ class MixResult:
             self.error_samples.append(message[:300])
 
 
-def make_prompts(n: int, seed: int) -> list[str]:
+def make_prompts(n: int, seed: int, words: Optional[int] = None) -> list[str]:
+    """``n`` seeded prompts of ``words`` words each (4 to 24 at random when None)."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))).capitalize() for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(words or rng.randint(4, 24))).capitalize() for _ in range(n)]
 
 
 def picker(mix: str, adapters: list[str], base: str, client: int, rng: random.Random) -> Callable[[], str]:
@@ -205,6 +221,28 @@ def picker(mix: str, adapters: list[str], base: str, client: int, rng: random.Ra
     if mix == "uniform" or len(adapters) == 1:
         return lambda: rng.choice(adapters)
     return lambda: adapters[0] if rng.random() < SKEW_TOP else rng.choice(adapters[1:])  # skewed
+
+
+def fixed_requests(num: int, mix: str, adapters: list[str], base: str, prompts: list[str], concurrency: int,
+                   seed: int, temperature: Optional[float]) -> list[tuple[str, str, float]]:
+    """The --num-requests list as (model, prompt, temperature): request i takes prompt i mod len(prompts);
+    its model follows the mix, except that ``distinct`` gives request i adapter i mod concurrency."""
+    rng = random.Random(f"{seed}-{mix}-fixed")
+    pick = picker(mix, adapters, base, 0, rng)
+    out = []
+    for i in range(num):
+        model = adapters[i % min(concurrency, len(adapters))] if mix == "distinct" else pick()
+        out.append((model, prompts[i % len(prompts)], temperature if temperature is not None
+                    else rng.choice((0.0, 0.7))))
+    return out
+
+
+def request_body(args: argparse.Namespace, model: str, prompt: str, temperature: float) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    return body
 
 
 async def one_request(http: httpx.AsyncClient, url: str, body: dict, res: MixResult) -> None:
@@ -253,6 +291,7 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict, res: MixRes
         return
     res.requests += 1
     res.output_tokens += int(usage.get("completion_tokens", 0))
+    res.prompt_tokens += int(usage.get("prompt_tokens", 0))
     res.e2e_s.append(time.perf_counter() - t0)
     if ttft is not None:  # a request that produced only empty text (e.g. immediate EOS) has no TTFT
         res.ttft_s.append(ttft)
@@ -269,23 +308,30 @@ async def run_mix(args: argparse.Namespace, url: str, mix: str, adapters: list[s
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
     async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits, headers=headers) as http:
+        # One iterator that every client draws from (one event loop, so each request is taken once).
+        shared = iter(fixed_requests(args.num_requests, mix, adapters, base, prompts, args.concurrency, args.seed,
+                                     args.temperature)) if args.num_requests else None
         t0 = time.perf_counter()
         deadline = t0 + args.duration
 
+        async def send(body: dict[str, Any]) -> None:
+            try:  # httpx's timeout is per read; this bounds the whole request
+                await asyncio.wait_for(one_request(http, url, body, res), args.request_timeout)
+            except asyncio.TimeoutError:
+                res.error("timeout", f"{body['model']}: no complete answer within {args.request_timeout:g} s")
+
         async def client(i: int) -> None:
+            if shared is not None:
+                for model, prompt, temperature in shared:
+                    await send(request_body(args, model, prompt, temperature))
+                return
             rng = random.Random(f"{args.seed}-{mix}-{i}")
             pick = picker(mix, adapters, base, i, rng)
             # Bounded: a new request starts only before the deadline, and each one ends within its timeout.
             while time.perf_counter() < deadline:
-                body = {"model": pick(), "prompt": rng.choice(prompts), "max_tokens": args.max_tokens,
-                        "temperature": rng.choice((0.0, 0.7)), "stream": True,
-                        "stream_options": {"include_usage": True}}
-                if args.ignore_eos:
-                    body["ignore_eos"] = True
-                try:  # httpx's timeout is per read; this bounds the whole request
-                    await asyncio.wait_for(one_request(http, url, body, res), args.request_timeout)
-                except asyncio.TimeoutError:
-                    res.error("timeout", f"{body['model']}: no complete answer within {args.request_timeout:g} s")
+                model, prompt = pick(), rng.choice(prompts)
+                temperature = args.temperature if args.temperature is not None else rng.choice((0.0, 0.7))
+                await send(request_body(args, model, prompt, temperature))
 
         await asyncio.gather(*(client(i) for i in range(args.concurrency)))
         res.elapsed_s = time.perf_counter() - t0
@@ -367,7 +413,9 @@ def summarize(r: MixResult) -> dict[str, Any]:
     return {
         "mix": r.mix, "models": r.models, "elapsed_s": round(r.elapsed_s, 3), "requests": r.requests,
         "requests_per_s": round(r.requests / r.elapsed_s, 3), "output_tokens": r.output_tokens,
-        "output_tokens_per_s": round(r.output_tokens / r.elapsed_s, 2),
+        "output_tokens_per_s": round(r.output_tokens / r.elapsed_s, 2), "prompt_tokens": r.prompt_tokens,
+        # requests in flight on average over the mix (Little's law: summed request time / wall time)
+        "mean_in_flight": round(sum(r.e2e_s) / r.elapsed_s, 2),
         **{f"ttft_p{q}_ms": ms(percentile(r.ttft_s, q)) for q in (50, 90, 99)},
         "ttft_max_ms": ms(max(r.ttft_s, default=None)),
         **{f"itl_p{q}_ms": ms(percentile(r.itl_s, q)) for q in (50, 90, 99)},
@@ -482,9 +530,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             problems.append(msg + ": skipped")
         print(f"base model {base!r}, {len(adapters)} adapters: {adapters}", file=sys.stderr)
         warm_up(url, [base] + adapters, args.api_key)
-        prompts = make_prompts(args.num_prompts, args.seed)
+        prompts = make_prompts(args.num_prompts, args.seed, args.prompt_words)
         for mix in mixes:
-            print(f"mix {mix}: {args.concurrency} clients for {args.duration:g} s ...", file=sys.stderr)
+            load = f"{args.num_requests} requests" if args.num_requests else f"{args.duration:g} s"
+            print(f"mix {mix}: {args.concurrency} clients, {load} ...", file=sys.stderr)
             before = scrape_metrics(url, args.api_key)
             res = asyncio.run(run_mix(args, url, mix, adapters, base, prompts))
             res.server = server_side(before, scrape_metrics(url, args.api_key))
@@ -518,11 +567,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = {"config": config, "machine": machine_info(), "mixes": rows, "total_errors": n_err, "problems": problems}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    if results:
+    plotted = bool(results and args.plot)
+    if plotted and importlib.util.find_spec("matplotlib") is None:
+        print("note: matplotlib is not installed: no plot", file=sys.stderr)
+        plotted = False
+    if plotted:
         target = "spawned loraplex (tiny random Llama, CPU)" if server else args.url
+        load = f"{args.num_requests} requests" if args.num_requests else f"{args.duration:g} s"
         plot(results, rows, args.plot, f"{target}: {args.concurrency} streaming clients, max_tokens "
-                                       f"{args.max_tokens}, {args.duration:g} s per mix")
-    print(f"wrote {args.json}" + (f" and {args.plot}" if results else ""), file=sys.stderr)
+                                       f"{args.max_tokens}, {load} per mix")
+    print(f"wrote {args.json}" + (f" and {args.plot}" if plotted else ""), file=sys.stderr)
     server_failed = server is not None and (exit_status != 0 or len(results) < len(mixes))
     return 1 if n_err or server_failed else 0
 
