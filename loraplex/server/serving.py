@@ -61,8 +61,14 @@ def sse_error(message: str, type_: str, code: int) -> str:
     return sse(P.ErrorResponse(error=P.ErrorInfo(message=message, type=type_, code=code)))
 
 
-def _where(loc: tuple) -> str:
-    return ".".join(str(x) for x in loc if x != "body") or None
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-int", "constrained-float"}
+
+
+def _where(loc: tuple) -> Optional[str]:
+    """A validation error's location as a dotted field path, without pydantic's union member tags
+    (``prompt.list[int].0`` -> ``prompt.0``)."""
+    parts = [str(x) for x in loc if x != "body" and not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x))]
+    return ".".join(parts) or None
 
 
 def validation_message(e: ValidationError) -> tuple[str, Optional[str]]:
