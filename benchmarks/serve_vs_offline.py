@@ -35,9 +35,8 @@ On CPU, end to end in under a minute:
 
     python benchmarks/serve_vs_offline.py --preset tiny --concurrency 8 --num-requests 32 --max-tokens 16
 
-On a machine with few cores, the server's two processes and the load generator compete for them with the
-engine's intra-op threads (on 2 cores, ``OMP_NUM_THREADS=1`` in front of the command made the server's
-tiny-model steps about 10x faster).
+On a machine with few cores the server's two processes and the load generator share them, so other jobs
+on the machine slow the server side far more than the offline side: compare runs on a quiet machine.
 """
 
 from __future__ import annotations
