@@ -109,6 +109,43 @@ def test_continuous_batching_new_requests_join_running_batch(model_dir) -> None:
     assert done["second"].outputs[0].token_ids == alone[0].outputs[0].token_ids
 
 
+def test_mixed_steps_attend_like_separate_ones(model_dir) -> None:
+    """Prefill chunks that join a batch of decodes (attention runs per group, decodes unpadded) give the
+    same tokens and logprobs as each request alone."""
+    eng = make_llm(model_dir).engine
+    lp = dict(logprobs=2)
+    for i in range(3):
+        eng.add_request({"prompt_token_ids": PROMPTS[i]}, greedy(8, **lp), request_id=f"d{i}")
+    eng.step()
+    eng.step()
+    for i in (3, 5):
+        eng.add_request({"prompt_token_ids": PROMPTS[i]}, greedy(8, prompt_logprobs=2, **lp), request_id=f"p{i}")
+    prepare, grouped = eng.runner.prepare, []
+
+    def spy(seqs):
+        batch = prepare(seqs)
+        grouped.append(len(batch.ctx.attn.groups))
+        return batch
+
+    eng.runner.prepare = spy
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert grouped[0] == 2 and grouped[1] == 0  # the joining step was mixed, the next ones all decodes
+    for rid, prompt in [("d0", 0), ("d1", 1), ("d2", 2), ("p3", 3), ("p5", 5)]:
+        extra = dict(prompt_logprobs=2) if rid.startswith("p") else {}
+        alone = make_llm(model_dir).generate([{"prompt_token_ids": PROMPTS[prompt]}], greedy(8, **lp, **extra),
+                                             use_tqdm=False)[0]
+        got = done[rid]
+        assert got.outputs[0].token_ids == alone.outputs[0].token_ids, rid
+        for a, b in zip(got.outputs[0].logprobs, alone.outputs[0].logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-5 for t in a), rid
+        for a, b in zip(got.prompt_logprobs or [], alone.prompt_logprobs or []):
+            assert (a is None) == (b is None) and (a is None or all(abs(a[t] - b[t]) < 1e-5 for t in a)), rid
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(model_dir) -> None:
     llm = make_llm(model_dir)
     p = {"prompt_token_ids": PROMPTS[0]}

@@ -37,6 +37,10 @@ class AttentionMetadata:
     max_context_len: int
     # True when no sequence has cached tokens from earlier steps (pure prefill).
     prefill_only: bool = False
+    # A step that mixes decodes (one new token) with longer prefill chunks attends once per group, so
+    # decodes are not padded to the longest chunk; each group's query_index points into the full
+    # flat batch. slot_mapping is the parent's.
+    groups: tuple["AttentionMetadata", ...] = ()
     _masks: dict = field(default_factory=dict, repr=False)
 
     def attention_mask(self, num_keys: int, sliding_window: Optional[int]) -> torch.Tensor:

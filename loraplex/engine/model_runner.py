@@ -117,14 +117,32 @@ class ModelRunner:
             off += n
 
         dev = self.device
+        ctx_t = torch.tensor(ctx_lens, dtype=torch.int64)
+
+        def group(rows: list[int]) -> AttentionMetadata:
+            r = torch.tensor(rows, dtype=torch.int64)
+            q = max(qlens[i] for i in rows)
+            blocks = max(len(seqs[i].req.block_table) for i in rows)
+            return AttentionMetadata(
+                slot_mapping=torch.empty(0, dtype=torch.int64, device=dev),
+                block_tables=tables[r, :blocks].to(dev), context_lens=ctx_t[r].to(dev),
+                query_index=query_index[r, :q].to(dev), query_pos=query_pos[r, :q].to(dev),
+                max_context_len=max(ctx_lens[i] for i in rows),
+                prefill_only=all(seqs[i].start == 0 for i in rows))
+
+        decodes = [b for b, n in enumerate(qlens) if n == 1]
+        groups: tuple[AttentionMetadata, ...] = ()
+        if decodes and len(decodes) < B:
+            groups = (group(decodes), group([b for b, n in enumerate(qlens) if n > 1]))
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
             block_tables=tables.to(dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int64).to(dev),
+            context_lens=ctx_t.to(dev),
             query_index=query_index.to(dev),
             query_pos=query_pos.to(dev),
             max_context_len=max(ctx_lens),
             prefill_only=all(s.start == 0 for s in seqs),
+            groups=groups,
         )
         has_lora = any(s.req.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)

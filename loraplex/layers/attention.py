@@ -43,8 +43,16 @@ class PagedAttention(nn.Module):
         return self._attend(q, k, v, meta)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        B, max_q = meta.query_index.shape
         T = q.shape[0]
+        flat = torch.empty(T, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        for part in meta.groups or (meta,):  # decodes and prefill chunks apart: no padding of one to the other
+            self._attend_into(flat, q, k, v, part)
+        return flat.reshape(T, self.num_heads * self.head_dim)
+
+    def _attend_into(self, flat: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     meta: AttentionMetadata) -> None:
+        """Attention of the sequences of ``meta``, written into their rows of ``flat`` (T, heads, dim)."""
+        B, max_q = meta.query_index.shape
         qi = meta.query_index.clamp(min=0)
         if meta.prefill_only:
             # No earlier context: each sequence attends over its own new tokens only,
@@ -64,7 +72,8 @@ class PagedAttention(nn.Module):
             keys.transpose(1, 2), vals.transpose(1, 2),  # (B, kv_heads, L, dim)
             attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         ).transpose(1, 2)  # (B, max_q, heads, dim)
-        flat = torch.empty(T, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        valid = meta.query_index >= 0
-        flat[meta.query_index[valid]] = out[valid]
-        return flat.reshape(T, self.num_heads * self.head_dim)
+        if max_q == 1:  # decodes: every row is a real token, no padding to drop
+            flat[meta.query_index[:, 0]] = out[:, 0]
+        else:
+            valid = meta.query_index >= 0
+            flat[meta.query_index[valid]] = out[valid]

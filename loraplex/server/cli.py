@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if values["api_key"] is None:  # keeps the key out of the process list
         values["api_key"] = os.environ.get("LORAPLEX_API_KEY") or None
     cfg = ServerConfig(**values)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig.from_kwargs(model=args.model, **engine_kwargs(args))

@@ -25,9 +25,11 @@ validation) on a worker thread; only the registration happens between steps.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -185,6 +187,7 @@ def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log
     """Entry point of the engine process (``multiprocessing`` spawn target)."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     try:
         from loraplex.engine.engine import LLMEngine
         from loraplex.types import LoRARequest

@@ -287,8 +287,11 @@ class Serving:
                 await queue.put((i, e))
 
         async def watch_disconnect() -> None:
-            while not await http.is_disconnected():
-                await asyncio.sleep(0.25)
+            # The body has been read, so the next ASGI message is the disconnect. (Polling
+            # Request.is_disconnected() instead can swallow this task's cancellation inside
+            # its anyio cancel scope, and the request then never finishes.)
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
             await queue.put((-1, ClientGone()))
 
         tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
