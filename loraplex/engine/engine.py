@@ -70,6 +70,13 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         self.device = _resolve_device(config.device_config.device)
+        if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+            # On the GPU the host runs small tensors and kernel launches: a pool of intra-op threads per
+            # process only contends for cores (measured on an H200: 845-895 -> 1,113 tokens/s served, 1,103-1,117 ->
+            # 1,229 offline, docs/benchmarks.md). Set OMP_NUM_THREADS to choose otherwise.
+            logger.info("loraplex: torch intra-op threads %d -> 1 on %s (set OMP_NUM_THREADS to override)",
+                        torch.get_num_threads(), self.device)
+            torch.set_num_threads(1)
         self.hf_config = load_hf_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, self.hf_config, self.device)
         self.tokenizer = load_tokenizer(mc.tokenizer or mc.model)
