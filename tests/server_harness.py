@@ -4,7 +4,10 @@ the engine in its own process (as ``loraplex serve`` runs them)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Optional
@@ -63,3 +66,23 @@ def sse_events(resp: httpx.Response) -> list:
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def serve_cli(model_dir: str, qv: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``loraplex serve`` as users start it (a subprocess, adapter ``qv``), once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", model_dir, "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--max-model-len", "256", "--lora", f"qv={qv}", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.2)

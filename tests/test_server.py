@@ -4,10 +4,7 @@ with the official ``openai`` client and raw HTTP."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -17,7 +14,7 @@ import pytest
 from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.server.engine_client import EngineClient
-from server_harness import ENGINE_KW, PROMPT, Server, free_port
+from server_harness import ENGINE_KW, PROMPT, Server, serve_cli
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -269,23 +266,8 @@ def test_runtime_load_unload(assets, offline, tmp_path) -> None:
 # ---- graceful shutdown -------------------------------------------------------------------------
 def test_sigterm_finishes_inflight_and_exits_zero(assets) -> None:
     _, model_dir, loras = assets
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", model_dir, "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", "--max-model-len", "256", "--lora", f"qv={loras['qv']}", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = serve_cli(model_dir, loras["qv"])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
         lines: list[str] = []
         with httpx.Client(timeout=60) as h:
             with h.stream("POST", url + "/v1/completions",

@@ -21,7 +21,7 @@ import pytest
 
 from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
-from server_harness import ENGINE_KW, PROMPT, Server, free_port, sse_events
+from server_harness import ENGINE_KW, PROMPT, Server, free_port, serve_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -338,25 +338,6 @@ def test_openai_chat_on_the_demo_model() -> None:
 
 
 # ---- shutdown and engine death (the real CLI) -------------------------------------------------
-def _serve(model_dir: str, qv: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", model_dir, "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", "--max-model-len", "256", "--lora", f"qv={qv}", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "server did not come up"
-        time.sleep(0.2)
-
-
 def _children(pid: int) -> list[int]:
     kids = []
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -375,7 +356,7 @@ def _engine_pid(pid: int) -> int:
 
 def test_shutdown_cuts_streams_with_an_sse_error(assets) -> None:
     _, model_dir, qv = assets
-    proc, url = _serve(model_dir, qv, "--timeout-graceful-shutdown", "0")
+    proc, url = serve_cli(model_dir, qv, "--timeout-graceful-shutdown", "0")
     try:
         with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json={
                 "model": "qv", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "n": 8,
@@ -396,7 +377,7 @@ def test_shutdown_cuts_streams_with_an_sse_error(assets) -> None:
 
 def test_engine_death_fails_streams_answers_503_and_exits_nonzero(assets) -> None:
     _, model_dir, qv = assets
-    proc, url = _serve(model_dir, qv)
+    proc, url = serve_cli(model_dir, qv)
     try:
         engine = _engine_pid(proc.pid)
         with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json={

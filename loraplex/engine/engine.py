@@ -25,7 +25,7 @@ from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
 from loraplex.engine.sampler import Sampler, apply_min_tokens, compute_logprobs, make_generator, prompt_logprobs
 from loraplex.engine.scheduler import Scheduler
-from loraplex.errors import AdapterError, InvalidRequestError, ModelLoadError
+from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora.backends.base import get_backend
 from loraplex.lora.model_lora import LoRAModel
 from loraplex.lora.pool import LoRAPool

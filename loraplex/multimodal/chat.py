@@ -60,7 +60,6 @@ def load_chat_template(value: str) -> str:
 
 def _environment() -> Any:
     """A sandbox with the syntax Hugging Face templates use: loop controls and ``{% generation %}`` blocks."""
-    from jinja2 import nodes
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
