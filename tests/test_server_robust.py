@@ -337,6 +337,22 @@ def test_openai_chat_on_the_demo_model() -> None:
         s.stop()
 
 
+def test_chat_template_flag_overrides_the_folders(assets, tmp_path) -> None:
+    _, model_dir, qv = assets
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    s = Server(model_dir, {"qv": qv}, chat_template=str(template))
+    try:
+        c = s.client()
+        msgs = [{"role": "user", "content": "Once upon"}]
+        got = c.chat.completions.create(model="qv", messages=msgs, max_tokens=8, temperature=0)
+        want = c.completions.create(model="qv", prompt="[user] Once upon\n", max_tokens=8, temperature=0)
+        assert got.choices[0].message.content == want.choices[0].text
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    finally:
+        s.stop()
+
+
 # ---- shutdown and engine death (the real CLI) -------------------------------------------------
 def _children(pid: int) -> list[int]:
     kids = []

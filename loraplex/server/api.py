@@ -72,8 +72,13 @@ class GuardMiddleware:
 
 def build_app(client: EngineClient, cfg: ServerConfig, model_path: str, tokenizer: Any,
               chat_template: Optional[str] = None) -> FastAPI:
-    """The FastAPI app over a started engine client. ``app.state.on_engine_dead`` (set by the
+    """The FastAPI app over a started engine client. ``chat_template`` (template text) defaults to
+    ``cfg.chat_template`` loaded as a file or inline Jinja. ``app.state.on_engine_dead`` (set by the
     runner) is called about a second after the engine process dies, to stop the server."""
+    if chat_template is None and cfg.chat_template:
+        from loraplex.multimodal.chat import load_chat_template
+
+        chat_template = load_chat_template(cfg.chat_template)
     sv = Serving(client, cfg, model_path, tokenizer, chat_template)
 
     @asynccontextmanager
