@@ -18,7 +18,9 @@ class SamplingParams:
     """How to sample one request, with vLLM's names and defaults.
 
     ``temperature == 0`` means greedy. ``top_k == -1`` (or 0) disables top-k,
-    ``top_p == 1`` disables nucleus sampling. ``logprobs``/``prompt_logprobs`` is
+    ``top_p == 1`` disables nucleus sampling, ``min_p == 0`` disables min-p (tokens whose
+    probability is below ``min_p`` times the most likely token's are dropped).
+    ``logprobs``/``prompt_logprobs`` is
     the number of top alternatives returned per position (the chosen token is
     always included). ``stop`` strings end the text and are not included in it.
     """
@@ -28,6 +30,7 @@ class SamplingParams:
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
+    min_p: float = 0.0
     top_k: int = -1
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -70,6 +73,9 @@ class SamplingParams:
         p = self.top_p
         if not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise bad(f"top_p must be in (0, 1], got {p!r}")
+        mp = self.min_p
+        if not isinstance(mp, (int, float)) or not (0 <= mp <= 1):
+            raise bad(f"min_p must be in [0, 1], got {mp!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise bad(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):

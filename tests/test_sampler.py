@@ -13,6 +13,7 @@ from loraplex.engine.sampler import (
     compute_logprobs,
     make_generator,
     prompt_logprobs,
+    unpack_step,
 )
 from loraplex.types import SamplingParams
 
@@ -207,3 +208,64 @@ def test_apply_min_tokens_masks_stop_ids() -> None:
     assert row[3] == float("-inf") and row[5] == float("-inf") and row[0] == 0.0
     out = Sampler(VOCAB, seed=0)(row[None], [SamplingParams(temperature=0.0)], [None])
     assert out.item() not in (3, 5)
+
+
+# ---- min-p and the engine's one-copy path --------------------------------------------------------
+def test_min_p_drops_tokens_below_the_fraction_of_the_top_one() -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    freq = _frequencies_v(SamplingParams(temperature=1.0, min_p=0.5), probs)
+    assert freq[2] == 0 and freq[3] == 0  # 0.15 and 0.05 are below 0.5 x 0.5
+    assert abs(freq[0] - 0.5 / 0.8) < 0.02 and abs(freq[1] - 0.3 / 0.8) < 0.02, freq
+    assert _frequencies_v(SamplingParams(temperature=1.0, min_p=1.0), probs)[0] == 1.0
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
+def _frequencies_v(params: SamplingParams, probs: list[float], n: int = 20000) -> list[float]:
+    logits = torch.log(torch.tensor(probs)).repeat(n, 1)
+    out = Sampler(len(probs), seed=7)(logits, [params] * n, [None] * n)
+    return (torch.bincount(out, minlength=len(probs)).double() / n).tolist()
+
+
+def test_sample_step_equals_sampler_and_compute_logprobs() -> None:
+    """The engine's path (one packed copy) gives the same tokens and logprobs as the two-call path,
+    for greedy, random, seeded, top-k/top-p/min-p rows, with and without logprobs."""
+    n = 12
+    raw = padded_logits(n, seed=3) * 3
+    raw[:, VOCAB:] = -1e9  # padding must not win either way
+    masked = raw.clone()
+    masked[4, 2] = float("-inf")  # a min_tokens-style mask on one row
+    params = [SamplingParams(temperature=[0.0, 0.7, 1.3][i % 3], top_k=[-1, 3, 5, -1][i % 4],
+                             top_p=[1.0, 0.8][i % 2], min_p=[0.0, 0.05, 0.0][i % 3], seed=i if i % 5 == 0 else None,
+                             logprobs=[None, 0, 2, 5][i % 4]) for i in range(n)]
+    gens_a = [make_generator(p.seed) if p.seed is not None else None for p in params]
+    gens_b = [make_generator(p.seed) if p.seed is not None else None for p in params]
+    want = Sampler(VOCAB, seed=11)(masked, params, gens_a).tolist()
+    want_lp = compute_logprobs(raw, want, [p.logprobs for p in params], VOCAB)
+    got, got_lp = Sampler(VOCAB, seed=11).sample_step(masked, params, gens_b, raw_logits=raw)
+    assert got == want
+    assert [None if d is None else list(d) for d in got_lp] == [None if d is None else list(d) for d in want_lp]
+    for a, b in zip(got_lp, want_lp):
+        assert a == b
+    assert got[4] != 2 or params[4].temperature == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_device_does_not_synchronise() -> None:
+    n = 32
+    logits = torch.randn(n, 1024, device="cuda")
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, top_k=[-1, 40][i % 2], top_p=[1.0, 0.9][i % 2],
+                             min_p=0.02, seed=i, logprobs=[None, 3][i % 2]) for i in range(n)]
+    sampler = Sampler(1000, seed=0)
+    gens = [make_generator(i) for i in range(n)]
+    sampler.sample_device(logits, params, gens)  # warm-up (pinned-memory pool, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        packed, layout = sampler.sample_device(logits, params, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens, lps = unpack_step(packed.cpu().tolist(), layout)
+    assert len(tokens) == n and all(0 <= t < 1000 for t in tokens)
+    assert all((lp is None) == (p.logprobs is None) for lp, p in zip(lps, params))

@@ -70,6 +70,7 @@ CHAT = [{"role": "user", "content": "hi"}]
     ("/v1/completions", {"prompt": "x", "max_tokens": 2 ** 70}, "max_tokens", "exceeds max_model_len"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [2 ** 40]}, "stop_token_ids", "vocabulary"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p", "less than or equal to 1"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": -1, "logprobs": True}, "top_logprobs", ">="),
 ])
 def test_out_of_range_fields_answer_400_naming_the_field(server, route, body, param, words) -> None:

@@ -23,7 +23,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
-from loraplex.engine.sampler import Sampler, apply_min_tokens, compute_logprobs, make_generator, prompt_logprobs
+from loraplex.engine.sampler import Sampler, apply_min_tokens, make_generator, prompt_logprobs
 from loraplex.engine.scheduler import Scheduler
 from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora.backends.base import get_backend
@@ -250,8 +250,9 @@ class LLMEngine:
         sample_logits = raw.clone() if held else raw
         for i in held:
             apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
-        tokens = self.sampler(sample_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-        lps = compute_logprobs(raw, tokens, [r.params.logprobs for r in reqs], self.vocab_size)
+        # one device-to-host copy brings the tokens and the logprobs of the rows that asked
+        tokens, lps = self.sampler.sample_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                               raw_logits=raw)
         for s, (a, n), tok, lp in zip(sched.seqs, batch.logits_spans, tokens, lps):
             req = s.req
             if n > 1:  # first prefill of a request that asked for prompt logprobs

@@ -1,11 +1,16 @@
 """Token sampling and logprobs for one engine step.
 
 The sampler sees one logits row per sequence that samples this step. Rows may
-mix greedy and random requests, different temperatures / top-k / top-p, and
-requests with and without their own seed. Sampling math runs in float32 on the
-logits' device; the random numbers always come from CPU generators (one
+mix greedy and random requests, different temperatures / top-k / top-p / min-p,
+and requests with and without their own seed. Sampling math runs in float32 on
+the logits' device; the random numbers always come from CPU generators (one
 uniform per random row, inverse-CDF), so a seeded request draws the same tokens
 on CPU and on CUDA and regardless of the other requests in its batch.
+
+:meth:`Sampler.sample_step` is the engine's path: per-row parameters go to the
+device in pinned, non-blocking copies, tokens and the logprobs of the rows that
+asked are computed there and packed into one tensor, and one device-to-host
+copy (the step's only synchronisation) brings them back.
 """
 
 from __future__ import annotations
@@ -88,8 +93,63 @@ class Sampler:
                 [params[i] for i in rand],
                 [generators[i] for i in rand],
             )
-            out[rows] = ids
+            out[rows] = ids.cpu()
         return out
+
+    def sample_step(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+        raw_logits: Optional[torch.Tensor] = None,
+    ) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
+        """One step's tokens and logprobs with one device-to-host copy.
+
+        ``logits`` (n, V_padded) are what is sampled from (min_tokens masking applied); logprobs of
+        the rows whose params ask for them come from ``raw_logits`` (default: ``logits``), before
+        temperature, as :func:`compute_logprobs` defines them.
+        """
+        packed, layout = self.sample_device(logits, params, generators, raw_logits)
+        return unpack_step(packed.cpu().tolist(), layout)
+
+    def sample_device(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+        raw_logits: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, tuple]:
+        """The work of :meth:`sample_step` without synchronising: a packed float64 tensor on the
+        logits' device ([tokens | chosen logprobs | top logprobs | top ids]) and its host layout."""
+        n = logits.shape[0]
+        if len(params) != n or len(generators) != n:
+            raise ValueError(f"Sampler: got {n} logits rows but {len(params)} sampling params "
+                             f"and {len(generators)} generators")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
+        device = logits.device
+        x = logits[:, : self.vocab_size]
+        ids = x.argmax(dim=-1)  # (n,): greedy rows keep these
+        rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
+        if rand:
+            rows = _to_device(torch.tensor(rand, dtype=torch.long), device)
+            sampled = self._sample_random(x.index_select(0, rows), [params[i] for i in rand],
+                                          [generators[i] for i in rand])
+            ids = ids.index_copy(0, rows, sampled)
+        parts = [ids.double()]
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        k = 0
+        if wanted:
+            raw = (raw_logits if raw_logits is not None else logits)[:, : self.vocab_size]
+            rows = _to_device(torch.tensor(wanted, dtype=torch.long), device)
+            logp = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)  # (w, V)
+            parts.append(logp.gather(1, ids.index_select(0, rows)[:, None]).squeeze(1).double())
+            k = min(max(params[i].logprobs for i in wanted), logp.shape[1])  # type: ignore[type-var]
+            if k > 0:
+                top_vals, top_ids = logp.topk(k, dim=-1)  # (w, k)
+                parts += [top_vals.double().flatten(), top_ids.double().flatten()]
+        layout = (n, wanted, [params[i].logprobs for i in wanted], k)
+        return torch.cat(parts), layout
 
     def _sample_random(
         self,
@@ -101,9 +161,15 @@ class Sampler:
         device = logits.device
         m, vocab = logits.shape
         x = logits.float()
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        temps = _to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)
         # Subtract the row max before dividing so tiny temperatures cannot overflow to +inf.
         x = (x - x.max(dim=-1, keepdim=True).values) / temps[:, None]  # (m, V)
+
+        if any(p.min_p > 0.0 for p in params):
+            # Drop tokens less likely than min_p x the most likely one: x is 0 at the row max, so
+            # probability ratios are exp(x) and the test is x < log(min_p). No sort needed.
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            x = x.masked_fill(x < _to_device(min_p, device).log()[:, None], float("-inf"))
 
         need_k = any(p.top_k != -1 and p.top_k < vocab for p in params)
         need_p = any(p.top_p < 1.0 for p in params)
@@ -112,14 +178,13 @@ class Sampler:
             sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (m, V)
             drop = torch.zeros_like(sorted_x, dtype=torch.bool)
             if need_k:
-                ks = torch.tensor(
-                    [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=device
-                )
+                ks = _to_device(torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]),
+                                device)
                 rank = torch.arange(vocab, device=device)
                 drop |= rank[None, :] >= ks[:, None]
                 sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             if need_p:
-                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+                top_p = _to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
                 probs = torch.softmax(sorted_x, dim=-1)
                 # Mass strictly before each token; keep while it is < top_p, which is the
                 # smallest prefix whose cumulative mass reaches top_p (always >= 1 token).
@@ -132,17 +197,40 @@ class Sampler:
 
         probs = torch.softmax(x, dim=-1)  # (m, V)
         cdf = torch.cumsum(probs, dim=-1)  # (m, V)
-        u = torch.cat(
-            [torch.rand(1, generator=g if g is not None else self.generator) for g in generators]
-        ).to(device)  # (m,)
+        u = _to_device(torch.cat(
+            [torch.rand(1, generator=g if g is not None else self.generator) for g in generators]), device)  # (m,)
         target = u * cdf[:, -1]  # (m,), in [0, total)
         # First token whose cumulative mass exceeds the target; zero-probability tokens
         # never qualify because their cdf equals their predecessor's.
         ids = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (m,)
         # Rounding may put target at the very top: fall back to the last token with mass.
         last_pos = vocab - 1 - torch.argmax((probs > 0).flip(-1).to(torch.uint8), dim=-1)
-        ids = torch.minimum(ids, last_pos)
-        return ids.cpu()
+        return torch.minimum(ids, last_pos)  # (m,) on the logits' device
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: on CUDA through pinned memory, so the copy does not make the
+    host wait for the GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def unpack_step(flat: list[float], layout: tuple) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
+    """Tokens and per-row logprobs from :meth:`Sampler.sample_device`'s packed values."""
+    n, wanted, nums, k = layout
+    tokens = [int(t) for t in flat[:n]]
+    logprobs: list[Optional[PositionLogprobs]] = [None] * n
+    w = len(wanted)
+    chosen = flat[n:n + w]
+    vals = flat[n + w:n + w + w * k]
+    tids = flat[n + w + w * k:]
+    for j, i in enumerate(wanted):
+        d: PositionLogprobs = {tokens[i]: chosen[j]}
+        for c in range(min(nums[j], k)):
+            d.setdefault(int(tids[j * k + c]), vals[j * k + c])
+        logprobs[i] = d
+    return tokens, logprobs
 
 
 def compute_logprobs(

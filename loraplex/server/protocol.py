@@ -35,6 +35,7 @@ class _SamplingFields(_Request):
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=-1)  # extension (vLLM)
+    min_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)  # extension (vLLM)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

@@ -246,6 +246,7 @@ class Serving:
             max_tokens=max_tokens if max_tokens is not None else room,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
