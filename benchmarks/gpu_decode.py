@@ -1,0 +1,390 @@
+"""Decode and prefill speed against the hardware floor, with and without adapters (issue 9).
+
+One run measures, on the card it runs on:
+
+* the card: device-to-device copy bandwidth (bytes read plus bytes written per second) and the bf16
+  matmul rate (8192^3);
+* decode: for each batch size (``--batches``) and each adapter mix (no adapter, 1 adapter, 4, as many
+  distinct adapters as requests, and a Zipf-skewed mix over ``--zipf-adapters`` adapters with
+  ``max_loras`` slots), ms per decode step over ``--new-tokens`` steps after the prompt's prefill,
+  tokens/s, and the share of the floor. The floor of a step is the bytes it must read over the measured
+  copy bandwidth: every weight but the input embedding (a tied head counts once), the adapters the batch
+  uses, and the KV cache at the mean context of the decode;
+* prefill: tokens/s for ``--prefill-batch`` x ``--prefill-len`` tokens and its share of the matmul rate
+  (2 x parameters x tokens FLOPs, attention left out, so the share is a lower bound);
+* inter-token latency (p50, p99) of the decoding batch while one ``--long-prompt``-token prompt arrives
+  (with chunked prefill the long prompt shares steps with the decodes), when the model's length allows.
+
+The model is Llama-shaped with random weights (``load_format="dummy"``); adapters are random PEFT folders
+of rank ``--rank`` on the seven projections. Prints a table and writes JSON (and a PNG when matplotlib is
+installed). On an H200 (issue 9's targets):
+
+    python benchmarks/gpu_decode.py --preset llama3-8b
+
+On a CPU, as a check that the script runs (seconds; the numbers mean nothing):
+
+    python benchmarks/gpu_decode.py --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
+                      dtype="bfloat16", device="cuda", batches=[32, 128], prompt_len=128, new_tokens=128,
+                      zipf_adapters=128, prefill_batch=4, prefill_len=2048, long_prompt=8000, max_loras=32),
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, dtype="float32",
+                 device="cpu", batches=[4], prompt_len=16, new_tokens=8, zipf_adapters=8, prefill_batch=2,
+                 prefill_len=64, long_prompt=200, max_loras=4),
+}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    p.add_argument("--layers", type=int, help="override the preset's number of layers")
+    p.add_argument("--batches", type=int, nargs="+", help="decode batch sizes")
+    p.add_argument("--new-tokens", type=int, help="decode steps measured per case")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-loras", type=int, help="device adapter slots (llama3-8b: 32)")
+    p.add_argument("--zipf-adapters", type=int, help="adapters of the Zipf-skewed mix")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
+    p.add_argument("--cases", nargs="+", default=["base", "1", "4", "distinct", "zipf"],
+                   help="adapter mixes: base, 1, 4, distinct, zipf")
+    p.add_argument("--peft", action="store_true", help="also time HF transformers + PEFT (generate with "
+                   "adapter_names) on the 'distinct' mix of the smallest batch")
+    p.add_argument("--peft-tokens", type=int, default=8, help="decode steps timed for PEFT")
+    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--skip-itl", action="store_true")
+    p.add_argument("--out-dir", default="bench_out/gpu_decode")
+    p.add_argument("--json", default="bench_out/gpu_decode.json")
+    p.add_argument("--plot", default="bench_out/gpu_decode.png")
+    a = p.parse_args(argv)
+    preset = PRESETS[a.preset]
+    for k, v in preset.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    return a
+
+
+# ---- the card -------------------------------------------------------------------------------------
+def time_it(fn: Callable[[], Any], device: torch.device, repeat: int = 5) -> float:
+    """Best wall time of ``fn`` in seconds (CUDA events on the GPU)."""
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def card_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)  # bytes
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_it(lambda: dst.copy_(src), device)
+    m = 8192 if device.type == "cuda" else 512
+    x = torch.randn(m, m, device=device, dtype=dtype)
+    y = torch.randn(m, m, device=device, dtype=dtype)
+    mm_s = time_it(lambda: x @ y, device)
+    del src, dst, x, y
+    return {"copy_bytes_per_s": 2 * n / copy_s, "matmul_flops_per_s": 2 * m ** 3 / mm_s}
+
+
+# ---- the model ------------------------------------------------------------------------------------
+def build(a: argparse.Namespace) -> tuple[Path, list[Path]]:
+    from gpu_lora_throughput import build_adapter, build_model_folder
+
+    out = Path(a.out_dir)
+    ns = SimpleNamespace(hidden=a.hidden, intermediate=a.intermediate, layers=a.layers, heads=a.heads,
+                         kv_heads=a.kv_heads, vocab=a.vocab, dtype=a.dtype, rank=a.rank)
+    model = build_model_folder(out, ns)
+    n_adapters = max(max(a.batches), a.zipf_adapters, 4)
+    return model, [build_adapter(out, ns, i) for i in range(n_adapters)]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight a decode step reads: all parameters but the input embedding's rows (a head
+    tied to the embedding is read as the head, so it counts once)."""
+    seen: set[int] = set()
+    total = 0
+    embed = None
+    for name, mod in model.named_modules():
+        if name.endswith("embed_tokens"):
+            embed = getattr(mod, "weight", None)
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    head_tied = any(p is embed for n, p in model.named_parameters(remove_duplicate=False) if "lm_head" in n)
+    if embed is not None and not head_tied:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def adapter_bytes(a: argparse.Namespace, elem: int) -> int:
+    """Bytes of one rank-r adapter on the seven projections."""
+    kv = a.kv_heads * (a.hidden // a.heads)
+    per_layer = sum(a.rank * (fin + fout) for fin, fout in [
+        (a.hidden, a.hidden), (a.hidden, kv), (a.hidden, kv), (a.hidden, a.hidden),
+        (a.hidden, a.intermediate), (a.hidden, a.intermediate), (a.intermediate, a.hidden)])
+    return per_layer * a.layers * elem
+
+
+def kv_bytes(a: argparse.Namespace, batch: int, mean_ctx: float, elem: int) -> float:
+    return batch * mean_ctx * a.layers * 2 * a.kv_heads * (a.hidden // a.heads) * elem
+
+
+def mix(case: str, batch: int, a: argparse.Namespace, rng: torch.Generator) -> list[Optional[str]]:
+    if case == "base":
+        return [None] * batch
+    if case == "1":
+        return ["a0"] * batch
+    if case == "4":
+        return [f"a{i % 4}" for i in range(batch)]
+    if case == "distinct":
+        return [f"a{i}" for i in range(batch)]
+    if case == "zipf":
+        w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(a.zipf_adapters)])
+        return [f"a{int(i)}" for i in torch.multinomial(w, batch, replacement=True, generator=rng)]
+    raise ValueError(f"unknown case {case!r}")
+
+
+# ---- measurements ---------------------------------------------------------------------------------
+def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], steps: int,
+                device: torch.device) -> dict[str, float]:
+    """Prefill the batch in its own steps, then time ``steps`` decode steps."""
+    from loraplex import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    for i, (p, lora) in enumerate(zip(prompts, loras)):
+        eng.add_request({"prompt_token_ids": p}, params, lora, f"r{i}-{time.monotonic_ns()}")
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in eng.requests.values()):
+        eng.step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    n = 0
+    times = []
+    while eng.has_unfinished_requests():
+        s0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - s0)
+        n += 1
+    sync()
+    total = time.perf_counter() - t0
+    return {"steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
+            "step_ms_p50": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[int(0.99 * (n - 1))]}
+
+
+def prefill_case(llm: Any, a: argparse.Namespace, device: torch.device, n_params: int) -> dict[str, float]:
+    from loraplex import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, a.vocab - 1, (a.prefill_len,), generator=g).tolist()}
+               for _ in range(a.prefill_batch)]
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], one, use_tqdm=False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    llm.generate(prompts, one, use_tqdm=False)
+    sync()
+    dt = time.perf_counter() - t0
+    tokens = a.prefill_batch * a.prefill_len
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "flops_per_s": 2 * n_params * tokens / dt}
+
+
+def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device) -> Optional[dict[str, float]]:
+    """Step gaps of ``batch`` decoding requests while one long prompt is prefilled among them."""
+    from loraplex import SamplingParams
+
+    eng = llm.engine
+    if a.long_prompt + 8 >= eng.max_model_len:
+        return None
+    g = torch.Generator().manual_seed(2)
+    params = SamplingParams(max_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request({"prompt_token_ids": torch.randint(3, a.vocab - 1, (a.prompt_len,), generator=g).tolist()},
+                        params, None, f"itl{i}")
+    for _ in range(3):
+        eng.step()
+    long = torch.randint(3, a.vocab - 1, (a.long_prompt,), generator=g).tolist()
+    eng.add_request({"prompt_token_ids": long}, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                    None, "long")
+    gaps = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    while any(r.request_id.startswith("itl") for r in eng.requests.values()):
+        sync()
+        t = time.perf_counter()
+        eng.step()
+        sync()
+        gaps.append(time.perf_counter() - t)
+    while eng.has_unfinished_requests():
+        eng.step()
+    gaps.sort()
+    return {"itl_ms_p50": 1e3 * gaps[len(gaps) // 2], "itl_ms_p99": 1e3 * gaps[int(0.99 * (len(gaps) - 1))],
+            "itl_ms_max": 1e3 * gaps[-1], "steps": len(gaps)}
+
+
+def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], steps: int, device: torch.device,
+              dtype: torch.dtype) -> dict[str, float]:
+    """HF transformers + PEFT with one adapter per request (``adapter_names``), random weights: ms per decode
+    step from the difference of a ``steps + 1``-token and a 1-token generate."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=dtype)
+    names = [f"a{i}" for i in range(len(prompts))]
+    model = PeftModel.from_pretrained(hf, str(adapters[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:len(prompts)]):
+        model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    ids = torch.tensor(prompts, device=device)
+
+    def gen(n: int) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, adapter_names=names)
+        sync()
+        return time.perf_counter() - t0
+
+    gen(2)
+    per_step = (gen(steps + 1) - gen(1)) / steps
+    del model, hf
+    return {"ms_per_step": 1e3 * per_step, "tokens_per_s": len(prompts) / per_step}
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    a = parse_args(argv)
+    from loraplex import LLM, LoRARequest
+
+    device = torch.device(a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, a.dtype)
+    card = card_rates(device, dtype)
+    print(f"card: copy {card['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {card['matmul_flops_per_s'] / 1e12:.0f} "
+          f"TFLOP/s ({dtype})", flush=True)
+    model, adapters = build(a)
+    max_len = max(a.prompt_len + a.new_tokens + 16, a.long_prompt + 64, a.prefill_len + 16)
+    llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
+              max_num_seqs=max(a.batches) + 1, max_loras=a.max_loras, max_lora_rank=a.rank,
+              max_cpu_loras=max(len(adapters), a.max_loras), seed=0)
+    for i, path in enumerate(adapters):
+        llm.add_lora(LoRARequest(f"a{i}", str(path)))
+    elem = torch.empty(0, dtype=dtype).element_size()
+    wbytes = weight_bytes(llm.engine.model)
+    n_params = wbytes // elem
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in a.batches:
+        prompts = [torch.randint(3, a.vocab - 1, (a.prompt_len,), generator=rng).tolist() for _ in range(batch)]
+        for case in a.cases:
+            loras = mix(case, batch, a, rng)
+            if case != "base" and len({x for x in loras if x}) > a.max_loras:
+                print(f"skip batch {batch} {case}: more distinct adapters than --max-loras", flush=True)
+                continue
+            decode_case(llm, prompts, loras, 4, device)  # warm-up: slots loaded, kernels compiled
+            r = decode_case(llm, prompts, loras, a.new_tokens, device)
+            used = len({x for x in loras if x})
+            mean_ctx = a.prompt_len + a.new_tokens / 2
+            floor_bytes = wbytes + used * adapter_bytes(a, elem) + kv_bytes(a, batch, mean_ctx, elem)
+            floor_ms = 1e3 * floor_bytes / card["copy_bytes_per_s"]
+            row = dict(batch=batch, case=case, adapters_used=used, **r, floor_ms=floor_ms,
+                       share_of_floor=floor_ms / r["ms_per_step"])
+            rows.append(row)
+            print(f"batch {batch:>4} {case:>9} ({used:>3} adapters): {r['ms_per_step']:8.2f} ms/step "
+                  f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}",
+                  flush=True)
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["case"] == "base"}
+    for r in rows:
+        if r["batch"] in base:
+            r["vs_base"] = r["tokens_per_s"] / base[r["batch"]]
+    peft = None
+    if a.peft:
+        batch = min(a.batches)
+        prompts = [torch.randint(3, a.vocab - 1, (a.prompt_len,), generator=rng).tolist() for _ in range(batch)]
+        peft = peft_case(model, adapters, prompts, a.peft_tokens, device, dtype)
+        mine = next((r for r in rows if r["batch"] == batch and r["case"] == "distinct"), None)
+        if mine:
+            peft["loraplex_speedup"] = peft["ms_per_step"] / mine["ms_per_step"]
+        print(f"HF transformers + PEFT, batch {batch}, distinct adapters: {peft['ms_per_step']:.1f} ms/step, "
+              f"{peft['tokens_per_s']:.0f} tok/s", flush=True)
+    prefill = None if a.skip_prefill else prefill_case(llm, a, device, n_params)
+    if prefill:
+        prefill["share_of_matmul"] = prefill["flops_per_s"] / card["matmul_flops_per_s"]
+        print(f"prefill {a.prefill_batch} x {a.prefill_len}: {prefill['tokens_per_s']:.0f} tok/s, "
+              f"{prefill['share_of_matmul']:.2f} of the matmul rate", flush=True)
+    itl = None if a.skip_itl else itl_case(llm, a, min(a.batches), device)
+    if itl:
+        print(f"decode ITL while a {a.long_prompt}-token prompt arrives: p50 {itl['itl_ms_p50']:.1f} ms, "
+              f"p99 {itl['itl_ms_p99']:.1f} ms", flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+    result = {"config": vars(a), "card": card, "device": name, "weight_bytes": wbytes, "decode": rows,
+              "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=2))
+    print(f"\n{'batch':>5} {'case':>9} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'share':>6} {'vs base':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['case']:>9} {r['ms_per_step']:>9.2f} {r['tokens_per_s']:>9.0f} "
+              f"{r['floor_ms']:>9.2f} {r['share_of_floor']:>6.2f} {r.get('vs_base', float('nan')):>8.2f}")
+    plot(rows, a.plot)
+    print(f"wrote {a.json} ({name})")
+    return 0
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['batch']}/{r['case']}" for r in rows]
+    ax.bar(labels, [r["share_of_floor"] for r in rows])
+    ax.axhline(0.8, color="k", linestyle="--", linewidth=1)
+    ax.set_ylabel("share of the bandwidth floor")
+    ax.set_title("decode step: floor / measured")
+    plt.xticks(rotation=45, ha="right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
