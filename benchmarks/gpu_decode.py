@@ -112,7 +112,6 @@ def card_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     x = torch.randn(m, m, device=device, dtype=dtype)
     y = torch.randn(m, m, device=device, dtype=dtype)
     mm_s = time_it(lambda: x @ y, device)
-    del src, dst, x, y
     return {"copy_bytes_per_s": 2 * n / copy_s, "matmul_flops_per_s": 2 * m ** 3 / mm_s}
 
 
@@ -282,7 +281,6 @@ def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], s
 
     gen(2)
     per_step = (gen(steps + 1) - gen(1)) / steps
-    del model, hf
     return {"ms_per_step": 1e3 * per_step, "tokens_per_s": len(prompts) / per_step}
 
 
@@ -352,7 +350,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"p99 {itl['itl_ms_p99']:.1f} ms", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
     result = {"config": vars(a), "card": card, "device": name, "weight_bytes": wbytes, "decode": rows,
-              "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+              "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d")}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2))
     print(f"\n{'batch':>5} {'case':>9} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'share':>6} {'vs base':>8}")
