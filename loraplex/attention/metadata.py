@@ -1,0 +1,82 @@
+"""The flat variable-length layout every attention backend reads.
+
+A step holds ``T`` new tokens of ``B`` sequences, each sequence's tokens contiguous: sequence ``b`` owns
+query rows ``query_start_loc[b]:query_start_loc[b+1]``, and after this step it has ``seq_lens[b]`` tokens
+in the paged cache (new ones included), so its new tokens sit at positions
+``seq_lens[b] - query_len[b] ... seq_lens[b] - 1``. Decodes (one new token) come first when the scheduler
+puts them there; ``num_decodes`` counts that leading run (kernels may give it a split-K decode path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Paged-attention layout of one step; the device tensors are built once and shared by every layer.
+
+    Host ints (``max_query_len``, ``max_seq_len``, ``num_decodes``) size kernel grids without a sync;
+    the host lists serve the CPU reference, which splits the batch per sequence.
+    """
+
+    query_start_loc: torch.Tensor  # (B + 1,) int32: first query row of each sequence, then T
+    seq_lens: torch.Tensor  # (B,) int32: tokens in the cache after this step
+    block_tables: torch.Tensor  # (B, max_blocks) int32: physical block of each logical block (padding: 0)
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token = block * block_size + offset
+    max_query_len: int
+    max_seq_len: int
+    num_decodes: int = 0  # sequences 0 .. num_decodes - 1 have exactly one new token
+    host_query_start_loc: Optional[Sequence[int]] = None  # the same as query_start_loc, on the host
+    host_seq_lens: Optional[Sequence[int]] = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    def host_lists(self) -> tuple[Sequence[int], Sequence[int]]:
+        """(query_start_loc, seq_lens) as host ints (a device copy only if prepare did not give them)."""
+        qsl = self.host_query_start_loc
+        lens = self.host_seq_lens
+        if qsl is None:
+            qsl = self.query_start_loc.tolist()
+        if lens is None:
+            lens = self.seq_lens.tolist()
+        return qsl, lens
+
+    @classmethod
+    def build(cls, query_lens: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int, device: torch.device) -> "AttentionMetadata":
+        """The layout of sequences with these new-token counts, cache lengths and block tables (host lists):
+        one host tensor holding every int32 field, one copy to ``device``."""
+        B = len(query_lens)
+        assert B == len(seq_lens) == len(block_tables) and B > 0, "one query length, length and table per sequence"
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        max_blocks = max(1, max(len(t) for t in block_tables))
+        # [query_start_loc (B+1) | seq_lens (B) | block_tables (B * max_blocks)], int32, copied at once
+        host = torch.zeros(2 * B + 1 + B * max_blocks, dtype=torch.int32)
+        host[:B + 1] = torch.tensor(qsl, dtype=torch.int32)
+        host[B + 1:2 * B + 1] = torch.tensor(list(seq_lens), dtype=torch.int32)
+        tables = host[2 * B + 1:].view(B, max_blocks)
+        for b, t in enumerate(block_tables):
+            if t:
+                tables[b, :len(t)] = torch.tensor(list(t), dtype=torch.int32)
+        slots = []
+        for n, L, t in zip(query_lens, seq_lens, block_tables):
+            slots.extend(t[p // block_size] * block_size + p % block_size for p in range(L - n, L))
+        dev = host.to(device, non_blocking=True)
+        num_decodes = 0
+        while num_decodes < B and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        return cls(
+            query_start_loc=dev[:B + 1], seq_lens=dev[B + 1:2 * B + 1],
+            block_tables=dev[2 * B + 1:].view(B, max_blocks),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decodes=num_decodes,
+            host_query_start_loc=qsl, host_seq_lens=list(seq_lens),
+        )

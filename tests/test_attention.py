@@ -1,0 +1,176 @@
+"""Paged attention: the PyTorch reference against a naive dense causal implementation, and the Triton
+kernels (unified varlen and split-K decode) against the reference.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here and in conftest.py before
+triton is imported). Caches are random everywhere, so keys past a sequence's length, in other sequences'
+blocks or outside its window must be masked; block tables are shuffled, and lengths leave the last block
+partial. Cases: GQA 1/2/4, block sizes 8/16, sliding windows, pure decode, pure prefill, and mixed steps
+(decodes first, then prefill chunks continuing a cached prefix), float32 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton kernels
+
+from loraplex.attention.metadata import AttentionMetadata  # noqa: E402
+from loraplex.attention.reference import paged_attention_ref  # noqa: E402
+from loraplex.attention.registry import get_attention_backend, resolve_attention_backend  # noqa: E402
+
+KVH = 2
+# (new tokens, cache length after the step) per sequence
+SCENARIOS = {
+    "decode": [(1, 1), (1, 17), (1, 40), (1, 9)],
+    "prefill": [(13, 13), (5, 5), (21, 21)],
+    "mixed": [(1, 30), (1, 7), (6, 22), (9, 9), (1, 16)],  # the last decode is not in the leading run
+}
+
+
+def make_case(spec: list[tuple[int, int]], gqa: int, block_size: int, dtype: torch.dtype, head_dim: int = 64,
+              device: str = "cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    tables: list[list[int]] = []
+    need = [-(-L // block_size) for _, L in spec]
+    num_blocks = sum(need) + 3  # spare blocks hold garbage no sequence owns
+    phys = list(range(num_blocks))
+    rng.shuffle(phys)
+    for n in need:
+        tables.append([phys.pop() for _ in range(n)])
+    T = sum(n for n, _ in spec)
+    H = KVH * gqa
+    q = torch.randn(T, H, head_dim, generator=g).to(dtype).to(device)
+    kc = torch.randn(num_blocks, block_size, KVH, head_dim, generator=g).to(dtype).to(device)
+    vc = torch.randn(num_blocks, block_size, KVH, head_dim, generator=g).to(dtype).to(device)
+    meta = AttentionMetadata.build([n for n, _ in spec], [L for _, L in spec], tables, block_size,
+                                   torch.device(device))
+    return q, kc, vc, meta, tables
+
+
+def naive_attention(q, kc, vc, spec, tables, scale: float, window: Optional[int]) -> torch.Tensor:
+    """Dense float64 attention per sequence: keys gathered position by position, explicit causal mask."""
+    bs = kc.shape[1]
+    H = q.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    row = 0
+    for (n, L), table in zip(spec, tables):
+        keys = torch.stack([kc[table[p // bs], p % bs] for p in range(L)]).double()  # (L, KVH, D)
+        vals = torch.stack([vc[table[p // bs], p % bs] for p in range(L)]).double()
+        keys = keys.repeat_interleave(H // keys.shape[1], dim=1)  # (L, H, D)
+        vals = vals.repeat_interleave(H // vals.shape[1], dim=1)
+        qs = q[row:row + n].double()  # (n, H, D)
+        scores = torch.einsum("nhd,lhd->hnl", qs, keys) * scale
+        qpos = torch.arange(L - n, L).view(n, 1)
+        kpos = torch.arange(L).view(1, L)
+        visible = kpos <= qpos
+        if window is not None:
+            visible &= kpos > qpos - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[row:row + n] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vals)
+        row += n
+    return out
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("block_size,window", [(8, None), (16, 6), (8, 11)])
+def test_reference_matches_naive(scenario: str, gqa: int, block_size: int, window: Optional[int]) -> None:
+    spec = SCENARIOS[scenario]
+    q, kc, vc, meta, tables = make_case(spec, gqa, block_size, torch.float32)
+    scale = 64 ** -0.5
+    got = paged_attention_ref(q, kc, vc, meta, scale, window)
+    want = naive_attention(q, kc, vc, spec, tables, scale, window)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_metadata_layout() -> None:
+    meta = AttentionMetadata.build([1, 1, 4], [5, 9, 4], [[3], [1, 0], [2]], 8, torch.device("cpu"))
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 6] and meta.query_start_loc.dtype == torch.int32
+    assert meta.seq_lens.tolist() == [5, 9, 4] and meta.seq_lens.dtype == torch.int32
+    assert meta.block_tables.tolist() == [[3, 0], [1, 0], [2, 0]] and meta.block_tables.dtype == torch.int32
+    assert meta.slot_mapping.tolist() == [3 * 8 + 4, 0 * 8 + 0, 16, 17, 18, 19]
+    assert (meta.max_query_len, meta.max_seq_len, meta.num_decodes) == (4, 9, 2)
+
+
+def test_registry() -> None:
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
+    assert get_attention_backend("torch").name == "torch"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_attention_backend("flash")
+
+
+# --- Triton kernels ---------------------------------------------------------------------------------
+
+triton = pytest.importorskip("triton", reason="the Triton attention kernels need the triton package")
+from loraplex.attention.triton_attention import paged_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+# (scenario, gqa, block size, window, dtype, splits): every axis covered without the full product,
+# so the interpreter run stays short.
+KERNEL_CASES = [
+    ("decode", 1, 8, None, torch.float32, 1),
+    ("decode", 2, 16, 6, torch.bfloat16, 1),
+    ("decode", 4, 16, None, torch.float32, 4),
+    ("decode", 2, 8, 11, torch.float32, 2),
+    ("decode", 1, 16, 7, torch.bfloat16, 4),
+    ("prefill", 1, 16, None, torch.float32, 1),
+    ("prefill", 2, 8, 6, torch.float32, 1),
+    ("prefill", 4, 16, 11, torch.bfloat16, 1),
+    ("mixed", 1, 8, None, torch.bfloat16, 1),
+    ("mixed", 2, 16, None, torch.float32, 2),
+    ("mixed", 4, 8, 6, torch.float32, 1),
+    ("mixed", 2, 8, 11, torch.bfloat16, 4),
+]
+
+
+def _check_kernel(scenario, gqa, block_size, window, dtype, splits, head_dim: int = 64, tile_n: int = 32) -> None:
+    spec = SCENARIOS[scenario]
+    q, kc, vc, meta, _ = make_case(spec, gqa, block_size, dtype, head_dim, DEVICE, seed=gqa * 7 + block_size)
+    scale = head_dim ** -0.5
+    got = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=tile_n)
+    want = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, scale, window)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("scenario,gqa,block_size,window,dtype,splits", KERNEL_CASES,
+                         ids=[f"{c[0]}-g{c[1]}-bs{c[2]}-w{c[3]}-{str(c[4])[6:]}-s{c[5]}" for c in KERNEL_CASES])
+def test_triton_matches_reference(scenario, gqa, block_size, window, dtype, splits) -> None:
+    _check_kernel(scenario, gqa, block_size, window, dtype, splits)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_triton_small_and_padded_head_dims(head_dim: int) -> None:
+    """head_dim 16 (the test models') and a non-power of two (padded, masked loads)."""
+    _check_kernel("mixed", 2, 8, None, torch.float32, 2, head_dim=head_dim, tile_n=16)
+
+
+def test_triton_backend_through_registry() -> None:
+    spec = SCENARIOS["mixed"]
+    q, kc, vc, meta, _ = make_case(spec, 2, 16, torch.float32, device=DEVICE)
+    backend = get_attention_backend("triton", torch.device(DEVICE))
+    got = backend.forward(q, kc, vc, meta, 0.125, None)
+    torch.testing.assert_close(got, paged_attention_ref(q, kc, vc, meta, 0.125), **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_on_cuda(dtype: torch.dtype, head_dim: int) -> None:
+    """The same kernels compiled on a GPU, bigger shapes, the split heuristic and forced splits."""
+    spec = [(1, 700), (1, 1500), (1, 33), (37, 300), (130, 130)]
+    for splits in (None, 1, 8):
+        for window in (None, 100):
+            q, kc, vc, meta, _ = make_case(spec, 4, 16, dtype, head_dim, "cuda", seed=3)
+            got = paged_attention(q, kc, vc, meta, head_dim ** -0.5, window, num_splits=splits)
+            want = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, head_dim ** -0.5, window)
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(got.float(), want, **tol)
