@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LORA_BACKENDS = ("torch", "triton", "auto")  # loraplex.lora.backends.base registers them
+_ATTENTION_BACKENDS = ("torch", "triton", "auto")  # loraplex.attention.registry registers them
 
 
 def _doc(default: Any, help: str, env: Optional[str] = None) -> Any:
@@ -73,6 +74,9 @@ class CacheConfig:
     gpu_memory_utilization: float = _doc(0.90, "CUDA: share of the GPU's total memory, in (0, 1], that "
                                                "weights, activations and the KV cache may fill")
     cpu_kv_cache_gib: float = _doc(4.0, "CPU: memory for the KV cache, in GiB")
+    attention_backend: str = _doc("auto", "paged attention: torch (reference, any device), triton (kernels that "
+                                          "read the paged cache in place, CUDA) or auto (triton on CUDA when it "
+                                          "imports, else torch)")
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -81,6 +85,8 @@ class CacheConfig:
         _require(0 < self.gpu_memory_utilization <= 1,
                  f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        _require(self.attention_backend in _ATTENTION_BACKENDS,
+                 f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,22 @@ class SchedulerConfig:
 
     max_num_seqs: int = _doc(64, "most sequences running at once (the batch of a decode step)")
     max_num_batched_tokens: Optional[int] = _doc(None, "most tokens in one engine step, prompts and decodes "
-                                                       "together; at least max_model_len (None: "
-                                                       "max(max_model_len, 2048))")
+                                                       "together (None: max(2048, max_num_seqs) with chunked "
+                                                       "prefill, else max(max_model_len, 2048)); without "
+                                                       "chunked prefill at least max_model_len")
+    enable_chunked_prefill: bool = _doc(True, "split long prompts into chunks that share steps with running "
+                                              "decodes, filling each step's token budget decodes first "
+                                              "(--no-enable-chunked-prefill: every prompt in one step)")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                  f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        # Every running sequence decodes one token each step, within the step's token budget.
+        _require(not self.enable_chunked_prefill or self.max_num_batched_tokens is None
+                 or self.max_num_batched_tokens >= self.max_num_seqs,
+                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                 f"({self.max_num_seqs}) with chunked prefill: each step decodes one token per running sequence")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The engine: add requests, step the model, collect outputs.
 
 ``LLMEngine`` owns the model runner, the scheduler, the adapter pool and the
-sampler. ``step()`` runs one batch (prefills and decodes together) and returns
-the outputs of every request it touched; finished ones have ``finished=True``.
+sampler. ``step()`` runs one batch (prefill chunks and decodes together) and
+returns the outputs of every request that got a token (a prompt chunk that ends
+inside its prompt gives none); finished ones have ``finished=True``.
 Bad requests are refused in ``add_request`` with :class:`InvalidRequestError`
 (or :class:`AdapterError` when the adapter's folder cannot be read again); a
 request that was accepted runs to the end with the adapter version it started with.
@@ -23,7 +24,8 @@ from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
-from loraplex.engine.sampler import Sampler, apply_min_tokens, make_generator, prompt_logprobs
+from loraplex.engine.sampler import (Sampler, apply_min_tokens, compute_logprobs, make_generator,
+                                     prompt_logprobs)
 from loraplex.engine.scheduler import Scheduler
 from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora.backends.base import get_backend
@@ -102,15 +104,20 @@ class LLMEngine:
             self.mm_processor = MultiModalProcessor(mc.model, model, mc.max_image_pixels)
 
         sc = config.scheduler_config
-        self.max_num_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_model_len ({self.max_model_len}): prompts are prefilled in one step")
+        if sc.enable_chunked_prefill:  # vLLM's default budget with chunked prefill (SchedulerConfig checks >= seqs)
+            self.max_num_batched_tokens = sc.max_num_batched_tokens or max(2048, sc.max_num_seqs)
+        else:
+            self.max_num_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
+            if self.max_num_batched_tokens < self.max_model_len:
+                raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                                 f"max_model_len ({self.max_model_len}) without chunked prefill: prompts are "
+                                 "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
         num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
         self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
-        self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
+                                   sc.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, mc.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -243,27 +250,49 @@ class LLMEngine:
         batch = self.runner.prepare(sched.seqs)
         logits = self.runner.execute(batch)  # (R, padded vocab) float32
 
-        reqs = [s.req for s in sched.seqs]
-        sample_rows = torch.tensor([a + n - 1 for a, n in batch.logits_spans], device=logits.device)
-        raw = logits[sample_rows]  # logprobs are reported from the raw logits, before min_tokens masking
-        held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
-        sample_logits = raw.clone() if held else raw
-        for i in held:
-            apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
-        # one device-to-host copy brings the tokens and the logprobs of the rows that asked
-        tokens, lps = self.sampler.sample_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
-                                               raw_logits=raw)
-        for s, (a, n), tok, lp in zip(sched.seqs, batch.logits_spans, tokens, lps):
-            req = s.req
-            if n > 1:  # first prefill of a request that asked for prompt logprobs
-                req.prompt_logprobs = prompt_logprobs(logits[a:a + n], req.visible_prompt_token_ids,
-                                                      req.params.prompt_logprobs, self.vocab_size)
-            req.num_computed_tokens += s.num_new_tokens
+        # Only a sequence whose step reaches its last token samples: a prompt chunk that ends inside the
+        # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
+        sampling = [i for i, s in enumerate(sched.seqs) if s.samples]
+        prompt_lp = [s.prompt_logprobs for s in sched.seqs]  # before this step's logprobs are stored
+        reqs = [sched.seqs[i].req for i in sampling]
+        tokens: list[int] = []
+        lps: list[Optional[dict]] = []
+        if sampling:
+            spans = [batch.logits_spans[i] for i in sampling]
+            sample_rows = torch.tensor([a + n - 1 for a, n in spans], device=logits.device)
+            raw = logits[sample_rows]  # logprobs are reported from the raw logits, before min_tokens masking
+            held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
+            sample_logits = raw.clone() if held else raw
+            for i in held:
+                apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
+            # one device-to-host copy brings the tokens and the logprobs of the rows that asked
+            tokens, lps = self.sampler.sample_step(sample_logits, [r.params for r in reqs],
+                                                   [r.generator for r in reqs], raw_logits=raw)
+        for s, (a, n), wants in zip(sched.seqs, batch.logits_spans, prompt_lp):
+            if wants:  # a chunk (or all) of the prompt of a request that asked for prompt logprobs
+                self._add_prompt_logprobs(s.req, s.start, logits[a:a + n])
+            s.req.num_computed_tokens += s.num_new_tokens
+        for req, tok, lp in zip(reqs, tokens, lps):
             self._append_token(req, tok, lp)
             if req.finished:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.to_delta() if self.output_deltas else req.to_output())
         return outputs
+
+    def _add_prompt_logprobs(self, req: Request, start: int, rows: torch.Tensor) -> None:
+        """Prompt logprobs from the logits ``rows`` (n, V) of the prompt chunk at ``start`` (row i predicts
+        prompt token start + i + 1), gathered until the prompt is done and then published whole."""
+        prompt = req.visible_prompt_token_ids
+        if start == 0 and rows.shape[0] >= len(prompt):  # the whole prompt in one step
+            req.prompt_logprobs = prompt_logprobs(rows, prompt, req.params.prompt_logprobs, self.vocab_size)
+            return
+        done = req.partial_prompt_logprobs
+        del done[start + 1:]  # entries 0..start stay (a chunk recomputed after preemption replaces the rest)
+        end = min(start + rows.shape[0], len(prompt) - 1)  # the last prompt entry this chunk gives
+        done.extend(compute_logprobs(rows[:end - start], prompt[start + 1:end + 1],
+                                     [req.params.prompt_logprobs] * (end - start), self.vocab_size))
+        if end == len(prompt) - 1:
+            req.prompt_logprobs, req.partial_prompt_logprobs = done, [None]
 
     def _append_token(self, req: Request, tok: int, lp: Optional[dict]) -> None:
         if req.first_token_time is None:

@@ -94,7 +94,7 @@ class ModelRunner:
             token_slots.extend([req.slot] * s.num_new_tokens)
             qlens.append(s.num_new_tokens)
             ctx_lens.append(s.start + s.num_new_tokens)
-            if s.start == 0 and req.wants_prompt_logprobs:
+            if s.prompt_logprobs:  # every prompt position of the chunk
                 rows = list(range(base, base + s.num_new_tokens))
             else:
                 rows = [base + s.num_new_tokens - 1]
@@ -151,7 +151,7 @@ class ModelRunner:
             attn=attn,
             lora=LoRABatch.from_row_slots(token_slots, dev) if has_lora else None,
             lora_logits=LoRABatch.from_row_slots(logits_row_slots, dev) if has_lora else None,
-            multimodal=gather_images(seqs),  # images of sequences prefilled now (always whole prompts)
+            multimodal=gather_images(seqs),  # images whose placeholders are in this step (never split)
         )
         return PreparedBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),

@@ -35,6 +35,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: Optional[list[PositionLogprobs]] = [] if params.logprobs is not None else None
         self.prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+        # prompt logprobs of the chunks prefilled so far (entry i: prompt token i), published when complete
+        self.partial_prompt_logprobs: list[Optional[PositionLogprobs]] = [None]
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache

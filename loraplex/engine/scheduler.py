@@ -8,6 +8,14 @@ produced). Then waiting requests are admitted in arrival order while the
 sequence, token and block budgets allow and an adapter slot can be had; a
 request whose adapter cannot get a slot is passed over for now, not failed.
 Prefills and decodes share the batch.
+
+With chunked prefill the step's token budget is filled decodes first, then
+prompt chunks: first the chunk of the partially prefilled request (it stays
+ahead of every new one, FCFS), then new requests, the last of which may get
+only the first chunk of its prompt. A chunk never splits an image's
+placeholder block: a block cut by the budget moves the chunk's end before it,
+and a block that starts the chunk goes whole, even past the budget. Without
+chunked prefill a prompt is admitted only when it fits the step whole.
 """
 
 from __future__ import annotations
@@ -24,8 +32,20 @@ from loraplex.lora.pool import LoRAPool
 @dataclass
 class ScheduledSeq:
     req: Request
-    num_new_tokens: int  # tokens to compute this step (prefill: the whole uncomputed tail)
+    num_new_tokens: int  # tokens to compute this step (a decode: 1; a prefill: a chunk of the uncomputed tail)
     start: int  # index of the first new token in req.all_token_ids
+
+    @property
+    def samples(self) -> bool:
+        """Whether the step computes the request's last token so far, and so samples its next one (a chunk
+        that ends inside the prompt samples nothing). Read it before the sampled token is appended."""
+        return self.start + self.num_new_tokens == self.req.num_tokens
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether every new token needs a logits row: the step holds prompt positions of a request that
+        asked for prompt logprobs and does not have them yet."""
+        return self.req.wants_prompt_logprobs and self.start < len(self.req.prompt_token_ids)
 
 
 @dataclass
@@ -36,11 +56,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, pool: Optional[LoRAPool], max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, chunked_prefill: bool = False) -> None:
         self.allocator = allocator
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -61,14 +82,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput([], [])
         budget = self.max_num_batched_tokens
-        # 1. Decodes of running requests; preempt from the back when blocks run out.
+        # 1. Decodes of running requests; preempt from the back when blocks run out (partially prefilled
+        #    requests, set aside for step 2, are preempted after the later decodes).
         decodes: list[Request] = []
+        prefilling: list[Request] = []
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
+            if req.num_tokens - req.num_computed_tokens > 1:  # only with chunked prefill
+                prefilling.append(req)
+                continue
             need = self.allocator.blocks_needed(req.num_tokens, len(req.block_table))
             while not self.allocator.can_allocate(need):
-                victim = queue.pop() if queue else None
+                victim = queue.pop() if queue else prefilling.pop() if prefilling else None
                 if victim is None:
                     break
                 self._preempt(victim, out)
@@ -77,19 +103,30 @@ class Scheduler:
                 continue
             req.block_table.extend(self.allocator.allocate(need))
             decodes.append(req)
-        self.running = decodes
+        self.running = [r for r in self.running if r.status is Status.RUNNING]  # admission order
         for req in decodes:
             n = req.num_tokens - req.num_computed_tokens
             out.seqs.append(ScheduledSeq(req, n, req.num_computed_tokens))
             budget -= n
 
-        # 2. Admit waiting requests (FCFS, passing over those whose adapter has no slot).
+        # 2. The next chunk of each partially prefilled request; until its prompt is done no new one starts.
+        blocked = False
+        for req in prefilling:
+            n = self._take_chunk(req, budget)
+            if n:
+                out.seqs.append(ScheduledSeq(req, n, req.num_computed_tokens))
+                budget -= n
+            blocked = blocked or req.num_computed_tokens + n < req.num_tokens
+
+        # 3. Admit waiting requests (FCFS, passing over those whose adapter has no slot).
         passed: list[Request] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and not blocked:
             req = self.waiting.popleft()
-            n = req.num_tokens
-            need = self.allocator.blocks_needed(n)
-            if n > budget or not self.allocator.can_allocate(need):
+            if self.chunked_prefill:
+                n = self._chunk_len(req, budget)
+            else:
+                n = req.num_tokens if req.num_tokens <= budget else 0
+            if n == 0 or not self.allocator.can_allocate(self.allocator.blocks_needed(n)):
                 self.waiting.appendleft(req)
                 break
             slot = -1
@@ -100,16 +137,40 @@ class Scheduler:
                     continue
                 slot = got
             req.slot = slot
-            req.block_table = self.allocator.allocate(need)
+            req.block_table = self.allocator.allocate(self.allocator.blocks_needed(n))
             req.num_computed_tokens = 0
             req.status = Status.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, 0))
             budget -= n
+            blocked = n < req.num_tokens
         self.waiting.extendleft(reversed(passed))
         # Group sequences by adapter slot so LoRA segments are as long as possible.
         out.seqs.sort(key=lambda s: s.req.slot)
         return out
+
+    def _chunk_len(self, req: Request, budget: int) -> int:
+        """Tokens of the next prefill chunk of ``req``: at most ``budget``, and no more than the free KV blocks
+        (plus those it holds) can take; an image block is never split (see the module docstring). 0: none fits."""
+        start = req.num_computed_tokens
+        room = (len(req.block_table) + self.allocator.num_free) * self.allocator.block_size
+        end = min(req.num_tokens, start + budget, room)
+        if end <= start:
+            return 0
+        if req.mm is not None:
+            for img in sorted(req.mm.images, key=lambda im: im.offset):
+                first, last = img.offset, img.offset + img.length
+                if first < end < last:
+                    end = first if first > start else last
+        return end - start if end <= room else 0
+
+    def _take_chunk(self, req: Request, budget: int) -> int:
+        """Size the next chunk of running ``req`` and allocate its KV blocks; returns its length (0: it waits)."""
+        n = self._chunk_len(req, budget)
+        if n:
+            need = self.allocator.blocks_needed(req.num_computed_tokens + n, len(req.block_table))
+            req.block_table.extend(self.allocator.allocate(need))
+        return n
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self._free(req)

@@ -1,8 +1,9 @@
 """The multimodal part of one step's batch, built by the model runner.
 
-Prompts are always prefilled whole (also when a preempted request is recomputed), so every image of a
-sequence prefilled this step lies inside the step: its features are computed and merged in the same
-forward. Images are listed in flat-batch order, which is the order of their placeholder positions.
+A prompt may be prefilled in chunks, but the scheduler never splits an image's placeholder block across
+chunks, so every image lies wholly inside the step that holds its positions: its features are computed and
+merged in that forward. Images are listed in flat-batch order, which is the order of their placeholder
+positions.
 """
 
 from __future__ import annotations
