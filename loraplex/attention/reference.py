@@ -53,7 +53,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         keys = k_cache[blocks].reshape(nblk * bs, KVH, D)[:L]  # (L, KVH, D)
         vals = v_cache[blocks].reshape(nblk * bs, KVH, D)[:L]
         mask = None
-        if n > 1 or sliding_window is not None:
+        causal = n == L and n > 1 and sliding_window is None  # a whole prompt: the plain causal mask
+        if not causal and (n > 1 or sliding_window is not None):
             qpos = torch.arange(L - n, L, device=q.device).view(n, 1)
             kpos = torch.arange(L, device=q.device).view(1, L)
             mask = kpos <= qpos  # (n, L)
@@ -62,7 +63,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1).to(keys.dtype),  # (H, n, D)
             keys.transpose(0, 1), vals.transpose(0, 1),  # (KVH, L, D)
-            attn_mask=mask, scale=scale, enable_gqa=gqa)
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
         out[s:e] = o.transpose(0, 1).to(out.dtype)
     return out
 

@@ -1,7 +1,7 @@
 """Builds the model, sizes and binds the KV cache, and runs one batch.
 
 ``prepare`` turns the scheduled sequences into flat tensors: token ids,
-positions, KV slot mapping, the padded attention layout, the LoRA slot of every
+positions, the flat attention layout (KV slot mapping, block tables, lengths), the LoRA slot of every
 token and of every logits row, and which hidden rows need logits (the last new
 token of each sequence, plus every prompt position of sequences that asked for
 prompt logprobs on their first prefill).
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from loraplex.config import EngineConfig
-from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_context
+from loraplex.attention.metadata import AttentionMetadata
+from loraplex.attention.registry import get_attention_backend
+from loraplex.engine.context import ForwardContext, forward_context
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
@@ -66,16 +68,16 @@ class ModelRunner:
         return sum(2 * block_size * m.num_kv_heads * m.head_dim * elem for m in layers)
 
     def _bind_kv_cache(self) -> None:
+        backend = get_attention_backend(self.config.cache_config.attention_backend, self.device)
         for m in self.attn_layers:
+            m.backend = backend
             shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
             m.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             m.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:
-        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         token_slots: list[int] = []
         logits_rows: list[int] = []
         logits_row_slots: list[int] = []
@@ -89,8 +91,6 @@ class ModelRunner:
             ids.extend(toks)
             pos = range(s.start, s.start + s.num_new_tokens)
             positions.extend(pos)
-            table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
             token_slots.extend([req.slot] * s.num_new_tokens)
             qlens.append(s.num_new_tokens)
             ctx_lens.append(s.start + s.num_new_tokens)
@@ -102,48 +102,8 @@ class ModelRunner:
             logits_rows.extend(rows)
             logits_row_slots.extend([req.slot] * len(rows))
 
-        B = len(seqs)
-        max_q = max(qlens)
-        max_blocks = max(len(s.req.block_table) for s in seqs)
-        query_index = torch.full((B, max_q), -1, dtype=torch.int64)
-        query_pos = torch.zeros((B, max_q), dtype=torch.int64)
-        tables = torch.zeros((B, max_blocks), dtype=torch.int64)
-        off = 0
-        for b, s in enumerate(seqs):
-            n = s.num_new_tokens
-            query_index[b, :n] = torch.arange(off, off + n)
-            query_pos[b, :n] = torch.arange(s.start, s.start + n)
-            tables[b, :len(s.req.block_table)] = torch.tensor(s.req.block_table, dtype=torch.int64)
-            off += n
-
         dev = self.device
-        ctx_t = torch.tensor(ctx_lens, dtype=torch.int64)
-
-        def group(rows: list[int]) -> AttentionMetadata:
-            r = torch.tensor(rows, dtype=torch.int64)
-            q = max(qlens[i] for i in rows)
-            blocks = max(len(seqs[i].req.block_table) for i in rows)
-            return AttentionMetadata(
-                slot_mapping=torch.empty(0, dtype=torch.int64, device=dev),
-                block_tables=tables[r, :blocks].to(dev), context_lens=ctx_t[r].to(dev),
-                query_index=query_index[r, :q].to(dev), query_pos=query_pos[r, :q].to(dev),
-                max_context_len=max(ctx_lens[i] for i in rows),
-                prefill_only=all(seqs[i].start == 0 for i in rows))
-
-        decodes = [b for b, n in enumerate(qlens) if n == 1]
-        groups: tuple[AttentionMetadata, ...] = ()
-        if decodes and len(decodes) < B:
-            groups = (group(decodes), group([b for b, n in enumerate(qlens) if n > 1]))
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
-            block_tables=tables.to(dev),
-            context_lens=ctx_t.to(dev),
-            query_index=query_index.to(dev),
-            query_pos=query_pos.to(dev),
-            max_context_len=max(ctx_lens),
-            prefill_only=all(s.start == 0 for s in seqs),
-            groups=groups,
-        )
+        attn = AttentionMetadata.build(qlens, ctx_lens, [x.req.block_table for x in seqs], self.block_size, dev)
         has_lora = any(s.req.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)
         ctx = ForwardContext(
