@@ -28,12 +28,13 @@ import triton
 import triton.language as tl
 
 from loraplex.attention.metadata import AttentionMetadata
-from loraplex.kernels.common import INTERPRET, dot_precision, num_sms
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# seq_begin / num_seqs start loop-carried values of the binary search: never specialised into constants
+@triton.jit(do_not_specialize=["seq_begin", "num_seqs"])
 def _unified_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
     qk_scale, seq_begin, num_seqs, window,
@@ -205,6 +206,11 @@ def _reduce_kernel(
     tl.store(out_ptr + q_row * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+_launch_unified = Launcher(_unified_kernel)
+_launch_decode_split = Launcher(_decode_split_kernel)
+_launch_reduce = Launcher(_reduce_kernel)
+
+
 def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                   device: Optional[torch.device] = None) -> int:
     """Splits of the context for the decode kernel (1: the unified kernel takes the decodes): enough
@@ -250,16 +256,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_m = max(16, g_pad)
         part = torch.empty(nd, H, num_splits, d_pad, dtype=torch.float32, device=q.device)
         stats = torch.empty(nd, H, num_splits, 2, dtype=torch.float32, device=q.device)
-        _decode_split_kernel[(nd, KVH, num_splits)](
-            q, k_cache, v_cache, part, stats, meta.query_start_loc, meta.seq_lens, tables,
-            qk_scale, window, H,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
-            HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
-            BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET,
+        _launch_decode_split(
+            (nd, KVH, num_splits),
+            (q, k_cache, v_cache, part, stats, meta.query_start_loc, meta.seq_lens, tables,
+             qk_scale, window, H,
+             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
+            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
+                 BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
+                 UPCAST=INTERPRET),
             num_warps=4)
-        _reduce_kernel[(nd, H)](part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1),
-                                HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits, num_warps=4)
+        _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
+                       dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
         seq_begin = nd
         if nd == B:
             return out
@@ -271,14 +279,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(16, block_q * g_pad)
     tokens = T - seq_begin  # an upper bound of the rows of sequences seq_begin.. (decodes first: one each)
     grid = (tokens // block_q + (B - seq_begin), KVH)
-    _unified_kernel[grid](
-        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, tables,
-        qk_scale, seq_begin, B, window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
-        HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-        BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET,
+    _launch_unified(
+        grid,
+        (q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, tables,
+         qk_scale, seq_begin, B, window,
+         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
+        dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
+             BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET),
         num_warps=4)
     return out
 
