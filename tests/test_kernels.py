@@ -229,7 +229,7 @@ def test_wrapper_triton_matches_torch(base_name) -> None:
     slots = [-1, 1, 1, -1, 0, 1, 2, 2]  # slot 0 holds nothing; slot 2 holds the second adapter
     n = len(slots)
     z = torch.zeros(n, dtype=torch.int64, device=DEVICE)
-    attn = AttentionMetadata(z, z.view(n, 1), z, z.view(n, 1), z.view(n, 1), 1)
+    attn = AttentionMetadata.build([1] * n, [1] * n, [[0]] * n, 1, DEVICE)  # n one-token sequences
     lb = LoRABatch.from_row_slots(slots, DEVICE)
     ctx = ForwardContext(positions=z, attn=attn, lora=lb, lora_logits=lb)
     is_emb = base_cls.__name__ == "VocabParallelEmbedding"

@@ -159,7 +159,7 @@ def _embedding_setup(adapter_scale: float):
     ids = torch.tensor([5, 99, n + 7, n + 7, n + 7, 3, 1_000_123, 1_000_123, 42])
     features = torch.randn(5, 16)
     z = torch.zeros(len(ids), dtype=torch.int64)
-    attn = AttentionMetadata(z, z.view(-1, 1), z, z.view(-1, 1), z.view(-1, 1), 1)
+    attn = AttentionMetadata.build([1] * len(ids), [1] * len(ids), [[0]] * len(ids), 1, z.device)
     batch = LoRABatch.from_row_slots([0] * len(ids), torch.device("cpu"))
     ctx = ForwardContext(positions=z, attn=attn, lora=batch, lora_logits=batch)
     return base, wrapper, ids, features, ctx

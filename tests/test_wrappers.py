@@ -70,7 +70,7 @@ def test_missing_attribute_still_raises() -> None:
 def _ctx(slots: list[int]) -> ForwardContext:
     n = len(slots)
     z = torch.zeros(n, dtype=torch.int64)
-    attn = AttentionMetadata(z, z.view(n, 1), z, z.view(n, 1), z.view(n, 1), 1)
+    attn = AttentionMetadata.build([1] * n, [1] * n, [[0]] * n, 1, z.device)  # n one-token sequences
     b = LoRABatch.from_row_slots(slots, torch.device("cpu"))
     return ForwardContext(positions=z, attn=attn, lora=b, lora_logits=b)
 
