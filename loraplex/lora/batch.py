@@ -63,6 +63,12 @@ class LoRABatch:
         """Adapter slots of this batch (every LoRA layer asks, once per forward)."""
         return frozenset(s for s in self.seg_slots if s >= 0)
 
+    @functools.cached_property
+    def plans(self) -> dict:
+        """Memo for work plans a backend derives from this batch on the host (the torch backend's
+        slot-grouped tiles, one per set of slots a layer holds weights for); it lives as long as the batch."""
+        return {}
+
     def tiles_for(self, block_m: int) -> torch.Tensor:
         """The work list for any tile height. Copies to the device unless it is one of the batch's own:
         call it outside a forward."""

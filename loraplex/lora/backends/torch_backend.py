@@ -1,56 +1,189 @@
-"""Reference LoRA backend in plain PyTorch: one matmul pair per segment.
+"""Reference LoRA backend in plain PyTorch: a few batched matmuls per module, no loop over segments.
 
 Works on CPU and CUDA; it is the numerical reference for the Triton kernels.
-Each slot's true rank per slice is used (``A[slot, :r]``; rank 0 = no weights),
-so zero padding and untargeted slices cost nothing. ``buf`` is (T, slices,
-max_rank) in the input's dtype, zero on rows it does not compute.
+The rows of a layer's slots are grouped by slot once per batch (:func:`plan_tiles`, memoised on the
+batch): each slot's rows are cut into tiles of ``h`` rows, the last one padded by repeating a real row,
+so that one ``bmm`` over the tiles computes every slot at once, with each tile's weights gathered by
+slot. Rows of the base model (slot -1) and of slots without weights in the layer are in no tile and are
+never written, so they stay bit-exact. Ranks are padded to the largest rank among the tiles' slots; the
+stack is zero beyond each slot's rank and in untargeted slices, so the padding adds exact zeros.
+``buf`` is (T, slices, max_rank) in the input's dtype, zero on rows it does not compute.
+
+Rounding follows PEFT's ``lora_B(lora_A(x)) * scaling`` added to the base output: the expand multiplies
+the matmul result by the scale (in float32, as a Python float scale does) and rounds to the layer's
+dtype before the one addition.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
 
+# A tile whose weights are gathered (rather than sliced from the stack) costs about this many padded rows.
+TILE_COST = 8
 
-def _segments(batch: LoRABatch):
+
+@dataclass
+class TilePlan:
+    """Rows of the slots ``slots`` grouped into ``tiles`` tiles of ``rows`` rows each (device tensors).
+
+    ``gather`` (tiles * rows,): the batch row read into each padded position (None: the identity, every
+    batch row in order and no padding); ``keep`` (n,): the padded positions that hold real rows (None: all
+    of them); ``dst`` (n,) and ``dst_slot`` (n,): the batch row and slot of each kept position;
+    ``tile_slots`` (tiles,): the slot of each tile. ``first_slot``: when the tiles are the consecutive
+    slots ``first_slot, first_slot + 1, ...`` (one tile each), their weights are a slice of the stack
+    rather than a gather.
+    """
+
+    slots: tuple[int, ...]
+    tiles: int
+    rows: int
+    gather: Optional[torch.Tensor]
+    keep: Optional[torch.Tensor]
+    dst: torch.Tensor
+    dst_slot: torch.Tensor
+    tile_slots: torch.Tensor
+    first_slot: Optional[int]
+
+
+def _layout(slots: tuple[int, ...], counts: list[int]) -> tuple[int, bool]:
+    """Rows per tile, and whether the weights are sliced from the stack (one tile per slot, the slots
+    consecutive) rather than gathered.
+
+    Cost in padded rows, each gathered tile counting ``TILE_COST`` more: tiles of the largest group (one
+    per slot; decode) or of a power of two below it (one long prompt among short ones). A slot range with
+    gaps is gathered: slicing it would read the weights of the slots between (measured slower on CPU).
+    ``slots`` ascending, ``counts`` their rows."""
+    top = max(counts)
+    sliced = slots[-1] - slots[0] + 1 == len(slots)
+    best, best_h = len(slots) * (top + (0 if sliced else TILE_COST)), top
+    h = top
+    while h > 1:
+        h = h // 2 if h & (h - 1) == 0 else 1 << (h.bit_length() - 1)  # powers of two below top
+        cost = sum(-(-c // h) for c in counts) * (h + TILE_COST)
+        if cost < best:
+            best, best_h, sliced = cost, h, False
+    return best_h, sliced
+
+
+def plan_tiles(batch: LoRABatch, slots: tuple[int, ...], rows: Optional[int] = None,
+               sliced: Optional[bool] = None) -> TilePlan:
+    """The tiles of the rows of ``slots`` (ascending, each with rows in the batch), memoised on the batch.
+    ``rows`` / ``sliced`` force the layout (tests); by default :func:`_layout` picks it (slicing needs
+    consecutive slots and one tile each; otherwise the weights are gathered)."""
+    key = ("tiles", slots, rows, sliced)
+    plan = batch.plans.get(key)
+    if plan is not None:
+        return plan
+    wanted = set(slots)
+    by_slot: dict[int, list[int]] = {s: [] for s in slots}
     for s, e, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-        if slot >= 0:
-            yield s, e, slot
+        if slot in wanted:
+            by_slot[slot].extend(range(s, e))
+    counts = [len(r) for r in by_slot.values()]
+    h, auto_sliced = _layout(slots, counts)
+    h = rows or h
+    if sliced is None:
+        sliced = auto_sliced if rows is None else h >= max(counts)
+    sliced = sliced and h >= max(counts) and slots[-1] - slots[0] + 1 == len(slots)
+    gather: list[int] = []
+    keep: list[int] = []
+    dst: list[int] = []
+    dst_slot: list[int] = []
+    tile_slots: list[int] = []
+    for slot, rs in by_slot.items():
+        for j in range(0, len(rs), h):
+            chunk = rs[j:j + h]
+            keep.extend(range(len(gather), len(gather) + len(chunk)))
+            dst.extend(chunk)
+            dst_slot.extend([slot] * len(chunk))
+            gather.extend(chunk + [chunk[-1]] * (h - len(chunk)))  # padding repeats a real row
+            tile_slots.append(slot)
+    n, padded = len(dst), len(gather)
+    identity = padded == batch.num_rows and gather == list(range(padded))
+    # One host buffer, one copy to the device: gather | keep | dst | dst_slot | tile_slots.
+    packed = torch.tensor(gather + keep + dst + dst_slot + tile_slots, dtype=torch.int64)
+    packed = packed.to(batch.token_slots.device)
+    a, b, c, d = padded, padded + n, padded + 2 * n, padded + 3 * n
+    plan = TilePlan(slots=slots, tiles=len(tile_slots), rows=h,
+                    gather=None if identity else packed[:a],
+                    keep=None if n == padded else packed[a:b],
+                    dst=packed[b:c], dst_slot=packed[c:d], tile_slots=packed[d:],
+                    first_slot=slots[0] if sliced else None)
+    batch.plans[key] = plan
+    return plan
 
 
-def shrink_reference(x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
-    """``buf[t, i, :r] = x[t] @ A_i[slot(t), :r].T``; (T, in) -> (T, slices, max_rank), zero elsewhere."""
+def _plan(w: LoRAStack, batch: LoRABatch, rows: Optional[int], sliced: Optional[bool]
+          ) -> tuple[Optional[TilePlan], int]:
+    """The plan for the batch's slots that hold weights in ``w`` (None: no row to compute), and the
+    largest rank among them over every slice; memoised on the batch per stack (ranks change only
+    between forwards)."""
+    key = (id(w), rows, sliced)
+    got = batch.plans.get(key)
+    if got is None:
+        slots = tuple(s for s in sorted(batch.used_slots) if any(rk[s] for rk in w.ranks))
+        rank = max((rk[s] for rk in w.ranks for s in slots), default=0)
+        got = batch.plans[key] = (plan_tiles(batch, slots, rows, sliced) if slots else None), rank
+    return got
+
+
+def _per_tile(t: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """``t`` (slots, ...) -> (tiles, ...): the tiles' slots, sliced when consecutive, else gathered."""
+    if plan.first_slot is not None:
+        return t[plan.first_slot:plan.first_slot + plan.tiles]
+    return t.index_select(0, plan.tile_slots)
+
+
+def shrink_reference(x: torch.Tensor, w: LoRAStack, batch: LoRABatch, rows: Optional[int] = None,
+                     sliced: Optional[bool] = None) -> torch.Tensor:
+    """``buf[t, i, :r] = x[t] @ A_i[slot(t), :r].T``; (T, in) -> (T, slices, max_rank), zero elsewhere.
+    ``rows`` / ``sliced``: force the tile layout (any layout gives the same result up to float rounding)."""
     buf = x.new_zeros(x.shape[0], w.num_slices, w.max_rank)  # (tokens, slices, rank)
-    for s, e, slot in _segments(batch):
-        for i, a in enumerate(w.a_slices):
-            r = w.ranks[i][slot]
-            if r:
-                buf[s:e, i, :r] = x[s:e] @ a[slot, :r].T
+    plan, r = _plan(w, batch, rows, sliced)
+    if plan is None:
+        return buf
+    k, h = plan.tiles, plan.rows
+    xt = (x if plan.gather is None else x.index_select(0, plan.gather)).reshape(k, h, -1)
+    parts = [torch.bmm(xt, _per_tile(a[:, :r], plan).transpose(1, 2)) for a in w.a_slices]  # (tiles, h, r) each
+    out = (parts[0] if len(parts) == 1 else torch.stack(parts, dim=2)).view(k * h, w.num_slices, r)
+    if plan.keep is not None:
+        out = out.index_select(0, plan.keep)
+    (buf if r == w.max_rank else buf[:, :, :r]).index_copy_(0, plan.dst, out)
     return buf
 
 
-def expand_reference(y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+def expand_reference(y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+                     rows: Optional[int] = None, sliced: Optional[bool] = None) -> None:
     """``y[t, off_i:off_i+n_i] += buf[t, i, :r] @ B_i[slot(t), :, :r].T * scale_i[slot(t)]``, in place."""
-    for s, e, slot in _segments(batch):
-        off = 0
-        for i, (b, n) in enumerate(zip(w.b_slices, w.slices)):
-            r = w.ranks[i][slot]
-            if r:
-                y[s:e, off:off + n] += (buf[s:e, i, :r] @ b[slot, :, :r].T) * w.scales[i][slot]
-            off += n
+    plan, r = _plan(w, batch, rows, sliced)
+    if plan is None:
+        return
+    k, h = plan.tiles, plan.rows
+    bt = buf if plan.gather is None else buf.index_select(0, plan.gather)  # (padded rows, slices, max_rank)
+    scales = _per_tile(w.scales_t.T, plan).T.unsqueeze(-1).unsqueeze(-1)  # float32 (slices, tiles, 1, 1)
+    parts = [torch.bmm(bt[:, i, :r].view(k, h, r), _per_tile(b[:, :, :r], plan).transpose(1, 2)) * scales[i]
+             for i, b in enumerate(w.b_slices)]  # float32 (tiles, h, n_i): a loop over slices, not segments
+    delta = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).view(k * h, -1).to(y.dtype)
+    if plan.keep is not None:
+        delta = delta.index_select(0, plan.keep)
+    y.index_add_(0, plan.dst, delta)
 
 
-def embed_reference(y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+def embed_reference(y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+                    rows: Optional[int] = None, sliced: Optional[bool] = None) -> None:
     """``y[t] += A_t[slot(t)][ids[t], :r] @ B[slot(t), :, :r].T * scale[slot(t)]``, in place."""
-    a_t, b = w.a_slices[0], w.b_slices[0]  # (slots, vocab, rank), (slots, hidden, rank)
-    for s, e, slot in _segments(batch):
-        r = w.ranks[0][slot]
-        if r:
-            after_a = F.embedding(ids[s:e], a_t[slot, :, :r])  # (seg, r)
-            y[s:e] += (after_a @ b[slot, :, :r].T) * w.scales[0][slot]
+    plan, r = _plan(w, batch, rows, sliced)
+    if plan is None:
+        return
+    buf = y.new_zeros(y.shape[0], 1, w.max_rank)
+    buf[plan.dst, 0] = w.a[0][plan.dst_slot, ids.index_select(0, plan.dst)]  # A_t rows: zero beyond the rank
+    expand_reference(y, buf, w, batch, rows=rows, sliced=sliced)
 
 
 class TorchLoRABackend:
