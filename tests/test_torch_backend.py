@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from loraplex.lora.backends.base import LoRAStack
+from loraplex.lora.backends.base import LoRAStack, get_backend
 from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, plan_tiles, shrink_reference
 from loraplex.lora.batch import LoRABatch
 
@@ -100,6 +100,11 @@ def test_shrink_expand_equal_per_segment_definition(dtype, shape, layout) -> Non
     rows = batch.token_slots == 2  # slot 2 does not target slice 1: those columns keep their base values
     assert torch.equal(got[rows, SLICES[0]:SLICES[0] + SLICES[1]], y0[rows, SLICES[0]:SLICES[0] + SLICES[1]])
     torch.testing.assert_close(got, want, **tol)
+    if not layout:  # the backend's own buf layout (the tiles') gives the references' result
+        backend = get_backend("torch")
+        again = y0.clone()
+        backend.expand(again, backend.shrink(x, w, batch), w, batch)
+        assert torch.equal(again, got)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)

@@ -34,8 +34,9 @@ class TilePlan:
 
     ``gather`` (tiles * rows,): the batch row read into each padded position (None: the identity, every
     batch row in order and no padding); ``keep`` (n,): the padded positions that hold real rows (None: all
-    of them); ``dst`` (n,) and ``dst_slot`` (n,): the batch row and slot of each kept position;
-    ``tile_slots`` (tiles,): the slot of each tile. ``first_slot``: when the tiles are the consecutive
+    of them); ``dst`` (n,): the batch row of each kept position;
+    ``tile_slots`` (tiles,) and ``gather_slot`` (tiles * rows,): the slot of each tile and of each padded
+    position. ``first_slot``: when the tiles are the consecutive
     slots ``first_slot, first_slot + 1, ...`` (one tile each), their weights are a slice of the stack
     rather than a gather.
     """
@@ -46,8 +47,8 @@ class TilePlan:
     gather: Optional[torch.Tensor]
     keep: Optional[torch.Tensor]
     dst: torch.Tensor
-    dst_slot: torch.Tensor
     tile_slots: torch.Tensor
+    gather_slot: torch.Tensor
     first_slot: Optional[int]
 
 
@@ -94,42 +95,46 @@ def plan_tiles(batch: LoRABatch, slots: tuple[int, ...], rows: Optional[int] = N
     gather: list[int] = []
     keep: list[int] = []
     dst: list[int] = []
-    dst_slot: list[int] = []
     tile_slots: list[int] = []
     for slot, rs in by_slot.items():
         for j in range(0, len(rs), h):
             chunk = rs[j:j + h]
             keep.extend(range(len(gather), len(gather) + len(chunk)))
             dst.extend(chunk)
-            dst_slot.extend([slot] * len(chunk))
             gather.extend(chunk + [chunk[-1]] * (h - len(chunk)))  # padding repeats a real row
             tile_slots.append(slot)
     n, padded = len(dst), len(gather)
     identity = padded == batch.num_rows and gather == list(range(padded))
-    # One host buffer, one copy to the device: gather | keep | dst | dst_slot | tile_slots.
-    packed = torch.tensor(gather + keep + dst + dst_slot + tile_slots, dtype=torch.int64)
+    gather_slot = [slot for slot in tile_slots for _ in range(h)]
+    # One host buffer, one copy to the device: gather | keep | dst | tile_slots | gather_slot.
+    packed = torch.tensor(gather + keep + dst + tile_slots + gather_slot, dtype=torch.int64)
     packed = packed.to(batch.token_slots.device)
-    a, b, c, d = padded, padded + n, padded + 2 * n, padded + 3 * n
+    a, b, c, d = padded, padded + n, padded + 2 * n, padded + 2 * n + len(tile_slots)
     plan = TilePlan(slots=slots, tiles=len(tile_slots), rows=h,
                     gather=None if identity else packed[:a],
                     keep=None if n == padded else packed[a:b],
-                    dst=packed[b:c], dst_slot=packed[c:d], tile_slots=packed[d:],
+                    dst=packed[b:c], tile_slots=packed[c:d], gather_slot=packed[d:],
                     first_slot=slots[0] if sliced else None)
     batch.plans[key] = plan
     return plan
 
 
-def _plan(w: LoRAStack, batch: LoRABatch, rows: Optional[int], sliced: Optional[bool]
-          ) -> tuple[Optional[TilePlan], int]:
-    """The plan for the batch's slots that hold weights in ``w`` (None: no row to compute), and the
-    largest rank among them over every slice; memoised on the batch per stack (ranks change only
-    between forwards)."""
+def _plan(w: LoRAStack, batch: LoRABatch, rows: Optional[int] = None, sliced: Optional[bool] = None
+          ) -> tuple[Optional[TilePlan], int, Optional[torch.Tensor]]:
+    """The plan for the batch's slots that hold weights in ``w`` (None: no row to compute), the largest
+    rank among them over every slice, and the tiles' scales, float32 (slices, tiles, 1, 1); memoised on
+    the batch per stack (ranks and scales change only between forwards)."""
     key = (id(w), rows, sliced)
     got = batch.plans.get(key)
     if got is None:
         slots = tuple(s for s in sorted(batch.used_slots) if any(rk[s] for rk in w.ranks))
-        rank = max((rk[s] for rk in w.ranks for s in slots), default=0)
-        got = batch.plans[key] = (plan_tiles(batch, slots, rows, sliced) if slots else None), rank
+        if not slots:
+            got = None, 0, None
+        else:
+            plan = plan_tiles(batch, slots, rows, sliced)
+            rank = max(rk[s] for rk in w.ranks for s in slots)
+            got = plan, rank, _per_tile(w.scales_t.T, plan).T.unsqueeze(-1).unsqueeze(-1)
+        batch.plans[key] = got
     return got
 
 
@@ -140,18 +145,36 @@ def _per_tile(t: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     return t.index_select(0, plan.tile_slots)
 
 
+def _shrink_tiles(x: torch.Tensor, w: LoRAStack, plan: TilePlan, r: int) -> torch.Tensor:
+    """(T, in) -> (padded rows, slices, r): the shrink of every tile, one ``bmm`` per slice."""
+    k, h = plan.tiles, plan.rows
+    xt = (x if plan.gather is None else x.index_select(0, plan.gather)).reshape(k, h, -1)
+    parts = [torch.bmm(xt, _per_tile(a[:, :r], plan).transpose(1, 2)) for a in w.a_slices]  # (tiles, h, r) each
+    return (parts[0] if len(parts) == 1 else torch.stack(parts, dim=2)).view(k * h, w.num_slices, r)
+
+
+def _expand_tiles(y: torch.Tensor, bt: torch.Tensor, w: LoRAStack, plan: TilePlan, r: int,
+                  scales: torch.Tensor) -> None:
+    """``y`` += the expand of ``bt`` (padded rows, slices, >= r), one ``bmm`` per slice; only the tiles'
+    real rows are written (one ``index_add_``)."""
+    k, h = plan.tiles, plan.rows
+    parts = [torch.bmm(bt[:, i, :r].view(k, h, r), _per_tile(b[:, :, :r], plan).transpose(1, 2)) * scales[i]
+             for i, b in enumerate(w.b_slices)]  # float32 (tiles, h, n_i): a loop over slices, not segments
+    delta = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).view(k * h, -1).to(y.dtype)
+    if plan.keep is not None:
+        delta = delta.index_select(0, plan.keep)
+    y.index_add_(0, plan.dst, delta)
+
+
 def shrink_reference(x: torch.Tensor, w: LoRAStack, batch: LoRABatch, rows: Optional[int] = None,
                      sliced: Optional[bool] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A_i[slot(t), :r].T``; (T, in) -> (T, slices, max_rank), zero elsewhere.
     ``rows`` / ``sliced``: force the tile layout (any layout gives the same result up to float rounding)."""
     buf = x.new_zeros(x.shape[0], w.num_slices, w.max_rank)  # (tokens, slices, rank)
-    plan, r = _plan(w, batch, rows, sliced)
+    plan, r, _ = _plan(w, batch, rows, sliced)
     if plan is None:
         return buf
-    k, h = plan.tiles, plan.rows
-    xt = (x if plan.gather is None else x.index_select(0, plan.gather)).reshape(k, h, -1)
-    parts = [torch.bmm(xt, _per_tile(a[:, :r], plan).transpose(1, 2)) for a in w.a_slices]  # (tiles, h, r) each
-    out = (parts[0] if len(parts) == 1 else torch.stack(parts, dim=2)).view(k * h, w.num_slices, r)
+    out = _shrink_tiles(x, w, plan, r)
     if plan.keep is not None:
         out = out.index_select(0, plan.keep)
     (buf if r == w.max_rank else buf[:, :, :r]).index_copy_(0, plan.dst, out)
@@ -161,39 +184,40 @@ def shrink_reference(x: torch.Tensor, w: LoRAStack, batch: LoRABatch, rows: Opti
 def expand_reference(y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                      rows: Optional[int] = None, sliced: Optional[bool] = None) -> None:
     """``y[t, off_i:off_i+n_i] += buf[t, i, :r] @ B_i[slot(t), :, :r].T * scale_i[slot(t)]``, in place."""
-    plan, r = _plan(w, batch, rows, sliced)
-    if plan is None:
-        return
-    k, h = plan.tiles, plan.rows
-    bt = buf if plan.gather is None else buf.index_select(0, plan.gather)  # (padded rows, slices, max_rank)
-    scales = _per_tile(w.scales_t.T, plan).T.unsqueeze(-1).unsqueeze(-1)  # float32 (slices, tiles, 1, 1)
-    parts = [torch.bmm(bt[:, i, :r].view(k, h, r), _per_tile(b[:, :, :r], plan).transpose(1, 2)) * scales[i]
-             for i, b in enumerate(w.b_slices)]  # float32 (tiles, h, n_i): a loop over slices, not segments
-    delta = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).view(k * h, -1).to(y.dtype)
-    if plan.keep is not None:
-        delta = delta.index_select(0, plan.keep)
-    y.index_add_(0, plan.dst, delta)
+    plan, r, scales = _plan(w, batch, rows, sliced)
+    if plan is not None:
+        _expand_tiles(y, buf if plan.gather is None else buf.index_select(0, plan.gather), w, plan, r, scales)
 
 
 def embed_reference(y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                     rows: Optional[int] = None, sliced: Optional[bool] = None) -> None:
     """``y[t] += A_t[slot(t)][ids[t], :r] @ B[slot(t), :, :r].T * scale[slot(t)]``, in place."""
-    plan, r = _plan(w, batch, rows, sliced)
+    plan, r, scales = _plan(w, batch, rows, sliced)
     if plan is None:
         return
-    buf = y.new_zeros(y.shape[0], 1, w.max_rank)
-    buf[plan.dst, 0] = w.a[0][plan.dst_slot, ids.index_select(0, plan.dst)]  # A_t rows: zero beyond the rank
-    expand_reference(y, buf, w, batch, rows=rows, sliced=sliced)
+    ids_t = ids if plan.gather is None else ids.index_select(0, plan.gather)
+    bt = w.a[0][plan.gather_slot, ids_t, :r]  # rows of A_t (zero beyond each slot's rank): exact
+    _expand_tiles(y, bt.unsqueeze(1), w, plan, r, scales)
 
 
 class TorchLoRABackend:
+    """The references above, with ``buf`` in the tile layout (padded rows, slices, r) that the expand
+    reads back as is: no scatter into (T, slices, max_rank) and gather out of it between the two steps.
+    The layout is linear in the rows' contributions (padding rows repeat real ones), as row-parallel
+    layers need for the all-reduce between shrink and expand."""
+
     name = "torch"
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
-        return shrink_reference(x, w, batch)
+        plan, r, _ = _plan(w, batch)
+        if plan is None:
+            return x.new_zeros(0, w.num_slices, 0)
+        return _shrink_tiles(x, w, plan, r)
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
-        expand_reference(y, buf, w, batch)
+        plan, r, scales = _plan(w, batch)
+        if plan is not None:
+            _expand_tiles(y, buf, w, plan, r, scales)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         embed_reference(y, ids, w, batch)
