@@ -14,13 +14,12 @@ the rows' contributions).
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 import torch
 
+from loraplex.backend_registry import load_backend, resolve_auto
 from loraplex.lora.batch import LoRABatch
 
 
@@ -119,36 +118,11 @@ _BACKENDS = {
 NAMES = (*_BACKENDS, "auto")
 
 
-def triton_usable(device: Optional[torch.device]) -> bool:
-    """True when the Triton backend can run on ``device``: CUDA with triton importable (or CPU with
-    ``TRITON_INTERPRET=1``, for tests)."""
-    if device is None:
-        return False
-    device = torch.device(device)
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_backend_name(name: str, device: Optional[torch.device] = None) -> str:
     """``auto`` -> ``triton`` on CUDA when triton imports, else ``torch``; other names unchanged."""
-    if name != "auto":
-        return name
-    return "triton" if device is not None and torch.device(device).type == "cuda" and triton_usable(device) else "torch"
+    return resolve_auto(name, device)
 
 
 def get_backend(name: str, device: Optional[torch.device] = None) -> LoRABackend:
     """The backend registered as ``name`` (``auto``: see :func:`resolve_backend_name`)."""
-    if name not in NAMES:
-        raise ValueError(f"unknown LoRA backend {name!r}; available: {sorted(NAMES)}")
-    name = resolve_backend_name(name, device)
-    if name == "triton" and device is not None and not triton_usable(device):
-        raise ValueError(f"lora_backend='triton' cannot run on device {str(device)!r}: it needs a CUDA device and "
-                         "the triton package (on CPU only for tests, with TRITON_INTERPRET=1 set before triton "
-                         "is imported); use lora_backend='torch' or 'auto'")
-    module, cls = _BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)()
+    return load_backend("LoRA backend", "lora_backend", name, _BACKENDS, device)
