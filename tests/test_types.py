@@ -44,3 +44,14 @@ def test_valid_params_normalise() -> None:
     p = SamplingParams(temperature=0, stop="END", logprobs=20, seed=0, top_p=1.0, top_k=5)
     assert p.greedy and p.stop == ["END"] and p.stop_token_ids == []
     assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+def test_token_ids_at_equals_slicing_the_whole_sequence() -> None:
+    from loraplex.engine.request import Request
+
+    req = Request("r", None, [5, 6, 7, 8], SamplingParams(), None, None, frozenset(), 16)
+    req.output_token_ids.extend([9, 10, 11])
+    whole = req.all_token_ids
+    for start in range(len(whole) + 1):
+        for n in range(len(whole) - start + 2):
+            assert req.token_ids_at(start, n) == whole[start:start + n], (start, n)

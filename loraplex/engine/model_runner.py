@@ -86,7 +86,7 @@ class ModelRunner:
         ctx_lens: list[int] = []
         for s in seqs:
             req = s.req
-            toks = req.all_token_ids[s.start:s.start + s.num_new_tokens]
+            toks = req.token_ids_at(s.start, s.num_new_tokens)
             base = len(ids)
             ids.extend(toks)
             pos = range(s.start, s.start + s.num_new_tokens)

@@ -56,6 +56,16 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_at(self, start: int, n: int) -> list[int]:
+        """``all_token_ids[start:start + n]`` without building the whole list (a decode step reads one
+        token; its cost must not grow with the sequence)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_token_ids[start:start + n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
+
     @property
     def visible_prompt_token_ids(self) -> list[int]:
         """The prompt as users see it: placeholder ids shown as the model's image token id."""
