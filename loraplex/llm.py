@@ -88,6 +88,7 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="generate", unit="req")
+        kind, engine.output_kind = engine.output_kind, "final"  # only finished requests' outputs are needed
         try:
             pending = set(ids)
             while pending:
@@ -102,6 +103,7 @@ class LLM:
                 engine.abort_request(rid)
             raise
         finally:
+            engine.output_kind = kind
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in ids]

@@ -132,7 +132,7 @@ def test_prompt_logprobs_gathered_across_chunks(model_dir, adapters) -> None:
 def test_streamed_prompt_logprobs_arrive_whole_with_the_first_token(model_dir) -> None:
     llm = make_llm(model_dir, chunked=True)
     eng = llm.engine
-    eng.output_deltas = True
+    eng.output_kind = "delta"
     p = prompt(29, 7)
     eng.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
                                                             prompt_logprobs=1), request_id="r")

@@ -121,9 +121,10 @@ class LLMEngine:
         self.sampler = Sampler(self.vocab_size, mc.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        # step() returns RequestDelta objects instead of RequestOutput snapshots (the engine process
-        # of the server sets this; LLM.generate keeps snapshots)
-        self.output_deltas = False
+        # What step() returns for the requests it touched: RequestOutput snapshots ("snapshot"), RequestDelta
+        # objects ("delta": the server's engine process), or snapshots of finished requests only ("final":
+        # LLM.generate, which would otherwise copy every sequence's tokens every step)
+        self.output_kind = "snapshot"
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
 
@@ -276,7 +277,10 @@ class LLMEngine:
             self._append_token(req, tok, lp)
             if req.finished:
                 self.requests.pop(req.request_id, None)
-            outputs.append(req.to_delta() if self.output_deltas else req.to_output())
+            if self.output_kind == "delta":
+                outputs.append(req.to_delta())
+            elif req.finished or self.output_kind == "snapshot":
+                outputs.append(req.to_output())
         return outputs
 
     def _add_prompt_logprobs(self, req: Request, start: int, rows: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ class EngineCore:
 
     def __init__(self, engine: Any, conn: Any) -> None:
         self.engine = engine
-        self.engine.output_deltas = True
+        self.engine.output_kind = "delta"
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
