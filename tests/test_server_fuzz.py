@@ -38,6 +38,7 @@ SAMPLING = {
     "temperature": field(st.floats(min_value=0, max_value=2), st.sampled_from([-1.0, float("nan"), float("inf")])),
     "top_p": field(st.floats(min_value=0.05, max_value=1), st.sampled_from([0.0, 1.5])),
     "top_k": field(st.integers(min_value=-1, max_value=50), st.just(-2)),
+    "min_p": field(st.floats(min_value=0, max_value=0.5), st.sampled_from([-0.1, 1.5, float("nan")])),
     "n": field(st.integers(min_value=1, max_value=3), st.integers(min_value=-1, max_value=0)),
     "stream": field(st.booleans()),
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})),
