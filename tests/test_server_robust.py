@@ -218,8 +218,8 @@ def test_huge_prompt_refused_at_once_while_health_and_streams_flow(server) -> No
     err = error_of(r)
     assert r.status_code == 400 and err["param"] == "prompt" and "characters" in err["message"], err
     assert refused_in < 5.0, refused_in  # upload included; it took 38 s when the prompt was tokenised first
-    assert health and max(health) < 1.0, max(health)
-    assert len(gaps) > 50 and max(gaps) < 1.0, max(gaps)
+    assert health and max(health) < 2.0, max(health)  # was 38 s
+    assert len(gaps) > 50 and max(gaps) < 2.0, max(gaps)  # was 6 s for an 8 MB prompt
     gc.collect()
     assert _rss_mb() - rss0 < 400, (rss0, _rss_mb())  # the request's memory is not kept
 
