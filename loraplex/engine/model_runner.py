@@ -1,10 +1,9 @@
 """Builds the model, sizes and binds the KV cache, and runs one batch.
 
-``prepare`` turns the scheduled sequences into flat tensors: token ids,
-positions, the flat attention layout (KV slot mapping, block tables, lengths), the LoRA slot of every
-token and of every logits row, and which hidden rows need logits (the last new
-token of each sequence, plus every prompt position of sequences that asked for
-prompt logprobs on their first prefill).
+``prepare`` turns the scheduled sequences into flat tensors: token ids, positions, the flat
+attention layout (KV slot mapping, block tables, lengths), the LoRA slot of every token and of
+every logits row, and which hidden rows need logits (the last new token of each sequence, plus
+every prompt position of a prompt chunk whose request asked for prompt logprobs).
 """
 
 from __future__ import annotations

@@ -65,36 +65,7 @@ class Sampler:
         ``generators[i]`` is row i's own generator (seeded request) or None (use
         the engine generator).
         """
-        n = logits.shape[0]
-        if len(params) != n or len(generators) != n:
-            raise ValueError(
-                f"Sampler: got {n} logits rows but {len(params)} sampling params "
-                f"and {len(generators)} generators"
-            )
-        if logits.shape[1] < self.vocab_size:
-            raise ValueError(
-                f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
-            )
-        out = torch.empty(n, dtype=torch.long)
-        if n == 0:
-            return out
-        logits = logits[:, : self.vocab_size]  # (n, V): drop vocabulary padding
-
-        greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
-        rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
-        if greedy:
-            rows = torch.tensor(greedy, dtype=torch.long)
-            ids = logits[rows.to(logits.device)].argmax(dim=-1)
-            out[rows] = ids.cpu()
-        if rand:
-            rows = torch.tensor(rand, dtype=torch.long)
-            ids = self._sample_random(
-                logits[rows.to(logits.device)],
-                [params[i] for i in rand],
-                [generators[i] for i in rand],
-            )
-            out[rows] = ids.cpu()
-        return out
+        return self._token_ids(logits, params, generators).cpu()
 
     def sample_step(
         self,
@@ -121,21 +92,8 @@ class Sampler:
     ) -> tuple[torch.Tensor, tuple]:
         """The work of :meth:`sample_step` without synchronising: a packed float64 tensor on the
         logits' device ([tokens | chosen logprobs | top logprobs | top ids]) and its host layout."""
-        n = logits.shape[0]
-        if len(params) != n or len(generators) != n:
-            raise ValueError(f"Sampler: got {n} logits rows but {len(params)} sampling params "
-                             f"and {len(generators)} generators")
-        if logits.shape[1] < self.vocab_size:
-            raise ValueError(f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
         device = logits.device
-        x = logits[:, : self.vocab_size]
-        ids = x.argmax(dim=-1)  # (n,): greedy rows keep these
-        rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
-        if rand:
-            rows = _to_device(torch.tensor(rand, dtype=torch.long), device)
-            sampled = self._sample_random(x.index_select(0, rows), [params[i] for i in rand],
-                                          [generators[i] for i in rand])
-            ids = ids.index_copy(0, rows, sampled)
+        ids = self._token_ids(logits, params, generators)
         parts = [ids.double()]
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         k = 0
@@ -148,8 +106,31 @@ class Sampler:
             if k > 0:
                 top_vals, top_ids = logp.topk(k, dim=-1)  # (w, k)
                 parts += [top_vals.double().flatten(), top_ids.double().flatten()]
-        layout = (n, wanted, [params[i].logprobs for i in wanted], k)
+        layout = (len(params), wanted, [params[i].logprobs for i in wanted], k)
         return torch.cat(parts), layout
+
+    def _token_ids(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+    ) -> torch.Tensor:
+        """(n,) int64 token ids on the logits' device: the argmax for greedy rows, one draw for the others."""
+        n = logits.shape[0]
+        if len(params) != n or len(generators) != n:
+            raise ValueError(f"Sampler: got {n} logits rows but {len(params)} sampling params "
+                             f"and {len(generators)} generators")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
+        x = logits[:, : self.vocab_size]  # (n, V): drop vocabulary padding
+        ids = x.argmax(dim=-1)  # greedy rows keep these
+        rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
+        if rand:
+            rows = _to_device(torch.tensor(rand, dtype=torch.long), logits.device)
+            sampled = self._sample_random(x.index_select(0, rows), [params[i] for i in rand],
+                                          [generators[i] for i in rand])
+            ids = ids.index_copy(0, rows, sampled)
+        return ids
 
     def _sample_random(
         self,

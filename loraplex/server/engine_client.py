@@ -108,11 +108,6 @@ class RequestStream:
             self.closed = True
         return item
 
-    @property
-    def aborted(self) -> bool:
-        """Closed before the engine finished it."""
-        return self.closed and not self.state.finished
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -128,9 +123,7 @@ class EngineClient:
         self.vocab_size: int = info["vocab_size"]
         self.max_num_seqs: int = info["max_num_seqs"]
         self.loras: dict[str, str] = dict(info["loras"])
-        self.stats: dict[str, float] = {"running": 0, "waiting": 0, "kv_usage": 0.0,
-                                        "loras_registered": len(self.loras), "lora_slots_used": 0,
-                                        "lora_slot_refs": 0}
+        self.stats: dict[str, float] = info["stats"]  # EngineCore.stats(), refreshed with every step message
         self.dead: Optional[str] = None
         self._closing = False
         self.num_aborted = 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import queue
 import signal
 import threading
@@ -97,20 +96,21 @@ class EngineCore:
                     self.engine._require_pool().register(req, reload=reload, adapter=adapter, root=root)
                 except Exception as e:
                     err = error_of(e)
-            self._send(("reply", op, err, self._loras()))
+            self._send(("reply", op, err, self.loras()))
         elif kind == "unload_lora":
             _, op, name = msg
             try:
                 self.engine.remove_lora(name)
-                self._send(("reply", op, None, self._loras()))
+                self._send(("reply", op, None, self.loras()))
             except Exception as e:
-                self._send(("reply", op, error_of(e), self._loras()))
+                self._send(("reply", op, error_of(e), self.loras()))
         elif kind == "shutdown":
             self.running = False
         else:
             logger.error("engine process: unknown message %r", kind)
 
     def _start_load(self, op: int, name: str, path: str, reload: bool, root: Optional[str]) -> None:
+        from loraplex.errors import AdapterError
         from loraplex.types import LoRARequest
 
         try:
@@ -118,9 +118,10 @@ class EngineCore:
             pool = self.engine._require_pool()
             known = pool.registered.get(name)
             if known is not None and not reload:
-                raise_already(name, known.path)
+                raise AdapterError(f"adapter {name!r} is already loaded (from {known.path!r}); pass "
+                                   "load_inplace=true to reload it")
         except Exception as e:
-            self._send(("reply", op, error_of(e), self._loras()))
+            self._send(("reply", op, error_of(e), self.loras()))
             return
 
         def read() -> None:
@@ -139,7 +140,7 @@ class EngineCore:
         except (OSError, EOFError):  # the HTTP process is gone
             self.running = False
 
-    def _loras(self) -> list[tuple[str, str]]:
+    def loras(self) -> list[tuple[str, str]]:
         pool = self.engine.pool
         return [(n, pool.registered[n].path) for n in sorted(pool.registered)] if pool else []
 
@@ -177,12 +178,6 @@ class EngineCore:
         self.io.shutdown(wait=False, cancel_futures=True)
 
 
-def raise_already(name: str, path: str) -> None:
-    from loraplex.errors import AdapterError
-
-    raise AdapterError(f"adapter {name!r} is already loaded (from {path!r}); pass load_inplace=true to reload it")
-
-
 def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log_level: str) -> None:
     """Entry point of the engine process (``multiprocessing`` spawn target)."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -195,8 +190,8 @@ def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log
         engine = LLMEngine(config)
         for name, path in loras:
             engine.add_lora(LoRARequest(name, path))
+        core = EngineCore(engine, conn)
         info = {
-            "pid": os.getpid(),
             "max_model_len": engine.max_model_len,
             "vocab_size": engine.vocab_size,
             "max_num_seqs": engine.scheduler.max_num_seqs,
@@ -205,15 +200,13 @@ def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log
             "max_image_pixels": config.model_config.max_image_pixels,
             "image_placeholder": (engine.mm_processor.image_placeholder(engine.tokenizer)
                                   if engine.mm_processor is not None else ""),
-            "loras": [(n, engine.pool.registered[n].path) for n in sorted(engine.pool.registered)]
-            if engine.pool else [],
-            "lora_enabled": engine.pool is not None,
+            "loras": core.loras(),
+            "stats": core.stats(),
         }
     except BaseException as e:  # start-up failed: tell the HTTP process why, then exit
         conn.send(("fatal", error_of(e)))
         raise SystemExit(2)
     conn.send(("ready", info))
-    core = EngineCore(engine, conn)
     try:
         core.run()
     except BaseException as e:  # a bug: report it, then die loudly (the server answers 503 and exits)

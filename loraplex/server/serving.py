@@ -161,14 +161,14 @@ class Serving:
         self.max_model_len = client.max_model_len
         self.vocab_size = client.vocab_size
         self.max_n = client.max_num_seqs
-        self.max_seqs = getattr(cfg, "max_seqs_per_request", None) or client.max_num_seqs
+        self.max_seqs = cfg.max_seqs_per_request or client.max_num_seqs
         # Tokenisation and chat rendering run here, one at a time (the fast tokenizer is not meant for
         # concurrent use), off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self.max_prompt_chars = self.max_model_len * max_chars_per_token(tokenizer)
         self.metrics = ServerMetrics(lambda: client.stats)
         client.on_step = self.on_step
-        self.shutdown_deadline: Optional[float] = None
+        self.shutting_down = False
         self._active: set[asyncio.Queue] = set()
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -367,9 +367,9 @@ class Serving:
     def begin_shutdown(self, grace: float) -> None:
         """Called when the server starts to stop: requests still running after ``grace`` seconds are
         cut (streams get an error event, others a 503) so the server can exit in time."""
-        if self.shutdown_deadline is not None:
+        if self.shutting_down:
             return
-        self.shutdown_deadline = time.monotonic() + grace
+        self.shutting_down = True
         asyncio.get_running_loop().call_later(grace, self._cut_all)
 
     def _cut_all(self) -> None:
