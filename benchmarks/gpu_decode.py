@@ -70,6 +70,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--peft", action="store_true", help="also time HF transformers + PEFT (generate with "
                    "adapter_names) on the 'distinct' mix of the smallest batch")
     p.add_argument("--peft-tokens", type=int, default=8, help="decode steps timed for PEFT")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the eager step, for comparison)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile this many decode steps of the first batch and case (torch.profiler): print the "
+                        "kernels by GPU time and write a Chrome trace beside the JSON")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--skip-itl", action="store_true")
     p.add_argument("--out-dir", default="bench_out/gpu_decode")
@@ -253,6 +257,28 @@ def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device) 
             "itl_ms_max": 1e3 * gaps[-1], "steps": len(gaps)}
 
 
+def profile_decode(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], steps: int,
+                   device: torch.device, trace: Path) -> None:
+    """torch.profiler over ``steps`` decode steps: kernels by GPU time, launches per step, and the share of
+    the wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        decode_case(llm, prompts, loras, steps, device)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                       row_limit=20), flush=True)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    if kernels:
+        busy = sum(e.device_time for e in kernels) / 1e3  # ms
+        wall = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+        print(f"profile: {len(kernels) / (steps + 1):.0f} kernels per step, GPU busy {busy:.1f} of {wall:.1f} ms "
+              f"({busy / wall:.2f})", flush=True)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+
+
 def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], steps: int, device: torch.device,
               dtype: torch.dtype) -> dict[str, float]:
     """HF transformers + PEFT with one adapter per request (``adapter_names``), random weights: ms per decode
@@ -296,9 +322,17 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"TFLOP/s ({dtype})", flush=True)
     model, adapters = build(a)
     max_len = max(a.prompt_len + a.new_tokens + 16, a.long_prompt + 64, a.prefill_len + 16)
+    t0 = time.perf_counter()
     llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
               max_num_seqs=max(a.batches) + 1, max_loras=a.max_loras, max_lora_rank=a.rank,
-              max_cpu_loras=max(len(adapters), a.max_loras), seed=0)
+              max_cpu_loras=max(len(adapters), a.max_loras), seed=0, enforce_eager=a.enforce_eager)
+    graphs = llm.engine.runner.graphs
+    startup = {"seconds": time.perf_counter() - t0,
+               "graph_capture_seconds": graphs.capture_seconds if graphs else None,
+               "graph_memory_bytes": graphs.memory_bytes if graphs else None}
+    print(f"start-up {startup['seconds']:.1f} s (dummy weights" + (
+        f"; {len(graphs.sizes)} graph sizes captured in {graphs.capture_seconds:.1f} s, "
+        f"{graphs.memory_bytes / 2**20:.0f} MiB)" if graphs else "; eager)"), flush=True)
     for i, path in enumerate(adapters):
         llm.add_lora(LoRARequest(f"a{i}", str(path)))
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -314,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"skip batch {batch} {case}: more distinct adapters than --max-loras", flush=True)
                 continue
             decode_case(llm, prompts, loras, 4, device)  # warm-up: slots loaded, kernels compiled
+            if a.profile and not rows:
+                profile_decode(llm, prompts, loras, a.profile, device, Path(a.json).with_suffix(".trace.json"))
             r = decode_case(llm, prompts, loras, a.new_tokens, device)
             used = len({x for x in loras if x})
             mean_ctx = a.prompt_len + a.new_tokens / 2
@@ -349,7 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"decode ITL while a {a.long_prompt}-token prompt arrives: p50 {itl['itl_ms_p50']:.1f} ms, "
               f"p99 {itl['itl_ms_p99']:.1f} ms", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
-    result = {"config": vars(a), "card": card, "device": name, "weight_bytes": wbytes, "decode": rows,
+    result = {"config": vars(a), "card": card, "device": name, "startup": startup, "weight_bytes": wbytes,
+              "decode": rows,
               "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def build_model_folder(out: Path, a: argparse.Namespace) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
                       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
-                      max_position_embeddings=4096, architectures=["LlamaForCausalLM"], dtype=a.dtype)
+                      max_position_embeddings=8192, architectures=["LlamaForCausalLM"], dtype=a.dtype)
     cfg.save_pretrained(folder)
     make_tokenizer(folder)
     return folder

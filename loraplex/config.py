@@ -43,6 +43,10 @@ class ModelConfig:
                                     "checkpoint read (benchmarks, profiling)")
     max_image_pixels: int = _doc(4096 * 4096, "vision-language models: largest image accepted, in pixels "
                                               "(width x height); larger ones are refused")
+    enforce_eager: bool = _doc(False, "CUDA: run every step eagerly, without the CUDA graphs of decode steps "
+                                      "captured at start-up")
+    max_cudagraph_capture_size: Optional[int] = _doc(None, "CUDA: largest decode batch run as a CUDA graph; "
+                                                           "larger ones run eagerly (None: max_num_seqs)")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model must be a path to a model folder")
@@ -51,6 +55,8 @@ class ModelConfig:
         _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len >= 1,
                  f"max_model_len must be >= 1, got {self.max_model_len}")
+        _require(self.max_cudagraph_capture_size is None or self.max_cudagraph_capture_size >= 1,
+                 f"max_cudagraph_capture_size must be >= 1, got {self.max_cudagraph_capture_size}")
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,67 @@ def test_vlm_mixed_batch_on_cuda_matches_peft(family, tmp_path, monkeypatch) -> 
     monkeypatch.setattr(test_vlm, "load_peft_model", lambda d, paths: _CudaReference(load_peft_model(d, paths)))
     model_dir = make_tiny_vlm(tmp_path / "model", family=family)
     test_vlm.test_mixed_batch_matches_peft((family, model_dir, test_vlm.build_adapters(model_dir, family, tmp_path)))
+
+
+# ---- CUDA graphs --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def graph_setup(tmp_path_factory):
+    from helpers import make_adapter
+
+    root = tmp_path_factory.mktemp("gpu-graphs")
+    model_dir = make_tiny_model(root / "model", family="llama")
+    targets = [["q_proj", "v_proj", "lm_head"], ["o_proj", "gate_proj", "down_proj"],
+               ["embed_tokens", "k_proj", "up_proj"]]
+    adapters = {f"a{i}": make_adapter(model_dir, root / f"a{i}", seed=20 + i, r=4 + 4 * i, target_modules=t)
+                for i, t in enumerate(targets)}
+    return model_dir, adapters
+
+
+GRAPH_ARGS = dict(device="cuda", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4, seed=0,
+                  max_num_seqs=8)
+
+
+def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
+    from test_cuda_graph import assert_same, run_mixes
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir, adapters = graph_setup
+    want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, **GRAPH_ARGS), adapters, use_graphs=False)
+    llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and len(graphs._graphs) == 8  # with and without LoRA
+    got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
+    assert_same(got, want, sizes)
+
+
+def test_enforce_eager_captures_nothing(graph_setup) -> None:
+    model_dir, _ = graph_setup
+    assert LLM(model_dir, dtype="bfloat16", enforce_eager=True, **GRAPH_ARGS).engine.runner.graphs is None
+
+
+def test_decode_step_does_not_synchronise(graph_setup) -> None:
+    """A decode step (graph replay with adapters, greedy and seeded top-p sampling, logprobs) makes no
+    synchronising call but the wait on its one result copy."""
+    model_dir, adapters = graph_setup
+    llm = LLM(model_dir, dtype="bfloat16", **GRAPH_ARGS)
+    eng = llm.engine
+    for name, path in adapters.items():
+        llm.add_lora(LoRARequest(name, path))
+    names = [None, "a0", "a1", "a2", "a0"]
+    for i, name in enumerate(names):
+        params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2 if i % 2 else None,
+                                **(dict(temperature=0.0) if i % 2 else dict(temperature=0.8, top_p=0.9, seed=i)))
+        eng.add_request({"prompt_token_ids": [5 + i, 17, 33, 99, 120]}, params, name, f"r{i}")
+    eng.step()  # prefill
+    eng.step()  # a first decode step: pinned-memory pools and kernels warm
+    replays = []
+    inner = eng.runner.graphs.run
+    eng.runner.graphs.run = lambda seqs: replays.append(len(seqs)) or inner(seqs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [eng.step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert replays == [5, 5, 5] and all(len(o) == 5 for o in outs)

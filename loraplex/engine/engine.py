@@ -95,8 +95,10 @@ class LLMEngine:
         model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
         lc = config.lora_config
         self.pool: Optional[LoRAPool] = None
+        lora_backend = None
         if lc.enable_lora:
-            lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, get_backend(lc.lora_backend, self.device))
+            lora_backend = get_backend(lc.lora_backend, self.device)
+            lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, lora_backend)
             self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
         self.model = model
         self.mm_processor: Optional[MultiModalProcessor] = None
@@ -114,7 +116,17 @@ class LLMEngine:
                                  "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
         num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
-        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks)
+        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len)
+        if self.device.type == "cuda" and not mc.enforce_eager:
+            if self.runner.attention_backend != "triton":
+                logger.info("loraplex: no CUDA graphs: they need the triton attention backend, not %r",
+                            self.runner.attention_backend)
+            else:
+                lora_kernels = lora_backend is not None and lora_backend.name == "triton"
+                if lora_backend is not None and not lora_kernels:
+                    logger.info("loraplex: decode steps with adapters run eagerly: CUDA graphs need the triton "
+                                "LoRA backend")
+                self.runner.capture_graphs(lora=lora_kernels)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
                                    sc.enable_chunked_prefill)
@@ -259,9 +271,11 @@ class LLMEngine:
         tokens: list[int] = []
         lps: list[Optional[dict]] = []
         if sampling:
-            spans = [batch.logits_spans[i] for i in sampling]
-            sample_rows = torch.tensor([a + n - 1 for a, n in spans], device=logits.device)
-            raw = logits[sample_rows]  # logprobs are reported from the raw logits, before min_tokens masking
+            rows = [batch.logits_spans[i][0] + batch.logits_spans[i][1] - 1 for i in sampling]
+            if len(rows) == logits.shape[0]:  # every logits row samples (decode steps): no gather, no copy
+                raw = logits
+            else:  # logprobs are reported from the raw logits, before min_tokens masking
+                raw = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
             held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
             sample_logits = raw.clone() if held else raw
             for i in held:

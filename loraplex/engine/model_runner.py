@@ -4,12 +4,16 @@
 attention layout (KV slot mapping, block tables, lengths), the LoRA slot of every token and of
 every logits row, and which hidden rows need logits (the last new token of each sequence, plus
 every prompt position of a prompt chunk whose request asked for prompt logprobs).
+
+On CUDA, decode steps instead replay a CUDA graph (:mod:`loraplex.engine.cuda_graph`) over persistent
+input buffers; other steps (prefill chunks, mixed steps, prompt logprobs, batches larger than the largest
+capture size, ``enforce_eager``) run eagerly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +22,7 @@ from loraplex.config import EngineConfig
 from loraplex.attention.metadata import AttentionMetadata
 from loraplex.attention.registry import get_attention_backend
 from loraplex.engine.context import ForwardContext, forward_context
+from loraplex.engine.cuda_graph import DecodeGraphs, DecodeInputs, capture_sizes, is_decode_step
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
@@ -40,16 +45,17 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
 
 @dataclass
 class PreparedBatch:
-    input_ids: torch.Tensor  # (T,)
-    ctx: ForwardContext
-    logits_indices: torch.Tensor  # (R,) rows of the hidden states that need logits
+    input_ids: Optional[torch.Tensor]  # (T,); None for a graph step
+    ctx: Optional[ForwardContext]
+    logits_indices: Optional[torch.Tensor]  # (R,) rows of the hidden states that need logits
     # Per sequence: (first logits row, number of logits rows); the sampled row is the last.
     logits_spans: list[tuple[int, int]]
+    graph_seqs: Optional[Sequence[ScheduledSeq]] = None  # a decode step that replays a CUDA graph
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int) -> None:
+                 num_blocks: int, max_model_len: int) -> None:
         self.model = model
         self.config = config
         self.device = device
@@ -58,6 +64,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))  # (3, T) positions (Qwen2-VL)
+        self.max_model_len = max_model_len
+        self.graphs: Optional[DecodeGraphs] = None
         self._bind_kv_cache()
 
     @staticmethod
@@ -68,13 +76,37 @@ class ModelRunner:
 
     def _bind_kv_cache(self) -> None:
         backend = get_attention_backend(self.config.cache_config.attention_backend, self.device)
+        self.attention_backend = backend.name
         for m in self.attn_layers:
             m.backend = backend
-            shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+            # One block more than the allocator hands out: the scratch block that padding rows of graph
+            # steps write (block id num_blocks).
+            shape = (self.num_blocks + 1, self.block_size, m.num_kv_heads, m.head_dim)
             m.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             m.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def capture_graphs(self, lora: bool, capture: bool = True) -> None:
+        """Capture the decode graphs (CUDA, Triton attention): sizes up to ``max_cudagraph_capture_size``
+        (default ``max_num_seqs``); ``lora``: also the variants that run the Triton LoRA kernels.
+        ``capture=False`` (tests on CPU): decode steps run the graphs' forward over their buffers, eagerly."""
+        mc = self.config.model_config
+        largest = mc.max_cudagraph_capture_size or self.config.scheduler_config.max_num_seqs
+        largest = min(largest, self.config.scheduler_config.max_num_seqs)
+        max_blocks = -(-self.max_model_len // self.block_size)
+        inputs = DecodeInputs(largest, max_blocks, self.uses_mrope, self.block_size, self.num_blocks, self.device)
+        self.graphs = DecodeGraphs(inputs, self._logits_of_all_rows, capture_sizes(largest), lora,
+                                   self.max_model_len)
+        if capture:
+            self.graphs.capture()
+
+    def _logits_of_all_rows(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        with forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)
+            return self.model.compute_logits(hidden).float()
+
     def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:
+        if self.graphs is not None and self.graphs.size_for(len(seqs)) is not None and is_decode_step(seqs):
+            return PreparedBatch(None, None, None, [(i, 1) for i in range(len(seqs))], graph_seqs=seqs)
         ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
@@ -122,6 +154,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: PreparedBatch) -> torch.Tensor:
         """Run the model; returns float32 logits (R, padded vocab) for the logits rows."""
+        if batch.graph_seqs is not None:
+            return self.graphs.run(batch.graph_seqs)
         with forward_context(batch.ctx):
             hidden = self.model(batch.input_ids, batch.ctx.positions)  # (T, hidden)
             logits = self.model.compute_logits(hidden[batch.logits_indices])

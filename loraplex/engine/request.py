@@ -6,6 +6,7 @@ import enum
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -38,7 +39,11 @@ class Request:
         # prompt logprobs of the chunks prefilled so far (entry i: prompt token i), published when complete
         self.partial_prompt_logprobs: list[Optional[PositionLogprobs]] = [None]
         self.status = Status.WAITING
+        # KV blocks in order. Only grows while the request runs; a re-admission assigns a new list.
         self.block_table: list[int] = []
+        self._table_src: Optional[list[int]] = None  # the list _table_np mirrors
+        self._table_np = np.empty(0, dtype=np.int32)
+        self._table_len = 0
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.slot: int = -1  # adapter slot while running (-1: base model)
         self.generator: Optional[torch.Generator] = None
@@ -65,6 +70,21 @@ class Request:
         if start + n <= p:
             return self.prompt_token_ids[start:start + n]
         return self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
+
+    def block_table_array(self) -> np.ndarray:
+        """``block_table`` as int32 numpy, kept in step with it: only the blocks added since the last call are
+        converted, so a decode step's host work does not grow with the sequence."""
+        src, n = self.block_table, len(self.block_table)
+        if self._table_src is not src or n < self._table_len:  # re-admitted (a new list) or freed
+            self._table_src, self._table_len = src, 0
+        if n > self._table_np.shape[0]:
+            grown = np.empty(max(16, 2 * n), dtype=np.int32)
+            grown[:self._table_len] = self._table_np[:self._table_len]
+            self._table_np = grown
+        if n > self._table_len:
+            self._table_np[self._table_len:n] = src[self._table_len:n]
+            self._table_len = n
+        return self._table_np[:n]
 
     @property
     def visible_prompt_token_ids(self) -> list[int]:

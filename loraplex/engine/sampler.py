@@ -81,7 +81,14 @@ class Sampler:
         temperature, as :func:`compute_logprobs` defines them.
         """
         packed, layout = self.sample_device(logits, params, generators, raw_logits)
-        return unpack_step(packed.cpu().tolist(), layout)
+        if packed.is_cuda:  # into pinned memory, then wait for that copy alone (an event, not a device sync)
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+            packed = host
+        return unpack_step(packed.tolist(), layout)
 
     def sample_device(
         self,

@@ -57,6 +57,13 @@ class LoRABatch:
     tiles: Optional[torch.Tensor] = None  # (num_tiles, 3) int64 on the device: row_start, row_end, slot
     expand_block_m: int = 16
     expand_tiles: Optional[torch.Tensor] = None  # as ``tiles``, pieces of ``expand_block_m`` rows
+    # A batch of a captured CUDA graph: persistent device buffers, work lists padded with empty tiles (slot -1),
+    # host fields empty. Every LoRA layer runs its kernels, whatever the adapter mix of the replayed step.
+    static: bool = False
+
+    def runs(self, active: frozenset[int]) -> bool:
+        """Whether a layer holding weights in the slots ``active`` has work in this batch."""
+        return self.static or bool(self.used_slots & active)
 
     @functools.cached_property
     def used_slots(self) -> frozenset[int]:

@@ -105,7 +105,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         batch = current_lora_batch()
-        if batch is None or not (batch.used_slots & self.active):
+        if batch is None or not batch.runs(self.active):
             return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
@@ -148,7 +148,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
         batch = current_lora_batch()
-        if batch is None or not (batch.used_slots & self.active):
+        if batch is None or not batch.runs(self.active):
             return y
         self.backend.embed(y, ids, self.stack, batch)
         return y
@@ -190,7 +190,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
         base = self.base_layer
         batch = current_lora_batch(for_logits=True)
         logits = torch.nn.functional.linear(hidden, base.weight)  # (rows, vocab shard)
-        if batch is not None and batch.used_slots & self.active:
+        if batch is not None and batch.runs(self.active):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
         from loraplex.distributed.parallel_state import all_gather_last_dim

@@ -1,0 +1,161 @@
+"""Decode steps over the persistent buffers of CUDA graphs (loraplex.engine.cuda_graph), on CPU.
+
+The graphs themselves need CUDA (tests/test_gpu.py replays them); here the forward a graph records runs
+eagerly over the same buffers (``capture_graphs(capture=False)``), so the buffer layout, the padding rows,
+the scratch block and the padded LoRA work lists are checked in CI against ordinary eager steps.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_adapter, make_tiny_model
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.engine.cuda_graph import TILE_ROWS, DecodeInputs, capture_sizes, is_decode_step
+from loraplex.engine.request import Request
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def _request(rid: str, prompt: list[int], slot: int, blocks: list[int]) -> Request:
+    req = Request(rid, None, prompt, SamplingParams(max_tokens=4), None, None, frozenset(), 4)
+    req.slot = slot
+    req.block_table = list(blocks)
+    return req
+
+
+def _seq(req: Request, start: int, n: int = 1, prompt_logprobs: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(req=req, start=start, num_new_tokens=n, prompt_logprobs=prompt_logprobs)
+
+
+def test_block_table_array_follows_the_list() -> None:
+    req = _request("r", [1, 2, 3], -1, [7, 3])
+    assert req.block_table_array().tolist() == [7, 3]
+    req.block_table.extend(range(40, 60))  # grows past the first capacity: only new blocks are converted
+    assert req.block_table_array().tolist() == [7, 3, *range(40, 60)]
+    req.block_table.clear()  # freed (preemption) ...
+    assert req.block_table_array().tolist() == []
+    req.block_table = [5, 6, 9]  # ... and re-admitted with a new list of the same length as an old prefix
+    assert req.block_table_array().tolist() == [5, 6, 9]
+
+
+def test_decode_inputs_layout_padding_and_tiles() -> None:
+    bs, size = 4, 24
+    inp = DecodeInputs(size, max_blocks=8, mrope=False, block_size=bs, scratch_block=50, device=torch.device("cpu"))
+    # 19 sequences: 2 base, 17 of slot 1 (cut into tiles of TILE_ROWS rows), 0 of slot 3 ... sorted by slot
+    slots = [-1, -1] + [1] * 17
+    reqs, seqs = [], []
+    for i, slot in enumerate(slots):
+        prompt = list(range(10 + i, 15 + i))  # 5 prompt tokens
+        req = _request(f"r{i}", prompt, slot, [i, 30 + i])  # positions 0..7
+        req.output_token_ids = [100 + i, 200 + i]  # the decode token sits at position 6
+        reqs.append(req)
+        seqs.append(_seq(req, 6))
+    assert is_decode_step(seqs)
+    inp.fill(seqs)
+    d = {k: v.clone() for k, v in inp.dev.items()}
+    B = len(seqs)
+    assert d["input_ids"][:B].tolist() == [200 + i for i in range(B)]
+    assert d["positions"][:B].tolist() == [6] * B
+    assert d["seq_lens"][:B].tolist() == [7] * B
+    assert d["slot_mapping"][:B].tolist() == [(30 + i) * bs + 2 for i in range(B)]
+    assert d["token_slots"][:B].tolist() == slots
+    assert d["query_start_loc"].tolist() == list(range(size + 1))
+    assert d["block_tables"][:B, :2].tolist() == [[i, 30 + i] for i in range(B)]
+    # padding rows: a one-token sequence in the scratch block, base model
+    assert d["input_ids"][B:].tolist() == [0] * (size - B)
+    assert d["seq_lens"][B:].tolist() == [1] * (size - B)
+    assert d["slot_mapping"][B:].tolist() == [50 * bs] * (size - B)
+    assert d["block_tables"][B:, 0].tolist() == [50] * (size - B)
+    assert d["token_slots"][B:].tolist() == [-1] * (size - B)
+    want = [[0, 2, -1], [2, 19, 1], [2 + TILE_ROWS, 19, 1]]  # row_end: the run's end (kernels mask past it)
+    assert d["tiles"][:3].tolist() == want
+    assert d["tiles"][3:].tolist() == [[0, 0, -1]] * (size - 3)
+
+    # the next step reuses the other host twin: a smaller batch leaves no stale rows behind
+    inp.fill(seqs[:3])
+    assert inp.dev["token_slots"].tolist() == [-1, -1, 1] + [-1] * (size - 3)
+    assert inp.dev["tiles"][:2].tolist() == [[0, 2, -1], [2, 3, 1]]
+    assert inp.dev["tiles"][2:].tolist() == [[0, 0, -1]] * (size - 2)
+    assert inp.dev["seq_lens"][3:].tolist() == [1] * (size - 3)
+
+    assert not is_decode_step([_seq(reqs[0], 3, n=2)])
+    assert not is_decode_step([_seq(reqs[0], 6, prompt_logprobs=True)])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("graph") / "model", family="llama")
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("graph-adapters")
+    targets = [["q_proj", "v_proj", "lm_head"], ["o_proj", "gate_proj", "down_proj"], ["embed_tokens", "k_proj", "up_proj"]]
+    return {f"a{i}": make_adapter(model_dir, root / f"a{i}", seed=20 + i, r=4 + 4 * i, target_modules=t)
+            for i, t in enumerate(targets)}
+
+
+def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: bool = False,
+              ) -> tuple[list, list[int]]:
+    """Requests with changing adapter mixes and batch sizes (staggered lengths and arrivals); returns the
+    outputs and the batch size of every graph step. ``use_graphs`` without ``capture``: set up the graphs'
+    buffers and run their forward eagerly (CPU); with ``capture``: the engine's own captured graphs (CUDA)."""
+    eng = llm.engine
+    for name, path in adapters.items():
+        llm.add_lora(LoRARequest(name, path))
+    sizes: list[int] = []
+    if use_graphs:
+        if not capture:
+            eng.runner.capture_graphs(lora=True, capture=False)
+        inner = eng.runner.graphs.run
+
+        def run(seqs):
+            sizes.append(len(seqs))
+            return inner(seqs)
+
+        eng.runner.graphs.run = run
+    names = [None, "a0", "a1", None, "a2", "a0", "a1"]
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [9, 8, 7, 6, 5, 4],
+               [42, 43, 44], [60, 61, 62, 63, 64, 65, 66, 67], [200, 180, 160]]
+    done = {}
+    for i, (p, name) in enumerate(zip(prompts, names)):
+        params = SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True, logprobs=2)
+        eng.add_request({"prompt_token_ids": p}, params, name, f"r{i}")
+        for o in eng.step():  # a new request joins every step
+            if o.finished:
+                done[o.request_id] = o
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    return [done[f"r{i}"] for i in range(len(prompts))], sizes
+
+
+def test_graph_decode_steps_equal_eager_steps(model_dir, adapters) -> None:
+    common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
+                  seed=0, max_num_seqs=8, lora_backend="triton", attention_backend="triton")
+    want, _ = run_mixes(LLM(model_dir, **common), adapters, use_graphs=False)
+    got, sizes = run_mixes(LLM(model_dir, **common), adapters, use_graphs=True)
+    assert_same(got, want, sizes)
+
+
+def assert_same(got: list, want: list, sizes: list[int]) -> None:
+    assert len(set(sizes)) >= 4 and max(sizes) >= 5  # many batch sizes and adapter mixes went through graphs
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids, g.request_id
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            for tok in lg:
+                assert abs(lg[tok] - lw[tok]) < 1e-4
+    assert np.isfinite([lp for o in got for pos in o.outputs[0].logprobs for lp in pos.values()]).all()
