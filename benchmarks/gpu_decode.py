@@ -29,6 +29,7 @@ On a CPU, as a check that the script runs (seconds; the numbers mean nothing):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -181,8 +182,9 @@ def mix(case: str, batch: int, a: argparse.Namespace, rng: torch.Generator) -> l
 
 # ---- measurements ---------------------------------------------------------------------------------
 def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], steps: int,
-                device: torch.device) -> dict[str, float]:
-    """Prefill the batch in its own steps, then time ``steps`` decode steps."""
+                device: torch.device, around: Any = None) -> dict[str, float]:
+    """Prefill the batch in its own steps, then time ``steps`` decode steps (inside the context manager
+    ``around`` when given: the profiler)."""
     from loraplex import SamplingParams
 
     eng = llm.engine
@@ -193,15 +195,16 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
         eng.step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    t0 = time.perf_counter()
-    n = 0
-    times = []
-    while eng.has_unfinished_requests():
-        s0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - s0)
-        n += 1
-    sync()
+    with around if around is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        n = 0
+        times = []
+        while eng.has_unfinished_requests():
+            s0 = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - s0)
+            n += 1
+        sync()
     total = time.perf_counter() - t0
     return {"steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
             "step_ms_p50": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[int(0.99 * (n - 1))]}
@@ -259,13 +262,13 @@ def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device) 
 
 def profile_decode(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], steps: int,
                    device: torch.device, trace: Path) -> None:
-    """torch.profiler over ``steps`` decode steps: kernels by GPU time, launches per step, and the share of
+    """torch.profiler over ``steps`` decode steps (the prefill before them is not profiled): kernels by GPU time, launches per step, and the share of
     the wall time the GPU was busy."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        decode_case(llm, prompts, loras, steps, device)
+    prof = profile(activities=acts)
+    decode_case(llm, prompts, loras, steps, device, around=prof)
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
                        row_limit=20), flush=True)
@@ -273,7 +276,7 @@ def profile_decode(llm: Any, prompts: list[list[int]], loras: list[Optional[str]
     if kernels:
         busy = sum(e.device_time for e in kernels) / 1e3  # ms
         wall = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
-        print(f"profile: {len(kernels) / (steps + 1):.0f} kernels per step, GPU busy {busy:.1f} of {wall:.1f} ms "
+        print(f"profile: {len(kernels) / steps:.0f} kernels per step, GPU busy {busy:.1f} of {wall:.1f} ms "
               f"({busy / wall:.2f})", flush=True)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.layers.fused import fused_ops
+
 _ACTS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -40,12 +42,18 @@ class Activation(nn.Module):
 
 
 class GatedActivation(nn.Module):
+    """``act(gate) * up`` of a fused ``[gate | up]`` input; SiLU on CUDA in one Triton kernel."""
+
     def __init__(self, name: str) -> None:
         super().__init__()
         if name not in _ACTS:
             raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(_ACTS)}")
         self.act = _ACTS[name]
+        self.silu = _ACTS[name] is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, 2 * inter) -> (tokens, inter)
+        ops = fused_ops(x) if self.silu else None
+        if ops is not None:
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

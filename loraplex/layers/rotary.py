@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from loraplex.layers.fused import fused_ops
+
 
 def rope_parameters(config: Any) -> dict:
     """The rope settings of a HF config, for transformers 4 (``rope_theta`` +
@@ -70,6 +72,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (tokens, heads, dim), k: (tokens, kv_heads, dim)
+        ops = fused_ops(q)
+        if ops is not None and positions.dim() == 1 and q.stride(2) == 1 and k.stride(2) == 1:
+            ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim)  # in place: q, k are fresh views
+            return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (tokens, 1, rotary_dim)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,140 @@
+"""Fused element-wise kernels of the decoder layers: one launch where PyTorch makes five to fifteen.
+
+A decode step of a small batch is bound by launches, not bytes: each of these ops reads a few hundred
+kilobytes, and eagerly an RMSNorm is eight kernels, a rotary embedding about fourteen. Each kernel here
+rounds where its PyTorch reference (the eager code in :mod:`loraplex.layers`, which is Hugging Face's) rounds,
+so results equal the reference up to float32 reduction order:
+
+* :func:`rms_norm`: ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, optionally after ``x = x + residual``
+  (rounded to the dtype, as the model's residual addition is) with the sum written back to ``residual``;
+* :func:`rotary`: ``x * cos + rotate_half(x) * sin`` on the first ``rotary_dim`` features of q and k, in place;
+* :func:`silu_and_mul`: ``silu(gate) * up`` of a fused ``[gate | up]`` input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.common import Launcher
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stride_o, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    h = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)
+    d_ok = d < HALF
+    dt = q_ptr.dtype.element_ty
+    # cos / sin rows hold [f | f]: the first half serves both halves, rounded to q's dtype as the reference
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
+    heads = tl.arange(0, H_PAD)
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q_ptr + t * stride_qt
+            n_heads = HQ
+            stride_h = stride_qh
+        else:
+            base = k_ptr + t * stride_kt
+            n_heads = HK
+            stride_h = stride_kh
+        m = (heads < n_heads)[:, None] & d_ok[None, :]
+        p1 = base + heads[:, None] * stride_h + d[None, :]
+        x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+        o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
+        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+        tl.store(p1, o1.to(dt), mask=m)
+        tl.store(p1 + HALF, o2.to(dt), mask=m)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * u).to(g.dtype), mask=mask)
+
+
+_launch_rms = Launcher(_rms_norm_kernel)
+_launch_rotary = Launcher(_rotary_kernel)
+_launch_silu = Launcher(_silu_and_mul_kernel)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+             ) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (..., N); with ``residual`` (same shape), of ``x + residual``,
+    which is also written into ``residual``. Returns a new tensor in ``x``'s dtype."""
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if rows == 0:
+        return out.view(x.shape)
+    r2 = x2
+    if residual is not None:
+        r2 = residual.view(-1, N)
+        assert r2.stride(-1) == 1 and r2.shape == x2.shape, "residual must match x and be contiguous by row"
+    block = triton.next_power_of_2(N)
+    _launch_rms((rows,), (x2, r2, out, weight, N, x2.stride(0), r2.stride(0), out.stride(0), float(eps)),
+                dict(HAS_RES=residual is not None, BLOCK=block), num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           rotary_dim: int) -> None:
+    """Rotate the first ``rotary_dim`` features of every head of ``q`` (T, HQ, D) and ``k`` (T, HK, D) in
+    place by the angles of ``positions`` (T,), from the tables ``cos`` / ``sin`` (max_position, rotary_dim)."""
+    T = q.shape[0]
+    if T == 0:
+        return
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    half = rotary_dim // 2
+    _launch_rotary((T,), (q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          cos.stride(0), q.shape[1], k.shape[1]),
+                   dict(HALF=half, HALF_PAD=triton.next_power_of_2(half),
+                        H_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1]))), num_warps=4)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """(T, 2N) ``[gate | up]`` -> (T, N) ``silu(gate) * up``."""
+    N = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out.view(*x.shape[:-1], N)
+    block = min(1024, triton.next_power_of_2(N))
+    _launch_silu((x2.shape[0], triton.cdiv(N, block)), (x2, out, N, x2.stride(0), out.stride(0)),
+                 dict(BLOCK=block), num_warps=4)
+    return out.view(*x.shape[:-1], N)

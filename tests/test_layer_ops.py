@@ -1,0 +1,83 @@
+"""The fused layer kernels (loraplex.kernels.layer_ops) against the layers' PyTorch code, which is their
+reference. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton kernels
+
+from loraplex.kernels import layer_ops  # noqa: E402
+from loraplex.layers.activation import GatedActivation  # noqa: E402
+from loraplex.layers.norm import RMSNorm  # noqa: E402
+from loraplex.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    """float32: reduction order only; half dtypes: two rounding steps (an intermediate rounding of the
+    reference may fall the other way after a float32 reduction in another order)."""
+    eps = torch.finfo(dtype).eps
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 * eps, rtol=2 * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 100])
+def test_rms_norm_equals_reference(dtype, n) -> None:
+    g = torch.Generator().manual_seed(n)
+    norm = RMSNorm(n, eps=1e-5)
+    norm.weight.data = torch.randn(n, generator=g).to(dtype)
+    x = (torch.randn(7, n, generator=g) * 3).to(dtype)
+    res = torch.randn(7, n, generator=g).to(dtype)
+    want = norm(x)  # CPU: the reference
+    want_r, want_sum = norm(x, res.clone())
+    norm_w = norm.weight.to(DEVICE)
+    got = layer_ops.rms_norm(x.to(DEVICE), norm_w, 1e-5).cpu()
+    res_d = res.to(DEVICE)
+    got_r = layer_ops.rms_norm(x.to(DEVICE), norm_w, 1e-5, res_d).cpu()
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, want, **_tol(dtype))
+    torch.testing.assert_close(got_r, want_r, **_tol(dtype))
+    # the residual sum is written back, rounded as the model rounds (Triton's interpreter truncates float32 to
+    # bfloat16 rather than rounding to nearest: one step apart there)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        torch.testing.assert_close(res_d.cpu(), want_sum, atol=0, rtol=torch.finfo(dtype).eps)
+    else:
+        assert torch.equal(res_d.cpu(), want_sum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(16, 16), (32, 16), (24, 24)])
+def test_rotary_equals_reference_in_place(dtype, head_dim, rotary_dim) -> None:
+    g = torch.Generator().manual_seed(head_dim + rotary_dim)
+    rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}, rotary_dim)
+    T, HQ, HK = 5, 4, 2
+    qkv = torch.randn(T, (HQ + 2 * HK) * head_dim, generator=g).to(dtype)
+    q = qkv[:, :HQ * head_dim].view(T, HQ, head_dim)  # strided views of one fused projection, as in the model
+    k = qkv[:, HQ * head_dim:(HQ + HK) * head_dim].view(T, HK, head_dim)
+    positions = torch.tensor([0, 3, 17, 63, 5])
+    want_q, want_k = rope(positions, q, k)
+    qkv_d = qkv.to(DEVICE)
+    q_d = qkv_d[:, :HQ * head_dim].view(T, HQ, head_dim)
+    k_d = qkv_d[:, HQ * head_dim:(HQ + HK) * head_dim].view(T, HK, head_dim)
+    layer_ops.rotary(positions.to(DEVICE), q_d, k_d, rope.cos.to(DEVICE), rope.sin.to(DEVICE), rotary_dim)
+    torch.testing.assert_close(q_d.cpu(), want_q, **_tol(dtype))
+    torch.testing.assert_close(k_d.cpu(), want_k, **_tol(dtype))
+    assert torch.equal(qkv_d[:, (HQ + HK) * head_dim:].cpu(), qkv[:, (HQ + HK) * head_dim:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [48, 1500])
+def test_silu_and_mul_equals_reference(dtype, n) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(3, 2 * n, generator=g) * 4).to(dtype)
+    want = GatedActivation("silu")(x)
+    got = layer_ops.silu_and_mul(x.to(DEVICE)).cpu()
+    assert got.shape == (3, n)
+    torch.testing.assert_close(got, want, **_tol(dtype))
