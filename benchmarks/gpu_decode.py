@@ -188,6 +188,7 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
     from loraplex import SamplingParams
 
     eng = llm.engine
+    eng.output_kind = "delta"  # as the server's engine process: per-step output grows with the batch only
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
     for i, (p, lora) in enumerate(zip(prompts, loras)):
         eng.add_request({"prompt_token_ids": p}, params, lora, f"r{i}-{time.monotonic_ns()}")
@@ -199,14 +200,17 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
         t0 = time.perf_counter()
         n = 0
         times = []
+        host = 0.0
         while eng.has_unfinished_requests():
             s0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - s0)
+            host += eng.last_step_host_seconds
             n += 1
         sync()
     total = time.perf_counter() - t0
     return {"steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
+            "host_ms_per_step": 1e3 * host / max(n, 1),
             "step_ms_p50": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[int(0.99 * (n - 1))]}
 
 
@@ -362,8 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        share_of_floor=floor_ms / r["ms_per_step"])
             rows.append(row)
             print(f"batch {batch:>4} {case:>9} ({used:>3} adapters): {r['ms_per_step']:8.2f} ms/step "
-                  f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}",
-                  flush=True)
+                  f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}  "
+                  f"host {r['host_ms_per_step']:.2f} ms/step", flush=True)
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["case"] == "base"}
     for r in rows:
         if r["batch"] in base:

@@ -170,6 +170,12 @@ def test_health_and_metrics(server) -> None:
         assert name in text, name
     itl_count = next(line for line in text.splitlines() if line.startswith("loraplex_inter_token_latency_seconds_count"))
     assert float(itl_count.split()[-1]) >= 2  # the 3-token request above had two gaps
+    host = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith(("loraplex_engine_step_host_seconds_count", "loraplex_engine_step_host_seconds_sum",
+                                "loraplex_engine_step_seconds_sum"))}
+    assert host["loraplex_engine_step_host_seconds_count"] >= 3  # one per step
+    # on CPU the whole step is host time; at most the step's duration
+    assert 0 < host["loraplex_engine_step_host_seconds_sum"] <= host["loraplex_engine_step_seconds_sum"] + 1e-6
 
 
 def wait_idle(engine: EngineClient, timeout: float = 10.0) -> dict:

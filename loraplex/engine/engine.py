@@ -137,6 +137,9 @@ class LLMEngine:
         # objects ("delta": the server's engine process), or snapshots of finished requests only ("final":
         # LLM.generate, which would otherwise copy every sequence's tokens every step)
         self.output_kind = "snapshot"
+        # Host time of the last step: its wall time less the wait for the device (the time the GPU could be
+        # idle for want of the host's work); exported by the server as loraplex_engine_step_host_seconds.
+        self.last_step_host_seconds = 0.0
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
 
@@ -254,6 +257,14 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        waited = self.sampler.wait_seconds
+        outputs = self._step()
+        # Host time: the step's wall time but the wait for the device's results (on CPU, everything).
+        self.last_step_host_seconds = time.perf_counter() - t0 - (self.sampler.wait_seconds - waited)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         if not sched.seqs:

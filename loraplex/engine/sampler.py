@@ -15,6 +15,7 @@ copy (the step's only synchronisation) brings them back.
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,7 @@ class Sampler:
             raise ValueError(f"Sampler: vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = vocab_size
         self.generator = make_generator(seed)
+        self.wait_seconds = 0.0  # host time spent waiting for the device's results (sample_step), cumulative
 
     def __call__(
         self,
@@ -86,7 +88,9 @@ class Sampler:
             host.copy_(packed, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
+            t0 = time.perf_counter()
             done.synchronize()
+            self.wait_seconds += time.perf_counter() - t0
             packed = host
         return unpack_step(packed.tolist(), layout)
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_HOST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -27,6 +28,9 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.step = Histogram("loraplex_engine_step_seconds", "Duration of one engine step",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_host = Histogram("loraplex_engine_step_host_seconds", "Host time of one engine step: its "
+                                   "duration less the wait for the device's results", buckets=_HOST_BUCKETS,
+                                   registry=r)
         self.running = Gauge("loraplex_num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)

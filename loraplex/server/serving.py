@@ -387,6 +387,7 @@ class Serving:
     def on_step(self, dt: Optional[float], seen: list[tuple[RequestDelta, RequestState, Optional[float]]]) -> None:
         if dt is not None:
             self.metrics.step.observe(dt)
+            self.metrics.step_host.observe(self.client.stats.get("last_step_host_seconds", 0.0))
         for _, _, gap in seen:
             if gap is not None:
                 self.metrics.itl.observe(gap)
