@@ -22,6 +22,8 @@ def _flag_type(f: dataclasses.Field) -> Any:
     if isinstance(default, (int, float, str)):
         return type(default)
     ann = str(f.type)
+    if "bool" in ann:  # Optional[bool]: --flag / --no-flag, absent: None
+        return None
     if "int" in ann:
         return int
     if "float" in ann:

@@ -45,6 +45,9 @@ class ModelConfig:
                                               "(width x height); larger ones are refused")
     enforce_eager: bool = _doc(False, "CUDA: run every step eagerly, without the CUDA graphs of decode steps "
                                       "captured at start-up")
+    async_scheduling: Optional[bool] = _doc(None, "apply each step's results while the device runs the next "
+                                                 "step, whose inputs it samples on the device (None: on for "
+                                                 "CUDA, off for CPU, where nothing would overlap)")
     max_cudagraph_capture_size: Optional[int] = _doc(None, "CUDA: largest decode batch run as a CUDA graph; "
                                                            "larger ones run eagerly (None: max_num_seqs)")
 

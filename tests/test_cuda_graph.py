@@ -120,9 +120,9 @@ def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: boo
             eng.runner.capture_graphs(lora=True, capture=False)
         inner = eng.runner.graphs.run
 
-        def run(seqs):
+        def run(seqs, *args):
             sizes.append(len(seqs))
-            return inner(seqs)
+            return inner(seqs, *args)
 
         eng.runner.graphs.run = run
     names = [None, "a0", "a1", None, "a2", "a0", "a1"]

@@ -164,7 +164,7 @@ def test_decode_step_does_not_synchronise(graph_setup) -> None:
     eng.step()  # a first decode step: pinned-memory pools and kernels warm
     replays = []
     inner = eng.runner.graphs.run
-    eng.runner.graphs.run = lambda seqs: replays.append(len(seqs)) or inner(seqs)
+    eng.runner.graphs.run = lambda seqs, *args: replays.append(len(seqs)) or inner(seqs, *args)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

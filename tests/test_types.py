@@ -47,11 +47,17 @@ def test_valid_params_normalise() -> None:
 
 
 def test_token_ids_at_equals_slicing_the_whole_sequence() -> None:
-    from loraplex.engine.request import Request
+    from loraplex.engine.request import PENDING_TOKEN, Request
 
     req = Request("r", None, [5, 6, 7, 8], SamplingParams(), None, None, frozenset(), 16)
     req.output_token_ids.extend([9, 10, 11])
     whole = req.all_token_ids
+    for start in range(len(whole) + 1):
+        for n in range(len(whole) - start + 2):
+            assert req.token_ids_at(start, n) == whole[start:start + n], (start, n)
+    req.num_pending = 1  # a token sampled on the device, not read back yet: a stand-in at its position
+    whole = whole + [PENDING_TOKEN]
+    assert req.num_tokens == len(whole)
     for start in range(len(whole) + 1):
         for n in range(len(whole) - start + 2):
             assert req.token_ids_at(start, n) == whole[start:start + n], (start, n)

@@ -239,13 +239,16 @@ class DecodeGraphs:
                     len(self._graphs), self.sizes, ", with and without adapters" if self.lora else "",
                     self.capture_seconds, self.memory_bytes / 2**20)
 
-    def run(self, seqs: Sequence) -> torch.Tensor:
+    def run(self, seqs: Sequence, fix_inputs: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Fill the inputs of the decode step ``seqs`` and replay its graph: float32 logits (B, padded vocab),
-        a view of the graph's output valid until the next replay."""
+        a view of the graph's output valid until the next replay. ``fix_inputs(input_ids)`` may then amend
+        the token ids on the device (tokens sampled by a step still in flight)."""
         n = self.size_for(len(seqs))
         assert n is not None, f"no graph for {len(seqs)} sequences"
         lora = self.lora and any(s.req.slot >= 0 for s in seqs)
         self.inputs.fill(seqs)
+        if fix_inputs is not None:
+            fix_inputs(self.inputs.dev["input_ids"])
         g = self._graphs.get((n, lora))
         if g is None:  # not captured (CPU tests of the buffers): the forward a graph records, run eagerly
             return self._forward(self.inputs.dev["input_ids"][:n],

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -24,9 +25,9 @@ from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
-from loraplex.engine.sampler import (Sampler, apply_min_tokens, compute_logprobs, make_generator,
+from loraplex.engine.sampler import (PendingSample, Sampler, apply_min_tokens, compute_logprobs, make_generator,
                                      prompt_logprobs)
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora.backends.base import get_backend
 from loraplex.lora.model_lora import LoRAModel
@@ -65,6 +66,20 @@ def _eos_ids(path: str, hf_config: Any, tokenizer: Any) -> frozenset[int]:
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose results the host has not applied yet."""
+
+    seqs: list[ScheduledSeq]
+    reqs: list[Request]  # the requests that sample, in the order of the sampled rows
+    row_of: dict[str, int]  # request id -> its row among the sampled tokens
+    logits_spans: list[tuple[int, int]]
+    logits: torch.Tensor  # kept for prompt logprobs (such steps are applied at once)
+    prompt_lp: list[bool]
+    sample: Optional[PendingSample]
+    sync: bool  # apply at once (prompt logprobs read this step's logits)
 
 
 class LLMEngine:
@@ -140,6 +155,10 @@ class LLMEngine:
         # Host time of the last step: its wall time less the wait for the device (the time the GPU could be
         # idle for want of the host's work); exported by the server as loraplex_engine_step_host_seconds.
         self.last_step_host_seconds = 0.0
+        # Async scheduling: a step's results are applied during the next step, after it is queued.
+        self.async_scheduling = (mc.async_scheduling if mc.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: Optional[_Launched] = None
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
 
@@ -249,11 +268,12 @@ class LLMEngine:
         if req is None or req.finished:
             return
         self.scheduler.abort(req)
+        req.num_pending = 0
         req.status = Status.FINISHED
         req.finish_reason = "abort"
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -265,40 +285,80 @@ class LLMEngine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
+        """Schedule and launch this step; then read back and apply the previous step's results (async
+        scheduling: the host does that, and the next step's scheduling, while the device runs this one) or
+        this step's own (synchronous)."""
         sched = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
+        prev, self._in_flight = self._in_flight, None
         if not sched.seqs:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if prev is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: waiting requests cannot be admitted")
-            return outputs
-        batch = self.runner.prepare(sched.seqs)
-        logits = self.runner.execute(batch)  # (R, padded vocab) float32
+            return self._finish(prev) if prev is not None else []
+        launched = self._launch(sched.seqs, prev)
+        outputs = self._finish(prev) if prev is not None else []
+        if self.async_scheduling and not launched.sync:
+            self._in_flight = launched
+        else:
+            outputs += self._finish(launched)
+        return outputs
+
+    def _launch(self, seqs: list[ScheduledSeq], prev: Optional[_Launched]) -> _Launched:
+        """Queue the forward and the sampling of ``seqs`` on the device. Inputs that are tokens ``prev``
+        sampled (at most one per request: its last) are taken from ``prev``'s device tensor."""
+        batch = self.runner.prepare(seqs)
+        fix = None
+        if prev is not None:
+            rows, src = [], []
+            end = 0  # input rows are the sequences' new tokens, concatenated
+            for s in seqs:
+                end += s.num_new_tokens
+                r = s.req
+                if r.num_pending and s.start + s.num_new_tokens == r.num_tokens:  # covers its pending token
+                    assert r.num_pending == 1, f"request {r.request_id}: {r.num_pending} tokens pending at launch"
+                    rows.append(end - 1)
+                    src.append(prev.row_of[r.request_id])
+            if rows:
+                fix = (rows, src, prev.sample.token_ids)
+        logits = self.runner.execute(batch, fix)  # (R, padded vocab) float32
 
         # Only a sequence whose step reaches its last token samples: a prompt chunk that ends inside the
         # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
-        sampling = [i for i, s in enumerate(sched.seqs) if s.samples]
-        prompt_lp = [s.prompt_logprobs for s in sched.seqs]  # before this step's logprobs are stored
-        reqs = [sched.seqs[i].req for i in sampling]
-        tokens: list[int] = []
-        lps: list[Optional[dict]] = []
+        sampling = [i for i, s in enumerate(seqs) if s.samples]
+        prompt_lp = [s.prompt_logprobs for s in seqs]  # before this step's logprobs are stored
+        reqs = [seqs[i].req for i in sampling]
+        sample = None
         if sampling:
             rows = [batch.logits_spans[i][0] + batch.logits_spans[i][1] - 1 for i in sampling]
             if len(rows) == logits.shape[0]:  # every logits row samples (decode steps): no gather, no copy
                 raw = logits
             else:  # logprobs are reported from the raw logits, before min_tokens masking
                 raw = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
-            held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
+            held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) + r.num_pending < r.params.min_tokens]
             sample_logits = raw.clone() if held else raw
             for i in held:
                 apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
             # one device-to-host copy brings the tokens and the logprobs of the rows that asked
-            tokens, lps = self.sampler.sample_step(sample_logits, [r.params for r in reqs],
-                                                   [r.generator for r in reqs], raw_logits=raw)
-        for s, (a, n), wants in zip(sched.seqs, batch.logits_spans, prompt_lp):
-            if wants:  # a chunk (or all) of the prompt of a request that asked for prompt logprobs
-                self._add_prompt_logprobs(s.req, s.start, logits[a:a + n])
+            sample = self.sampler.launch_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                              raw_logits=raw)
+        for s in seqs:
             s.req.num_computed_tokens += s.num_new_tokens
-        for req, tok, lp in zip(reqs, tokens, lps):
+        for r in reqs:
+            r.num_pending += 1
+        return _Launched(seqs, reqs, {r.request_id: i for i, r in enumerate(reqs)}, batch.logits_spans, logits,
+                         prompt_lp, sample, sync=any(prompt_lp))
+
+    def _finish(self, step: _Launched) -> list[RequestOutput]:
+        """Read back ``step``'s results and apply them: prompt logprobs, tokens, stop conditions, outputs.
+        Results of requests that finished or were aborted meanwhile are dropped."""
+        outputs: list[RequestOutput] = []
+        tokens, lps = step.sample.result() if step.sample is not None else ([], [])
+        for s, (a, n), wants in zip(step.seqs, step.logits_spans, step.prompt_lp):
+            if wants and not s.req.finished:  # a chunk (or all) of the prompt of a request that asked for them
+                self._add_prompt_logprobs(s.req, s.start, step.logits[a:a + n])
+        for req, tok, lp in zip(step.reqs, tokens, lps):
+            if req.finished:
+                continue
+            req.num_pending -= 1
             self._append_token(req, tok, lp)
             if req.finished:
                 self.requests.pop(req.request_id, None)
@@ -340,10 +400,11 @@ class LLMEngine:
             reason, stop = "stop", tok
         elif req.detok is not None and req.detok.stop_reason is not None:
             reason, stop = "stop", req.detok.stop_reason
-        elif n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        elif n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
             reason = "length"
         if reason is not None:
             if req.detok is not None and not isinstance(stop, str):
                 req.text_delta += req.detok.finish()
             req.finish_reason, req.stop_reason = reason, stop
+            req.num_pending = 0  # a token of a step still in flight is dropped when read back
             self.scheduler.finish(req)

@@ -12,6 +12,7 @@ capture size, ``enforce_eager``) run eagerly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -41,6 +42,18 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     if device.type == "cpu" and d == torch.float16:
         return torch.float32  # float16 matmuls on CPU are slow and inexact
     return d
+
+
+InputFix = tuple[list[int], list[int], torch.Tensor]
+
+
+def _apply_fix(fix: InputFix, input_ids: torch.Tensor) -> None:
+    """``input_ids[rows] = tokens[src]`` on the device (``fix`` = rows, src, tokens)."""
+    rows, src, tokens = fix
+    idx = torch.tensor([rows, src], dtype=torch.int64)
+    if input_ids.is_cuda:
+        idx = idx.pin_memory().to(input_ids.device, non_blocking=True)
+    input_ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))
 
 
 @dataclass
@@ -152,10 +165,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: PreparedBatch) -> torch.Tensor:
-        """Run the model; returns float32 logits (R, padded vocab) for the logits rows."""
+    def execute(self, batch: PreparedBatch, fix: Optional[InputFix] = None) -> torch.Tensor:
+        """Run the model; returns float32 logits (R, padded vocab) for the logits rows. ``fix`` = (rows,
+        src, tokens): input rows whose token is still on the device, at ``tokens[src]`` (async scheduling)."""
         if batch.graph_seqs is not None:
-            return self.graphs.run(batch.graph_seqs)
+            return self.graphs.run(batch.graph_seqs, None if fix is None else functools.partial(_apply_fix, fix))
+        if fix is not None:
+            _apply_fix(fix, batch.input_ids)
         with forward_context(batch.ctx):
             hidden = self.model(batch.input_ids, batch.ctx.positions)  # (T, hidden)
             logits = self.model.compute_logits(hidden[batch.logits_indices])

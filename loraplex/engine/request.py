@@ -14,6 +14,9 @@ from loraplex.lora.adapter import LoRAAdapter
 from loraplex.types import CompletionOutput, PositionLogprobs, RequestDelta, RequestOutput, SamplingParams
 
 
+PENDING_TOKEN = -1  # host stand-in for a token still on the device
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -34,6 +37,9 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.max_tokens = max_tokens  # params.max_tokens clipped to max_model_len
         self.output_token_ids: list[int] = []
+        # Tokens sampled on the device but not yet read back (async scheduling): they follow output_token_ids,
+        # count in num_tokens, and reach a step's inputs from the device (PENDING_TOKEN stands in on the host).
+        self.num_pending = 0
         self.output_logprobs: Optional[list[PositionLogprobs]] = [] if params.logprobs is not None else None
         self.prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
         # prompt logprobs of the chunks prefilled so far (entry i: prompt token i), published when complete
@@ -66,10 +72,14 @@ class Request:
         token; its cost must not grow with the sequence)."""
         p = len(self.prompt_token_ids)
         if start >= p:
-            return self.output_token_ids[start - p:start - p + n]
-        if start + n <= p:
+            out = self.output_token_ids[start - p:start - p + n]
+        elif start + n <= p:
             return self.prompt_token_ids[start:start + n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
+        else:
+            out = self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
+        known = p + len(self.output_token_ids)
+        pending = min(start + n, known + self.num_pending) - max(start, known)
+        return out + [PENDING_TOKEN] * pending if pending > 0 else out  # positions of pending tokens
 
     def block_table_array(self) -> np.ndarray:
         """``block_table`` as int32 numpy, kept in step with it: only the blocks added since the last call are
@@ -93,7 +103,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt, generated and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -82,17 +82,28 @@ class Sampler:
         the rows whose params ask for them come from ``raw_logits`` (default: ``logits``), before
         temperature, as :func:`compute_logprobs` defines them.
         """
+        return self.launch_step(logits, params, generators, raw_logits).result()
+
+    def launch_step(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[Optional[torch.Generator]],
+        raw_logits: Optional[torch.Tensor] = None,
+    ) -> "PendingSample":
+        """:meth:`sample_step` without waiting: the device work and the copy of its results to pinned host
+        memory are queued; :meth:`PendingSample.result` waits for that copy alone (an event, not a device
+        synchronisation). ``PendingSample.token_ids`` (n,) int64 stay on the device for the next step."""
         packed, layout = self.sample_device(logits, params, generators, raw_logits)
-        if packed.is_cuda:  # into pinned memory, then wait for that copy alone (an event, not a device sync)
+        token_ids = packed[:len(params)].long()
+        done = None
+        if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            t0 = time.perf_counter()
-            done.synchronize()
-            self.wait_seconds += time.perf_counter() - t0
             packed = host
-        return unpack_step(packed.tolist(), layout)
+        return PendingSample(self, packed, layout, token_ids, done)
 
     def sample_device(
         self,
@@ -198,6 +209,27 @@ class Sampler:
         # Rounding may put target at the very top: fall back to the last token with mass.
         last_pos = vocab - 1 - torch.argmax((probs > 0).flip(-1).to(torch.uint8), dim=-1)
         return torch.minimum(ids, last_pos)  # (m,) on the logits' device
+
+
+class PendingSample:
+    """The results of one step's sampling, on their way to the host."""
+
+    def __init__(self, sampler: Sampler, packed: torch.Tensor, layout: tuple, token_ids: torch.Tensor,
+                 done: Optional[torch.cuda.Event]) -> None:
+        self._sampler = sampler
+        self._packed = packed  # pinned host memory (CUDA) or the CPU result itself
+        self._layout = layout
+        self._done = done
+        self.token_ids = token_ids  # (n,) int64 on the logits' device: the next step's inputs
+
+    def result(self) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
+        """Wait for the copy (the time counts in ``Sampler.wait_seconds``) and unpack tokens and logprobs."""
+        if self._done is not None:
+            t0 = time.perf_counter()
+            self._done.synchronize()
+            self._sampler.wait_seconds += time.perf_counter() - t0
+            self._done = None
+        return unpack_step(self._packed.tolist(), self._layout)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

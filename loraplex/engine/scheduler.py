@@ -89,6 +89,8 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
+            if req.num_pending and len(req.output_token_ids) + req.num_pending >= req.max_tokens:
+                continue  # its pending token is its last (async scheduling): it finishes when read back
             if req.num_tokens - req.num_computed_tokens > 1:  # only with chunked prefill
                 prefilling.append(req)
                 continue
