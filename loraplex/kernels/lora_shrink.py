@@ -102,20 +102,22 @@ def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slice
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
-                split_k: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
+                split_k: Optional[int] = None, block_k: Optional[int] = None,
+                work_tiles: Optional[int] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
     x (T, K); a (slices, slots, max_rank, K); ranks_t (slices, slots) int32; tiles (num_tiles, 3) int64
     (row_start, row_end, slot), each covering at most ``block_m`` rows of one segment. ``split_k`` /
-    ``block_k`` override the heuristic (tests, tuning)."""
+    ``block_k`` override the heuristic (tests, tuning). ``work_tiles``: how many tiles carry rows, when the
+    list is padded with empty ones (CUDA graphs), so that split-K is sized for the real work."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
     num_slices, _, max_rank, _ = a.shape
     assert a.is_contiguous() and ranks_t.is_contiguous(), "A stack and ranks must be contiguous"
     num_tiles = tiles.shape[0]
-    cfg = shrink_config(block_m, max_rank, K, num_tiles, num_slices, split_k, block_k, x.device)
+    cfg = shrink_config(block_m, max_rank, K, work_tiles or num_tiles, num_slices, split_k, block_k, x.device)
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
     if num_tiles == 0 or T == 0:
         return out.zero_()

@@ -23,7 +23,9 @@ class TritonLoRABackend:
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``."""
-        return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m)
+        # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
+        work = -(-batch.num_rows // batch.block_m) if batch.static else None
+        return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work)
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
