@@ -137,9 +137,7 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, **GRAPH_ARGS), adapters, use_graphs=False)
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
     graphs = llm.engine.runner.graphs
-    # decode graphs of 1-8 sequences and mixed graphs of 16-512 tokens, each with and without LoRA
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 256, 512]
-    assert len(graphs._graphs) == 2 * (4 + 6)
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and len(graphs._graphs) == 8  # with and without LoRA
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 
