@@ -131,8 +131,7 @@ class LLMEngine:
                                  "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
         num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
-        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len,
-                                  self.max_num_batched_tokens)
+        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len)
         if self.device.type == "cuda" and not mc.enforce_eager:
             if self.runner.attention_backend != "triton":
                 logger.info("loraplex: no CUDA graphs: they need the triton attention backend, not %r",
