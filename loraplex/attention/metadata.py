@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -50,8 +51,8 @@ class AttentionMetadata:
     @classmethod
     def build(cls, query_lens: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
               block_size: int, device: torch.device) -> "AttentionMetadata":
-        """The layout of sequences with these new-token counts, cache lengths and block tables (host lists):
-        one host tensor holding every int32 field, one copy to ``device``."""
+        """The layout of sequences with these new-token counts, cache lengths and block tables (host lists or
+        int32 numpy arrays): one host tensor holding every int32 field, one copy to ``device``."""
         B = len(query_lens)
         assert B == len(seq_lens) == len(block_tables) and B > 0, "one query length, length and table per sequence"
         qsl = [0]
@@ -62,13 +63,15 @@ class AttentionMetadata:
         host = torch.zeros(2 * B + 1 + B * max_blocks, dtype=torch.int32)
         host[:B + 1] = torch.tensor(qsl, dtype=torch.int32)
         host[B + 1:2 * B + 1] = torch.tensor(list(seq_lens), dtype=torch.int32)
-        tables = host[2 * B + 1:].view(B, max_blocks)
-        for b, t in enumerate(block_tables):
-            if t:
-                tables[b, :len(t)] = torch.tensor(list(t), dtype=torch.int32)
-        slots = []
-        for n, L, t in zip(query_lens, seq_lens, block_tables):
-            slots.extend(t[p // block_size] * block_size + p % block_size for p in range(L - n, L))
+        tables = host[2 * B + 1:].view(B, max_blocks).numpy()
+        for b, t in enumerate(block_tables):  # numpy rows (Request.block_table_array) copy without Python ints
+            if len(t):
+                tables[b, :len(t)] = t
+        parts = []
+        for b, (n, L) in enumerate(zip(query_lens, seq_lens)):
+            pos = np.arange(L - n, L)
+            parts.append(tables[b, pos // block_size].astype(np.int64) * block_size + pos % block_size)
+        slots = torch.from_numpy(np.concatenate(parts))
         dev = host.to(device, non_blocking=True)
         num_decodes = 0
         while num_decodes < B and query_lens[num_decodes] == 1:
@@ -76,7 +79,7 @@ class AttentionMetadata:
         return cls(
             query_start_loc=dev[:B + 1], seq_lens=dev[B + 1:2 * B + 1],
             block_tables=dev[2 * B + 1:].view(B, max_blocks),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            slot_mapping=slots.to(device, non_blocking=True),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decodes=num_decodes,
             host_query_start_loc=qsl, host_seq_lens=list(seq_lens),
         )

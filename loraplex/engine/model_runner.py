@@ -147,7 +147,8 @@ class ModelRunner:
             logits_row_slots.extend([req.slot] * len(rows))
 
         dev = self.device
-        attn = AttentionMetadata.build(qlens, ctx_lens, [x.req.block_table for x in seqs], self.block_size, dev)
+        attn = AttentionMetadata.build(qlens, ctx_lens, [x.req.block_table_array() for x in seqs], self.block_size,
+                                       dev)
         has_lora = any(s.req.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)
         ctx = ForwardContext(
