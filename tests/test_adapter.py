@@ -40,7 +40,8 @@ def spec_from_model(model: torch.nn.Module, with_base: bool = True) -> AdapterTa
         packed_modules_mapping=PACKED,
         num_layers=model.config.num_hidden_layers,
         vocab_size=emb.num_embeddings,
-        base_weight=(lambda n: params.get(f"{n}.weight")) if with_base else (lambda n: None),
+        base_weight=((lambda n: (params[f"{n}.weight"], lambda t: t) if f"{n}.weight" in params else None)
+                     if with_base else (lambda n: None)),
     )
 
 

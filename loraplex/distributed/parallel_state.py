@@ -1,5 +1,6 @@
-"""Tensor-parallel group state. loraplex runs with one rank today; layers ask
-these functions, so switching tensor parallelism on changes no model code."""
+"""Tensor-parallel group state. Layers ask these functions when they are built and run, so tensor parallelism
+changes no model code: a process joins a group with :func:`init_tensor_parallel` (torch.distributed's default
+group, NCCL on GPUs, gloo on CPUs) before it builds the model; until then it is rank 0 of 1."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ import torch
 
 _TP_RANK = 0
 _TP_SIZE = 1
+
+
+def init_tensor_parallel(rank: int, size: int) -> None:
+    """Make this process rank ``rank`` of a tensor-parallel group of ``size`` ranks: torch.distributed's
+    default process group, which must already hold exactly ``size`` processes when ``size > 1``."""
+    global _TP_RANK, _TP_SIZE
+    if not 0 <= rank < size:
+        raise ValueError(f"tensor-parallel rank {rank} is outside [0, {size})")
+    if size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() != size or dist.get_rank() != rank:
+            raise RuntimeError(f"tensor-parallel rank {rank} of {size} needs torch.distributed initialised with "
+                               f"world size {size} and this rank")
+    _TP_RANK, _TP_SIZE = rank, size
 
 
 def get_tp_rank() -> int:

@@ -99,13 +99,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def output_slices(self) -> tuple[int, ...]:
         return tuple(_divide(s, self.tp_size) for s in self.output_sizes)
 
+    def shard_rows(self, shard_id: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's part of output slice ``shard_id``, in the slice's full
+        (checkpoint) rows. The one rule for the base weight and for LoRA B."""
+        size = self.output_slices[shard_id]
+        return self.tp_rank * size, size
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
         if shard_id is None:
             return super().weight_loader(param, loaded)
         sizes = self.output_slices
         offset = sum(sizes[:shard_id])
-        size = sizes[shard_id]
-        loaded = loaded.narrow(0, self.tp_rank * size, size)
+        start, size = self.shard_rows(shard_id)
+        loaded = loaded.narrow(0, start, size)
         target = param.data.narrow(0, offset, size)
         if loaded.shape != target.shape:
             raise ValueError(f"shape mismatch for shard {shard_id}: checkpoint {tuple(loaded.shape)} "
@@ -130,16 +136,23 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim * kv_rep,
                                        num_kv_heads * head_dim * kv_rep], bias)
 
+    @property
+    def checkpoint_output_sizes(self) -> list[int]:
+        """Rows of q, k and v in the checkpoint (kv heads counted once, not per replica)."""
+        hd = self.head_dim
+        return [self.total_num_heads * hd, self.total_num_kv_heads * hd, self.total_num_kv_heads * hd]
+
+    def shard_rows(self, shard_id: int) -> tuple[int, int]:
+        if shard_id == 0 or self.tp_size <= self.total_num_kv_heads:
+            return super().shard_rows(shard_id)
+        # More ranks than kv heads: each kv head is replicated; rank r takes kv head r // replicas.
+        size = self.output_slices[shard_id]
+        return self.tp_rank // (self.tp_size // self.total_num_kv_heads) * size, size
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Union[str, int, None] = None) -> None:
         if isinstance(shard_id, str):
             shard_id = self._SHARDS[shard_id]
-        if shard_id is None or shard_id == 0 or self.tp_size <= self.total_num_kv_heads:
-            return super().weight_loader(param, loaded, shard_id)
-        # Replicated kv heads: rank r takes kv head r // replicas.
-        size = self.output_slices[shard_id]
-        head = self.tp_rank // (self.tp_size // self.total_num_kv_heads)
-        offset = sum(self.output_slices[:shard_id])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, head * size, size))
+        return super().weight_loader(param, loaded, shard_id)
 
 
 class RowParallelLinear(LinearBase):

@@ -68,7 +68,9 @@ class AdapterTargetSpec:
     vocab_size: int
     # Full base weight of a module by HF name ("model.embed_tokens", "lm_head"), used to accept
     # the copies PEFT saves beside embedding/head LoRA; None where not available.
-    base_weight: Callable[[str], Optional[torch.Tensor]] = lambda name: None
+    # (this rank's part of the base weight, the cut of a full tensor to that part), or None
+    base_weight: Callable[[str], Optional[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]] = (
+        lambda name: None)
 
 
 @dataclass
@@ -329,7 +331,10 @@ def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torc
         if tuple(tensor.shape) != expected:
             vocab = target.kind == "embedding" or _is_output_head(module)
             raise AdapterError(_shape_msg(wfile, key, expected, tensor, vocab) + f" [{feature}]")
-    base = spec.base_weight(module if param == "weight" else f"{module}.{param}")
+    got = spec.base_weight(module if param == "weight" else f"{module}.{param}")
+    base = None if got is None else got[0]
+    if got is not None:
+        tensor = got[1](tensor)  # this rank's part (tensor parallelism)
     if base is None:
         if saved_module or param != "weight":
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {feature} (full copy of "

@@ -93,9 +93,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             if self.row_parallel and base.tp_size > 1:
                 n = base.input_size_per_partition
                 a = a[:, base.tp_rank * n:(base.tp_rank + 1) * n]
-            elif base.tp_size > 1:
-                n = self.output_slices[i]
-                b = b[base.tp_rank * n:(base.tp_rank + 1) * n]
+            elif base.tp_size > 1:  # B sharded by output rows with the base weight's rule
+                if hasattr(base, "shard_rows"):
+                    start, n = base.shard_rows(i)
+                else:
+                    n = self.output_slices[i]
+                    start = base.tp_rank * n
+                b = b[start:start + n]
             r = lw.rank
             self.lora_a[i][slot, :r].copy_(a)
             self.lora_b[i][slot, :, :r].copy_(b)

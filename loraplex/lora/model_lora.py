@@ -9,7 +9,7 @@ and v_proj are the three slices of qkv_proj).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class LoRAModel:
             subs = packed.get(leaf)
             if subs:
                 slice_names = [f"{prefix}.{s}" if prefix else s for s in subs]
-                sizes = list(getattr(base, "output_sizes"))
+                sizes = list(getattr(base, "checkpoint_output_sizes", None) or getattr(base, "output_sizes"))
             else:
                 slice_names = [name]
                 sizes = [getattr(base, "output_size", None) or getattr(base, "org_vocab_size")]
@@ -70,16 +70,22 @@ class LoRAModel:
             base_weight=self._base_weight,
         )
 
-    def _base_weight(self, hf_name: str) -> Optional[torch.Tensor]:
+    def _base_weight(self, hf_name: str) -> Optional[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+        """This rank's part of a base weight, and the function that cuts the same part out of a full
+        checkpoint-shaped tensor (identity on one rank); None: not a wrapped module."""
         hit = self._by_slice.get(hf_name)
         if hit is None:
             return None
         wm, i = hit
         base = wm.wrapper.base_layer
-        w = base.weight
-        if hasattr(base, "org_vocab_size"):
-            w = w[: base.org_vocab_size]
-        return w.detach()
+        w = base.weight.detach()
+        if hasattr(base, "org_vocab_size"):  # vocabulary-parallel: rows [start, end) of the real vocabulary
+            start = base.vocab_start_index
+            end = max(start, min(base.vocab_end_index, base.org_vocab_size))
+            return w[: end - start], lambda t: t[start:end]
+        if getattr(base, "tp_size", 1) > 1 and len(wm.slice_names) == 1:
+            return w, lambda t: base._shard(base.weight, t)
+        return w, lambda t: t
 
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
         """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it)."""

@@ -1,0 +1,60 @@
+"""Tensor parallelism on CPU: ranks in a gloo group, each running the same engine on its shards.
+
+Every rank schedules the same requests the same way (the scheduler is deterministic), so before the rank-0
+scheduler and its broadcast exist (issue 10) the model's sharded layers and their LoRA can already be
+compared with one rank: float32 prompt logprobs and greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import make_adapter, make_tiny_model
+from tp_helpers import run_ranks
+
+PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46]]
+
+
+def generate(rank: int, model_dir: str, adapters: dict[str, str], names: list) -> tuple:
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=3,
+              max_lora_rank=16, seed=0)
+    loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                        lora_request=[loras[n] if n else None for n in names], use_tqdm=False)
+    from loraplex.distributed.parallel_state import get_tp_size
+
+    embed = llm.engine.model.model.embed_tokens
+    shard = (get_tp_size(), embed.num_embeddings_per_partition, llm.engine.model.model.layers[0].self_attn.num_kv_heads)
+    return shard, [(list(o.outputs[0].token_ids),
+                    [None if lp is None else list(lp.values())[0] for lp in o.prompt_logprobs]) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    model_dir = make_tiny_model(root / "model", family="llama", num_key_value_heads=2)
+    adapters = {
+        "lin": make_adapter(model_dir, root / "lin", seed=1, r=8, target_modules="all-linear"),
+        "head": make_adapter(model_dir, root / "head", seed=2, r=4, target_modules=["q_proj", "lm_head", "down_proj"]),
+        "emb": make_adapter(model_dir, root / "emb", seed=3, r=4, target_modules=["embed_tokens", "v_proj"]),
+    }
+    return model_dir, adapters
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 4 ranks: more ranks than the model's 2 kv heads (replicated)
+def test_sharded_engine_equals_one_rank(setup, world) -> None:
+    model_dir, adapters = setup
+    names = [None, "lin", "head", "emb"]
+    ((_, vocab, kv_heads), want), = run_ranks(generate, 1, model_dir, adapters, names)
+    got = run_ranks(generate, world, model_dir, adapters, names)
+    for shard, rank_out in got:
+        # each rank holds its share of the vocabulary and of the kv heads (2 heads over 4 ranks: one each)
+        tp, rows, kv = shard
+        assert tp == world and kv == max(1, kv_heads // world)
+        assert rows * world >= vocab and rows * world - vocab < 64 * world  # padded to 64 rows a rank
+        for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
+            assert tokens == want_tokens
+            assert all((a is None and b is None) or abs(a - b) < 1e-5 for a, b in zip(lps, want_lps))
