@@ -48,13 +48,21 @@ class VocabParallelEmbedding(nn.Module):
         if end > start:
             param.data[: end - start].copy_(loaded[start:end])
 
+    def local_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each id's row in this rank's shard, 0 for ids outside it; whether the id is in the shard)."""
+        mask = (ids >= self.vocab_start_index) & (ids < self.vocab_end_index)
+        return torch.where(mask, ids - self.vocab_start_index, torch.zeros_like(ids)), mask
+
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the lookup: the rows of ids in its shard, zero elsewhere (the all-reduce of
+        every rank's part is the embedding)."""
+        local, mask = self.local_ids(ids)
+        return F.embedding(local, self.weight) * mask.unsqueeze(-1)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
-        mask = (ids >= self.vocab_start_index) & (ids < self.vocab_end_index)
-        local = torch.where(mask, ids - self.vocab_start_index, torch.zeros_like(ids))
-        out = F.embedding(local, self.weight) * mask.unsqueeze(-1)
-        return all_reduce(out)
+        return all_reduce(self.partial(ids))
 
     def extra_repr(self) -> str:
         return f"org_vocab_size={self.org_vocab_size}, num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"

@@ -122,13 +122,19 @@ class LinearWithLoRA(BaseLayerWithLoRA):
 
 
 class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
-    """Embedding LoRA: ``E[ids] + scale * A.T[ids] @ B.T`` (PEFT's ``lora_embedding_A/B``)."""
+    """Embedding LoRA: ``E[ids] + scale * A.T[ids] @ B.T`` (PEFT's ``lora_embedding_A/B``).
+
+    Under tensor parallelism A is sharded along the vocabulary with the base table: a rank holds the A rows
+    of its shard plus one zero row, which ids outside the shard look up; it adds its delta to its part of
+    the lookup before the embedding's all-reduce, which then carries the delta of the one rank holding
+    each id."""
 
     def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
         w = self.base_layer.weight
         base = self.base_layer
-        # A stored transposed, (1, slots, vocab, rank), so that a lookup by token id is a row gather.
-        self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, base.num_embeddings, max_rank,
+        rows = base.num_embeddings if base.tp_size == 1 else base.num_embeddings_per_partition + 1
+        # A stored transposed, (1, slots, vocab rows, rank), so that a lookup by token id is a row gather.
+        self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, rows, max_rank,
                                                   (base.embedding_dim,), w.dtype, w.device))
         self.lora_a_t = self.stack.a[0]  # (slots, vocab, rank)
         self.lora_b = self.stack.b_slices[0]  # (slots, hidden, rank)
@@ -143,15 +149,26 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         if lw is None:
             return
         r = lw.rank
-        vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size stay zero
-        self.lora_a_t[slot, :vocab, :r].copy_(lw.A.T)
+        base = self.base_layer
+        vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size (and the zero row) stay zero
+        start, end = base.vocab_start_index, min(base.vocab_end_index, vocab)  # this rank's shard
+        if end > start:
+            self.lora_a_t[slot, :end - start, :r].copy_(lw.A[:, start:end].T)
         self.lora_b[slot, :, :r].copy_(lw.B)
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(ids)
+        base = self.base_layer
         batch = current_lora_batch()
+        if base.tp_size > 1:
+            y = base.partial(ids)
+            if batch is not None and batch.runs(self.active):
+                local, mask = base.local_ids(ids)
+                zero_row = self.lora_a_t.shape[1] - 1
+                self.backend.embed(y, torch.where(mask, local, torch.full_like(local, zero_row)), self.stack, batch)
+            return all_reduce(y)
+        y = base(ids)
         if batch is None or not batch.runs(self.active):
             return y
         self.backend.embed(y, ids, self.stack, batch)
