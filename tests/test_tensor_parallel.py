@@ -69,3 +69,40 @@ def test_sharded_engine_equals_one_rank(setup, world) -> None:
             # measured up to 2.3e-5 (Qwen2, 2 ranks) on logprobs of magnitude ~6; a wrong shard is off by >0.1
             diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
             assert all((a is None) == (b is None) for a, b in zip(lps, want_lps)) and max(diffs) < 5e-5, max(diffs)
+
+
+def generate_vlm(rank: int, model_dir: str, adapters: dict[str, str], requests: list) -> list:
+    from loraplex import LLM, LoRARequest, SamplingParams
+    from vlm_helpers import image_prompt, make_image
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=3, max_lora_rank=8, seed=0, num_kv_blocks=256,
+              block_size=4)
+    images = {"a": make_image(1, 32, 32), "b": make_image(2, 24, 40)}
+    prompts, loras = [], []
+    for template, names, lora in requests:
+        p: dict = {"prompt": image_prompt(model_dir, template)}
+        if names:
+            p["multi_modal_data"] = {"image": [images[n] for n in names]}
+        prompts.append(p)
+        loras.append(LoRARequest(lora, adapters[lora]) if lora else None)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [None if lp is None else list(lp.values())[0] for lp in o.prompt_logprobs])
+            for o in outs]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_sharded_vlm_with_images_and_embedding_lora_equals_one_rank(family, tmp_path) -> None:
+    from test_vlm import build_adapters
+    from vlm_helpers import make_tiny_vlm
+
+    model_dir = make_tiny_vlm(tmp_path / "model", family=family)
+    adapters = build_adapters(model_dir, family, tmp_path)
+    requests = [("{image}Describe the robot", ["a"], "emb"), ("Look at {image} please", ["b"], "vision"),
+                ("The storm came from the west", [], None), ("{image}{image} two boats", ["a", "b"], "all")]
+    (want,) = run_ranks(generate_vlm, 1, model_dir, adapters, requests)
+    for rank_out in run_ranks(generate_vlm, 2, model_dir, adapters, requests):
+        for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
+            assert tokens == want_tokens
+            diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
+            assert all((a is None) == (b is None) for a, b in zip(lps, want_lps)) and max(diffs) < 5e-5, max(diffs)

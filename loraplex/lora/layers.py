@@ -93,7 +93,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             if self.row_parallel and base.tp_size > 1:
                 n = base.input_size_per_partition
                 a = a[:, base.tp_rank * n:(base.tp_rank + 1) * n]
-            elif base.tp_size > 1:  # B sharded by output rows with the base weight's rule
+            elif base.tp_size > 1 and base.tp_dim == 0:  # B sharded by output rows with the base weight's rule
                 if hasattr(base, "shard_rows"):
                     start, n = base.shard_rows(i)
                 else:
