@@ -75,6 +75,20 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: the model sharded over processes (one per GPU; gloo ranks on CPU)."""
+
+    tensor_parallel_size: int = _doc(1, "ranks the model is sharded over; the engine starts ranks 1.. as worker "
+                                        "processes (torch.distributed: NCCL on CUDA, gloo on CPU)")
+    distributed_timeout: float = _doc(120.0, "seconds a collective may wait for a rank before the engine fails "
+                                             "with an error naming the ranks that exited")
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _require(self.distributed_timeout > 0, f"distributed_timeout must be > 0, got {self.distributed_timeout}")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. ``num_kv_blocks`` overrides the size computed from memory."""
 
@@ -154,6 +168,7 @@ _SECTIONS = {
     "cache_config": CacheConfig,
     "scheduler_config": SchedulerConfig,
     "lora_config": LoRAConfig,
+    "parallel_config": ParallelConfig,
 }
 
 
@@ -169,6 +184,7 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

@@ -106,3 +106,70 @@ def test_sharded_vlm_with_images_and_embedding_lora_equals_one_rank(family, tmp_
             assert tokens == want_tokens
             diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
             assert all((a is None) == (b is None) for a, b in zip(lps, want_lps)) and max(diffs) < 5e-5, max(diffs)
+
+
+# ---- the engine's own ranks: LLM(tensor_parallel_size=N) ------------------------------------------------
+
+def test_llm_tensor_parallel_size_equals_one_rank(setup) -> None:
+    """The engine starts the other ranks itself and sends them each step's plan; adapters loaded on rank 0
+    follow to every rank."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    model_dir, adapters = setup
+    names = [None, "lin", "head", "emb"]
+    ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=3,
+              max_lora_rank=16, seed=0, tensor_parallel_size=2)
+    try:
+        loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+        for _ in range(2):  # twice: the second run reuses the ranks and the adapter slots
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                lora_request=[loras[n] if n else None for n in names], use_tqdm=False)
+            for o, (want_tokens, want_lps) in zip(outs, want):
+                assert list(o.outputs[0].token_ids) == want_tokens
+                lps = [None if lp is None else list(lp.values())[0] for lp in o.prompt_logprobs]
+                assert max(abs(a - b) for a, b in zip(lps[1:], want_lps[1:])) < 5e-5
+        assert llm.engine.runner.model.model.embed_tokens.tp_size == 2
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(setup) -> None:
+    import time
+
+    from loraplex import LLM, SamplingParams
+    from loraplex.distributed.tp_engine import TensorParallelError
+
+    model_dir, _ = setup
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
+              tensor_parallel_size=2, distributed_timeout=30)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)) == 1
+    worker = llm.engine._tp.procs[0]
+    worker.kill()
+    worker.join(timeout=10)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(exit code -9\)"):
+        llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
+    assert time.monotonic() - t0 < 30
+
+
+def test_server_with_two_ranks_serves_adapters_like_one(setup) -> None:
+    """``loraplex serve --tensor-parallel-size 2``: the engine process starts its second rank; completions
+    of an adapter and of the base model equal one rank's greedy tokens."""
+    from server_harness import ENGINE_KW, Server
+
+    model_dir, adapters = setup
+    prompt = "Once upon a time"
+    tokens = {}
+    for tp in (1, 2):
+        srv = Server(model_dir, {"lin": adapters["lin"]}, engine_kw={**ENGINE_KW, "tensor_parallel_size": tp})
+        try:
+            client = srv.client()
+            tokens[tp] = [client.completions.create(model=m, prompt=prompt, max_tokens=6, temperature=0.0,
+                                                    logprobs=1).choices[0].logprobs.tokens for m in ("tiny", "lin")]
+        finally:
+            srv.stop()
+            srv.engine.shutdown()
+    assert tokens[2] == tokens[1] and tokens[1][0] != tokens[1][1]

@@ -11,6 +11,7 @@ request that was accepted runs to the end with the adapter version it started wi
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any, Optional, Union
 import torch
 
 from loraplex.config import EngineConfig
+from loraplex.distributed.parallel_state import get_tp_size, min_over_ranks
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
@@ -106,6 +108,17 @@ class LLMEngine:
         self.max_model_len = mc.max_model_len or max_pos
         self.vocab_size = int(text_config.vocab_size)
 
+        # Tensor parallelism: rank 0 (this engine, unless a worker already joined a group) starts the others
+        # before any layer is built, since layers read their rank and the group size when they are made.
+        self._tp = None
+        tp = config.parallel_config.tensor_parallel_size
+        if tp > 1 and get_tp_size() == 1:
+            from loraplex.distributed.tp_engine import TensorParallelGroup
+
+            self._tp = TensorParallelGroup(tp, config.parallel_config.distributed_timeout)
+            self._tp.start(config)
+            atexit.register(self._tp.close)
+        self._tp_finished: list[str] = []
         torch.manual_seed(mc.seed)
         model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
         lc = config.lora_config
@@ -115,6 +128,8 @@ class LLMEngine:
             lora_backend = get_backend(lc.lora_backend, self.device)
             lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, lora_backend)
             self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
+            if self._tp is not None:
+                lora_model.observer = self._tp.record_slot
         self.model = model
         self.mm_processor: Optional[MultiModalProcessor] = None
         if getattr(model, "supports_images", False):
@@ -132,7 +147,9 @@ class LLMEngine:
         cc = config.cache_config
         num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
         self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len)
-        if self.device.type == "cuda" and not mc.enforce_eager:
+        if self.device.type == "cuda" and not mc.enforce_eager and tp > 1:
+            logger.info("loraplex: no CUDA graphs under tensor parallelism yet (eager steps)")
+        elif self.device.type == "cuda" and not mc.enforce_eager:
             if self.runner.attention_backend != "triton":
                 logger.info("loraplex: no CUDA graphs: they need the triton attention backend, not %r",
                             self.runner.attention_backend)
@@ -156,8 +173,9 @@ class LLMEngine:
         # idle for want of the host's work); exported by the server as loraplex_engine_step_host_seconds.
         self.last_step_host_seconds = 0.0
         # Async scheduling: a step's results are applied during the next step, after it is queued.
-        self.async_scheduling = (mc.async_scheduling if mc.async_scheduling is not None
-                                 else self.device.type == "cuda")
+        # (not yet under tensor parallelism: ranks > 0 would need the sampled tokens on their devices)
+        self.async_scheduling = tp == 1 and (mc.async_scheduling if mc.async_scheduling is not None
+                                             else self.device.type == "cuda")
         self._in_flight: Optional[_Launched] = None
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
@@ -176,12 +194,17 @@ class LLMEngine:
             budget = int(total * cc.gpu_memory_utilization) - used - reserve
         else:
             budget = int(cc.cpu_kv_cache_gib * (1 << 30))
-        blocks = min(wanted, budget // per_block)
+        blocks = min_over_ranks(min(wanted, budget // per_block))  # every rank holds the same blocks
         if blocks < math.ceil(self.max_model_len / cc.block_size):
             raise ValueError(f"KV cache budget holds {blocks} blocks of {cc.block_size} tokens, fewer than one "
                              f"max_model_len={self.max_model_len} sequence needs; lower max_model_len or raise "
                              "gpu_memory_utilization / cpu_kv_cache_gib")
         return blocks
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        if self._tp is not None:
+            self._tp.close()
 
     # ---- adapters -------------------------------------------------------------------------
     def _require_pool(self) -> LoRAPool:
@@ -305,6 +328,9 @@ class LLMEngine:
     def _launch(self, seqs: list[ScheduledSeq], prev: Optional[_Launched]) -> _Launched:
         """Queue the forward and the sampling of ``seqs`` on the device. Inputs that are tokens ``prev``
         sampled (at most one per request: its last) are taken from ``prev``'s device tensor."""
+        if self._tp is not None:  # every other rank runs the same forward on its shard
+            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished))
+            self._tp_finished = []
         batch = self.runner.prepare(seqs)
         fix = None
         if prev is not None:
@@ -319,7 +345,12 @@ class LLMEngine:
                     src.append(prev.row_of[r.request_id])
             if rows:
                 fix = (rows, src, prev.sample.token_ids)
-        logits = self.runner.execute(batch, fix)  # (R, padded vocab) float32
+        try:
+            logits = self.runner.execute(batch, fix)  # (R, padded vocab) float32
+        except Exception as e:
+            if self._tp is None:
+                raise
+            raise self._tp.failure(e) from e  # a collective of the forward failed: a rank is gone
 
         # Only a sequence whose step reaches its last token samples: a prompt chunk that ends inside the
         # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
@@ -408,3 +439,5 @@ class LLMEngine:
             req.finish_reason, req.stop_reason = reason, stop
             req.num_pending = 0  # a token of a step still in flight is dropped when read back
             self.scheduler.finish(req)
+            if self._tp is not None and req.mm is not None:
+                self._tp_finished.append(req.request_id)

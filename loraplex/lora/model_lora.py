@@ -87,8 +87,13 @@ class LoRAModel:
             return w, lambda t: base._shard(base.weight, t)
         return w, lambda t: t
 
+    # Called with (slot, adapter or None) on every set_slot: rank 0 of tensor parallelism forwards it to the others
+    observer: Optional[Callable[[int, Optional[LoRAAdapter]], None]] = None
+
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
         """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it)."""
+        if self.observer is not None:
+            self.observer(slot, adapter)
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)

@@ -12,6 +12,7 @@ in one callback. If the engine process dies, every open stream and pending call 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing as mp
@@ -149,8 +150,11 @@ class EngineClient:
 
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         parent, child = ctx.Pipe(duplex=True)
+        # With tensor parallelism the engine starts its worker ranks itself, which a daemonic process may
+        # not; shutdown() (and the atexit hook below) stops it then.
+        daemon = config.parallel_config.tensor_parallel_size == 1
         proc = ctx.Process(target=run_engine_process, args=(child, config, list(loras), log_level),
-                           name="loraplex-engine", daemon=True)
+                           name="loraplex-engine", daemon=daemon)
         proc.start()
         child.close()
         deadline = time.monotonic() + timeout
@@ -169,7 +173,10 @@ class EngineClient:
             proc.join(10)
             raise_remote(msg[1])
         assert msg[0] == "ready", msg[0]
-        return cls(proc, parent, msg[1])
+        client = cls(proc, parent, msg[1])
+        if not daemon:
+            atexit.register(client.shutdown)
+        return client
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver engine messages to ``loop`` (the server's event loop) from now on."""

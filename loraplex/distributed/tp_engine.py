@@ -1,0 +1,239 @@
+"""Tensor-parallel ranks of one engine: worker processes, and the step plan rank 0 sends them.
+
+``LLMEngine(tensor_parallel_size=N)`` is rank 0: it schedules, samples and answers requests. At start it
+spawns ranks 1..N-1 (:func:`start_workers`); every rank joins torch.distributed's default group (gloo on
+CPU, NCCL on CUDA, plus a gloo group for control messages), builds its shard of the model and of every
+adapter slot, and agrees on the KV-cache size (the smallest any rank can hold). Each step rank 0 broadcasts
+a :class:`StepPlan` (adapter slots to (re)load, each sequence's new tokens, positions, block table and
+adapter slot) on the control group; every rank then runs the same forward, whose collectives (all-reduce
+after row-parallel layers, the vocabulary all-reduce and the logits all-gather) meet in the same order.
+Only rank 0 samples.
+
+A rank that exits or stops answering fails the next collective within ``distributed_timeout`` seconds;
+rank 0 then raises :class:`TensorParallelError` naming the ranks that exited, and stops the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("loraplex")
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank exited or stopped answering; the engine cannot continue."""
+
+
+@dataclass
+class SeqPlan:
+    request_id: str
+    start: int
+    num_new_tokens: int
+    token_ids: list[int]
+    block_table: list[int]
+    slot: int
+    prompt_len: int
+    prompt_logprobs: bool
+    mm: Any = None  # MultiModalInputs, sent with the request's first step only
+
+
+@dataclass
+class StepPlan:
+    slot_ops: list[tuple[int, Any]] = field(default_factory=list)  # (slot, LoRAAdapter or None)
+    seqs: list[SeqPlan] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # requests whose multimodal inputs can be dropped
+    stop: bool = False
+
+
+class _ShadowRequest:
+    """What the model runner reads of a request, rebuilt on ranks > 0 from a :class:`SeqPlan`."""
+
+    def __init__(self, plan: SeqPlan, mm: Any) -> None:
+        self.request_id = plan.request_id
+        self.slot = plan.slot
+        self.block_table = plan.block_table
+        self.mm = mm
+        self.prompt_token_ids = range(plan.prompt_len)  # only its length is read
+        self.wants_prompt_logprobs = plan.prompt_logprobs
+        self.num_pending = 0
+        self._start = plan.start
+        self._ids = plan.token_ids
+
+    def token_ids_at(self, start: int, n: int) -> list[int]:
+        assert start == self._start and n == len(self._ids), "a shadow request holds its step's tokens only"
+        return self._ids
+
+    def block_table_array(self) -> np.ndarray:
+        return np.asarray(self.block_table, dtype=np.int32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+
+
+class TensorParallelGroup:
+    """Rank 0's side: the worker processes and the control channel."""
+
+    def __init__(self, world: int, timeout: float) -> None:
+        self.world = world
+        self.timeout = timeout
+        self.procs: list[Any] = []
+        self.control: Any = None
+        self._seen_mm: set[str] = set()
+        self._slot_ops: list[tuple[int, Any]] = []
+        self.closed = False
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self, config: Any) -> None:
+        import torch.distributed as dist
+
+        from loraplex.distributed.parallel_state import init_tensor_parallel
+
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, args=(config, r, self.world, port, self.timeout),
+                                  name=f"loraplex-tp-rank{r}", daemon=True) for r in range(1, self.world)]
+        for p in self.procs:
+            p.start()
+        _init_group(0, self.world, port, config.device_config.device, self.timeout)
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+        init_tensor_parallel(0, self.world)
+
+    def record_slot(self, slot: int, adapter: Any) -> None:
+        """An adapter slot changed on rank 0 (LoRAModel.set_slot): the other ranks follow before the next step."""
+        self._slot_ops.append((slot, adapter))
+
+    # -- steps ----------------------------------------------------------------------------------
+    def plan(self, seqs: Sequence[Any], finished: Sequence[str]) -> StepPlan:
+        out = StepPlan(slot_ops=self._slot_ops, finished=list(finished))
+        self._slot_ops = []
+        for s in seqs:
+            r = s.req
+            mm = None
+            if r.mm is not None and r.request_id not in self._seen_mm:
+                mm = r.mm
+                self._seen_mm.add(r.request_id)
+            out.seqs.append(SeqPlan(r.request_id, s.start, s.num_new_tokens, r.token_ids_at(s.start, s.num_new_tokens),
+                                    list(r.block_table), r.slot, len(r.prompt_token_ids), s.prompt_logprobs, mm))
+        for rid in finished:
+            self._seen_mm.discard(rid)
+        return out
+
+    def broadcast(self, plan: StepPlan) -> None:
+        if self.closed:
+            raise TensorParallelError("the tensor-parallel group is closed")
+        try:
+            broadcast_plan(plan, self.control)
+        except Exception as e:  # noqa: BLE001 - a collective failed: say which rank is gone
+            raise self.failure(e) from e
+
+    def failure(self, err: BaseException) -> TensorParallelError:
+        gone = [f"rank {i + 1} (exit code {p.exitcode})" for i, p in enumerate(self.procs) if p.exitcode is not None]
+        self.close(force=True)
+        what = ", ".join(gone) if gone else f"no rank exited; a collective failed or timed out after {self.timeout} s"
+        return TensorParallelError(f"tensor parallelism over {self.world} ranks failed: {what} ({err})")
+
+    def check_alive(self) -> None:
+        if any(p.exitcode is not None for p in self.procs):
+            raise self.failure(RuntimeError("a worker process exited"))
+
+    def close(self, force: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not force:
+            try:
+                broadcast_plan(StepPlan(stop=True), self.control)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                force = True
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        import torch.distributed as dist
+
+        from loraplex.distributed.parallel_state import init_tensor_parallel
+
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a group with a dead rank may not tear down cleanly
+                logger.warning("loraplex: the tensor-parallel process group did not shut down cleanly")
+        init_tensor_parallel(0, 1)  # this process is one rank again: a new engine may start its own group
+
+
+def broadcast_plan(plan: Optional[StepPlan], group: Any) -> StepPlan:
+    import torch.distributed as dist
+
+    box = [plan]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _init_group(rank: int, world: int, port: int, device: str, timeout: float) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(_backend(device), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) -> None:
+    """Rank ``rank`` > 0: join the group, build the engine's shard, run every step rank 0 plans."""
+    import torch.distributed as dist
+
+    from loraplex.distributed.parallel_state import init_tensor_parallel
+    from loraplex.engine.engine import LLMEngine
+    from loraplex.engine.scheduler import ScheduledSeq
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    try:
+        _init_group(rank, world, port, config.device_config.device, timeout)
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        init_tensor_parallel(rank, world)
+        if config.device_config.device.startswith("cuda") or config.device_config.device == "auto":
+            if torch.cuda.is_available():
+                torch.cuda.set_device(rank % torch.cuda.device_count())
+        engine = LLMEngine(config)
+        runner = engine.runner
+        lora_model = engine.pool.lora_model if engine.pool is not None else None
+        mms: dict[str, Any] = {}
+        while True:
+            plan = broadcast_plan(None, control)
+            if plan.stop:
+                break
+            for slot, adapter in plan.slot_ops:
+                lora_model.set_slot(slot, adapter)
+            for rid in plan.finished:
+                mms.pop(rid, None)
+            if not plan.seqs:
+                continue
+            seqs = []
+            for sp in plan.seqs:
+                if sp.mm is not None:
+                    mms[sp.request_id] = sp.mm
+                seqs.append(ScheduledSeq(_ShadowRequest(sp, mms.get(sp.request_id)), sp.num_new_tokens, sp.start))
+            runner.execute(runner.prepare(seqs))
+    except BaseException:  # noqa: BLE001 - the rank dies; rank 0 sees its exit code and the failed collective
+        logger.error("loraplex tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
