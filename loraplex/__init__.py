@@ -3,13 +3,13 @@
 ``import loraplex`` is light: the engine, torch models and server load on first use.
 """
 
-from loraplex.errors import AdapterError, InvalidRequestError, LoraplexError, ModelLoadError
+from loraplex.errors import AdapterError, InvalidRequestError, LoraplexError, ModelLoadError, TensorParallelError
 from loraplex.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput",
-           "AdapterError", "InvalidRequestError", "ModelLoadError", "LoraplexError", "__version__"]
+           "AdapterError", "InvalidRequestError", "ModelLoadError", "TensorParallelError", "LoraplexError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -23,3 +23,8 @@ class InvalidRequestError(LoraplexError, ValueError):
 class ModelLoadError(LoraplexError, ValueError):
     """The base model folder cannot be loaded (missing files, unsupported
     architecture, weights that do not match the config)."""
+
+
+class TensorParallelError(LoraplexError, RuntimeError):
+    """A tensor-parallel rank exited or stopped answering: the engine cannot continue (the message names the
+    ranks that exited and their exit codes)."""

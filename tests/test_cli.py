@@ -12,10 +12,10 @@ import typing
 import pytest
 
 from loraplex.cli import build_parser
-from loraplex.config import (CacheConfig, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig,
-                             config_fields)
+from loraplex.config import (CacheConfig, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig,
+                             SchedulerConfig, ServerConfig, config_fields)
 
-CONFIGS = (ModelConfig, DeviceConfig, CacheConfig, SchedulerConfig, LoRAConfig, ServerConfig)
+CONFIGS = (ModelConfig, DeviceConfig, CacheConfig, SchedulerConfig, LoRAConfig, ParallelConfig, ServerConfig)
 COMMANDS = ("serve", "generate", "demo")
 
 

@@ -139,7 +139,7 @@ def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(setup) -> None:
     import time
 
     from loraplex import LLM, SamplingParams
-    from loraplex.distributed.tp_engine import TensorParallelError
+    from loraplex import TensorParallelError
 
     model_dir, _ = setup
     llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
@@ -173,3 +173,22 @@ def test_server_with_two_ranks_serves_adapters_like_one(setup) -> None:
             srv.stop()
             srv.engine.shutdown()
     assert tokens[2] == tokens[1] and tokens[1][0] != tokens[1][1]
+
+
+def elements_read(rank: int, model_dir: str) -> tuple[int, int]:
+    import torch
+
+    from loraplex.models.loader import CheckpointSlice, iter_weights, load_hf_config, load_model
+
+    cfg = load_hf_config(model_dir)
+    CheckpointSlice.elements_read = 0
+    load_model(model_dir, cfg, torch.float32, torch.device("cpu"))
+    total = sum(t.numel() for _, t in iter_weights(model_dir))
+    return CheckpointSlice.elements_read, total
+
+
+def test_each_rank_reads_only_its_shard_of_the_checkpoint(setup) -> None:
+    """Sliced safetensors reads: a rank of 2 reads about half the checkpoint (norms are read whole)."""
+    model_dir, _ = setup
+    for read, total in run_ranks(elements_read, 2, model_dir):
+        assert 0.45 * total < read < 0.6 * total, (read, total)

@@ -27,11 +27,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from loraplex.errors import TensorParallelError
+
 logger = logging.getLogger("loraplex")
-
-
-class TensorParallelError(RuntimeError):
-    """A tensor-parallel rank exited or stopped answering; the engine cannot continue."""
 
 
 @dataclass

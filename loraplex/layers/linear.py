@@ -57,10 +57,11 @@ class LinearBase(nn.Module):
         return w.narrow(dim, self.tp_rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy this rank's shard of ``loaded`` (a tensor, or a CheckpointSlice read only for those rows)."""
         loaded = self._shard(param, loaded)
         if loaded.shape != param.shape:
             raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs parameter {tuple(param.shape)}")
-        param.data.copy_(loaded)
+        param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.tensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

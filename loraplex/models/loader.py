@@ -50,11 +50,43 @@ def weight_files(path: str) -> list[str]:
     raise ModelLoadError(f"model folder {path!r} has no safetensors weights (pickled .bin weights are not loaded)")
 
 
-def iter_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointSlice:
+    """A checkpoint tensor not read yet: a rank of tensor parallelism reads only its shard of it
+    (``narrow`` / ``[a:b]`` read just those rows; ``tensor()`` reads it whole). ``elements_read`` counts,
+    over all instances, the elements actually read (tests)."""
+
+    elements_read = 0
+
+    def __init__(self, handle: Any) -> None:
+        self._h = handle  # safetensors' PySafeSlice
+        self.shape = torch.Size(handle.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def _read(self, index: Any) -> torch.Tensor:
+        t = self._h[index]
+        CheckpointSlice.elements_read += t.numel()
+        return t
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * self.dim()
+        index[dim] = slice(start, start + length)
+        return self._read(tuple(index))
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._read(index)
+
+    def tensor(self) -> torch.Tensor:
+        return self._read(tuple(slice(None) for _ in range(self.dim())))
+
+
+def iter_weights(path: str, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """Every checkpoint tensor of the folder, by name: read whole, or as a :class:`CheckpointSlice`."""
     for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                yield key, (CheckpointSlice(f.get_slice(key)) if lazy else f.get_tensor(key))
 
 
 @contextmanager
@@ -89,7 +121,13 @@ def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device,
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
     rename = getattr(model, "rename_checkpoint_key", None)  # VLMs: legacy checkpoint layouts -> module names
-    for ckpt_name, tensor in iter_weights(path):
+    from loraplex.distributed.parallel_state import get_tp_size
+    from loraplex.layers.embedding import VocabParallelEmbedding
+    from loraplex.layers.linear import LinearBase
+
+    sharded = (LinearBase, VocabParallelEmbedding)  # their loaders read a rank's shard of a CheckpointSlice
+    lazy = get_tp_size() > 1
+    for ckpt_name, tensor in iter_weights(path, lazy=lazy):
         if rename is not None:
             ckpt_name = rename(ckpt_name)
         if ckpt_name.endswith(_SKIP_SUFFIXES):
@@ -102,7 +140,12 @@ def load_model(path: str, config: Any, dtype: torch.dtype, device: torch.device,
             raise ModelLoadError(f"checkpoint tensor {ckpt_name!r} in {path!r} has no matching parameter "
                                  f"in {cls.__name__}")
         loader = getattr(param, "weight_loader", None)
-        tensor = tensor.to(dtype=dtype)
+        if isinstance(tensor, CheckpointSlice):
+            if not isinstance(getattr(loader, "__self__", None), sharded):
+                tensor = tensor.tensor().to(dtype=dtype)  # replicated: read whole
+            # else the loader reads its rows, and copying them into the parameter casts the dtype
+        else:
+            tensor = tensor.to(dtype=dtype)
         try:
             if loader is None:
                 if tensor.shape != param.shape:
