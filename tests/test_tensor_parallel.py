@@ -192,3 +192,28 @@ def test_each_rank_reads_only_its_shard_of_the_checkpoint(setup) -> None:
     model_dir, _ = setup
     for read, total in run_ranks(elements_read, 2, model_dir):
         assert 0.45 * total < read < 0.6 * total, (read, total)
+
+
+def test_torchrun_style_launch_runs_the_same_program_on_every_rank(setup) -> None:
+    """Processes started by a launcher (torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT): every
+    rank runs ``loraplex generate``; rank 0 prints one rank's text, the other serves steps and exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from tp_helpers import _free_port
+
+    model_dir, adapters = setup
+    cmd = [sys.executable, "-m", "loraplex.cli", "generate", "--model", model_dir, "--lora", f"lin={adapters['lin']}",
+           "--prompt", "Once upon a time", "--max-tokens", "6", "--device", "cpu", "--num-kv-blocks", "64"]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    procs = [subprocess.Popen(cmd + ["--tensor-parallel-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0] == one.stdout and "[lin]" in one.stdout  # base and adapter texts, as on one rank
+    assert outs[1][0] == ""

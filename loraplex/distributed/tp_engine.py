@@ -11,6 +11,11 @@ Only rank 0 samples.
 
 A rank that exits or stops answering fails the next collective within ``distributed_timeout`` seconds;
 rank 0 then raises :class:`TensorParallelError` naming the ranks that exited, and stops the others.
+
+Launched by torchrun instead (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` in the environment,
+one process per GPU, on one host or several), every process runs the same program: rank 0's ``LLM`` is the
+engine, and on every other rank the ``LLM`` constructor serves steps until rank 0 stops, then exits the
+process with status 0.
 """
 
 from __future__ import annotations
@@ -98,6 +103,23 @@ class TensorParallelGroup:
         self.closed = False
 
     # -- start ----------------------------------------------------------------------------------
+    def join_env(self, config: Any) -> int:
+        """Join a group whose processes were started by a launcher (torchrun's environment: RANK, WORLD_SIZE,
+        MASTER_ADDR, MASTER_PORT); returns this process's rank. Rank 0 goes on as the engine."""
+        import torch.distributed as dist
+
+        from loraplex.distributed.parallel_state import init_tensor_parallel
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world != self.world:
+            raise ValueError(f"tensor_parallel_size={self.world} but the launcher started WORLD_SIZE={world} "
+                             "processes")
+        dist.init_process_group(_backend(config.device_config.device), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=self.timeout))
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+        init_tensor_parallel(rank, world)
+        return rank
+
     def start(self, config: Any) -> None:
         import torch.distributed as dist
 
@@ -194,42 +216,49 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout: float) -
                             timeout=datetime.timedelta(seconds=timeout))
 
 
+def serve_steps(config: Any, rank: int, control: Any) -> None:
+    """Rank ``rank`` > 0 of a joined group: build the engine's shard, then run every step rank 0 plans
+    until it says stop."""
+    from loraplex.engine.engine import LLMEngine
+    from loraplex.engine.scheduler import ScheduledSeq
+
+    if config.device_config.device.startswith("cuda") or config.device_config.device == "auto":
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    engine = LLMEngine(config)
+    runner = engine.runner
+    lora_model = engine.pool.lora_model if engine.pool is not None else None
+    mms: dict[str, Any] = {}
+    while True:
+        plan = broadcast_plan(None, control)
+        if plan.stop:
+            break
+        for slot, adapter in plan.slot_ops:
+            lora_model.set_slot(slot, adapter)
+        for rid in plan.finished:
+            mms.pop(rid, None)
+        if not plan.seqs:
+            continue
+        seqs = []
+        for sp in plan.seqs:
+            if sp.mm is not None:
+                mms[sp.request_id] = sp.mm
+            seqs.append(ScheduledSeq(_ShadowRequest(sp, mms.get(sp.request_id)), sp.num_new_tokens, sp.start))
+        runner.execute(runner.prepare(seqs))
+
+
 def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) -> None:
-    """Rank ``rank`` > 0: join the group, build the engine's shard, run every step rank 0 plans."""
+    """A worker process the engine spawned: join the group and serve steps."""
     import torch.distributed as dist
 
     from loraplex.distributed.parallel_state import init_tensor_parallel
-    from loraplex.engine.engine import LLMEngine
-    from loraplex.engine.scheduler import ScheduledSeq
 
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
         _init_group(rank, world, port, config.device_config.device, timeout)
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         init_tensor_parallel(rank, world)
-        if config.device_config.device.startswith("cuda") or config.device_config.device == "auto":
-            if torch.cuda.is_available():
-                torch.cuda.set_device(rank % torch.cuda.device_count())
-        engine = LLMEngine(config)
-        runner = engine.runner
-        lora_model = engine.pool.lora_model if engine.pool is not None else None
-        mms: dict[str, Any] = {}
-        while True:
-            plan = broadcast_plan(None, control)
-            if plan.stop:
-                break
-            for slot, adapter in plan.slot_ops:
-                lora_model.set_slot(slot, adapter)
-            for rid in plan.finished:
-                mms.pop(rid, None)
-            if not plan.seqs:
-                continue
-            seqs = []
-            for sp in plan.seqs:
-                if sp.mm is not None:
-                    mms[sp.request_id] = sp.mm
-                seqs.append(ScheduledSeq(_ShadowRequest(sp, mms.get(sp.request_id)), sp.num_new_tokens, sp.start))
-            runner.execute(runner.prepare(seqs))
+        serve_steps(config, rank, control)
     except BaseException:  # noqa: BLE001 - the rank dies; rank 0 sees its exit code and the failed collective
         logger.error("loraplex tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         os._exit(1)

@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -116,7 +117,14 @@ class LLMEngine:
             from loraplex.distributed.tp_engine import TensorParallelGroup
 
             self._tp = TensorParallelGroup(tp, config.parallel_config.distributed_timeout)
-            self._tp.start(config)
+            if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # started by torchrun: join its group
+                if self._tp.join_env(config) > 0:
+                    from loraplex.distributed.tp_engine import serve_steps
+
+                    serve_steps(config, int(os.environ["RANK"]), self._tp.control)
+                    sys.exit(0)  # rank 0 has stopped: this rank's program ends here
+            else:
+                self._tp.start(config)
             atexit.register(self._tp.close)
         self._tp_finished: list[str] = []
         torch.manual_seed(mc.seed)
