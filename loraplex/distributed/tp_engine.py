@@ -264,3 +264,4 @@ def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) 
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
+    os._exit(0)  # skip the interpreter's teardown, whose destruction of gloo's threads can abort the process

@@ -122,7 +122,14 @@ class LLMEngine:
                     from loraplex.distributed.tp_engine import serve_steps
 
                     serve_steps(config, int(os.environ["RANK"]), self._tp.control)
-                    sys.exit(0)  # rank 0 has stopped: this rank's program ends here
+                    # Rank 0 has stopped: this rank's program ends here. Tear the group down first and skip the
+                    # interpreter's teardown, whose destruction of gloo's threads can abort the process.
+                    import torch.distributed as dist
+
+                    dist.destroy_process_group()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(0)
             else:
                 self._tp.start(config)
             atexit.register(self._tp.close)
