@@ -217,3 +217,56 @@ def test_torchrun_style_launch_runs_the_same_program_on_every_rank(setup) -> Non
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert outs[0][0] == one.stdout and "[lin]" in one.stdout  # base and adapter texts, as on one rank
     assert outs[1][0] == ""
+
+
+def test_a_rank_that_hangs_fails_the_engine_within_the_timeout(setup) -> None:
+    import contextlib
+    import os
+    import signal
+    import time
+
+    from loraplex import LLM, SamplingParams, TensorParallelError
+
+    model_dir, _ = setup
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
+              tensor_parallel_size=2, distributed_timeout=5)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)) == 1
+    worker = llm.engine._tp.procs[0]
+    os.kill(worker.pid, signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TensorParallelError, match="timed out after 5"):
+            llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the engine has killed it already when it failed
+            os.kill(worker.pid, signal.SIGCONT)
+    assert not worker.is_alive()  # the engine stopped the hung rank
+
+
+def test_server_runtime_adapter_loads_reach_every_rank(setup, tmp_path) -> None:
+    """POST /v1/load_lora_adapter under 2 ranks: the adapter loads on rank 0 and its slot follows to rank 1,
+    so its completions equal one rank's."""
+    import shutil
+
+    import httpx
+
+    from server_harness import ENGINE_KW, Server
+
+    model_dir, adapters = setup
+    root = tmp_path / "loras"
+    shutil.copytree(adapters["lin"], root / "lin")
+    texts = {}
+    for tp in (1, 2):
+        srv = Server(model_dir, {}, engine_kw={**ENGINE_KW, "tensor_parallel_size": tp},
+                     allow_runtime_lora_updates=True, lora_root=str(root))
+        try:
+            r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "rt", "lora_path": "lin"}, timeout=60)
+            assert r.status_code == 200, r.text
+            texts[tp] = srv.client().completions.create(model="rt", prompt="Once upon a time", max_tokens=6,
+                                                         temperature=0.0, logprobs=1).choices[0].logprobs.tokens
+        finally:
+            srv.stop()
+            srv.engine.shutdown()
+    assert texts[2] == texts[1]
