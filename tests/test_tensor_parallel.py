@@ -7,6 +7,8 @@ compared with one rank: float32 prompt logprobs and greedy tokens.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pytest
 
 from helpers import make_adapter, make_tiny_model
@@ -135,24 +137,32 @@ def test_llm_tensor_parallel_size_equals_one_rank(setup) -> None:
         llm.engine.shutdown()
 
 
-def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(setup) -> None:
+def _fail_a_rank(model_dir: str, timeout: float, fail: Callable[[Any], None], match: str) -> Any:
+    """A 2-rank engine that has served one request; ``fail(worker process)``; the next request must raise
+    TensorParallelError matching ``match`` within 30 s. Returns the worker process."""
     import time
 
-    from loraplex import LLM, SamplingParams
-    from loraplex import TensorParallelError
+    from loraplex import LLM, SamplingParams, TensorParallelError
 
-    model_dir, _ = setup
     llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
-              tensor_parallel_size=2, distributed_timeout=30)
+              tensor_parallel_size=2, distributed_timeout=timeout)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     assert len(llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)) == 1
     worker = llm.engine._tp.procs[0]
-    worker.kill()
-    worker.join(timeout=10)
+    fail(worker)
     t0 = time.monotonic()
-    with pytest.raises(TensorParallelError, match=r"rank 1 \(exit code -9\)"):
+    with pytest.raises(TensorParallelError, match=match):
         llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
     assert time.monotonic() - t0 < 30
+    return worker
+
+
+def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(setup) -> None:
+    def kill(worker: Any) -> None:
+        worker.kill()
+        worker.join(timeout=10)
+
+    _fail_a_rank(setup[0], 30, kill, r"rank 1 \(exit code -9\)")
 
 
 def test_server_with_two_ranks_serves_adapters_like_one(setup) -> None:
@@ -223,25 +233,19 @@ def test_a_rank_that_hangs_fails_the_engine_within_the_timeout(setup) -> None:
     import contextlib
     import os
     import signal
-    import time
 
-    from loraplex import LLM, SamplingParams, TensorParallelError
+    stopped = []
 
-    model_dir, _ = setup
-    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
-              tensor_parallel_size=2, distributed_timeout=5)
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    assert len(llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)) == 1
-    worker = llm.engine._tp.procs[0]
-    os.kill(worker.pid, signal.SIGSTOP)  # alive, but answers nothing
+    def stop(worker: Any) -> None:  # alive, but answers nothing
+        os.kill(worker.pid, signal.SIGSTOP)
+        stopped.append(worker)
+
     try:
-        t0 = time.monotonic()
-        with pytest.raises(TensorParallelError, match="timed out after 5"):
-            llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
-        assert time.monotonic() - t0 < 30
+        worker = _fail_a_rank(setup[0], 5, stop, "timed out after 5")
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the engine has killed it already when it failed
-            os.kill(worker.pid, signal.SIGCONT)
+        for w in stopped:
+            with contextlib.suppress(ProcessLookupError):  # the engine has killed it already when it failed
+                os.kill(w.pid, signal.SIGCONT)
     assert not worker.is_alive()  # the engine stopped the hung rank
 
 
