@@ -237,6 +237,24 @@ def make_adapter(
     return str(out_dir)
 
 
+def random_lora_stack(dtype, num_slots: int, max_rank: int, K: int, slices, slot_ranks: dict, device,
+                      b_over_sqrt_rank: bool):
+    """A LoRAStack with random A (K inputs) and B for each ``slot_ranks[slot]`` = ranks per slice (0: slice not
+    targeted), scale 0.5 + 0.25 * slice + 0.1 * slot; B divided by sqrt(rank) when ``b_over_sqrt_rank``."""
+    from loraplex.lora.backends.base import LoRAStack
+
+    g = torch.Generator().manual_seed(1)
+    w = LoRAStack.zeros(len(slices), num_slots, max_rank, max_rank, K, slices, dtype, device)
+    for slot, ranks in slot_ranks.items():
+        for i, r in enumerate(ranks):
+            if r:
+                w.a[i, slot, :r] = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
+                b = torch.randn(slices[i], r, generator=g)
+                w.b_slices[i][slot, :, :r] = (b / r ** 0.5 if b_over_sqrt_rank else b).to(dtype)
+                w.set(slot, i, r, 0.5 + 0.25 * i + 0.1 * slot)
+    return w
+
+
 def load_peft_model(model_dir: PathLike, adapters: dict[str, PathLike]):
     """Base model with every adapter loaded under its name (eval, float32): the parity reference.
 

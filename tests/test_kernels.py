@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="the Triton LoRA backend needs the triton package")
 
-from helpers import make_adapter, make_tiny_model  # noqa: E402
+from helpers import make_adapter, make_tiny_model, random_lora_stack  # noqa: E402
 from loraplex import LLM, LoRARequest, SamplingParams  # noqa: E402
 from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_context  # noqa: E402
 from loraplex.kernels.lora_embed import lora_embed_gather  # noqa: E402
@@ -70,15 +70,7 @@ def _batch(popularity: str, shape: str, seed: int = 0) -> LoRABatch:
 
 
 def _stack(dtype: torch.dtype, K: int, max_rank: int = 16, slot_ranks=SLOT_RANKS, slices=SLICES) -> LoRAStack:
-    g = torch.Generator().manual_seed(1)
-    w = LoRAStack.zeros(len(slices), NUM_SLOTS, max_rank, max_rank, K, slices, dtype, DEVICE)
-    for slot, ranks in slot_ranks.items():
-        for i, r in enumerate(ranks):
-            if r:
-                w.a[i, slot, :r] = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
-                w.b_slices[i][slot, :, :r] = (torch.randn(slices[i], r, generator=g) / r ** 0.5).to(dtype)
-                w.set(slot, i, r, 0.5 + 0.25 * i + 0.1 * slot)
-    return w
+    return random_lora_stack(dtype, NUM_SLOTS, max_rank, K, slices, slot_ranks, DEVICE, b_over_sqrt_rank=True)
 
 
 def _base_rows(batch: LoRABatch) -> torch.Tensor:

@@ -250,8 +250,7 @@ def test_sample_step_equals_sampler_and_compute_logprobs() -> None:
     assert got[4] != 2 or params[4].temperature == 0.0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # conftest.py skips it without CUDA
 def test_sample_device_does_not_synchronise() -> None:
     n = 32
     logits = torch.randn(n, 1024, device="cuda")

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from helpers import random_lora_stack
 from loraplex.lora.backends.base import LoRAStack, get_backend
 from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, plan_tiles, shrink_reference
 from loraplex.lora.batch import LoRABatch
@@ -23,15 +24,7 @@ LAYOUTS = [dict(), dict(rows=1), dict(rows=3), dict(rows=64), dict(rows=64, slic
 
 
 def _stack(dtype: torch.dtype) -> LoRAStack:
-    g = torch.Generator().manual_seed(1)
-    w = LoRAStack.zeros(len(SLICES), NUM_SLOTS, MAX_RANK, MAX_RANK, K, SLICES, dtype, CPU)
-    for slot, ranks in SLOT_RANKS.items():
-        for i, r in enumerate(ranks):
-            if r:
-                w.a[i, slot, :r] = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
-                w.b_slices[i][slot, :, :r] = torch.randn(SLICES[i], r, generator=g).to(dtype)
-                w.set(slot, i, r, 0.5 + 0.25 * i + 0.1 * slot)
-    return w
+    return random_lora_stack(dtype, NUM_SLOTS, MAX_RANK, K, SLICES, SLOT_RANKS, CPU, b_over_sqrt_rank=False)
 
 
 def _batch(shape: str) -> LoRABatch:

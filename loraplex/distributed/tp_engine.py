@@ -43,7 +43,7 @@ class SeqPlan:
     start: int
     num_new_tokens: int
     token_ids: list[int]
-    block_table: list[int]
+    block_table: np.ndarray  # int32 (Request.block_table_array)
     slot: int
     prompt_len: int
     prompt_logprobs: bool
@@ -77,7 +77,7 @@ class _ShadowRequest:
         return self._ids
 
     def block_table_array(self) -> np.ndarray:
-        return np.asarray(self.block_table, dtype=np.int32)
+        return self.block_table
 
 
 def _free_port() -> int:
@@ -150,7 +150,8 @@ class TensorParallelGroup:
                 mm = r.mm
                 self._seen_mm.add(r.request_id)
             out.seqs.append(SeqPlan(r.request_id, s.start, s.num_new_tokens, r.token_ids_at(s.start, s.num_new_tokens),
-                                    list(r.block_table), r.slot, len(r.prompt_token_ids), s.prompt_logprobs, mm))
+                                    r.block_table_array(), r.slot, len(r.prompt_token_ids), s.prompt_logprobs,
+                                    mm))
         for rid in finished:
             self._seen_mm.discard(rid)
         return out

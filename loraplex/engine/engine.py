@@ -38,6 +38,7 @@ from loraplex.lora.pool import LoRAPool
 from loraplex.models.loader import load_hf_config, load_model
 from loraplex.multimodal.processing import MultiModalProcessor
 from loraplex.tokenizer import load_tokenizer
+from loraplex.transfer import to_device
 from loraplex.types import LoRARequest, RequestOutput, SamplingParams
 
 logger = logging.getLogger("loraplex")
@@ -308,6 +309,7 @@ class LLMEngine:
         self.scheduler.abort(req)
         req.num_pending = 0
         req.status = Status.FINISHED
+        self._forget_on_ranks(req)
         req.finish_reason = "abort"
 
     def has_unfinished_requests(self) -> bool:
@@ -378,7 +380,7 @@ class LLMEngine:
             if len(rows) == logits.shape[0]:  # every logits row samples (decode steps): no gather, no copy
                 raw = logits
             else:  # logprobs are reported from the raw logits, before min_tokens masking
-                raw = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
+                raw = logits[to_device(torch.tensor(rows), logits.device)]
             held = [i for i, r in enumerate(reqs) if len(r.output_token_ids) + r.num_pending < r.params.min_tokens]
             sample_logits = raw.clone() if held else raw
             for i in held:
@@ -454,5 +456,9 @@ class LLMEngine:
             req.finish_reason, req.stop_reason = reason, stop
             req.num_pending = 0  # a token of a step still in flight is dropped when read back
             self.scheduler.finish(req)
-            if self._tp is not None and req.mm is not None:
-                self._tp_finished.append(req.request_id)
+            self._forget_on_ranks(req)
+
+    def _forget_on_ranks(self, req: Request) -> None:
+        """The other tensor-parallel ranks may drop this ended request's multimodal inputs (next step's plan)."""
+        if self._tp is not None and req.mm is not None:
+            self._tp_finished.append(req.request_id)

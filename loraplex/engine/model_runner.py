@@ -28,6 +28,7 @@ from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
 from loraplex.multimodal.batch import gather_images, mrope_positions
+from loraplex.transfer import to_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,9 +51,7 @@ InputFix = tuple[list[int], list[int], torch.Tensor]
 def _apply_fix(fix: InputFix, input_ids: torch.Tensor) -> None:
     """``input_ids[rows] = tokens[src]`` on the device (``fix`` = rows, src, tokens)."""
     rows, src, tokens = fix
-    idx = torch.tensor([rows, src], dtype=torch.int64)
-    if input_ids.is_cuda:
-        idx = idx.pin_memory().to(input_ids.device, non_blocking=True)
+    idx = to_device(torch.tensor([rows, src], dtype=torch.int64), input_ids.device)
     input_ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))
 
 

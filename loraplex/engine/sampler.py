@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from loraplex.transfer import to_device
 from loraplex.types import PositionLogprobs, SamplingParams
 
 TokenIds = Union[torch.Tensor, Sequence[int]]
@@ -95,7 +96,7 @@ class Sampler:
         memory are queued; :meth:`PendingSample.result` waits for that copy alone (an event, not a device
         synchronisation). ``PendingSample.token_ids`` (n,) int64 stay on the device for the next step."""
         packed, layout = self.sample_device(logits, params, generators, raw_logits)
-        token_ids = packed[:len(params)].long()
+        device_packed = packed
         done = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -103,7 +104,7 @@ class Sampler:
             done = torch.cuda.Event()
             done.record()
             packed = host
-        return PendingSample(self, packed, layout, token_ids, done)
+        return PendingSample(self, packed, layout, device_packed, done)
 
     def sample_device(
         self,
@@ -121,7 +122,7 @@ class Sampler:
         k = 0
         if wanted:
             raw = (raw_logits if raw_logits is not None else logits)[:, : self.vocab_size]
-            rows = _to_device(torch.tensor(wanted, dtype=torch.long), device)
+            rows = to_device(torch.tensor(wanted, dtype=torch.long), device)
             logp = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)  # (w, V)
             parts.append(logp.gather(1, ids.index_select(0, rows)[:, None]).squeeze(1).double())
             k = min(max(params[i].logprobs for i in wanted), logp.shape[1])  # type: ignore[type-var]
@@ -148,7 +149,7 @@ class Sampler:
         ids = x.argmax(dim=-1)  # greedy rows keep these
         rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if rand:
-            rows = _to_device(torch.tensor(rand, dtype=torch.long), logits.device)
+            rows = to_device(torch.tensor(rand, dtype=torch.long), logits.device)
             sampled = self._sample_random(x.index_select(0, rows), [params[i] for i in rand],
                                           [generators[i] for i in rand])
             ids = ids.index_copy(0, rows, sampled)
@@ -164,7 +165,7 @@ class Sampler:
         device = logits.device
         m, vocab = logits.shape
         x = logits.float()
-        temps = _to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)
+        temps = to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)
         # Subtract the row max before dividing so tiny temperatures cannot overflow to +inf.
         x = (x - x.max(dim=-1, keepdim=True).values) / temps[:, None]  # (m, V)
 
@@ -172,7 +173,7 @@ class Sampler:
             # Drop tokens less likely than min_p x the most likely one: x is 0 at the row max, so
             # probability ratios are exp(x) and the test is x < log(min_p). No sort needed.
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-            x = x.masked_fill(x < _to_device(min_p, device).log()[:, None], float("-inf"))
+            x = x.masked_fill(x < to_device(min_p, device).log()[:, None], float("-inf"))
 
         need_k = any(p.top_k != -1 and p.top_k < vocab for p in params)
         need_p = any(p.top_p < 1.0 for p in params)
@@ -181,13 +182,13 @@ class Sampler:
             sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (m, V)
             drop = torch.zeros_like(sorted_x, dtype=torch.bool)
             if need_k:
-                ks = _to_device(torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]),
+                ks = to_device(torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]),
                                 device)
                 rank = torch.arange(vocab, device=device)
                 drop |= rank[None, :] >= ks[:, None]
                 sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             if need_p:
-                top_p = _to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
+                top_p = to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
                 probs = torch.softmax(sorted_x, dim=-1)
                 # Mass strictly before each token; keep while it is < top_p, which is the
                 # smallest prefix whose cumulative mass reaches top_p (always >= 1 token).
@@ -200,7 +201,7 @@ class Sampler:
 
         probs = torch.softmax(x, dim=-1)  # (m, V)
         cdf = torch.cumsum(probs, dim=-1)  # (m, V)
-        u = _to_device(torch.cat(
+        u = to_device(torch.cat(
             [torch.rand(1, generator=g if g is not None else self.generator) for g in generators]), device)  # (m,)
         target = u * cdf[:, -1]  # (m,), in [0, total)
         # First token whose cumulative mass exceeds the target; zero-probability tokens
@@ -214,13 +215,18 @@ class Sampler:
 class PendingSample:
     """The results of one step's sampling, on their way to the host."""
 
-    def __init__(self, sampler: Sampler, packed: torch.Tensor, layout: tuple, token_ids: torch.Tensor,
+    def __init__(self, sampler: Sampler, packed: torch.Tensor, layout: tuple, device_packed: torch.Tensor,
                  done: Optional[torch.cuda.Event]) -> None:
         self._sampler = sampler
         self._packed = packed  # pinned host memory (CUDA) or the CPU result itself
         self._layout = layout
         self._done = done
-        self.token_ids = token_ids  # (n,) int64 on the logits' device: the next step's inputs
+        self._device_packed = device_packed
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """(n,) int64 on the logits' device: inputs of the next step (async scheduling asks, only then)."""
+        return self._device_packed[:self._layout[0]].long()
 
     def result(self) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
         """Wait for the copy (the time counts in ``Sampler.wait_seconds``) and unpack tokens and logprobs."""
@@ -230,14 +236,6 @@ class PendingSample:
             self._sampler.wait_seconds += time.perf_counter() - t0
             self._done = None
         return unpack_step(self._packed.tolist(), self._layout)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``: on CUDA through pinned memory, so the copy does not make the
-    host wait for the GPU."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def unpack_step(flat: list[float], layout: tuple) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
