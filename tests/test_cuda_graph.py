@@ -15,7 +15,8 @@ import torch
 
 from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
-from loraplex.engine.cuda_graph import TILE_ROWS, DecodeInputs, capture_sizes, is_decode_step
+from loraplex.engine.cuda_graph import (TILE_ROWS, StepInputs, capture_sizes, is_decode_step, is_graph_step,
+                                        mixed_sizes)
 from loraplex.engine.request import Request
 
 
@@ -25,6 +26,8 @@ def test_capture_sizes() -> None:
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert mixed_sizes(2048) == [16, 32, 64, 128, 256, 512]
+    assert mixed_sizes(100) == [16, 32, 64] and mixed_sizes(8) == [8]
 
 
 def _request(rid: str, prompt: list[int], slot: int, blocks: list[int]) -> Request:
@@ -51,7 +54,8 @@ def test_block_table_array_follows_the_list() -> None:
 
 def test_decode_inputs_layout_padding_and_tiles() -> None:
     bs, size = 4, 24
-    inp = DecodeInputs(size, max_blocks=8, mrope=False, block_size=bs, scratch_block=50, device=torch.device("cpu"))
+    inp = StepInputs(size, size, max_blocks=8, mrope=False, block_size=bs, scratch_block=50,
+                     device=torch.device("cpu"), decode=True)
     # 19 sequences: 2 base, 17 of slot 1 (cut into tiles of TILE_ROWS rows), 0 of slot 3 ... sorted by slot
     slots = [-1, -1] + [1] * 17
     reqs, seqs = [], []
@@ -62,7 +66,7 @@ def test_decode_inputs_layout_padding_and_tiles() -> None:
         reqs.append(req)
         seqs.append(_seq(req, 6))
     assert is_decode_step(seqs)
-    inp.fill(seqs)
+    inp.fill(seqs, size)
     d = {k: v.clone() for k, v in inp.dev.items()}
     B = len(seqs)
     assert d["input_ids"][:B].tolist() == [200 + i for i in range(B)]
@@ -80,17 +84,54 @@ def test_decode_inputs_layout_padding_and_tiles() -> None:
     assert d["token_slots"][B:].tolist() == [-1] * (size - B)
     want = [[0, 2, -1], [2, 19, 1], [2 + TILE_ROWS, 19, 1]]  # row_end: the run's end (kernels mask past it)
     assert d["tiles"][:3].tolist() == want
-    assert d["tiles"][3:].tolist() == [[0, 0, -1]] * (size - 3)
+    assert d["tiles"][3:].tolist() == [[0, 0, -1]] * (size - 3)  # padding rows are in no tile
 
     # the next step reuses the other host twin: a smaller batch leaves no stale rows behind
-    inp.fill(seqs[:3])
+    inp.fill(seqs[:3], size)
     assert inp.dev["token_slots"].tolist() == [-1, -1, 1] + [-1] * (size - 3)
     assert inp.dev["tiles"][:2].tolist() == [[0, 2, -1], [2, 3, 1]]
     assert inp.dev["tiles"][2:].tolist() == [[0, 0, -1]] * (size - 2)
     assert inp.dev["seq_lens"][3:].tolist() == [1] * (size - 3)
 
-    assert not is_decode_step([_seq(reqs[0], 3, n=2)])
+    assert not is_decode_step([_seq(reqs[0], 3, n=2)]) and is_graph_step([_seq(reqs[0], 3, n=2)])
     assert not is_decode_step([_seq(reqs[0], 6, prompt_logprobs=True)])
+    assert not is_graph_step([_seq(reqs[0], 3, n=2, prompt_logprobs=True)])
+
+
+def test_mixed_inputs_layout_padding_sequence_and_logits_rows() -> None:
+    bs, tokens, seqs = 4, 32, 5
+    inp = StepInputs(tokens, seqs, max_blocks=8, mrope=False, block_size=bs, scratch_block=50,
+                     device=torch.device("cpu"), decode=False)
+    a = _request("a", [1, 2, 3, 4, 5], -1, [3, 4])  # decoding: token at position 6
+    a.output_token_ids = [100, 101]
+    b = _request("b", list(range(10, 30)), 2, [7, 8, 9, 10, 11])  # its chunk of 6 prompt tokens at 8..13
+    c = _request("c", list(range(40, 60)), 2, [12])  # its first chunk: 3 tokens
+    steps = [_seq(a, 6), _seq(b, 8, n=6), _seq(c, 0, n=3)]
+    assert not is_decode_step(steps) and is_graph_step(steps)
+    inp.fill(steps, tokens)
+    d = {k: v.clone() for k, v in inp.dev.items()}
+    T = 10
+    assert d["input_ids"][:T].tolist() == [101, *range(18, 24), 40, 41, 42]
+    assert d["positions"][:T].tolist() == [6, *range(8, 14), 0, 1, 2]
+    want_slots = [4 * bs + 2] + [(9 if p < 12 else 10) * bs + p % bs for p in range(8, 14)] + [12 * bs + p for p in range(3)]
+    assert d["slot_mapping"][:T].tolist() == want_slots
+    # sequences: the three, then the padding sequence (22 tokens at positions 0..21 of the scratch block), then
+    # an empty one
+    assert d["query_start_loc"].tolist() == [0, 1, 7, 10, 32, 32]
+    assert d["seq_lens"].tolist() == [7, 14, 3, 22, 0]
+    assert d["block_tables"][3].tolist() == [50] * 8
+    assert d["positions"][T:].tolist() == list(range(22))
+    assert d["slot_mapping"][T:].tolist() == [50 * bs + p % bs for p in range(22)]
+    assert d["token_slots"].tolist() == [-1] + [2] * 9 + [-1] * 22
+    assert d["tiles"][:2].tolist() == [[0, 1, -1], [1, 10, 2]]
+    assert d["tiles"][2:].tolist() == [[0, 0, -1]] * (tokens - 2)
+    # logits rows: each sequence's last token; padding rows read row 0 and have no adapter
+    assert d["logits_indices"].tolist() == [0, 6, 9, 0, 0]
+    assert d["logits_slots"].tolist() == [-1, 2, 2, -1, -1]
+    assert d["logits_tiles"].tolist() == [[0, 1, -1], [1, 3, 2], [0, 0, -1], [0, 0, -1], [0, 0, -1]]
+    inp.fill(steps, 16)  # the graph of 16 tokens: the padding sequence ends there
+    assert inp.dev["query_start_loc"].tolist() == [0, 1, 7, 10, 16, 16]
+    assert inp.dev["seq_lens"].tolist() == [7, 14, 3, 6, 0]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +162,7 @@ def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: boo
         inner = eng.runner.graphs.run
 
         def run(seqs, *args):
-            sizes.append(len(seqs))
+            sizes.append(len(seqs) if eng.runner.graphs.plan(seqs)[0] else -len(seqs))  # mixed: negative
             return inner(seqs, *args)
 
         eng.runner.graphs.run = run
@@ -151,7 +192,9 @@ def test_graph_decode_steps_equal_eager_steps(model_dir, adapters) -> None:
 
 
 def assert_same(got: list, want: list, sizes: list[int]) -> None:
-    assert len(set(sizes)) >= 4 and max(sizes) >= 5  # many batch sizes and adapter mixes went through graphs
+    # many batch sizes and adapter mixes went through decode graphs, and steps with prompt chunks through
+    # mixed graphs
+    assert len({n for n in sizes if n > 0}) >= 4 and max(sizes) >= 5 and sum(n < 0 for n in sizes) >= 5
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids, g.request_id
         for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):

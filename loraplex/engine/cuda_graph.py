@@ -1,19 +1,26 @@
-"""CUDA graphs of decode steps, and the persistent buffers they read.
+"""CUDA graphs of engine steps, and the persistent buffers they read.
 
-A *decode step* gives every sequence exactly one new token at a position past its prompt's images and asks
-for no prompt logprobs. Such a step of ``B`` sequences runs as the replay of a graph captured at start-up for
-the smallest capture size ``>= B`` (1, 2, 4, 8, then multiples of 8 up to ``max_cudagraph_capture_size``), its
-forward and the logits of every row inside. Each size has two graphs:
+A step without images in its chunks and without prompt logprobs runs as the replay of a graph captured at
+start-up, when one is large enough for it. Two families of graphs:
+
+* **decode**: every sequence has one new token. One graph per batch size (1, 2, 4, 8, then multiples of 8
+  up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
+  batches take the split-K decode attention kernel.
+* **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
+  these). One graph per token count (powers of two from 16 to 512, at most ``max_num_batched_tokens``), with
+  ``max_num_seqs + 1`` sequence slots: the real sequences, one padding sequence holding every padding token,
+  then empty ones. Only the last token of each sequence gets logits.
+
+Each size has two graphs:
 
 * ``base``: no adapter in the batch; the LoRA layers launch nothing;
-* ``lora``: every LoRA layer runs its Triton kernels over work lists padded to the capture size (empty tiles
+* ``lora``: every LoRA layer runs its Triton kernels over work lists padded to the graph's size (empty tiles
   have slot -1), so the batch's adapter mix is data in the buffers: a new mix never needs a re-capture.
 
-The graphs read :class:`DecodeInputs`, device buffers that live as long as the engine. A step's inputs are
-written into a pinned host twin (numpy, no per-token Python for the large fields) and moved by one
-non-blocking copy. Rows past ``B`` are padding: token 0 at position 0 of a one-token sequence whose only
-block is the *scratch block* (one block past the allocator's, never handed out), base model; they write only
-the scratch block, and their logits are dropped.
+The graphs read :class:`StepInputs`, device buffers that live as long as the engine. A step's inputs are
+written into a pinned host twin (numpy: no per-token Python for the large fields) and moved by one
+non-blocking copy. Padding tokens sit in the *scratch block* (one block past the allocator's, never handed
+out): they write only there, and their logits are dropped.
 """
 
 from __future__ import annotations
@@ -32,44 +39,82 @@ from loraplex.lora.batch import LoRABatch
 
 logger = logging.getLogger("loraplex")
 
-TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps (decode segments are short)
+TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps
+MAX_MIXED_TOKENS = 512  # larger steps are dominated by their prompt chunk's compute: eager costs them little
 
 
 def capture_sizes(largest: int) -> list[int]:
-    """Batch sizes captured: 1, 2, 4, 8, then every multiple of 8, and ``largest`` itself."""
+    """Decode batch sizes captured: 1, 2, 4, 8, then every multiple of 8, and ``largest`` itself."""
     sizes = [s for s in (1, 2, 4) if s < largest] + list(range(8, largest + 1, 8))
     if not sizes or sizes[-1] != largest:
         sizes.append(largest)
     return sizes
 
 
-def is_decode_step(seqs: Sequence) -> bool:
-    """Every sequence has one new token, past its prompt when the request has images, and no prompt
-    logprobs (``seqs``: :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
+def mixed_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the mixed graphs: powers of two from 16 to ``min(512, max_tokens)`` (``max_tokens``
+    itself when it is smaller than 16)."""
+    top = min(MAX_MIXED_TOKENS, max_tokens)
+    sizes = [s for s in (16, 32, 64, 128, 256, 512) if s <= top]
+    return sizes or [top]
+
+
+def is_graph_step(seqs: Sequence) -> bool:
+    """No prompt logprobs, and no chunk holding prompt positions of a request with images (its vision
+    tower runs eagerly) (``seqs``: :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
     for s in seqs:
-        if s.num_new_tokens != 1 or s.prompt_logprobs:
+        if s.prompt_logprobs:
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False
     return True
 
 
-class DecodeInputs:
-    """Persistent inputs of graph steps for up to ``size`` sequences, in one device buffer, with two pinned
-    host twins used in turn (a twin is rewritten only after its last copy has run)."""
+def is_decode_step(seqs: Sequence) -> bool:
+    """A graph step whose sequences each have one new token."""
+    return all(s.num_new_tokens == 1 for s in seqs) and is_graph_step(seqs)
 
-    def __init__(self, size: int, max_blocks: int, mrope: bool, block_size: int, scratch_block: int,
-                 device: torch.device) -> None:
-        self.size = size
+
+def _runs_to_tiles(slots: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (>= rows, 3) <- each run of equal ``slots`` cut into pieces of TILE_ROWS rows, as
+    ``(row_start, run_end, slot)`` (kernels mask rows past the run's end); the rest empty tiles."""
+    n_rows = slots.shape[0]
+    rows = np.arange(n_rows)
+    new_run = np.ones(n_rows, dtype=bool)
+    new_run[1:] = slots[1:] != slots[:-1]
+    run_start = np.maximum.accumulate(np.where(new_run, rows, 0))
+    run_id = np.cumsum(new_run) - 1
+    run_end = np.append(rows[new_run][1:], n_rows)[run_id]
+    first = rows[(rows - run_start) % TILE_ROWS == 0]
+    n = first.shape[0]
+    out[:n, 0] = first
+    out[:n, 1] = run_end[first]
+    out[:n, 2] = slots[first]
+    out[n:] = (0, 0, -1)
+
+
+class StepInputs:
+    """Persistent inputs of graph steps of up to ``tokens`` tokens and ``seqs`` sequences (``seqs`` logits
+    rows), in one device buffer, with two pinned host twins used in turn (a twin is rewritten only after
+    its last copy has run). ``decode``: the decode family's layout (one sequence per token, padding too)."""
+
+    def __init__(self, tokens: int, seqs: int, max_blocks: int, mrope: bool, block_size: int, scratch_block: int,
+                 device: torch.device, decode: bool) -> None:
+        assert decode == (tokens == seqs) or not decode, "decode graphs have one sequence per token"
+        self.tokens = tokens
+        self.seqs = seqs
+        self.decode = decode
         self.max_blocks = max_blocks
         self.mrope = mrope
         self.block_size = block_size
         self.scratch_block = scratch_block
-        N = size
-        layout = [("input_ids", np.int64, (N,)), ("positions", np.int64, (3, N) if mrope else (N,)),
-                  ("slot_mapping", np.int64, (N,)), ("token_slots", np.int64, (N,)), ("tiles", np.int64, (N, 3)),
-                  ("seq_lens", np.int32, (N,)), ("query_start_loc", np.int32, (N + 1,)),
-                  ("block_tables", np.int32, (N, max_blocks))]
+        T, S = tokens, seqs
+        layout = [("input_ids", np.int64, (T,)), ("positions", np.int64, (3, T) if mrope else (T,)),
+                  ("slot_mapping", np.int64, (T,)), ("token_slots", np.int64, (T,)), ("tiles", np.int64, (T, 3)),
+                  ("logits_indices", np.int64, (S,)), ("logits_slots", np.int64, (S,)),
+                  ("logits_tiles", np.int64, (S, 3)),
+                  ("seq_lens", np.int32, (S,)), ("query_start_loc", np.int32, (S + 1,)),
+                  ("block_tables", np.int32, (S, max_blocks))]
         self._fields: list[tuple[str, np.dtype, tuple, int]] = []
         offset = 0
         for name, dt, shape in layout:  # every int64 field precedes the int32 ones: all aligned
@@ -83,8 +128,6 @@ class DecodeInputs:
         self._copied: list[Optional[torch.cuda.Event]] = [None, None]
         self._turn = 0
         self.dev = {name: self._torch_view(name) for name, *_ in self._fields}
-        for h in self._host_np:
-            h["query_start_loc"][:] = np.arange(N + 1, dtype=np.int32)  # one token per sequence, always
         self.pad()
 
     def _views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,14 +149,6 @@ class DecodeInputs:
             ev.synchronize()  # the copy that last read this twin has run (long done in practice)
         return turn, self._host_np[turn]
 
-    def _pad_rows(self, h: dict[str, np.ndarray], start: int) -> None:
-        h["input_ids"][start:] = 0
-        h["positions"][..., start:] = 0
-        h["slot_mapping"][start:] = self.scratch_block * self.block_size
-        h["token_slots"][start:] = -1
-        h["seq_lens"][start:] = 1
-        h["block_tables"][start:, 0] = self.scratch_block
-
     def _copy(self, turn: int) -> None:
         self.device_buf.copy_(self._host[turn], non_blocking=True)
         if self.device_buf.is_cuda:
@@ -121,137 +156,205 @@ class DecodeInputs:
             ev.record()
             self._copied[turn] = ev
 
-    def pad(self) -> None:
-        """Fill every row with padding (capture and warm-up run on this)."""
+    def pad(self, size: Optional[int] = None) -> None:
+        """Fill everything with padding for a graph of ``size`` tokens (capture and warm-up run on this)."""
         turn, h = self._next_host()
-        self._pad_rows(h, 0)
-        h["tiles"][:] = (0, 0, -1)
+        self._write_padding(h, 0, 0, size or self.tokens)
         self._copy(turn)
 
-    def fill(self, seqs: Sequence) -> None:
-        """Write the inputs of the decode step ``seqs`` (sorted by adapter slot, as the scheduler leaves them)
-        and start their copy to the device. Host work is O(B) plus each block table's new blocks."""
+    def _write_padding(self, h: dict[str, np.ndarray], T: int, B: int, size: int) -> None:
+        """Tokens ``T..`` and sequences ``B..`` (and logits rows ``B..``) as padding, for a graph of ``size``
+        tokens (mixed: the padding sequence ends there)."""
+        bs, scratch = self.block_size, self.scratch_block
+        h["input_ids"][T:] = 0
+        h["token_slots"][T:] = -1
+        h["logits_indices"][B:] = 0
+        h["logits_slots"][B:] = -1
+        pad = size - T
+        if self.decode:  # each padding token a one-token sequence at position 0 of the scratch block
+            h["positions"][..., T:] = 0
+            h["slot_mapping"][T:] = scratch * bs
+            h["seq_lens"][B:] = 1
+            h["query_start_loc"][B:] = np.arange(T, T + self.seqs - B + 1, dtype=np.int32)
+            h["block_tables"][B:, 0] = scratch
+            return
+        # one padding sequence holding every padding token, in the scratch block; the rest empty
+        p = np.arange(self.tokens - T)  # rows past ``size`` are outside the graph
+        h["positions"][..., T:] = p
+        h["slot_mapping"][T:] = scratch * bs + p % bs
+        if B < self.seqs:
+            h["seq_lens"][B] = pad
+            h["block_tables"][B, :] = scratch
+            h["seq_lens"][B + 1:] = 0
+        h["query_start_loc"][B + 1:] = size
+
+    def fill(self, seqs: Sequence, size: int) -> None:
+        """Write the inputs of the graph step ``seqs`` (sorted by adapter slot, as the scheduler leaves them)
+        for the graph of ``size`` tokens, and start their copy to the device. Host work is O(tokens) in numpy
+        plus each block table's new blocks."""
         B = len(seqs)
-        assert 0 < B <= self.size, f"{B} sequences for decode buffers of {self.size}"
+        ns = np.fromiter((s.num_new_tokens for s in seqs), np.int64, B)
+        T = int(ns.sum())
+        assert 0 < B and T <= size <= self.tokens and B <= (self.seqs if self.decode else self.seqs - 1), \
+            f"{B} sequences, {T} tokens for a graph of {size} tokens, {self.seqs} sequences"
         turn, h = self._next_host()
-        pos = np.fromiter((s.start for s in seqs), np.int64, B)
+        starts = np.fromiter((s.start for s in seqs), np.int64, B)
         slots = np.fromiter((s.req.slot for s in seqs), np.int64, B)
-        h["input_ids"][:B] = [s.req.token_ids_at(s.start, 1)[0] for s in seqs]
-        if self.mrope:
-            h["positions"][:, :B] = pos + np.fromiter(
-                (s.req.mm.mrope_delta if s.req.mm is not None else 0 for s in seqs), np.int64, B)
+        qsl = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(ns, out=qsl[1:])
+        sid = np.repeat(np.arange(B), ns)  # the sequence of each token
+        pos = starts[sid] + (np.arange(T) - qsl[:-1][sid])
+        if T == B:
+            h["input_ids"][:T] = [s.req.token_ids_at(s.start, 1)[0] for s in seqs]
         else:
-            h["positions"][:B] = pos
+            h["input_ids"][:T] = [t for s in seqs for t in s.req.token_ids_at(s.start, s.num_new_tokens)]
+        if self.mrope:  # graph steps hold no image positions: every token at index + delta in all rows
+            delta = np.fromiter((s.req.mm.mrope_delta if s.req.mm is not None else 0 for s in seqs), np.int64, B)
+            h["positions"][:, :T] = pos + delta[sid]
+        else:
+            h["positions"][:T] = pos
         tables = h["block_tables"]
         for i, s in enumerate(seqs):
             t = s.req.block_table_array()
             tables[i, :t.shape[0]] = t
-        blocks = tables[np.arange(B), pos // self.block_size].astype(np.int64)
-        h["slot_mapping"][:B] = blocks * self.block_size + pos % self.block_size
-        h["seq_lens"][:B] = pos + 1
-        h["token_slots"][:B] = slots
-        self._pad_rows(h, B)
-        # LoRA tiles: each run of equal slots cut into pieces of TILE_ROWS rows; row_end is the run's end.
-        rows = np.arange(B)
-        new_run = np.ones(B, dtype=bool)
-        new_run[1:] = slots[1:] != slots[:-1]
-        run_start = np.maximum.accumulate(np.where(new_run, rows, 0))
-        run_id = np.cumsum(new_run) - 1
-        run_end = np.append(rows[new_run][1:], B)[run_id]
-        first = rows[(rows - run_start) % TILE_ROWS == 0]
-        tiles = h["tiles"]
-        n = first.shape[0]
-        tiles[:n, 0] = first
-        tiles[:n, 1] = run_end[first]
-        tiles[:n, 2] = slots[first]
-        tiles[n:] = (0, 0, -1)
+        blocks = tables[sid, pos // self.block_size].astype(np.int64)
+        h["slot_mapping"][:T] = blocks * self.block_size + pos % self.block_size
+        h["seq_lens"][:B] = starts + ns
+        h["query_start_loc"][:B + 1] = qsl
+        token_slots = slots[sid]
+        h["token_slots"][:T] = token_slots
+        h["logits_indices"][:B] = qsl[1:] - 1
+        h["logits_slots"][:B] = slots
+        self._write_padding(h, T, B, size)
+        # tiles over the real rows only: a tile may reach its run's end, which must lie inside every graph
+        # that holds the step (padding rows belong to no tile, so no kernel writes them)
+        _runs_to_tiles(token_slots, h["tiles"])
+        _runs_to_tiles(slots, h["logits_tiles"])
         self._copy(turn)
 
-    # -- the forward context of a graph of ``n`` rows ------------------------------------------------
+    # -- the forward context of a graph ---------------------------------------------------------------
     def context(self, n: int, lora: bool, max_model_len: int) -> ForwardContext:
+        """The context of a graph of ``n`` tokens (decode: ``n`` sequences too; mixed: every sequence slot)."""
         d = self.dev
-        attn = AttentionMetadata(query_start_loc=d["query_start_loc"][:n + 1], seq_lens=d["seq_lens"][:n],
-                                 block_tables=d["block_tables"][:n], slot_mapping=d["slot_mapping"][:n],
-                                 max_query_len=1, max_seq_len=max_model_len, num_decodes=n)
-        batch = None
+        S = n if self.decode else self.seqs
+        attn = AttentionMetadata(query_start_loc=d["query_start_loc"][:S + 1], seq_lens=d["seq_lens"][:S],
+                                 block_tables=d["block_tables"][:S], slot_mapping=d["slot_mapping"][:n],
+                                 max_query_len=1 if self.decode else n, max_seq_len=max_model_len,
+                                 num_decodes=S if self.decode else 0)
+        batch = logits_batch = None
         if lora:
-            tiles = d["tiles"][:n]
-            zero = d["token_slots"][:0]
-            batch = LoRABatch(seg_starts=[], seg_ends=[], seg_slots=[], token_slots=d["token_slots"][:n],
-                              seg_indptr=zero, seg_slot_t=zero, num_rows=n, block_m=TILE_ROWS, tiles=tiles,
-                              expand_block_m=TILE_ROWS, expand_tiles=tiles, static=True)
+            batch = _static_batch(d["token_slots"][:n], d["tiles"][:n])
+            logits_batch = batch if self.decode else _static_batch(d["logits_slots"][:S], d["logits_tiles"][:S])
         positions = d["positions"][:, :n] if self.mrope else d["positions"][:n]
-        return ForwardContext(positions=positions, attn=attn, lora=batch, lora_logits=batch)
+        return ForwardContext(positions=positions, attn=attn, lora=batch, lora_logits=logits_batch)
+
+
+def _static_batch(token_slots: torch.Tensor, tiles: torch.Tensor) -> LoRABatch:
+    zero = token_slots[:0]
+    return LoRABatch(seg_starts=[], seg_ends=[], seg_slots=[], token_slots=token_slots, seg_indptr=zero,
+                     seg_slot_t=zero, num_rows=token_slots.shape[0], block_m=TILE_ROWS, tiles=tiles,
+                     expand_block_m=TILE_ROWS, expand_tiles=tiles, static=True)
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # (n, padded vocab) float32, written by each replay
+    logits: torch.Tensor  # (rows, padded vocab) float32, written by each replay
 
 
-class DecodeGraphs:
-    """The captured decode graphs of one model runner.
+# forward(input_ids, ctx, logits_indices or None) -> float32 logits of those rows (None: every row)
+Forward = Callable[[torch.Tensor, ForwardContext, Optional[torch.Tensor]], torch.Tensor]
 
-    ``forward(input_ids, ctx)`` runs the model and returns float32 logits of every row; it is called eagerly
-    to warm up (Triton compiles), then under capture. ``lora``: capture the adapter variants too."""
 
-    def __init__(self, inputs: DecodeInputs, forward: Callable[[torch.Tensor, ForwardContext], torch.Tensor],
-                 sizes: list[int], lora: bool, max_model_len: int) -> None:
-        self.inputs = inputs
-        self.sizes = sorted(sizes)
+class StepGraphs:
+    """The captured graphs of one model runner: decode graphs per batch size, mixed graphs per token count.
+
+    ``forward`` runs the model; it is called eagerly to warm up (Triton compiles), then under capture.
+    ``lora``: capture the adapter variants too."""
+
+    def __init__(self, decode: StepInputs, mixed: Optional[StepInputs], forward: Forward, decode_sizes: list[int],
+                 mixed_sizes: list[int], lora: bool, max_model_len: int) -> None:
+        self.decode = decode
+        self.mixed = mixed
+        self.sizes = sorted(decode_sizes)
+        self.mixed_sizes = sorted(mixed_sizes) if mixed is not None else []
         self.lora = lora
         self._forward = forward
         self._max_model_len = max_model_len
-        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._graphs: dict[tuple[bool, int, bool], _Graph] = {}
         self.capture_seconds = 0.0
         self.memory_bytes = 0
 
+    @staticmethod
+    def _fit(sizes: list[int], n: int) -> Optional[int]:
+        return next((s for s in sizes if s >= n), None)
+
     def size_for(self, batch: int) -> Optional[int]:
-        for s in self.sizes:
-            if s >= batch:
-                return s
+        """The decode graph size for ``batch`` sequences (None: larger than every capture)."""
+        return self._fit(self.sizes, batch)
+
+    def plan(self, seqs: Sequence) -> Optional[tuple[bool, int]]:
+        """(decode family?, size) of the graph that runs ``seqs``, or None (eager)."""
+        if not seqs or not is_graph_step(seqs):
+            return None
+        tokens = sum(s.num_new_tokens for s in seqs)
+        if tokens == len(seqs):
+            n = self.size_for(tokens)
+            if n is not None:
+                return True, n
+        if self.mixed is not None and len(seqs) < self.mixed.seqs:
+            n = self._fit(self.mixed_sizes, tokens)
+            if n is not None:
+                return False, n
         return None
+
+    def _run_forward(self, decode: bool, n: int, lora: bool) -> torch.Tensor:
+        inputs = self.decode if decode else self.mixed
+        ctx = inputs.context(n, lora, self._max_model_len)
+        rows = None if decode else inputs.dev["logits_indices"]
+        return self._forward(inputs.dev["input_ids"][:n], ctx, rows)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        dev = self.inputs.device_buf.device
+        dev = self.decode.device_buf.device
         torch.cuda.synchronize(dev)
         free0 = torch.cuda.mem_get_info(dev)[0]
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        self.inputs.pad()
+        families = [(False, self.mixed_sizes), (True, self.sizes)] if self.mixed is not None else [(True, self.sizes)]
         for lora in ((False, True) if self.lora else (False,)):
-            for n in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool memory
-                ctx = self.inputs.context(n, lora, self._max_model_len)
-                ids = self.inputs.dev["input_ids"][:n]
-                for _ in range(2):  # compile every kernel and settle the allocator before capture
-                    self._forward(ids, ctx)
-                torch.cuda.synchronize(dev)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                    logits = self._forward(ids, ctx)
-                self._graphs[(n, lora)] = _Graph(g, logits)
+            for decode, sizes in families:
+                for n in reversed(sizes):  # largest first: the smaller graphs reuse its pool memory
+                    (self.decode if decode else self.mixed).pad(n)
+                    for _ in range(2):  # compile every kernel and settle the allocator before capture
+                        self._run_forward(decode, n, lora)
+                    torch.cuda.synchronize(dev)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                        logits = self._run_forward(decode, n, lora)
+                    self._graphs[(decode, n, lora)] = _Graph(g, logits)
         torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info(dev)[0])
-        logger.info("loraplex: captured %d CUDA graphs (decode batch sizes %s%s) in %.1f s, %.0f MiB",
-                    len(self._graphs), self.sizes, ", with and without adapters" if self.lora else "",
-                    self.capture_seconds, self.memory_bytes / 2**20)
+        logger.info("loraplex: captured %d CUDA graphs (decode batch sizes %s; mixed steps of %s tokens%s) in "
+                    "%.1f s, %.0f MiB", len(self._graphs), self.sizes, self.mixed_sizes,
+                    "; with and without adapters" if self.lora else "", self.capture_seconds,
+                    self.memory_bytes / 2**20)
 
     def run(self, seqs: Sequence, fix_inputs: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-        """Fill the inputs of the decode step ``seqs`` and replay its graph: float32 logits (B, padded vocab),
-        a view of the graph's output valid until the next replay. ``fix_inputs(input_ids)`` may then amend
-        the token ids on the device (tokens sampled by a step still in flight)."""
-        n = self.size_for(len(seqs))
-        assert n is not None, f"no graph for {len(seqs)} sequences"
+        """Fill the inputs of the step ``seqs`` and replay its graph: float32 logits (B, padded vocab) of each
+        sequence's last token, a view of the graph's output valid until the next replay. ``fix_inputs(input_ids)``
+        may then amend the token ids on the device (tokens sampled by a step still in flight)."""
+        planned = self.plan(seqs)
+        assert planned is not None, f"no graph for this step of {len(seqs)} sequences"
+        decode, n = planned
+        inputs = self.decode if decode else self.mixed
         lora = self.lora and any(s.req.slot >= 0 for s in seqs)
-        self.inputs.fill(seqs)
+        inputs.fill(seqs, n)
         if fix_inputs is not None:
-            fix_inputs(self.inputs.dev["input_ids"])
-        g = self._graphs.get((n, lora))
+            fix_inputs(inputs.dev["input_ids"])
+        g = self._graphs.get((decode, n, lora))
         if g is None:  # not captured (CPU tests of the buffers): the forward a graph records, run eagerly
-            return self._forward(self.inputs.dev["input_ids"][:n],
-                                 self.inputs.context(n, lora, self._max_model_len))[:len(seqs)]
+            return self._run_forward(decode, n, lora)[:len(seqs)]
         g.graph.replay()
         return g.logits[:len(seqs)]

@@ -162,7 +162,8 @@ class LLMEngine:
                                  "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
         num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
-        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len)
+        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len,
+                                  self.max_num_batched_tokens)
         if self.device.type == "cuda" and not mc.enforce_eager and tp > 1:
             logger.info("loraplex: no CUDA graphs under tensor parallelism yet (eager steps)")
         elif self.device.type == "cuda" and not mc.enforce_eager:

@@ -5,9 +5,9 @@ attention layout (KV slot mapping, block tables, lengths), the LoRA slot of ever
 every logits row, and which hidden rows need logits (the last new token of each sequence, plus
 every prompt position of a prompt chunk whose request asked for prompt logprobs).
 
-On CUDA, decode steps instead replay a CUDA graph (:mod:`loraplex.engine.cuda_graph`) over persistent
-input buffers; other steps (prefill chunks, mixed steps, prompt logprobs, batches larger than the largest
-capture size, ``enforce_eager``) run eagerly.
+On CUDA, most steps instead replay a CUDA graph (:mod:`loraplex.engine.cuda_graph`) over persistent
+input buffers; steps with prompt logprobs or image chunks, larger than every capture, or all steps with
+``enforce_eager``, run eagerly.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from loraplex.config import EngineConfig
 from loraplex.attention.metadata import AttentionMetadata
 from loraplex.attention.registry import get_attention_backend
 from loraplex.engine.context import ForwardContext, forward_context
-from loraplex.engine.cuda_graph import DecodeGraphs, DecodeInputs, capture_sizes, is_decode_step
+from loraplex.engine.cuda_graph import StepGraphs, StepInputs, capture_sizes, mixed_sizes
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
@@ -62,12 +62,12 @@ class PreparedBatch:
     logits_indices: Optional[torch.Tensor]  # (R,) rows of the hidden states that need logits
     # Per sequence: (first logits row, number of logits rows); the sampled row is the last.
     logits_spans: list[tuple[int, int]]
-    graph_seqs: Optional[Sequence[ScheduledSeq]] = None  # a decode step that replays a CUDA graph
+    graph_seqs: Optional[Sequence[ScheduledSeq]] = None  # a step that replays a CUDA graph
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, max_model_len: int) -> None:
+                 num_blocks: int, max_model_len: int, max_num_batched_tokens: int) -> None:
         self.model = model
         self.config = config
         self.device = device
@@ -77,7 +77,8 @@ class ModelRunner:
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))  # (3, T) positions (Qwen2-VL)
         self.max_model_len = max_model_len
-        self.graphs: Optional[DecodeGraphs] = None
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.graphs: Optional[StepGraphs] = None
         self._bind_kv_cache()
 
     @staticmethod
@@ -98,26 +99,33 @@ class ModelRunner:
             m.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def capture_graphs(self, lora: bool, capture: bool = True) -> None:
-        """Capture the decode graphs (CUDA, Triton attention): sizes up to ``max_cudagraph_capture_size``
-        (default ``max_num_seqs``); ``lora``: also the variants that run the Triton LoRA kernels.
-        ``capture=False`` (tests on CPU): decode steps run the graphs' forward over their buffers, eagerly."""
-        mc = self.config.model_config
-        largest = mc.max_cudagraph_capture_size or self.config.scheduler_config.max_num_seqs
-        largest = min(largest, self.config.scheduler_config.max_num_seqs)
+        """Capture the step graphs (CUDA, Triton attention): decode batches up to ``max_cudagraph_capture_size``
+        (default ``max_num_seqs``) and mixed steps up to 512 tokens; ``lora``: also the variants that run the
+        Triton LoRA kernels. ``capture=False`` (tests on CPU): graph steps run the graphs' forward over their
+        buffers, eagerly."""
+        mc, sc = self.config.model_config, self.config.scheduler_config
+        largest = min(mc.max_cudagraph_capture_size or sc.max_num_seqs, sc.max_num_seqs)
         max_blocks = -(-self.max_model_len // self.block_size)
-        inputs = DecodeInputs(largest, max_blocks, self.uses_mrope, self.block_size, self.num_blocks, self.device)
-        self.graphs = DecodeGraphs(inputs, self._logits_of_all_rows, capture_sizes(largest), lora,
-                                   self.max_model_len)
+        common = dict(max_blocks=max_blocks, mrope=self.uses_mrope, block_size=self.block_size,
+                      scratch_block=self.num_blocks, device=self.device)
+        decode = StepInputs(largest, largest, decode=True, **common)
+        tokens = mixed_sizes(self.max_num_batched_tokens)
+        mixed = StepInputs(tokens[-1], sc.max_num_seqs + 1, decode=False, **common)
+        self.graphs = StepGraphs(decode, mixed, self._graph_forward, capture_sizes(largest), tokens, lora,
+                                 self.max_model_len)
         if capture:
             self.graphs.capture()
 
-    def _logits_of_all_rows(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def _graph_forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                       rows: Optional[torch.Tensor]) -> torch.Tensor:
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)
+            if rows is not None:
+                hidden = hidden.index_select(0, rows)
             return self.model.compute_logits(hidden).float()
 
     def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:
-        if self.graphs is not None and self.graphs.size_for(len(seqs)) is not None and is_decode_step(seqs):
+        if self.graphs is not None and self.graphs.plan(seqs) is not None:
             return PreparedBatch(None, None, None, [(i, 1) for i in range(len(seqs))], graph_seqs=seqs)
         ids: list[int] = []
         positions: list[int] = []
