@@ -98,10 +98,10 @@ def test_decode_inputs_layout_padding_and_tiles() -> None:
     assert not is_graph_step([_seq(reqs[0], 3, n=2, prompt_logprobs=True)])
 
 
-def test_mixed_inputs_layout_padding_sequence_and_logits_rows() -> None:
-    bs, tokens, seqs = 4, 32, 5
-    inp = StepInputs(tokens, seqs, max_blocks=8, mrope=False, block_size=bs, scratch_block=50,
-                     device=torch.device("cpu"), decode=False)
+def test_mixed_inputs_layout_padding_sequences_and_logits_rows() -> None:
+    bs, tokens, rows = 4, 16, 4
+    inp = StepInputs(tokens, rows + tokens, max_blocks=8, mrope=False, block_size=bs, scratch_block=50,
+                     device=torch.device("cpu"), decode=False, rows=rows)
     a = _request("a", [1, 2, 3, 4, 5], -1, [3, 4])  # decoding: token at position 6
     a.output_token_ids = [100, 101]
     b = _request("b", list(range(10, 30)), 2, [7, 8, 9, 10, 11])  # its chunk of 6 prompt tokens at 8..13
@@ -110,28 +110,28 @@ def test_mixed_inputs_layout_padding_sequence_and_logits_rows() -> None:
     assert not is_decode_step(steps) and is_graph_step(steps)
     inp.fill(steps, tokens)
     d = {k: v.clone() for k, v in inp.dev.items()}
-    T = 10
+    T, pad = 10, 6
     assert d["input_ids"][:T].tolist() == [101, *range(18, 24), 40, 41, 42]
     assert d["positions"][:T].tolist() == [6, *range(8, 14), 0, 1, 2]
     want_slots = [4 * bs + 2] + [(9 if p < 12 else 10) * bs + p % bs for p in range(8, 14)] + [12 * bs + p for p in range(3)]
     assert d["slot_mapping"][:T].tolist() == want_slots
-    # sequences: the three, then the padding sequence (22 tokens at positions 0..21 of the scratch block), then
-    # an empty one
-    assert d["query_start_loc"].tolist() == [0, 1, 7, 10, 32, 32]
-    assert d["seq_lens"].tolist() == [7, 14, 3, 22, 0]
-    assert d["block_tables"][3].tolist() == [50] * 8
-    assert d["positions"][T:].tolist() == list(range(22))
-    assert d["slot_mapping"][T:].tolist() == [50 * bs + p % bs for p in range(22)]
-    assert d["token_slots"].tolist() == [-1] + [2] * 9 + [-1] * 22
+    # sequences: the three, then one one-token sequence per padding token at position 0 of the scratch block
+    # (no padding position or block index beyond what one token needs), then empty ones
+    assert d["query_start_loc"].tolist() == [0, 1, 7, 10, *range(11, 17), *[16] * (rows + tokens - 3 - pad)]
+    assert d["seq_lens"].tolist() == [7, 14, 3, *[1] * pad, *[0] * (rows + tokens - 3 - pad)]
+    assert d["block_tables"][3:3 + pad, 0].tolist() == [50] * pad
+    assert d["positions"][T:].tolist() == [0] * pad
+    assert d["slot_mapping"][T:].tolist() == [50 * bs] * pad
+    assert d["token_slots"].tolist() == [-1] + [2] * 9 + [-1] * pad
     assert d["tiles"][:2].tolist() == [[0, 1, -1], [1, 10, 2]]
-    assert d["tiles"][2:].tolist() == [[0, 0, -1]] * (tokens - 2)
+    assert d["tiles"][2:].tolist() == [[0, 0, -1]] * (tokens - 2)  # padding rows are in no tile
     # logits rows: each sequence's last token; padding rows read row 0 and have no adapter
-    assert d["logits_indices"].tolist() == [0, 6, 9, 0, 0]
-    assert d["logits_slots"].tolist() == [-1, 2, 2, -1, -1]
-    assert d["logits_tiles"].tolist() == [[0, 1, -1], [1, 3, 2], [0, 0, -1], [0, 0, -1], [0, 0, -1]]
-    inp.fill(steps, 16)  # the graph of 16 tokens: the padding sequence ends there
-    assert inp.dev["query_start_loc"].tolist() == [0, 1, 7, 10, 16, 16]
-    assert inp.dev["seq_lens"].tolist() == [7, 14, 3, 6, 0]
+    assert d["logits_indices"].tolist() == [0, 6, 9, 0]
+    assert d["logits_slots"].tolist() == [-1, 2, 2, -1]
+    assert d["logits_tiles"].tolist() == [[0, 1, -1], [1, 3, 2], [0, 0, -1], [0, 0, -1]]
+    inp.fill(steps, 12)  # the graph of 12 tokens: two padding sequences, then empty ones
+    assert inp.dev["query_start_loc"][:7].tolist() == [0, 1, 7, 10, 11, 12, 12]
+    assert inp.dev["seq_lens"][:6].tolist() == [7, 14, 3, 1, 1, 0]
 
 
 @pytest.fixture(scope="module")

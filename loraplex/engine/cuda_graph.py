@@ -8,8 +8,8 @@ start-up, when one is large enough for it. Two families of graphs:
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
   these). One graph per token count (powers of two from 16 to 512, at most ``max_num_batched_tokens``), with
-  ``max_num_seqs + 1`` sequence slots: the real sequences, one padding sequence holding every padding token,
-  then empty ones. Only the last token of each sequence gets logits.
+  ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token sequence per padding token, then
+  empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets logits.
 
 Each size has two graphs:
 
@@ -99,20 +99,21 @@ class StepInputs:
     its last copy has run). ``decode``: the decode family's layout (one sequence per token, padding too)."""
 
     def __init__(self, tokens: int, seqs: int, max_blocks: int, mrope: bool, block_size: int, scratch_block: int,
-                 device: torch.device, decode: bool) -> None:
-        assert decode == (tokens == seqs) or not decode, "decode graphs have one sequence per token"
+                 device: torch.device, decode: bool, rows: Optional[int] = None) -> None:
+        assert not decode or tokens == seqs, "decode graphs have one sequence per token"
         self.tokens = tokens
         self.seqs = seqs
+        self.rows = rows or seqs  # logits rows (mixed graphs: one per real sequence)
         self.decode = decode
         self.max_blocks = max_blocks
         self.mrope = mrope
         self.block_size = block_size
         self.scratch_block = scratch_block
-        T, S = tokens, seqs
+        T, S, R = tokens, seqs, self.rows
         layout = [("input_ids", np.int64, (T,)), ("positions", np.int64, (3, T) if mrope else (T,)),
                   ("slot_mapping", np.int64, (T,)), ("token_slots", np.int64, (T,)), ("tiles", np.int64, (T, 3)),
-                  ("logits_indices", np.int64, (S,)), ("logits_slots", np.int64, (S,)),
-                  ("logits_tiles", np.int64, (S, 3)),
+                  ("logits_indices", np.int64, (R,)), ("logits_slots", np.int64, (R,)),
+                  ("logits_tiles", np.int64, (R, 3)),
                   ("seq_lens", np.int32, (S,)), ("query_start_loc", np.int32, (S + 1,)),
                   ("block_tables", np.int32, (S, max_blocks))]
         self._fields: list[tuple[str, np.dtype, tuple, int]] = []
@@ -164,29 +165,21 @@ class StepInputs:
 
     def _write_padding(self, h: dict[str, np.ndarray], T: int, B: int, size: int) -> None:
         """Tokens ``T..`` and sequences ``B..`` (and logits rows ``B..``) as padding, for a graph of ``size``
-        tokens (mixed: the padding sequence ends there)."""
+        tokens: each padding token a one-token sequence at position 0 of the scratch block (so no padding
+        position or block index exceeds what one token needs), then empty sequences."""
         bs, scratch = self.block_size, self.scratch_block
         h["input_ids"][T:] = 0
         h["token_slots"][T:] = -1
         h["logits_indices"][B:] = 0
         h["logits_slots"][B:] = -1
+        h["positions"][..., T:] = 0
+        h["slot_mapping"][T:] = scratch * bs
         pad = size - T
-        if self.decode:  # each padding token a one-token sequence at position 0 of the scratch block
-            h["positions"][..., T:] = 0
-            h["slot_mapping"][T:] = scratch * bs
-            h["seq_lens"][B:] = 1
-            h["query_start_loc"][B:] = np.arange(T, T + self.seqs - B + 1, dtype=np.int32)
-            h["block_tables"][B:, 0] = scratch
-            return
-        # one padding sequence holding every padding token, in the scratch block; the rest empty
-        p = np.arange(self.tokens - T)  # rows past ``size`` are outside the graph
-        h["positions"][..., T:] = p
-        h["slot_mapping"][T:] = scratch * bs + p % bs
-        if B < self.seqs:
-            h["seq_lens"][B] = pad
-            h["block_tables"][B, :] = scratch
-            h["seq_lens"][B + 1:] = 0
-        h["query_start_loc"][B + 1:] = size
+        h["seq_lens"][B:B + pad] = 1
+        h["query_start_loc"][B:B + pad + 1] = np.arange(T, size + 1, dtype=np.int32)
+        h["block_tables"][B:B + pad, 0] = scratch
+        h["seq_lens"][B + pad:] = 0
+        h["query_start_loc"][B + pad + 1:] = size
 
     def fill(self, seqs: Sequence, size: int) -> None:
         """Write the inputs of the graph step ``seqs`` (sorted by adapter slot, as the scheduler leaves them)
@@ -195,7 +188,7 @@ class StepInputs:
         B = len(seqs)
         ns = np.fromiter((s.num_new_tokens for s in seqs), np.int64, B)
         T = int(ns.sum())
-        assert 0 < B and T <= size <= self.tokens and B <= (self.seqs if self.decode else self.seqs - 1), \
+        assert 0 < B <= self.rows and T <= size <= self.tokens and B + size - T <= self.seqs, \
             f"{B} sequences, {T} tokens for a graph of {size} tokens, {self.seqs} sequences"
         turn, h = self._next_host()
         starts = np.fromiter((s.start for s in seqs), np.int64, B)
@@ -237,6 +230,7 @@ class StepInputs:
         """The context of a graph of ``n`` tokens (decode: ``n`` sequences too; mixed: every sequence slot)."""
         d = self.dev
         S = n if self.decode else self.seqs
+        R = self.rows
         attn = AttentionMetadata(query_start_loc=d["query_start_loc"][:S + 1], seq_lens=d["seq_lens"][:S],
                                  block_tables=d["block_tables"][:S], slot_mapping=d["slot_mapping"][:n],
                                  max_query_len=1 if self.decode else n, max_seq_len=max_model_len,
@@ -244,7 +238,7 @@ class StepInputs:
         batch = logits_batch = None
         if lora:
             batch = _static_batch(d["token_slots"][:n], d["tiles"][:n])
-            logits_batch = batch if self.decode else _static_batch(d["logits_slots"][:S], d["logits_tiles"][:S])
+            logits_batch = batch if self.decode else _static_batch(d["logits_slots"][:R], d["logits_tiles"][:R])
         positions = d["positions"][:, :n] if self.mrope else d["positions"][:n]
         return ForwardContext(positions=positions, attn=attn, lora=batch, lora_logits=logits_batch)
 
@@ -302,7 +296,7 @@ class StepGraphs:
             n = self.size_for(tokens)
             if n is not None:
                 return True, n
-        if self.mixed is not None and len(seqs) < self.mixed.seqs:
+        if self.mixed is not None and len(seqs) <= self.mixed.rows:
             n = self._fit(self.mixed_sizes, tokens)
             if n is not None:
                 return False, n

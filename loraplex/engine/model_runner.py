@@ -110,7 +110,7 @@ class ModelRunner:
                       scratch_block=self.num_blocks, device=self.device)
         decode = StepInputs(largest, largest, decode=True, **common)
         tokens = mixed_sizes(self.max_num_batched_tokens)
-        mixed = StepInputs(tokens[-1], sc.max_num_seqs + 1, decode=False, **common)
+        mixed = StepInputs(tokens[-1], sc.max_num_seqs + tokens[-1], decode=False, rows=sc.max_num_seqs, **common)
         self.graphs = StepGraphs(decode, mixed, self._graph_forward, capture_sizes(largest), tokens, lora,
                                  self.max_model_len)
         if capture:
