@@ -78,6 +78,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "kernels by GPU time and write a Chrome trace beside the JSON")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--skip-itl", action="store_true")
+    p.add_argument("--itl-budgets", type=int, nargs="+", default=[0, 512],
+                   help="per-step token budgets of the inter-token latency case (0: the engine's "
+                        "max_num_batched_tokens); a smaller budget prefills the long prompt in smaller chunks, "
+                        "as --max-num-batched-tokens would")
     p.add_argument("--out-dir", default="bench_out/gpu_decode")
     p.add_argument("--json", default="bench_out/gpu_decode.json")
     p.add_argument("--plot", default="bench_out/gpu_decode.png")
@@ -233,13 +237,24 @@ def prefill_case(llm: Any, a: argparse.Namespace, device: torch.device, n_params
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "flops_per_s": 2 * n_params * tokens / dt}
 
 
-def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device) -> Optional[dict[str, float]]:
-    """Step gaps of ``batch`` decoding requests while one long prompt is prefilled among them."""
-    from loraplex import SamplingParams
-
+def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device,
+             budget: int) -> Optional[dict[str, float]]:
+    """Step gaps of ``batch`` decoding requests while one long prompt is prefilled among them, in chunks of at
+    most ``budget`` tokens a step (0: the engine's own budget)."""
     eng = llm.engine
     if a.long_prompt + 8 >= eng.max_model_len:
         return None
+    own = eng.scheduler.max_num_batched_tokens
+    eng.scheduler.max_num_batched_tokens = budget or own  # the budget max_num_batched_tokens=budget would give
+    try:
+        return _itl_steps(eng, a, batch, device) | {"budget": budget or own}
+    finally:
+        eng.scheduler.max_num_batched_tokens = own
+
+
+def _itl_steps(eng: Any, a: argparse.Namespace, batch: int, device: torch.device) -> dict[str, float]:
+    from loraplex import SamplingParams
+
     g = torch.Generator().manual_seed(2)
     params = SamplingParams(max_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)
     for i in range(batch):
@@ -379,10 +394,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         prefill["share_of_matmul"] = prefill["flops_per_s"] / card["matmul_flops_per_s"]
         print(f"prefill {a.prefill_batch} x {a.prefill_len}: {prefill['tokens_per_s']:.0f} tok/s, "
               f"{prefill['share_of_matmul']:.2f} of the matmul rate", flush=True)
-    itl = None if a.skip_itl else itl_case(llm, a, min(a.batches), device)
-    if itl:
-        print(f"decode ITL while a {a.long_prompt}-token prompt arrives: p50 {itl['itl_ms_p50']:.1f} ms, "
-              f"p99 {itl['itl_ms_p99']:.1f} ms", flush=True)
+    itl = []
+    for budget in [] if a.skip_itl else a.itl_budgets:
+        r = itl_case(llm, a, min(a.batches), device, budget)
+        if r:
+            itl.append(r)
+            print(f"decode ITL while a {a.long_prompt}-token prompt arrives in chunks of {r['budget']} tokens: "
+                  f"p50 {r['itl_ms_p50']:.1f} ms, p99 {r['itl_ms_p99']:.1f} ms ({r['steps']} steps)", flush=True)
     peft = None
     if a.peft:
         del llm  # PEFT needs the memory the engine's KV cache holds

@@ -137,7 +137,8 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, **GRAPH_ARGS), adapters, use_graphs=False)
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
     graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and len(graphs._graphs) == 8  # with and without LoRA
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 256, 512]
+    assert len(graphs._graphs) == 20  # decode and mixed sizes, with and without LoRA
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 
