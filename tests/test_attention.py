@@ -94,7 +94,14 @@ def test_metadata_layout() -> None:
     meta = AttentionMetadata.build([1, 1, 4], [5, 9, 4], [[3], [1, 0], [2]], 8, torch.device("cpu"))
     assert meta.query_start_loc.tolist() == [0, 1, 2, 6] and meta.query_start_loc.dtype == torch.int32
     assert meta.seq_lens.tolist() == [5, 9, 4] and meta.seq_lens.dtype == torch.int32
-    assert meta.block_tables.tolist() == [[3, 0], [1, 0], [2, 0]] and meta.block_tables.dtype == torch.int32
+    pad = [0] * 14  # rows padded to 16 entries
+    assert meta.block_tables.tolist() == [[3, 0, *pad], [1, 0, *pad], [2, 0, *pad]]
+    assert meta.block_tables.dtype == torch.int32
+    # every field on a 16-byte boundary and table rows of 16 entries: kernels compile one variant, whatever B
+    for b in range(1, 9):
+        m = AttentionMetadata.build([1] * b, [3] * b, [[1]] * b, 8, torch.device("cpu"))
+        assert all(t.data_ptr() % 16 == 0 for t in (m.query_start_loc, m.seq_lens, m.block_tables))
+        assert m.block_tables.stride(0) == 16 and m.seq_lens.tolist() == [3] * b
     assert meta.slot_mapping.tolist() == [3 * 8 + 4, 0 * 8 + 0, 16, 17, 18, 19]
     assert (meta.max_query_len, meta.max_seq_len, meta.num_decodes) == (4, 9, 2)
 

@@ -165,6 +165,12 @@ def test_batch_segments_and_tiles() -> None:
     assert b.tiles.tolist() == [[0, 2, 3], [2, 3, -1], [3, 6, 0], [6, 46, 2]]
     assert b.expand_tiles.tolist() == [[0, 2, 3], [2, 3, -1], [3, 6, 0], [6, 46, 2], [38, 46, 2]]
     assert torch.equal(b.tiles_for(32), b.expand_tiles) and b.tiles_for(16).shape[0] == 6
+    # every device field on a 16-byte boundary, whatever the row count (kernels compile one variant)
+    for n in range(1, 6):
+        b = LoRABatch.from_row_slots([1] * n + [-1] + [0] * 20, DEVICE)
+        fields = (b.token_slots, b.seg_indptr, b.seg_slot_t, b.tiles, b.expand_tiles)
+        assert all(t.data_ptr() % 16 == 0 for t in fields), n
+        assert b.seg_indptr.tolist() == [0, n, n + 1, n + 21] and b.token_slots.shape[0] == n + 21
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)

@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 @dataclass
 class AttentionMetadata:
     """Paged-attention layout of one step; the device tensors are built once and shared by every layer.
@@ -58,12 +62,16 @@ class AttentionMetadata:
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
-        max_blocks = max(1, max(len(t) for t in block_tables))
+        # Fields start on 16-byte boundaries and rows of the block table are a multiple of 16 entries: the
+        # kernels that read them are compiled once, not once per alignment or width (Triton specialises on both)
+        max_blocks = _round_up(max(1, max(len(t) for t in block_tables)), 16)
+        lens_at = _round_up(B + 1, 4)
+        tables_at = lens_at + _round_up(B, 4)
         # [query_start_loc (B+1) | seq_lens (B) | block_tables (B * max_blocks)], int32, copied at once
-        host = torch.zeros(2 * B + 1 + B * max_blocks, dtype=torch.int32)
+        host = torch.zeros(tables_at + B * max_blocks, dtype=torch.int32)
         host[:B + 1] = torch.tensor(qsl, dtype=torch.int32)
-        host[B + 1:2 * B + 1] = torch.tensor(list(seq_lens), dtype=torch.int32)
-        tables = host[2 * B + 1:].view(B, max_blocks).numpy()
+        host[lens_at:lens_at + B] = torch.tensor(list(seq_lens), dtype=torch.int32)
+        tables = host[tables_at:].view(B, max_blocks).numpy()
         for b, t in enumerate(block_tables):  # numpy rows (Request.block_table_array) copy without Python ints
             if len(t):
                 tables[b, :len(t)] = t
@@ -77,8 +85,8 @@ class AttentionMetadata:
         while num_decodes < B and query_lens[num_decodes] == 1:
             num_decodes += 1
         return cls(
-            query_start_loc=dev[:B + 1], seq_lens=dev[B + 1:2 * B + 1],
-            block_tables=dev[2 * B + 1:].view(B, max_blocks),
+            query_start_loc=dev[:B + 1], seq_lens=dev[lens_at:lens_at + B],
+            block_tables=dev[tables_at:].view(B, max_blocks),
             slot_mapping=slots.to(device, non_blocking=True),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decodes=num_decodes,
             host_query_start_loc=qsl, host_seq_lens=list(seq_lens),

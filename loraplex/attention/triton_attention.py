@@ -272,10 +272,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if nd == B:
             return out
     # Rows per program: BLOCK_Q tokens x the padded head group, at least 16 (tl.dot's smallest M).
-    if meta.max_query_len == 1:
-        block_q = 1
-    else:
-        block_q = max(1, min(64 // g_pad, triton.next_power_of_2(meta.max_query_len)))
+    # Two sizes only (each compiles once): one token per program for decode-only steps, else the most that fit.
+    block_q = 1 if meta.max_query_len == 1 else max(1, 64 // g_pad)
     block_m = max(16, block_q * g_pad)
     tokens = T - seq_begin  # an upper bound of the rows of sequences seq_begin.. (decodes first: one each)
     grid = (tokens // block_q + (B - seq_begin), KVH)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Optional
 
 import torch
+
+logger = logging.getLogger("loraplex")
 
 # Read when the kernels are imported, as triton reads it when it decorates them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -75,3 +78,32 @@ class Launcher:
         except (TypeError, IndexError):  # a Triton whose compiled kernels launch otherwise: JIT from now on
             self.fast = False
             self.fn[grid](*args, **constexprs, **options)
+
+
+class CompileWatch:
+    """Counts (and logs as warnings) the Triton kernels compiled after :meth:`start`: once an engine has
+    started, every kernel variant its steps need should exist, and a compile means one step waited seconds
+    for the compiler (a specialisation that start-up missed). One per process, installed through Triton's
+    ``jit_post_compile_hook`` (a Triton without that knob: nothing is counted)."""
+
+    compiles = 0
+    _installed = False
+
+    @classmethod
+    def start(cls) -> None:
+        if cls._installed or INTERPRET:
+            return
+        try:
+            from triton import knobs
+        except ImportError:
+            return
+        previous = knobs.runtime.jit_post_compile_hook
+
+        def hook(*args, **kwargs):
+            cls.compiles += 1
+            logger.warning("loraplex: Triton compiled %s after start-up (a step waited for the compiler)",
+                           kwargs.get("repr", "a kernel"))
+            return previous(*args, **kwargs) if previous is not None else None
+
+        knobs.runtime.jit_post_compile_hook = hook
+        cls._installed = True

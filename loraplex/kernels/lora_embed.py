@@ -16,7 +16,8 @@ import triton.language as tl
 from loraplex.kernels.common import Launcher
 
 
-@triton.jit
+# per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
+@triton.jit(do_not_specialize=["T"])
 def _embed_gather_kernel(
     ids_ptr, slots_ptr, a_ptr, ranks_ptr, out_ptr,
     T, V,

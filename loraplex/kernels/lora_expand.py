@@ -26,7 +26,8 @@ import triton.language as tl
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 
-@triton.jit
+# per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
+@triton.jit(do_not_specialize=["num_splits", "T"])
 def _expand_kernel(
     y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr,
     num_splits, T, stride_ym, n_total, num_slots,

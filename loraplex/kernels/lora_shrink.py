@@ -29,7 +29,8 @@ import triton.language as tl
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 
-@triton.jit
+# per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
+@triton.jit(do_not_specialize=["T", "k_per_split"])
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr,
     T, K, k_per_split, stride_xm, num_slots,

@@ -101,28 +101,34 @@ class LoRABatch:
         block_m, expand_block_m = block_m_for(max_len)
         tiles = segment_tiles(starts, ends, slots, block_m)
         etiles = segment_tiles(starts, ends, slots, expand_block_m) if expand_block_m != block_m else []
-        # One host buffer, one copy: token slots | indptr | segment slots | tiles | expand tiles.
-        host = array.array("q", row_slots)
-        for part in (starts, [n], slots, tiles, etiles):
+        # One host buffer, one copy: token slots | indptr | segment slots | tiles | expand tiles, each part
+        # starting on a 16-byte boundary (the kernels are specialised on pointer alignment: a part at an odd
+        # offset would compile another variant of them mid-serving)
+        nseg = len(slots)
+        host = array.array("q")
+        offsets = []
+        for part in (row_slots, starts + [n], slots, tiles, etiles):
+            if len(host) % 2:
+                host.append(0)
+            offsets.append(len(host))
             host.extend(part)
         packed = torch.frombuffer(host, dtype=torch.int64) if len(host) else torch.empty(0, dtype=torch.int64)
         packed = packed.to(device) if torch.device(device).type != "cpu" else packed.clone()
-        nseg = len(slots)
-        a, b, c, d = n, n + nseg + 1, n + 2 * nseg + 1, n + 2 * nseg + 1 + len(tiles)
-        tiles_t = packed[c:d].view(-1, 3)
+        rows_at, indptr_at, slots_at, tiles_at, etiles_at = offsets
+        tiles_t = packed[tiles_at:tiles_at + len(tiles)].view(-1, 3)
         return cls(
             seg_starts=starts,
             seg_ends=ends,
             seg_slots=slots,
-            token_slots=packed[:a],
-            seg_indptr=packed[a:b],
-            seg_slot_t=packed[b:c],
+            token_slots=packed[rows_at:rows_at + n],
+            seg_indptr=packed[indptr_at:indptr_at + nseg + 1],
+            seg_slot_t=packed[slots_at:slots_at + nseg],
             num_rows=n,
             max_seg_len=max_len,
             block_m=block_m,
             tiles=tiles_t,
             expand_block_m=expand_block_m,
-            expand_tiles=packed[d:].view(-1, 3) if etiles else tiles_t,
+            expand_tiles=packed[etiles_at:].view(-1, 3) if etiles else tiles_t,
         )
 
     @classmethod
