@@ -3,7 +3,6 @@ name rule (``validate_adapter_name``)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

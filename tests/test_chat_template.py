@@ -4,7 +4,6 @@ the errors, and the template the embedded demo model ships."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

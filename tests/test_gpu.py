@@ -173,3 +173,30 @@ def test_decode_step_does_not_synchronise(graph_setup) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert replays == [5, 5, 5] and all(len(o) == 5 for o in outs)
+
+
+def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -> None:
+    """Without num_kv_blocks, the KV cache gets what a profiled step leaves of gpu_memory_utilization; and once
+    the engine has started, steps of any shape (decodes, short and long prompt chunks, prompt logprobs, with
+    and without adapters, changing batch sizes) compile no Triton kernel: none waits for the compiler."""
+    from loraplex.kernels.common import CompileWatch
+
+    model_dir, adapters = graph_setup
+    args = {k: v for k, v in GRAPH_ARGS.items() if k != "num_kv_blocks"}
+    llm = LLM(model_dir, dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=256, **args)
+    prof = llm.engine.memory_profile
+    assert prof is not None and prof["activation_bytes"] > 0 and prof["graph_reserve_bytes"] > 0
+    assert prof["num_kv_blocks"] == llm.engine.runner.num_blocks == llm.engine.allocator.num_blocks
+    # the tiny model's full batch needs far less than half an H200: the cache is what max_num_seqs can use
+    assert prof["num_kv_blocks"] == 8 * (256 // 4) + 1
+    for name, path in adapters.items():
+        llm.add_lora(LoRARequest(name, path))
+    before = CompileWatch.compiles
+    g = torch.Generator().manual_seed(5)
+    for n_prompts, length in [(1, 3), (3, 17), (8, 40), (2, 130), (5, 9)]:
+        prompts = [{"prompt_token_ids": torch.randint(3, 200, (length + i,), generator=g).tolist()}
+                   for i in range(n_prompts)]
+        loras = [LoRARequest(f"a{i % 3}", adapters[f"a{i % 3}"]) if i % 2 else None for i in range(n_prompts)]
+        params = SamplingParams(max_tokens=6, ignore_eos=True, prompt_logprobs=1 if length == 17 else None)
+        llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    assert CompileWatch.compiles == before

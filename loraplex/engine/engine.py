@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from loraplex.attention.registry import get_attention_backend
 from loraplex.config import EngineConfig
 from loraplex.distributed.parallel_state import get_tp_size, min_over_ranks
 from loraplex.engine.kv_cache import BlockAllocator
@@ -161,21 +162,26 @@ class LLMEngine:
                                  f"max_model_len ({self.max_model_len}) without chunked prefill: prompts are "
                                  "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
-        num_blocks = self._num_kv_blocks(model, sc.max_num_seqs)
-        self.runner = ModelRunner(model, config, self.device, self.dtype, num_blocks, self.max_model_len,
+        graphs, lora_kernels = self._graph_plan(tp, lora_backend)
+        # On one CUDA device the KV cache gets the memory a profiled step leaves (item 7 of issue 9); ranks of
+        # a tensor-parallel group would have to profile together, so they keep a fixed reserve.
+        profile = self.device.type == "cuda" and cc.num_kv_blocks is None and tp == 1
+        self.memory_profile: Optional[dict[str, int]] = None  # what the profile measured, when one ran
+        self.runner = ModelRunner(model, config, self.device, self.dtype,
+                                  0 if profile else self._num_kv_blocks(model, sc.max_num_seqs), self.max_model_len,
                                   self.max_num_batched_tokens)
-        if self.device.type == "cuda" and not mc.enforce_eager and tp > 1:
-            logger.info("loraplex: no CUDA graphs under tensor parallelism yet (eager steps)")
-        elif self.device.type == "cuda" and not mc.enforce_eager:
-            if self.runner.attention_backend != "triton":
-                logger.info("loraplex: no CUDA graphs: they need the triton attention backend, not %r",
-                            self.runner.attention_backend)
-            else:
-                lora_kernels = lora_backend is not None and lora_backend.name == "triton"
-                if lora_backend is not None and not lora_kernels:
-                    logger.info("loraplex: decode steps with adapters run eagerly: CUDA graphs need the triton "
-                                "LoRA backend")
-                self.runner.capture_graphs(lora=lora_kernels)
+        if profile:
+            self.runner.bind_kv_cache(self._profiled_kv_blocks(model, sc.max_num_seqs, graphs))
+        num_blocks = self.runner.num_blocks
+        if graphs:
+            self.runner.capture_graphs(lora=lora_kernels)
+        if self.device.type == "cuda" and tp == 1:
+            t0 = time.perf_counter()
+            self.runner.warm_up(lora=self.pool is not None)
+            logger.info("loraplex: eager step kernels warmed up in %.1f s", time.perf_counter() - t0)
+            from loraplex.kernels.common import CompileWatch
+
+            CompileWatch.start()
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
                                    sc.enable_chunked_prefill)
@@ -198,7 +204,27 @@ class LLMEngine:
                     self.dtype, num_blocks, cc.block_size)
 
     # ---- setup ----------------------------------------------------------------------------
-    def _num_kv_blocks(self, model: torch.nn.Module, max_num_seqs: int) -> int:
+    def _graph_plan(self, tp: int, lora_backend: Any) -> tuple[bool, bool]:
+        """(capture CUDA graphs?, with the Triton LoRA kernels inside?), with the reason logged when not."""
+        mc = self.config.model_config
+        if self.device.type != "cuda" or mc.enforce_eager:
+            return False, False
+        if tp > 1:
+            logger.info("loraplex: no CUDA graphs under tensor parallelism yet (eager steps)")
+            return False, False
+        backend = get_attention_backend(self.config.cache_config.attention_backend, self.device).name
+        if backend != "triton":
+            logger.info("loraplex: no CUDA graphs: they need the triton attention backend, not %r", backend)
+            return False, False
+        lora_kernels = lora_backend is not None and lora_backend.name == "triton"
+        if lora_backend is not None and not lora_kernels:
+            logger.info("loraplex: decode steps with adapters run eagerly: CUDA graphs need the triton LoRA backend")
+        return True, lora_kernels
+
+    def _num_kv_blocks(self, model: torch.nn.Module, max_num_seqs: int, reserve: int = 1 << 30) -> int:
+        """KV blocks for ``max_num_seqs`` full-length sequences, at most what the budget holds: on CUDA,
+        ``gpu_memory_utilization`` of the card less what is in use now and ``reserve`` bytes (activations,
+        logits, graphs); on CPU, ``cpu_kv_cache_gib``."""
         cc = self.config.cache_config
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
@@ -206,9 +232,7 @@ class LLMEngine:
         wanted = max_num_seqs * math.ceil(self.max_model_len / cc.block_size) + 1
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            reserve = 1 << 30  # activations, logits and allocator slack
-            budget = int(total * cc.gpu_memory_utilization) - used - reserve
+            budget = int(total * cc.gpu_memory_utilization) - (total - free) - reserve
         else:
             budget = int(cc.cpu_kv_cache_gib * (1 << 30))
         blocks = min_over_ranks(min(wanted, budget // per_block))  # every rank holds the same blocks
@@ -216,6 +240,33 @@ class LLMEngine:
             raise ValueError(f"KV cache budget holds {blocks} blocks of {cc.block_size} tokens, fewer than one "
                              f"max_model_len={self.max_model_len} sequence needs; lower max_model_len or raise "
                              "gpu_memory_utilization / cpu_kv_cache_gib")
+        return blocks
+
+    def _profiled_kv_blocks(self, model: torch.nn.Module, max_num_seqs: int, graphs: bool) -> int:
+        """The KV cache's blocks from a profile: an eager step of ``max_num_batched_tokens`` prompt tokens
+        (all rows' logits, adapters' work buffers) measures the activation peak; the graphs' memory pool is
+        reserved as the peak of a step of the largest graph's tokens. Logs the split of the card's memory."""
+        from loraplex.engine.cuda_graph import mixed_sizes
+
+        runner, dev = self.runner, self.device
+        lora = self.pool is not None
+        t0 = time.perf_counter()
+        peak = runner.profile_peak(self.max_num_batched_tokens, lora)
+        graph_tokens = max(mixed_sizes(self.max_num_batched_tokens)[-1], self.config.scheduler_config.max_num_seqs)
+        graph_peak = runner.profile_peak(graph_tokens, lora) if graphs else 0
+        torch.cuda.empty_cache()
+        slack = 256 << 20  # the sampler's work, allocator fragmentation
+        blocks = self._num_kv_blocks(model, max_num_seqs, reserve=peak + graph_peak + slack)
+        free, total = torch.cuda.mem_get_info(dev)
+        per_block = ModelRunner.kv_bytes_per_block(model, self.config.cache_config.block_size, self.dtype)
+        gib = 1 << 30
+        logger.info("loraplex: memory (profiled in %.1f s): %.2f GiB in use (weights, adapter slots), step "
+                    "activations %.2f GiB at %d tokens, CUDA graphs %.2f GiB reserved, KV cache %.2f GiB = %d "
+                    "blocks, of %.1f GiB x gpu_memory_utilization %.2f", time.perf_counter() - t0,
+                    (total - free) / gib, peak / gib, self.max_num_batched_tokens, graph_peak / gib,
+                    blocks * per_block / gib, blocks, total / gib, self.config.cache_config.gpu_memory_utilization)
+        self.memory_profile = {"activation_bytes": peak, "graph_reserve_bytes": graph_peak,
+                               "kv_cache_bytes": blocks * per_block, "num_kv_blocks": blocks}
         return blocks
 
     def shutdown(self) -> None:

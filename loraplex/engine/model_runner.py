@@ -12,10 +12,12 @@ input buffers; steps with prompt logprobs or image chunks, larger than every cap
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +29,7 @@ from loraplex.engine.cuda_graph import StepGraphs, StepInputs, capture_sizes, mi
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
+from loraplex.lora.layers import BaseLayerWithLoRA
 from loraplex.multimodal.batch import gather_images, mrope_positions
 from loraplex.transfer import to_device
 
@@ -79,7 +82,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.graphs: Optional[StepGraphs] = None
-        self._bind_kv_cache()
+        self.bind_kv_cache(num_blocks)
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -87,9 +90,14 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return sum(2 * block_size * m.num_kv_heads * m.head_dim * elem for m in layers)
 
-    def _bind_kv_cache(self) -> None:
+    def bind_kv_cache(self, num_blocks: int) -> None:
+        """Give every attention layer a cache of ``num_blocks`` blocks (plus the scratch block), dropping any
+        it had (the engine binds an empty one for its start-up profile, then the one the profile sized)."""
         backend = get_attention_backend(self.config.cache_config.attention_backend, self.device)
         self.attention_backend = backend.name
+        self.num_blocks = num_blocks
+        for m in self.attn_layers:
+            m.k_cache = m.v_cache = None
         for m in self.attn_layers:
             m.backend = backend
             # One block more than the allocator hands out: the scratch block that padding rows of graph
@@ -97,6 +105,70 @@ class ModelRunner:
             shape = (self.num_blocks + 1, self.block_size, m.num_kv_heads, m.head_dim)
             m.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             m.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- start-up: memory profile and kernel warm-up --------------------------------------------------------
+    def _split(self, num_tokens: int) -> list[int]:
+        """``num_tokens`` as whole sequences of at most ``max_model_len`` tokens."""
+        n = self.max_model_len
+        return [n] * (num_tokens // n) + ([num_tokens % n] if num_tokens % n else [])
+
+    @torch.inference_mode()
+    def dummy_step(self, query_lens: Sequence[int], lora: bool, all_logits: bool = False) -> None:
+        """One eager step over dummy sequences (token 0; ``query_lens`` new tokens each, no cached context)
+        whose every position is in the scratch block, so the cache's real blocks are never written; with
+        ``lora``, every row on adapter slot 0 (the layers launch their kernels whatever that slot holds).
+        ``all_logits``: logits and log-probabilities of every row, as a prompt-logprobs step computes."""
+        bs, dev = self.block_size, self.device
+        tables = [np.full(-(-n // bs), self.num_blocks, dtype=np.int32) for n in query_lens]
+        attn = AttentionMetadata.build(query_lens, query_lens, tables, bs, dev)
+        T = sum(query_lens)
+        pos = torch.cat([torch.arange(n) for n in query_lens])
+        if self.uses_mrope:
+            pos = pos.expand(3, T)
+        rows = list(range(T)) if all_logits else list(np.cumsum(query_lens) - 1)
+        ctx = ForwardContext(
+            positions=pos.to(dev), attn=attn,
+            lora=LoRABatch.from_row_slots([0] * T, dev) if lora else None,
+            lora_logits=LoRABatch.from_row_slots([0] * len(rows), dev) if lora else None)
+        with forward_context(ctx), self._every_lora_layer_runs(lora):
+            hidden = self.model(torch.zeros(T, dtype=torch.int64, device=dev), ctx.positions)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float()
+            if all_logits:
+                torch.log_softmax(logits, dim=-1)
+
+    @contextlib.contextmanager
+    def _every_lora_layer_runs(self, lora: bool):
+        """With ``lora``, every LoRA layer treats slot 0 as holding weights (whatever it holds: a start-up slot
+        is empty, its ranks 0), so that each launches its kernels and allocates its work buffers."""
+        layers = [m for m in self.model.modules() if isinstance(m, BaseLayerWithLoRA)] if lora else []
+        saved = [m.active for m in layers]
+        for m in layers:
+            m.active = m.active | {0}
+        try:
+            yield
+        finally:
+            for m, a in zip(layers, saved):
+                m.active = a
+
+    def profile_peak(self, num_tokens: int, lora: bool) -> int:
+        """Device bytes an eager step of ``num_tokens`` prompt tokens needs beyond what is allocated now:
+        activations, every row's logits and log-probabilities, LoRA work buffers (CUDA)."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.dummy_step(self._split(num_tokens), lora, all_logits=True)
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - before)
+
+    def warm_up(self, lora: bool) -> None:
+        """Compile the kernel variants eager steps use (CUDA), so that no step waits for Triton later: decode
+        rows, short and long prompt chunks (the LoRA kernels' three tile heights), with and without adapters."""
+        shapes = [[1, 1, 1, 1], [1, 1, 24], [1, 200], self._split(self.max_num_batched_tokens)]
+        for lens in shapes:
+            for with_lora in ((False, True) if lora else (False,)):
+                self.dummy_step(lens, with_lora)
+        torch.cuda.synchronize(self.device)
 
     def capture_graphs(self, lora: bool, capture: bool = True) -> None:
         """Capture the step graphs (CUDA, Triton attention): decode batches up to ``max_cudagraph_capture_size``
