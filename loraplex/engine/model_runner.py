@@ -164,10 +164,12 @@ class ModelRunner:
     def warm_up(self, lora: bool) -> None:
         """Compile the kernel variants eager steps use (CUDA), so that no step waits for Triton later: decode
         rows, short and long prompt chunks (the LoRA kernels' three tile heights), with and without adapters."""
-        shapes = [[1, 1, 1, 1], [1, 1, 24], [1, 200], self._split(self.max_num_batched_tokens)]
-        for lens in shapes:
+        # (query lengths, logits of every row: the logits rows' LoRA tiles as prompt logprobs make them)
+        shapes = [([1, 1, 1, 1], False), ([1, 1, 24], True), ([1, 200], True),
+                  (self._split(self.max_num_batched_tokens), False)]
+        for lens, all_logits in shapes:
             for with_lora in ((False, True) if lora else (False,)):
-                self.dummy_step(lens, with_lora)
+                self.dummy_step(lens, with_lora, all_logits)
         torch.cuda.synchronize(self.device)
 
     def capture_graphs(self, lora: bool, capture: bool = True) -> None:
