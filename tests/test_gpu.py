@@ -200,3 +200,44 @@ def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -
         params = SamplingParams(max_tokens=6, ignore_eos=True, prompt_logprobs=1 if length == 17 else None)
         llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     assert CompileWatch.compiles == before
+
+
+# ---- tensor parallelism on two GPUs (NCCL) ---------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
+    """LLM(tensor_parallel_size=2) over NCCL on two GPUs: float32 prompt logprobs and greedy tokens of a
+    mixed batch (all-linear, lm_head and embed_tokens adapters, a base request) equal to one GPU."""
+    from helpers import make_adapter
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if family == "llama":
+        model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    else:
+        model_dir = make_tiny_model(tmp_path / "model", family="qwen2", tie_word_embeddings=True)
+    adapters = {
+        "lin": make_adapter(model_dir, tmp_path / "lin", seed=1, r=8, target_modules="all-linear"),
+        "head": make_adapter(model_dir, tmp_path / "head", seed=2, r=4, target_modules=["q_proj", "lm_head", "down_proj"]),
+        "emb": make_adapter(model_dir, tmp_path / "emb", seed=3, r=4, target_modules=["embed_tokens", "v_proj"]),
+    }
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46]]
+    names = [None, "lin", "head", "emb"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+
+    def run(tp: int) -> list:
+        llm = LLM(model_dir, dtype="float32", device="cuda", num_kv_blocks=64, block_size=4, max_loras=3,
+                  max_lora_rank=16, seed=0, tensor_parallel_size=tp)
+        try:
+            loras = [LoRARequest(n, adapters[n]) if n else None for n in names]
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
+                                use_tqdm=False)
+            return [(list(o.outputs[0].token_ids), [list(lp.values())[0] for lp in o.prompt_logprobs[1:]])
+                    for o in outs]
+        finally:
+            llm.engine.shutdown()
+
+    want, got = run(1), run(2)
+    for (wt, wl), (gt, gl) in zip(want, got):
+        assert gt == wt
+        assert max(abs(a - b) for a, b in zip(gl, wl)) < 5e-5

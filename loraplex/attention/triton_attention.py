@@ -225,10 +225,12 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
-                    tile_n: int = 32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    tile_n: int = 32, out: Optional[torch.Tensor] = None, rows: int = 64, num_warps: int = 4,
+                    num_stages: Optional[int] = None) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
-    (1: no split)."""
+    (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
+    ``tile_n``, ``num_warps`` and ``num_stages`` its tiling (tuning)."""
     T, H, D = q.shape
     _, block_size, KVH, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
@@ -273,7 +275,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return out
     # Rows per program: BLOCK_Q tokens x the padded head group, at least 16 (tl.dot's smallest M).
     # Two sizes only (each compiles once): one token per program for decode-only steps, else the most that fit.
-    block_q = 1 if meta.max_query_len == 1 else max(1, 64 // g_pad)
+    block_q = 1 if meta.max_query_len == 1 else max(1, rows // g_pad)
     block_m = max(16, block_q * g_pad)
     tokens = T - seq_begin  # an upper bound of the rows of sequences seq_begin.. (decodes first: one each)
     grid = (tokens // block_q + (B - seq_begin), KVH)
@@ -286,7 +288,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
         dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
              BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET),
-        num_warps=4)
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     return out
 
 
