@@ -225,13 +225,19 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
-                    tile_n: int = 32, out: Optional[torch.Tensor] = None, rows: int = 64, num_warps: int = 4,
-                    num_stages: Optional[int] = None) -> torch.Tensor:
+                    tile_n: Optional[int] = None, out: Optional[torch.Tensor] = None, rows: int = 64,
+                    num_warps: int = 4, num_stages: Optional[int] = None) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
     (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
-    ``tile_n``, ``num_warps`` and ``num_stages`` its tiling (tuning)."""
+    ``tile_n``, ``num_warps`` and ``num_stages`` its tiling (tuning; by default key tiles of 32 for decode-only
+    steps and of 64 in two pipeline stages for steps with prompt chunks: 1.43x faster on a 480-token chunk at
+    8k context and 1.05x on 4 x 2048 prompts than tiles of 32 on an H200, benchmarks/attention_bench.py)."""
     T, H, D = q.shape
+    if tile_n is None:
+        tile_n = 32 if meta.max_query_len == 1 else 64
+        if num_stages is None and meta.max_query_len > 1:
+            num_stages = 2
     _, block_size, KVH, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
     assert H % KVH == 0, f"{H} query heads are not a multiple of {KVH} kv heads"
