@@ -47,10 +47,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kwargs = engine_kwargs(args)
-    if kwargs.get("async_scheduling") is None:
-        # Off by default behind the server until its cost there is understood: measured on an H200 (Llama-3-8B
-        # shape, 64 streaming clients), 3,248 output tokens/s with it and 4,034 without (docs/benchmarks.md).
-        kwargs["async_scheduling"] = False
     config = EngineConfig.from_kwargs(model=args.model, **kwargs)
     chat_template = load_chat_template(cfg.chat_template) if cfg.chat_template else None
     tokenizer = load_tokenizer(config.model_config.tokenizer or args.model)
