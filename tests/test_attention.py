@@ -139,13 +139,11 @@ KERNEL_CASES = [
 ]
 
 
-def _check_kernel(scenario, gqa, block_size, window, dtype, splits, head_dim: int = 64, tile_n: int = 32,
-                  prompt_splits: int = 1) -> None:
+def _check_kernel(scenario, gqa, block_size, window, dtype, splits, head_dim: int = 64, tile_n: int = 32) -> None:
     spec = SCENARIOS[scenario]
     q, kc, vc, meta, _ = make_case(spec, gqa, block_size, dtype, head_dim, DEVICE, seed=gqa * 7 + block_size)
     scale = head_dim ** -0.5
-    got = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=tile_n,
-                          prompt_splits=prompt_splits)
+    got = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=tile_n)
     want = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, scale, window)
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
@@ -154,26 +152,6 @@ def _check_kernel(scenario, gqa, block_size, window, dtype, splits, head_dim: in
                          ids=[f"{c[0]}-g{c[1]}-bs{c[2]}-w{c[3]}-{str(c[4])[6:]}-s{c[5]}" for c in KERNEL_CASES])
 def test_triton_matches_reference(scenario, gqa, block_size, window, dtype, splits) -> None:
     _check_kernel(scenario, gqa, block_size, window, dtype, splits)
-
-
-# Prompt chunks split over the context (a reduction combines the splits): decodes ride in the same kernel.
-SPLIT_CASES = [("mixed", 2, 8, None, torch.float32, 2), ("mixed", 4, 16, 6, torch.bfloat16, 4),
-               ("prefill", 1, 8, 11, torch.float32, 4), ("prefill", 2, 16, None, torch.bfloat16, 2)]
-
-
-@pytest.mark.parametrize("scenario,gqa,block_size,window,dtype,prompt_splits", SPLIT_CASES,
-                         ids=[f"{c[0]}-g{c[1]}-bs{c[2]}-w{c[3]}-{str(c[4])[6:]}-p{c[5]}" for c in SPLIT_CASES])
-def test_triton_prompt_chunks_split_over_the_context(scenario, gqa, block_size, window, dtype, prompt_splits) -> None:
-    _check_kernel(scenario, gqa, block_size, window, dtype, 1, tile_n=16, prompt_splits=prompt_splits)
-
-
-def test_chunk_split_heuristic() -> None:
-    from loraplex.attention.triton_attention import chunk_splits
-
-    cuda = torch.device("cuda")  # 132 SMs on an H200; the heuristic itself is host arithmetic
-    assert chunk_splits(8192, 16, 8, 2048, cuda) == 1  # a long prefill has programs enough
-    assert chunk_splits(256, 16, 8, 512, cuda) == 1  # a short context never splits
-    assert chunk_splits(1, 16, 8, 1 << 20, torch.device("cpu")) == 1  # the interpreter: one SM
 
 
 @pytest.mark.parametrize("head_dim", [16, 24])

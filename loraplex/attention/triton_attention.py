@@ -36,17 +36,16 @@ _LOG2E = 1.4426950408889634
 # seq_begin / num_seqs start loop-carried values of the binary search: never specialised into constants
 @triton.jit(do_not_specialize=["seq_begin", "num_seqs"])
 def _unified_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-    qk_scale, seq_begin, num_seqs, window, num_heads,
+    q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
+    qk_scale, seq_begin, num_seqs, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
     # The sequence of this program: the last b in [seq_begin, num_seqs) whose first program is <= pid.
     base = tl.load(qsl_ptr + seq_begin)
     lo = seq_begin + 1
@@ -83,10 +82,6 @@ def _unified_kernel(
     kv_lo = 0
     if USE_WINDOW:
         kv_lo = tl.maximum(ctx + q0 - window + 1, 0) // TILE_N * TILE_N
-    if NUM_SPLITS > 1:  # this program's share of the block's keys, in whole tiles
-        chunk = tl.cdiv(tl.cdiv(kv_hi - kv_lo, NUM_SPLITS), TILE_N) * TILE_N
-        kv_lo = kv_lo + split * chunk
-        kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -118,16 +113,10 @@ def _unified_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS > 1:  # unnormalised output, max and sum of this split, for _reduce_kernel
-        cell = (((q_start + tok).to(tl.int64) * num_heads + head) * NUM_SPLITS + split)  # (BLOCK_M,)
-        tl.store(part_ptr + cell[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
-        tl.store(stats_ptr + cell * 2, m_i, mask=row_ok)
-        tl.store(stats_ptr + cell * 2 + 1, l_i, mask=row_ok)
-    else:
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_off[:, None] + dims[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_off[:, None] + dims[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -189,7 +178,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
 
-    cell = (q_row * num_heads + head) * NUM_SPLITS + split  # (BLOCK_M,)
+    cell = (b.to(tl.int64) * num_heads + head) * NUM_SPLITS + split  # (BLOCK_M,)
     tl.store(part_ptr + cell[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
     tl.store(stats_ptr + cell * 2, m_i, mask=row_ok)
     tl.store(stats_ptr + cell * 2 + 1, l_i, mask=row_ok)
@@ -197,14 +186,14 @@ def _decode_split_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    part_ptr, stats_ptr, out_ptr, num_heads, stride_ot, stride_oh,
+    part_ptr, stats_ptr, out_ptr, qsl_ptr, num_heads, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # query row
+    b = tl.program_id(0)
     h = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, D_PAD)
-    cell = (row * num_heads + h) * NUM_SPLITS + splits
+    cell = (b.to(tl.int64) * num_heads + h) * NUM_SPLITS + splits
     m = tl.load(stats_ptr + cell * 2)
     l_s = tl.load(stats_ptr + cell * 2 + 1)
     m_max = tl.max(m, 0)
@@ -213,7 +202,8 @@ def _reduce_kernel(
     total = tl.sum(w * l_s, 0)
     part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :])
     o = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    tl.store(out_ptr + q_row * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 _launch_unified = Launcher(_unified_kernel)
@@ -233,26 +223,13 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
     return max(1, triton.next_power_of_2(want + 1) // 2)  # largest power of two <= want
 
 
-def chunk_splits(num_tokens: int, block_q: int, num_kv_heads: int, max_seq_len: int,
-                 device: Optional[torch.device] = None) -> int:
-    """Splits of the context for a step holding prompt chunks (1: none): a chunk late in a long prompt has few
-    query blocks, each of which would walk the whole context alone, so when the query blocks are too few for
-    about four programs per SM, each block's keys are split (each split at least 1,024 keys), and a reduction
-    combines the splits. A prefill of thousands of tokens, or short contexts, never split."""
-    programs = max(1, num_tokens // block_q) * num_kv_heads
-    want = min(triton.cdiv(4 * num_sms(device), programs), max_seq_len // 1024, 8)
-    return max(1, triton.next_power_of_2(want + 1) // 2)  # largest power of two <= want
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
                     tile_n: Optional[int] = None, out: Optional[torch.Tensor] = None, rows: int = 64,
-                    num_warps: int = 4, num_stages: Optional[int] = None,
-                    prompt_splits: Optional[int] = None) -> torch.Tensor:
+                    num_warps: int = 4, num_stages: Optional[int] = None) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
-    (1: no split), ``prompt_splits`` the split over the context of steps with prompt chunks
-    (:func:`chunk_splits`); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
+    (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
     ``tile_n``, ``num_warps`` and ``num_stages`` its tiling (tuning; by default key tiles of 32 for decode-only
     steps and of 64 in two pipeline stages for steps with prompt chunks: 1.43x faster on a 480-token chunk at
     8k context and 1.05x on 4 x 2048 prompts than tiles of 32 on an H200, benchmarks/attention_bench.py)."""
@@ -279,19 +256,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tables = meta.block_tables
     B = meta.num_seqs
     nd = meta.num_decodes
-    # Rows per program: BLOCK_Q tokens x the padded head group, at least 16 (tl.dot's smallest M).
-    # Two sizes only (each compiles once): one token per program for decode-only steps, else the most that fit.
-    block_q = 1 if meta.max_query_len == 1 else max(1, rows // g_pad)
-    block_m = max(16, block_q * g_pad)
-    if prompt_splits is None:
-        prompt_splits = 1 if meta.max_query_len == 1 else chunk_splits(T, block_q, KVH, meta.max_seq_len, q.device)
-    assert prompt_splits >= 1 and prompt_splits & (prompt_splits - 1) == 0, \
-        f"prompt_splits must be a power of two, got {prompt_splits}"
     if num_splits is None:
-        num_splits = 1 if prompt_splits > 1 else decode_splits(nd, KVH, meta.max_seq_len, q.device)
+        num_splits = decode_splits(nd, KVH, meta.max_seq_len, q.device)
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, f"num_splits must be a power of two, got {num_splits}"
     seq_begin = 0
-    if nd and num_splits > 1 and prompt_splits == 1:
+    if nd and num_splits > 1:
+        block_m = max(16, g_pad)
         part = torch.empty(nd, H, num_splits, d_pad, dtype=torch.float32, device=q.device)
         stats = torch.empty(nd, H, num_splits, 2, dtype=torch.float32, device=q.device)
         _launch_decode_split(
@@ -300,36 +270,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
              qk_scale, window, H,
              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
-            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=max(16, g_pad), NUM_SPLITS=num_splits, TILE_N=tile_n,
+            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
                  BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
                  UPCAST=INTERPRET),
             num_warps=4)
-        _launch_reduce((nd, H), (part, stats, out, H, out.stride(0), out.stride(1)),
+        _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
                        dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
         seq_begin = nd
         if nd == B:
             return out
+    # Rows per program: BLOCK_Q tokens x the padded head group, at least 16 (tl.dot's smallest M).
+    # Two sizes only (each compiles once): one token per program for decode-only steps, else the most that fit.
+    block_q = 1 if meta.max_query_len == 1 else max(1, rows // g_pad)
+    block_m = max(16, block_q * g_pad)
     tokens = T - seq_begin  # an upper bound of the rows of sequences seq_begin.. (decodes first: one each)
-    grid = (tokens // block_q + (B - seq_begin), KVH, prompt_splits)
-    if prompt_splits > 1:
-        part = torch.empty(T, H, prompt_splits, d_pad, dtype=torch.float32, device=q.device)
-        stats = torch.empty(T, H, prompt_splits, 2, dtype=torch.float32, device=q.device)
-    else:  # not read (a separate tensor: the interpreter copies each argument back after a launch)
-        part = stats = torch.empty(1, dtype=torch.float32, device=q.device)
+    grid = (tokens // block_q + (B - seq_begin), KVH)
     _launch_unified(
         grid,
-        (q, k_cache, v_cache, out, part, stats, meta.query_start_loc, meta.seq_lens, tables,
-         qk_scale, seq_begin, B, window, H,
+        (q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, tables,
+         qk_scale, seq_begin, B, window,
          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
         dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-             BLOCK_SIZE=block_size, NUM_SPLITS=prompt_splits, USE_WINDOW=sliding_window is not None,
-             PRECISION=precision, UPCAST=INTERPRET),
+             BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
-    if prompt_splits > 1:
-        _launch_reduce((T, H), (part, stats, out, H, out.stride(0), out.stride(1)),
-                       dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=prompt_splits), num_warps=4)
     return out
 
 
