@@ -76,6 +76,70 @@ def test_more_adapters_than_slots_all_served_and_identical(model_dir, adapters) 
     assert sorted(tight.list_loras()) == sorted(names)
 
 
+class _PendingUpload:
+    """Stands for the CUDA event of a slot upload on the side stream: done after a few polls."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.waited = False
+
+    def query(self) -> bool:
+        self.polls += 1
+        return self.waited or self.polls > 3
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def _slow_uploads(llm: LLM) -> list[_PendingUpload]:
+    """Make every slot copy of ``llm`` complete only after a few polls, as uploads on CUDA's side stream do."""
+    lora_model = llm.engine.pool.lora_model
+    real, uploads = lora_model.set_slot, []
+
+    def set_slot(slot, adapter):
+        real(slot, adapter)
+        uploads.append(_PendingUpload())
+        return uploads[-1]
+
+    lora_model.set_slot = set_slot
+    return uploads
+
+
+def test_requests_wait_only_for_their_own_adapter_upload(model_dir, adapters) -> None:
+    """While an adapter is copied into its slot, the requests that need it wait; base requests and those on
+    adapters already in slots run on; outputs are those of immediate copies. With nothing else to run, the
+    engine waits for the copy instead of failing."""
+    names = list(adapters)[:3]
+    prompts = PROMPTS[:6]
+    order = [None, names[0], None, names[1], names[2], None]
+    loras = [LoRARequest(n, adapters[n]) if n else None for n in order]
+    want = tokens(make_llm(model_dir, max_loras=3).generate([{"prompt_token_ids": p} for p in prompts], greedy(),
+                                                             lora_request=loras, use_tqdm=False))
+    llm = make_llm(model_dir, max_loras=3)
+    for n in names:
+        llm.add_lora(LoRARequest(n, adapters[n]))
+    uploads = _slow_uploads(llm)
+    eng = llm.engine
+    for i, (p, n) in enumerate(zip(prompts, order)):
+        eng.add_request({"prompt_token_ids": p}, greedy(), n, f"r{i}")
+    eng.step()
+    started = {rid for rid, r in eng.requests.items() if r.num_computed_tokens > 0}
+    assert started == {"r0", "r2", "r5"} and len(uploads) == 3  # every copy started, none waited on
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert [done[f"r{i}"] for i in range(6)] == want
+    assert not any(u.waited for u in uploads)  # running requests never waited for a copy
+
+    # nothing but a request whose adapter is being copied in: the engine waits for the copy
+    alone = make_llm(model_dir, max_loras=1)
+    uploads = _slow_uploads(alone)
+    outs = alone.generate([{"prompt_token_ids": prompts[3]}], greedy(), lora_request=loras[3], use_tqdm=False)
+    assert tokens(outs) == [want[3]] and len(uploads) == 1 and uploads[0].waited
+
+
 def test_preemption_recomputes_without_changing_outputs(model_dir, adapters) -> None:
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     loras = [LoRARequest("a0", adapters["a0"]), None] * 4

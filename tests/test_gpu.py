@@ -241,3 +241,49 @@ def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
     for (wt, wl), (gt, gl) in zip(want, got):
         assert gt == wt
         assert max(abs(a - b) for a, b in zip(gl, wl)) < 5e-5
+
+
+def test_adapter_upload_overlaps_running_steps(graph_setup) -> None:
+    """An adapter copied into a slot while requests decode (item 8 of issue 9): the copy runs on a side stream
+    from pinned memory (no synchronising call on the host), its request waits until the copy is done, the
+    running requests go on; tokens equal a run where the adapter was in its slot from the start."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir, adapters = graph_setup
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 17, 33, 99, 120], [3, 4, 5, 6, 7, 8], [100, 101, 102]]
+    names = [None, "a0", "a1"]
+
+    def run(late: bool) -> dict:
+        llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
+        eng = llm.engine
+        for n in ("a0", "a1"):
+            llm.add_lora(LoRARequest(n, adapters[n]))
+        if not late:  # both adapters in their slots before any request
+            for n in ("a0", "a1"):
+                slot = None
+                while slot is None:
+                    slot = eng.pool.acquire(eng.pool.get(n))
+                eng.pool.release(slot)
+        for i in range(2):
+            eng.add_request({"prompt_token_ids": prompts[i]}, params, names[i], f"r{i}")
+        eng.step()
+        eng.step()
+        eng.add_request({"prompt_token_ids": prompts[2]}, params, names[2], "r2")  # a1 is in no slot yet
+        loads = eng.pool.num_slot_loads
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [o for _ in range(3) for o in eng.step()]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert {o.request_id for o in outs} >= {"r0", "r1"}  # the running requests went on
+        if late:
+            assert eng.pool.num_slot_loads == loads + 1
+        done = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = list(o.outputs[0].token_ids)
+        return done
+
+    assert run(late=True) == run(late=False)

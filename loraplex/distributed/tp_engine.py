@@ -235,7 +235,11 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
         if plan.stop:
             break
         for slot, adapter in plan.slot_ops:
-            lora_model.set_slot(slot, adapter)
+            if adapter is not None:
+                lora_model.stage(adapter)
+            done = lora_model.set_slot(slot, adapter)
+            if done is not None:  # the step that follows may use the slot: it runs after the copy
+                torch.cuda.current_stream().wait_event(done)
         for rid in plan.finished:
             mms.pop(rid, None)
         if not plan.seqs:

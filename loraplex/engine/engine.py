@@ -383,6 +383,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         prev, self._in_flight = self._in_flight, None
         if not sched.seqs:
+            if prev is None and self.pool is not None and self.pool.loading:
+                self.pool.wait_for_loads()  # nothing runs: wait for the adapter copies the waiting requests need
+                return []
             if prev is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: waiting requests cannot be admitted")
             return self._finish(prev) if prev is not None else []

@@ -89,7 +89,8 @@ class LoRAWeights:
 
 @dataclass
 class LoRAAdapter:
-    """A validated adapter, weights in host memory (float32), keyed by HF module name."""
+    """A validated adapter, weights in host memory (float32; on CUDA engines, pinned and in the model's dtype
+    once :meth:`LoRAModel.stage` has run), keyed by HF module name."""
 
     name: str
     path: str

@@ -23,7 +23,7 @@ from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                     QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
 from loraplex.lora.adapter import LoRAWeights
-from loraplex.lora.backends.base import LoRABackend, LoRAStack
+from loraplex.lora.backends.base import LoRABackend, LoRAStack, upload
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -101,8 +101,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
                     start = base.tp_rank * n
                 b = b[start:start + n]
             r = lw.rank
-            self.lora_a[i][slot, :r].copy_(a)
-            self.lora_b[i][slot, :, :r].copy_(b)
+            self.lora_a[i][slot, :r].copy_(upload(a, self.lora_a[i]))
+            self.lora_b[i][slot, :, :r].copy_(upload(b, self.lora_b[i]))
             self.stack.set(slot, i, r, float(lw.scaling))
         self._update_active(slot, any(w is not None for w in weights))
 
@@ -153,8 +153,8 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size (and the zero row) stay zero
         start, end = base.vocab_start_index, min(base.vocab_end_index, vocab)  # this rank's shard
         if end > start:
-            self.lora_a_t[slot, :end - start, :r].copy_(lw.A[:, start:end].T)
-        self.lora_b[slot, :, :r].copy_(lw.B)
+            self.lora_a_t[slot, :end - start, :r].copy_(upload(lw.A[:, start:end], self.lora_a_t).T)
+        self.lora_b[slot, :, :r].copy_(upload(lw.B, self.lora_b))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
 
@@ -202,8 +202,8 @@ class LMHeadWithLoRA(LinearWithLoRA):
         n = self.output_slices[0]
         start = base.tp_rank * n
         part = b[start:min(start + n, b.shape[0])]
-        self.lora_a[0][slot, :r].copy_(lw.A)
-        self.lora_b[0][slot, :part.shape[0], :r].copy_(part)
+        self.lora_a[0][slot, :r].copy_(upload(lw.A, self.lora_a[0]))
+        self.lora_b[0][slot, :part.shape[0], :r].copy_(upload(part, self.lora_b[0]))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
+from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, LoRAWeights, ModuleTarget
 from loraplex.lora.backends.base import LoRABackend
 from loraplex.lora.layers import BaseLayerWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
 
@@ -90,10 +90,47 @@ class LoRAModel:
     # Called with (slot, adapter or None) on every set_slot: rank 0 of tensor parallelism forwards it to the others
     observer: Optional[Callable[[int, Optional[LoRAAdapter]], None]] = None
 
-    def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
-        """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it)."""
+    def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        a = self.modules[0].wrapper.stack.a if self.modules else torch.empty(0)
+        return a.device, a.dtype
+
+    def stage(self, adapter: LoRAAdapter) -> None:
+        """On CUDA, keep ``adapter``'s weights in pinned host memory in the slots' dtype, so that copying it
+        into a slot neither converts on the host nor waits for the device (in place; CPU: nothing)."""
+        device, dtype = self._device_and_dtype()
+        if device.type != "cuda":
+            return
+        for name, w in list(adapter.modules.items()):
+            if not w.A.is_pinned():
+                adapter.modules[name] = LoRAWeights(w.A.to(dtype).contiguous().pin_memory(),
+                                                    w.B.to(dtype).contiguous().pin_memory(), w.scaling)
+
+    def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> Optional[torch.cuda.Event]:
+        """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it).
+
+        CUDA: the copies run on a side stream (item 8 of issue 9), after every step queued so far (they may
+        still read the slot's old weights) and alongside later ones, which must not use the slot until the
+        returned event has completed (the pool's readiness check; ranks > 0 of tensor parallelism make their
+        stream wait for it). The host never waits. CPU: the copies are done on return (None)."""
         if self.observer is not None:
             self.observer(slot, adapter)
+        device, _ = self._device_and_dtype()
+        if device.type != "cuda":
+            self._write_slot(slot, adapter)
+            return None
+        if self._upload_stream is None:
+            self._upload_stream = torch.cuda.Stream(device)
+        stream = self._upload_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._write_slot(slot, adapter)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
+    _upload_stream: Optional[torch.cuda.Stream] = None
+
+    def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)

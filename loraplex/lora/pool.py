@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
@@ -69,13 +69,16 @@ class LoRAPool:
         self._last_use: list[int] = [0] * max_loras
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
+        self._loads: dict[int, Any] = {}  # slot -> CUDA event of its upload still in flight (side stream)
 
     # ---- registration -------------------------------------------------------------------
     def read(self, req: LoRARequest, root: Optional[str] = None) -> LoRAAdapter:
         """Read and validate ``req``'s folder without registering it (safe off the engine thread).
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
         validate_adapter_name(req.name)
-        return self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
+        adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
+        self.lora_model.stage(adapter)  # pinned, in the slots' dtype (CUDA): slot uploads never stall
+        return adapter
 
     def register(self, req: LoRARequest, reload: bool = False, adapter: Optional[LoRAAdapter] = None,
                  root: Optional[str] = None) -> LoRAAdapter:
@@ -160,21 +163,48 @@ class LoRAPool:
     def slot_refcount(self, slot: int) -> int:
         return self._refs[slot]
 
+    def _ready(self, slot: int) -> bool:
+        """Whether ``slot``'s upload (if any) has completed on the device."""
+        done = self._loads.get(slot)
+        if done is None:
+            return True
+        if not done.query():
+            return False
+        del self._loads[slot]
+        return True
+
+    @property
+    def loading(self) -> bool:
+        """Whether an adapter is still being copied into a slot."""
+        return any(not self._ready(s) for s in list(self._loads))
+
+    def wait_for_loads(self) -> None:
+        """Block until every slot upload in flight has completed (when nothing else can run)."""
+        for done in self._loads.values():
+            done.synchronize()
+        self._loads.clear()
+
     def acquire(self, adapter: LoRAAdapter) -> Optional[int]:
-        """Pin a slot holding ``adapter`` (copying it in if needed) and return it, or None
-        when every slot is pinned by other adapters."""
+        """Pin a slot holding ``adapter`` and return it; or start copying ``adapter`` into a free slot
+        (CUDA: on a side stream) and return None until the copy has completed; None too when every slot is
+        pinned by other adapters. A request given None waits; the others go on."""
         slot = self.slot_of(adapter)
         if slot is None:
-            free = [s for s in range(self.max_loras) if self._refs[s] == 0]
+            free = [s for s in range(self.max_loras) if self._refs[s] == 0 and s not in self._loads]
             if not free:
                 return None
             # empty slots first, then stale versions, then the least recently used
             slot = min(free, key=lambda s: (self._slot[s] is not None,
                                             self._slot[s] is not None and self._is_current(self._slot[s]),
                                             self._last_use[s]))
-            self.lora_model.set_slot(slot, adapter)
+            done = self.lora_model.set_slot(slot, adapter)
             self._slot[slot] = adapter
+            self._last_use[slot] = next(self._tick)
             self.num_slot_loads += 1
+            if done is not None:
+                self._loads[slot] = done
+        if not self._ready(slot):
+            return None
         self._refs[slot] += 1
         self._last_use[slot] = next(self._tick)
         return slot

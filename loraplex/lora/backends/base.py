@@ -93,9 +93,20 @@ class LoRAStack:
 
     def _sync(self, slot: int) -> None:
         col = [self.ranks[i][slot] for i in range(self.num_slices)]
-        self.ranks_t[:, slot].copy_(torch.tensor(col, dtype=torch.int32))
+        self.ranks_t[:, slot].copy_(upload(torch.tensor(col, dtype=torch.int32), self.ranks_t))
         col_s = [self.scales[i][slot] for i in range(self.num_slices)]
-        self.scales_t[:, slot].copy_(torch.tensor(col_s, dtype=torch.float32))
+        self.scales_t[:, slot].copy_(upload(torch.tensor(col_s, dtype=torch.float32), self.scales_t))
+
+
+def upload(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``src`` on ``like``'s device without the host waiting for the device: a host tensor goes through
+    pinned, contiguous memory and a non-blocking copy (a copy from pageable memory would first wait for the
+    work queued on the stream). Copy the result into a strided destination on the device. CPU: ``src``."""
+    if not like.is_cuda or src.is_cuda:
+        return src
+    if not (src.is_contiguous() and src.is_pinned()):
+        src = src.contiguous().pin_memory()
+    return src.to(like.device, non_blocking=True)
 
 
 class LoRABackend(Protocol):
