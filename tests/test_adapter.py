@@ -361,7 +361,7 @@ def test_pickled_weights_refused_never_unpickled(spec, plain_adapter, tmp_path, 
     "changes, pattern",
     [
         (dict(peft_type="IA3"), r"peft_type is 'IA3'"),
-        (dict(use_dora=True), r"DoRA"),
+        (dict(use_dora=True), r"sets use_dora, but module .* has no lora_magnitude_vector tensor"),
         (dict(lora_bias=True), r"LoRA bias"),
         (dict(use_qalora=True), r"QALoRA"),
         (dict(target_parameters=["mlp.experts.gate_up_proj"]), r"target_parameters"),
@@ -381,12 +381,14 @@ def test_unsupported_config_features(spec, plain_adapter, tmp_path, changes, pat
         load(path, spec)
 
 
-def test_dora_adapter_refused(model_dir, spec, tmp_path):
+def test_dora_adapter_loads_with_its_magnitudes(model_dir, spec, tmp_path):
     path = make_adapter(model_dir, tmp_path / "dora", seed=7, use_dora=True)
-    with pytest.raises(AdapterError, match=r"DoRA \(use_dora\)"):
-        load(path, spec)
-    edit_config(path, use_dora=False)  # keys alone still give it away
-    with pytest.raises(AdapterError, match=r"q_proj\.lora_magnitude_vector.*DoRA"):
+    adapter = load(path, spec)
+    assert adapter.has_dora
+    q = adapter.modules["model.layers.0.self_attn.q_proj"]
+    assert q.magnitude is not None and q.magnitude.shape == (q.B.shape[0],)
+    edit_config(path, use_dora=False)  # magnitudes without use_dora: refused, naming the tensor
+    with pytest.raises(AdapterError, match=r"q_proj\.lora_magnitude_vector.*DoRA magnitude.*use_dora"):
         load(path, spec)
 
 

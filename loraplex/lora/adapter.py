@@ -15,6 +15,7 @@ do not fit, ranks that disagree with the config, non-finite values and LoRA vari
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -34,8 +35,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 _PREFIX = "base_model.model."
 _LORA_PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA: one magnitude per output channel (embedding: per hidden dim)
 _UNSUPPORTED_MARKERS = {
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
     "token_adapter": "trainable tokens (token_adapter)",
     "trainable_tokens_delta": "trainable tokens (trainable_tokens_delta)",
 }
@@ -81,6 +82,8 @@ class LoRAWeights:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    # DoRA: the learned magnitude of each output channel (embedding: of each hidden dim), or None
+    magnitude: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
@@ -103,6 +106,10 @@ class LoRAAdapter:
     @property
     def max_rank(self) -> int:
         return max((w.rank for w in self.modules.values()), default=0)
+
+    @functools.cached_property
+    def has_dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.modules.values())
 
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
@@ -216,6 +223,17 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
     pairs: dict[str, dict[str, tuple[str, torch.Tensor, bool]]] = {}
     for key, tensor in tensors.items():
         module, marker, rest = _split_key(key)
+        if marker == _MAGNITUDE:
+            if rest not in ([], ["weight"]):
+                raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
+            if not cfg.use_dora:
+                raise AdapterError(f"{wfile}: tensor {key!r} is a DoRA magnitude, but {CONFIG_FILE} does not set "
+                                   "use_dora")
+            slot = pairs.setdefault(module, {})
+            if "M" in slot:
+                raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot['M'][0]!r}")
+            slot["M"] = (key, tensor, False)
+            continue
         if marker in _UNSUPPORTED_MARKERS:
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {_UNSUPPORTED_MARKERS[marker]}")
         if marker in _LORA_PARTS:
@@ -240,7 +258,7 @@ def _split_key(key: str) -> tuple[str, Optional[str], list[str]]:
     ``<module>.<param>`` key (then rest is ``[param]``)."""
     segments = key[len(_PREFIX):].split(".") if key.startswith(_PREFIX) else key.split(".")
     for i, seg in enumerate(segments):
-        if seg in _LORA_PARTS or seg in _UNSUPPORTED_MARKERS or seg in _COPY_MARKERS:
+        if seg in _LORA_PARTS or seg == _MAGNITUDE or seg in _UNSUPPORTED_MARKERS or seg in _COPY_MARKERS:
             marker = None if seg in _COPY_MARKERS else seg
             rest = segments[i + 1:]
             return ".".join(segments[:i]), marker, (rest[-1:] if marker is None else rest)
@@ -272,7 +290,8 @@ def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cf
                    max_lora_rank: int, where: str) -> LoRAWeights:
     """Check ``A [r, in]``, ``B [out, r]`` (embedding: ``A [r, vocab]``, ``B [hidden, r]``), r and the limit."""
     if "A" not in slot or "B" not in slot:
-        have, missing = ("A", "B") if "A" in slot else ("B", "A")
+        have = next(k for k in ("A", "B", "M") if k in slot)
+        missing = "B" if "A" in slot else "A"
         raise AdapterError(f"{wfile}: tensor {slot[have][0]!r} has no matching lora_{missing} tensor "
                            f"for module {module!r}")
     (a_key, A, a_emb), (b_key, B, b_emb) = slot["A"], slot["B"]
@@ -296,7 +315,20 @@ def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cf
     if rank > max_lora_rank:
         raise AdapterError(f"{where}: module {module!r} has rank {rank}, above the limit max_lora_rank="
                            f"{max_lora_rank}")
-    return LoRAWeights(A.float().contiguous(), B.float().contiguous(), cfg.scaling(module))
+    magnitude = None
+    if "M" in slot:
+        m_key, M, _ = slot["M"]
+        if M.dim() != 1 or M.shape[0] != target.out_features:
+            raise AdapterError(f"{wfile}: tensor {m_key!r} has shape {tuple(M.shape)}, expected "
+                               f"({target.out_features},): one DoRA magnitude per "
+                               f"{'hidden dim' if is_emb else 'output channel'} of {module!r}")
+        if not bool((M > 0).all()):
+            raise AdapterError(f"{wfile}: tensor {m_key!r}: DoRA magnitudes must be positive")
+        magnitude = M.float().contiguous()
+    elif cfg.use_dora:
+        raise AdapterError(f"{wfile}: {CONFIG_FILE} sets use_dora, but module {module!r} has no "
+                           f"{_MAGNITUDE} tensor")
+    return LoRAWeights(A.float().contiguous(), B.float().contiguous(), cfg.scaling(module), magnitude)
 
 
 def _shape_msg(wfile: str, key: str, expected: tuple[int, int], t: torch.Tensor, vocab_related: bool) -> str:
@@ -312,7 +344,9 @@ def _split_fused(wfile: str, b_key: str, w: LoRAWeights, parts: list[ModuleTarge
     if w.B.shape[0] != sum(sizes):
         raise AdapterError(f"{wfile}: tensor {b_key!r} has shape {tuple(w.B.shape)}, expected "
                            f"({sum(sizes)}, {w.rank}) = {' + '.join(map(str, sizes))} rows")
-    return [(p.name, LoRAWeights(w.A.clone(), b.clone(), w.scaling)) for p, b in zip(parts, w.B.split(sizes, dim=0))]
+    mags = w.magnitude.split(sizes) if w.magnitude is not None else [None] * len(parts)
+    return [(p.name, LoRAWeights(w.A.clone(), b.clone(), w.scaling, None if m is None else m.clone()))
+            for p, b, m in zip(parts, w.B.split(sizes, dim=0), mags)]
 
 
 def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torch.Tensor,

@@ -35,6 +35,10 @@ class BaseLayerWithLoRA(nn.Module):
         self.backend: Optional[LoRABackend] = None
         self.num_slices = 1
         self.active: frozenset[int] = frozenset()  # slots holding weights for this layer
+        # DoRA: slot -> float32 scale of each output channel (magnitude / ||W + scaling * B A|| per channel, on
+        # the device, computed when the adapter enters the slot); rows of that slot become
+        # scale * (y - bias) + bias. Only eager steps hold DoRA slots (cuda_graph.is_graph_step).
+        self.dora: dict[int, torch.Tensor] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -57,6 +61,23 @@ class BaseLayerWithLoRA(nn.Module):
 
     def _update_active(self, slot: int, has_weights: bool) -> None:
         self.active = self.active | {slot} if has_weights else self.active - {slot}
+        if not has_weights:
+            self.dora.pop(slot, None)
+
+    def _apply_dora(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
+        """DoRA's per-channel rescaling of the rows of DoRA slots, in place: ``y = scale * (y - bias) + bias``
+        (y already holds the base output and the LoRA delta)."""
+        if not self.dora or batch.static:
+            return
+        for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+            scale = self.dora.get(slot)
+            if scale is None:
+                continue
+            rows = y[start:end]
+            if bias is None:
+                rows.copy_(rows * scale)
+            else:
+                rows.copy_((rows - bias) * scale + bias)
 
     # Subclasses implement create_lora_weights / set_lora / reset_lora / forward.
 
@@ -86,6 +107,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         """Copy one adapter's weights (one entry per slice, None = not targeted) into ``slot``."""
         self.reset_lora(slot)
         base = self.base_layer
+        dora_parts: list = []
         for i, lw in enumerate(weights):
             if lw is None:
                 continue
@@ -104,7 +126,27 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.lora_a[i][slot, :r].copy_(upload(a, self.lora_a[i]))
             self.lora_b[i][slot, :, :r].copy_(upload(b, self.lora_b[i]))
             self.stack.set(slot, i, r, float(lw.scaling))
+            if lw.magnitude is not None:
+                mag = lw.magnitude if b.shape[0] == lw.B.shape[0] else lw.magnitude[start:start + n]
+                dora_parts.append((i, a, b, lw.scaling, mag))
         self._update_active(slot, any(w is not None for w in weights))
+        if dora_parts:
+            self.dora[slot] = self._dora_scale(dora_parts)
+
+    def _dora_scale(self, parts: list) -> torch.Tensor:
+        """Per output channel of this rank's weight: magnitude / ||W + scaling * B A|| over the input (DoRA; 1 for
+        slices without it), in float32. ``parts``: (slice, A, this rank's B, scaling, magnitude)."""
+        w = self.base_layer.weight
+        scale = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        offsets = [0]
+        for n in self.output_slices:
+            offsets.append(offsets[-1] + n)
+        for i, a, b, scaling, mag in parts:
+            rows = slice(offsets[i], offsets[i] + b.shape[0])
+            a, b, mag = (upload(t, w).float() for t in (a, b, mag))
+            norm = torch.linalg.norm(w[rows].float() + scaling * (b @ a), dim=1)
+            scale[rows] = mag / norm
+        return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -118,6 +160,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
         self.backend.expand(y2, buf, self.stack, batch)
+        self._apply_dora(y2, batch, self.base_layer.bias if getattr(self.base_layer, "bias", None) is not None
+                         else None)
         return y2.view(*lead, y.shape[-1])
 
 
@@ -157,6 +201,11 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         self.lora_b[slot, :, :r].copy_(upload(lw.B, self.lora_b))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
+        if lw.magnitude is not None:  # one DoRA scale per hidden dim: the norm runs over the vocabulary
+            w = base.weight[:vocab]
+            a, b, mag = (upload(t, w).float() for t in (lw.A, lw.B, lw.magnitude))
+            norm = torch.linalg.norm(w.float() + lw.scaling * (a.T @ b.T), dim=0)
+            self.dora[slot] = mag / norm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -172,6 +221,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         if batch is None or not batch.runs(self.active):
             return y
         self.backend.embed(y, ids, self.stack, batch)
+        self._apply_dora(y, batch, None)
         return y
 
 
@@ -206,6 +256,9 @@ class LMHeadWithLoRA(LinearWithLoRA):
         self.lora_b[0][slot, :part.shape[0], :r].copy_(upload(part, self.lora_b[0]))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
+        if lw.magnitude is not None:  # padded vocabulary rows keep scale 1 (their logits are dropped)
+            mag = lw.magnitude[start:start + part.shape[0]]
+            self.dora[slot] = self._dora_scale([(0, lw.A, part, lw.scaling, mag)])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -214,6 +267,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
         if batch is not None and batch.runs(self.active):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
+            self._apply_dora(logits, batch, None)
         from loraplex.distributed.parallel_state import all_gather_last_dim
         return all_gather_last_dim(logits)
 

@@ -103,7 +103,8 @@ class LoRAModel:
         for name, w in list(adapter.modules.items()):
             if not w.A.is_pinned():
                 adapter.modules[name] = LoRAWeights(w.A.to(dtype).contiguous().pin_memory(),
-                                                    w.B.to(dtype).contiguous().pin_memory(), w.scaling)
+                                                    w.B.to(dtype).contiguous().pin_memory(), w.scaling,
+                                                    w.magnitude)
 
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> Optional[torch.cuda.Event]:
         """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it).

@@ -25,7 +25,6 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBE
 
 # Config fields that change what the adapter computes (or what base weights it needs). A truthy value is refused.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias (lora_bias)",
     "use_qalora": "QALoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -63,6 +62,7 @@ class PeftLoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     ensure_weight_tying: bool = False
+    use_dora: bool = False  # DoRA: each targeted module also has a magnitude vector (lora_magnitude_vector)
 
     # --- matching ---------------------------------------------------------------------------------------------
     def is_all_linear(self) -> bool:
@@ -190,6 +190,7 @@ def parse_lora_config(raw: Any, where: str) -> PeftLoraConfig:
         alpha_pattern=dict(_get("alpha_pattern", {})),
         modules_to_save=list(_get("modules_to_save", [])),
         ensure_weight_tying=bool(_get("ensure_weight_tying", False)),
+        use_dora=bool(_get("use_dora", False)),
     )
     if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
         raise AdapterError(f"{where}: r must be a positive integer, got {cfg.r!r}")

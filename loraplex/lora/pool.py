@@ -28,6 +28,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
+from loraplex.distributed.parallel_state import get_tp_size
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
@@ -77,6 +78,9 @@ class LoRAPool:
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
         validate_adapter_name(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
+        if adapter.has_dora and get_tp_size() > 1:
+            raise AdapterError(f"adapter {req.name!r} ({req.path}): DoRA (use_dora) under tensor parallelism is not "
+                               "supported yet; serve it with tensor_parallel_size=1")
         self.lora_model.stage(adapter)  # pinned, in the slots' dtype (CUDA): slot uploads never stall
         return adapter
 
