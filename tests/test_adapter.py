@@ -362,7 +362,8 @@ def test_pickled_weights_refused_never_unpickled(spec, plain_adapter, tmp_path, 
     [
         (dict(peft_type="IA3"), r"peft_type is 'IA3'"),
         (dict(use_dora=True), r"sets use_dora, but module .* has no lora_magnitude_vector tensor"),
-        (dict(lora_bias=True), r"LoRA bias"),
+        (dict(lora_bias=True), r"sets lora_bias, but module .* has no lora_B\.bias tensor"),
+        (dict(lora_bias=True, use_dora=True), r"use_dora and lora_bias together"),
         (dict(use_qalora=True), r"QALoRA"),
         (dict(target_parameters=["mlp.experts.gate_up_proj"]), r"target_parameters"),
         (dict(trainable_token_indices=[1, 2]), r"trainable tokens"),
@@ -392,12 +393,13 @@ def test_dora_adapter_loads_with_its_magnitudes(model_dir, spec, tmp_path):
         load(path, spec)
 
 
-def test_lora_bias_adapter_refused(model_dir, spec, tmp_path):
+def test_lora_bias_adapter_loads_with_its_biases(model_dir, spec, tmp_path):
     path = make_adapter(model_dir, tmp_path / "lb", seed=7, lora_bias=True)
-    with pytest.raises(AdapterError, match=r"lora_bias"):
-        load(path, spec)
-    edit_config(path, lora_bias=False)
-    with pytest.raises(AdapterError, match=r"lora_B\.bias.*LoRA bias"):
+    adapter = load(path, spec)
+    q = adapter.modules["model.layers.0.self_attn.q_proj"]
+    assert q.bias is not None and q.bias.shape == (q.B.shape[0],) and adapter.eager_only and not adapter.has_dora
+    edit_config(path, lora_bias=False)  # biases without lora_bias: refused, naming the tensor
+    with pytest.raises(AdapterError, match=r"lora_B\.bias.*is a LoRA bias, but .* does not set lora_bias"):
         load(path, spec)
 
 

@@ -61,13 +61,13 @@ def mixed_sizes(max_tokens: int) -> list[int]:
 
 def is_graph_step(seqs: Sequence) -> bool:
     """No prompt logprobs, no chunk holding prompt positions of a request with images (its vision tower runs
-    eagerly), no DoRA adapter (its per-channel rescaling runs eagerly) (``seqs``:
+    eagerly), no adapter with DoRA or LoRA bias (applied per segment, eagerly) (``seqs``:
     :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
     for s in seqs:
         if s.prompt_logprobs:
             return False
         adapter = getattr(s.req, "adapter", None)
-        if adapter is not None and adapter.has_dora:
+        if adapter is not None and adapter.eager_only:
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False

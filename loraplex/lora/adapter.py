@@ -84,6 +84,8 @@ class LoRAWeights:
     scaling: float
     # DoRA: the learned magnitude of each output channel (embedding: of each hidden dim), or None
     magnitude: Optional[torch.Tensor] = None
+    # lora_bias: B's bias [out] (the delta is (B A x + bias) * scaling), or None
+    bias: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
@@ -110,6 +112,12 @@ class LoRAAdapter:
     @functools.cached_property
     def has_dora(self) -> bool:
         return any(w.magnitude is not None for w in self.modules.values())
+
+    @functools.cached_property
+    def eager_only(self) -> bool:
+        """Whether its requests' steps run eagerly (not as CUDA graphs): DoRA rescaling and LoRA bias are
+        applied per segment on the host's segment lists."""
+        return self.has_dora or any(w.bias is not None for w in self.modules.values())
 
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
@@ -237,9 +245,18 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
         if marker in _UNSUPPORTED_MARKERS:
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {_UNSUPPORTED_MARKERS[marker]}")
         if marker in _LORA_PARTS:
-            if rest and rest[-1] == "bias":
-                raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature LoRA bias (lora_bias)")
             is_emb = marker.startswith("lora_embedding")
+            if rest and rest[-1] == "bias":
+                if marker != "lora_B" or len(rest) not in (1, 2):
+                    raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
+                if not cfg.lora_bias:
+                    raise AdapterError(f"{wfile}: tensor {key!r} is a LoRA bias, but {CONFIG_FILE} does not set "
+                                       "lora_bias")
+                slot = pairs.setdefault(module, {})
+                if "b" in slot:
+                    raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot['b'][0]!r}")
+                slot["b"] = (key, tensor, False)
+                continue
             # "weight" or "<adapter>.weight" for linear; nothing or "<adapter>" for embedding
             bad = len(rest) > 1 if is_emb else (len(rest) not in (1, 2) or rest[-1] != "weight")
             if bad:
@@ -290,7 +307,7 @@ def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cf
                    max_lora_rank: int, where: str) -> LoRAWeights:
     """Check ``A [r, in]``, ``B [out, r]`` (embedding: ``A [r, vocab]``, ``B [hidden, r]``), r and the limit."""
     if "A" not in slot or "B" not in slot:
-        have = next(k for k in ("A", "B", "M") if k in slot)
+        have = next(k for k in ("A", "B", "M", "b") if k in slot)
         missing = "B" if "A" in slot else "A"
         raise AdapterError(f"{wfile}: tensor {slot[have][0]!r} has no matching lora_{missing} tensor "
                            f"for module {module!r}")
@@ -328,7 +345,18 @@ def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cf
     elif cfg.use_dora:
         raise AdapterError(f"{wfile}: {CONFIG_FILE} sets use_dora, but module {module!r} has no "
                            f"{_MAGNITUDE} tensor")
-    return LoRAWeights(A.float().contiguous(), B.float().contiguous(), cfg.scaling(module), magnitude)
+    bias = None
+    if "b" in slot:
+        bias_key, bias, _ = slot["b"]
+        if is_emb:
+            raise AdapterError(f"{wfile}: tensor {bias_key!r}: embedding {module!r} takes no LoRA bias")
+        if bias.dim() != 1 or bias.shape[0] != target.out_features:
+            raise AdapterError(f"{wfile}: tensor {bias_key!r} has shape {tuple(bias.shape)}, expected "
+                               f"({target.out_features},): the LoRA bias of {module!r}")
+        bias = bias.float().contiguous()
+    elif cfg.lora_bias and not is_emb:
+        raise AdapterError(f"{wfile}: {CONFIG_FILE} sets lora_bias, but module {module!r} has no lora_B.bias tensor")
+    return LoRAWeights(A.float().contiguous(), B.float().contiguous(), cfg.scaling(module), magnitude, bias)
 
 
 def _shape_msg(wfile: str, key: str, expected: tuple[int, int], t: torch.Tensor, vocab_related: bool) -> str:
@@ -345,8 +373,10 @@ def _split_fused(wfile: str, b_key: str, w: LoRAWeights, parts: list[ModuleTarge
         raise AdapterError(f"{wfile}: tensor {b_key!r} has shape {tuple(w.B.shape)}, expected "
                            f"({sum(sizes)}, {w.rank}) = {' + '.join(map(str, sizes))} rows")
     mags = w.magnitude.split(sizes) if w.magnitude is not None else [None] * len(parts)
-    return [(p.name, LoRAWeights(w.A.clone(), b.clone(), w.scaling, None if m is None else m.clone()))
-            for p, b, m in zip(parts, w.B.split(sizes, dim=0), mags)]
+    biases = w.bias.split(sizes) if w.bias is not None else [None] * len(parts)
+    return [(p.name, LoRAWeights(w.A.clone(), b.clone(), w.scaling, None if m is None else m.clone(),
+                                 None if c is None else c.clone()))
+            for p, b, m, c in zip(parts, w.B.split(sizes, dim=0), mags, biases)]
 
 
 def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torch.Tensor,

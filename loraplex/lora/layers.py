@@ -39,6 +39,9 @@ class BaseLayerWithLoRA(nn.Module):
         # the device, computed when the adapter enters the slot); rows of that slot become
         # scale * (y - bias) + bias. Only eager steps hold DoRA slots (cuda_graph.is_graph_step).
         self.dora: dict[int, torch.Tensor] = {}
+        # LoRA bias: slot -> float32 scaling * bias of each output channel (0 for slices without one), added to
+        # that slot's rows before any DoRA rescaling. Eager steps only, like DoRA.
+        self.lora_bias: dict[int, torch.Tensor] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -63,21 +66,37 @@ class BaseLayerWithLoRA(nn.Module):
         self.active = self.active | {slot} if has_weights else self.active - {slot}
         if not has_weights:
             self.dora.pop(slot, None)
+            self.lora_bias.pop(slot, None)
 
-    def _apply_dora(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
-        """DoRA's per-channel rescaling of the rows of DoRA slots, in place: ``y = scale * (y - bias) + bias``
-        (y already holds the base output and the LoRA delta)."""
-        if not self.dora or batch.static:
+    def _apply_eager_terms(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
+        """Per segment of a slot with them, in place: its LoRA bias ``y += scaling * lora_bias``, then DoRA's
+        per-channel rescaling ``y = scale * (y - bias) + bias`` (``bias``: the base layer's; y already holds
+        the base output and the LoRA delta)."""
+        if (not self.dora and not self.lora_bias) or batch.static:
             return
         for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-            scale = self.dora.get(slot)
-            if scale is None:
+            extra, scale = self.lora_bias.get(slot), self.dora.get(slot)
+            if extra is None and scale is None:
                 continue
             rows = y[start:end]
-            if bias is None:
-                rows.copy_(rows * scale)
-            else:
-                rows.copy_((rows - bias) * scale + bias)
+            out = rows.float()
+            if extra is not None:
+                out = out + extra
+            if scale is not None:
+                out = out * scale if bias is None else (out - bias) * scale + bias
+            rows.copy_(out)
+
+    def _bias_vector(self, parts: list) -> torch.Tensor:
+        """``scaling * bias`` of each output channel of this rank's weight (0 where a slice has none), float32;
+        ``parts``: (slice, this rank's bias rows, scaling)."""
+        w = self.base_layer.weight
+        vec = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        offsets = [0]
+        for n in getattr(self, "output_slices", (w.shape[0],)):
+            offsets.append(offsets[-1] + n)
+        for i, b, scaling in parts:
+            vec[offsets[i]:offsets[i] + b.shape[0]] = upload(b, w).float() * scaling
+        return vec
 
     # Subclasses implement create_lora_weights / set_lora / reset_lora / forward.
 
@@ -108,6 +127,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         self.reset_lora(slot)
         base = self.base_layer
         dora_parts: list = []
+        bias_parts: list = []
         for i, lw in enumerate(weights):
             if lw is None:
                 continue
@@ -126,12 +146,17 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.lora_a[i][slot, :r].copy_(upload(a, self.lora_a[i]))
             self.lora_b[i][slot, :, :r].copy_(upload(b, self.lora_b[i]))
             self.stack.set(slot, i, r, float(lw.scaling))
+            sharded = b.shape[0] != lw.B.shape[0]
             if lw.magnitude is not None:
-                mag = lw.magnitude if b.shape[0] == lw.B.shape[0] else lw.magnitude[start:start + n]
+                mag = lw.magnitude[start:start + n] if sharded else lw.magnitude
                 dora_parts.append((i, a, b, lw.scaling, mag))
+            if lw.bias is not None:
+                bias_parts.append((i, lw.bias[start:start + n] if sharded else lw.bias, lw.scaling))
         self._update_active(slot, any(w is not None for w in weights))
         if dora_parts:
             self.dora[slot] = self._dora_scale(dora_parts)
+        if bias_parts:
+            self.lora_bias[slot] = self._bias_vector(bias_parts)
 
     def _dora_scale(self, parts: list) -> torch.Tensor:
         """Per output channel of this rank's weight: magnitude / ||W + scaling * B A|| over the input (DoRA; 1 for
@@ -160,8 +185,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
         self.backend.expand(y2, buf, self.stack, batch)
-        self._apply_dora(y2, batch, self.base_layer.bias if getattr(self.base_layer, "bias", None) is not None
-                         else None)
+        self._apply_eager_terms(y2, batch, getattr(self.base_layer, "bias", None))
         return y2.view(*lead, y.shape[-1])
 
 
@@ -221,7 +245,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         if batch is None or not batch.runs(self.active):
             return y
         self.backend.embed(y, ids, self.stack, batch)
-        self._apply_dora(y, batch, None)
+        self._apply_eager_terms(y, batch, None)
         return y
 
 
@@ -256,6 +280,8 @@ class LMHeadWithLoRA(LinearWithLoRA):
         self.lora_b[0][slot, :part.shape[0], :r].copy_(upload(part, self.lora_b[0]))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
+        if lw.bias is not None:
+            self.lora_bias[slot] = self._bias_vector([(0, lw.bias[start:start + part.shape[0]], lw.scaling)])
         if lw.magnitude is not None:  # padded vocabulary rows keep scale 1 (their logits are dropped)
             mag = lw.magnitude[start:start + part.shape[0]]
             self.dora[slot] = self._dora_scale([(0, lw.A, part, lw.scaling, mag)])
@@ -267,7 +293,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
         if batch is not None and batch.runs(self.active):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
-            self._apply_dora(logits, batch, None)
+            self._apply_eager_terms(logits, batch, None)
         from loraplex.distributed.parallel_state import all_gather_last_dim
         return all_gather_last_dim(logits)
 

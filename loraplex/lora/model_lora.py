@@ -104,7 +104,7 @@ class LoRAModel:
             if not w.A.is_pinned():
                 adapter.modules[name] = LoRAWeights(w.A.to(dtype).contiguous().pin_memory(),
                                                     w.B.to(dtype).contiguous().pin_memory(), w.scaling,
-                                                    w.magnitude)
+                                                    w.magnitude, w.bias)
 
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> Optional[torch.cuda.Event]:
         """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it).

@@ -25,7 +25,6 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBE
 
 # Config fields that change what the adapter computes (or what base weights it needs). A truthy value is refused.
 _UNSUPPORTED_FIELDS = {
-    "lora_bias": "LoRA bias (lora_bias)",
     "use_qalora": "QALoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -63,6 +62,7 @@ class PeftLoraConfig:
     modules_to_save: list[str] = field(default_factory=list)
     ensure_weight_tying: bool = False
     use_dora: bool = False  # DoRA: each targeted module also has a magnitude vector (lora_magnitude_vector)
+    lora_bias: bool = False  # lora_B of each targeted linear module has a bias (lora_B.bias), scaled like B A x
 
     # --- matching ---------------------------------------------------------------------------------------------
     def is_all_linear(self) -> bool:
@@ -170,6 +170,8 @@ def parse_lora_config(raw: Any, where: str) -> PeftLoraConfig:
             "weights, so the adapter needs a modified base model (convert it with PEFT's "
             "path_initial_model_for_weight_conversion first)"
         )
+    if raw.get("use_dora") and raw.get("lora_bias"):
+        raise AdapterError(f"{where}: use_dora and lora_bias together: PEFT does not support that combination")
     if raw.get("bias", "none") not in ("none", None):
         raise AdapterError(f"{where}: unsupported PEFT feature bias={raw['bias']!r} (trained base-layer biases)")
 
@@ -191,6 +193,7 @@ def parse_lora_config(raw: Any, where: str) -> PeftLoraConfig:
         modules_to_save=list(_get("modules_to_save", [])),
         ensure_weight_tying=bool(_get("ensure_weight_tying", False)),
         use_dora=bool(_get("use_dora", False)),
+        lora_bias=bool(_get("lora_bias", False)),
     )
     if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
         raise AdapterError(f"{where}: r must be a positive integer, got {cfg.r!r}")

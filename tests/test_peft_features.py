@@ -1,9 +1,11 @@
-"""DoRA (``use_dora``) adapters against transformers + PEFT, inside mixed batches.
+"""PEFT features beyond plain LoRA, against transformers + PEFT, inside mixed batches: DoRA (``use_dora``)
+and LoRA bias (``lora_bias``).
 
 A DoRA adapter on every linear layer, the input embedding and the output head (magnitudes redrawn, so each
-channel's rescaling is far from 1) shares the batch with a plain LoRA adapter and base requests. PEFT runs
-DoRA with one adapter at a time (it refuses ``adapter_names`` with DoRA), so each request's reference is that
-adapter alone: float32 prompt logprobs within 1e-4 and greedy tokens identical for 16 new tokens.
+channel's rescaling is far from 1), an all-linear DoRA adapter with rsLoRA, and a LoRA-bias adapter on every
+linear layer and the head share the batch with a plain LoRA adapter and base requests. PEFT runs DoRA with
+one adapter at a time (it refuses ``adapter_names`` with DoRA), so each request's reference is that adapter
+alone: float32 prompt logprobs within 1e-4 and greedy tokens identical for 16 new tokens.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from helpers import load_base_model, make_adapter, make_tiny_model
 from loraplex import LLM, AdapterError, LoRARequest, SamplingParams
 
 PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46],
-           [9, 8, 7, 6, 5, 4, 3, 2, 1, 11]]
-NAMES = ["dora", None, "plain", "dora", "dora_lin"]
+           [9, 8, 7, 6, 5, 4, 3, 2, 1, 11], [60, 61, 62, 63, 64], [200, 180, 160, 140]]
+NAMES = ["dora", None, "plain", "dora", "dora_lin", "biased", "biased"]
 NEW_TOKENS = 16
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,6 +45,8 @@ def build(model_dir: str, root: Path) -> dict[str, str]:
         "dora_lin": make_adapter(model_dir, root / "dora_lin", seed=4, r=4, lora_alpha=8, use_dora=True,
                                  use_rslora=True, target_modules="all-linear"),
         "plain": make_adapter(model_dir, root / "plain", seed=2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "biased": make_adapter(model_dir, root / "biased", seed=5, r=4, lora_alpha=8, lora_bias=True,
+                               target_modules=ALL + ["lm_head"]),
     }
     redraw_magnitudes(paths["dora"], 7)
     redraw_magnitudes(paths["dora_lin"], 8)
@@ -51,14 +55,15 @@ def build(model_dir: str, root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases (DoRA rescales without the bias)
-def test_dora_in_a_mixed_batch_matches_peft(tmp_path, family: str, device: str) -> None:
-    """On CUDA the DoRA requests' steps run eagerly (no graph), its scales computed on the upload stream."""
+def test_dora_and_lora_bias_in_a_mixed_batch_match_peft(tmp_path, family: str, device: str) -> None:
+    """On CUDA the steps holding DoRA or LoRA-bias requests run eagerly (no graph); the DoRA scales are
+    computed on the upload stream."""
     from peft import PeftModel
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = make_tiny_model(tmp_path / "model", family=family)
     paths = build(model_dir, tmp_path)
-    llm = LLM(model_dir, dtype="float32", device=device, max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=64,
+    llm = LLM(model_dir, dtype="float32", device=device, max_loras=4, max_lora_rank=16, seed=0, num_kv_blocks=64,
               block_size=4)
     params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
     loras = [LoRARequest(n, paths[n]) if n else None for n in NAMES]
@@ -130,3 +135,21 @@ def test_dora_errors_name_the_tensor(tmp_path) -> None:
     save_file(bad, str(file), metadata={"format": "pt"})
     with pytest.raises(AdapterError, match="DoRA magnitudes must be positive"):
         llm.add_lora(LoRARequest("negative", path))
+
+
+def test_lora_bias_errors_name_the_tensor(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_adapter(model_dir, tmp_path / "b", seed=1, r=4, lora_bias=True, target_modules=["q_proj"])
+    file = Path(path) / "adapter_model.safetensors"
+    good = load_file(str(file))
+    key = next(k for k in good if k.endswith("lora_B.bias"))
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
+              block_size=4)
+    save_file({**good, key: good[key][:-2].clone()}, str(file), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"lora_B\.bias.*has shape \(\d+,\), expected \(\d+,\): the LoRA bias"):
+        llm.add_lora(LoRARequest("short", path))
+    save_file({k: v for k, v in good.items() if k != key}, str(file), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"sets lora_bias, but module .*q_proj.* has no lora_B\.bias tensor"):
+        llm.add_lora(LoRARequest("missing", path))
