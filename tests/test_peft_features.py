@@ -1,5 +1,5 @@
-"""PEFT features beyond plain LoRA, against transformers + PEFT, inside mixed batches: DoRA (``use_dora``)
-and LoRA bias (``lora_bias``).
+"""PEFT features beyond plain LoRA, against transformers + PEFT, inside mixed batches: DoRA (``use_dora``),
+LoRA bias (``lora_bias``) and trainable tokens (``trainable_token_indices``).
 
 A DoRA adapter on every linear layer, the input embedding and the output head (magnitudes redrawn, so each
 channel's rescaling is far from 1), an all-linear DoRA adapter with rsLoRA, and a LoRA-bias adapter on every
@@ -153,3 +153,75 @@ def test_lora_bias_errors_name_the_tensor(tmp_path) -> None:
     save_file({k: v for k, v in good.items() if k != key}, str(file), metadata={"format": "pt"})
     with pytest.raises(AdapterError, match=r"sets lora_bias, but module .*q_proj.* has no lora_B\.bias tensor"):
         llm.add_lora(LoRARequest("missing", path))
+
+
+# ---- trainable tokens ---------------------------------------------------------------------------------------
+
+TT_PROMPTS = [[5, 1, 2, 99, 3, 7, 8], [3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [42, 3, 44, 1], [9, 8, 7, 2, 5]]
+TT_NAMES = ["tt", None, "plain", "tt", "tt_dict"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainable_tokens_in_a_mixed_batch_match_peft(tmp_path, tied: bool, device: str) -> None:
+    """Trainable tokens (with LoRA on other modules) beside plain LoRA and base requests: the replaced rows of
+    the embedding (and, with tied embeddings, of the head) hold only for that adapter's requests."""
+    from peft import PeftModel
+
+    family = "qwen2" if tied else "llama"
+    model_dir = make_tiny_model(tmp_path / "model", family=family, tie_word_embeddings=tied)
+    paths = {
+        "tt": make_adapter(model_dir, tmp_path / "tt", seed=1, r=4, target_modules=["q_proj", "v_proj"],
+                           trainable_token_indices=[1, 2, 3]),
+        "plain": make_adapter(model_dir, tmp_path / "plain", seed=2, r=4, target_modules=["q_proj", "v_proj"]),
+    }
+    names = [n for n in TT_NAMES if n != "tt_dict" or not tied]
+    prompts = TT_PROMPTS[:len(names)]
+    if not tied:  # separate ids for the embedding and the head
+        paths["tt_dict"] = make_adapter(model_dir, tmp_path / "tt_dict", seed=3, r=4, target_modules=["o_proj"],
+                                        trainable_token_indices={"embed_tokens": [2, 5], "lm_head": [3, 4, 6]})
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM(model_dir, dtype="float32", device=device, max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=64,
+              block_size=4)
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
+    loras = [LoRARequest(n, paths[n]) if n else None for n in names]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    refs = {None: load_base_model(model_dir).eval()}
+    for name in {n for n in names if n}:
+        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
+    with torch.no_grad():
+        for prompt, name, out in zip(prompts, names, outs):
+            ids = torch.tensor([prompt])
+            mask = torch.ones_like(ids)
+            logits = refs[name](input_ids=ids, attention_mask=mask).logits[0]
+            logp = logits.log_softmax(-1)
+            for i in range(1, len(prompt)):
+                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
+                    (name, i)
+            want = refs[name].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+            assert out.outputs[0].token_ids == want, name
+    # the tokens matter: the adapter's rows differ from the base ones (the parity above is not vacuous)
+    base_emb = refs[None].get_input_embeddings().weight
+    rows = llm.engine.pool.get("tt").tokens["model.embed_tokens"][1].float().cpu()
+    assert (rows - base_emb[[1, 2, 3]]).abs().max() > 0.1
+
+
+def test_trainable_tokens_errors(tmp_path) -> None:
+    import json
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_adapter(model_dir, tmp_path / "tt", seed=1, r=4, target_modules=["q_proj"],
+                        trainable_token_indices=[1, 2, 3])
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
+              block_size=4)
+    cfg_file = Path(path) / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for indices, pattern in [([1, 2], r"has shape \(3, \d+\), expected \(2, \d+\): one row per trainable token"),
+                             ([1, 2, 100000], r"distinct token ids below the vocabulary size"),
+                             ({"q_proj": [1, 2, 3]}, r"names 'q_proj', which is not the model's input embedding"),
+                             (None, r"holds trainable tokens, but adapter_config.json has no trainable_token_indices"),
+                             ("x", r"trainable_token_indices must be a non-empty list")]:
+        cfg_file.write_text(json.dumps({**cfg, "trainable_token_indices": indices}))
+        with pytest.raises(AdapterError, match=pattern):
+            llm.add_lora(LoRARequest(f"bad{len(str(indices))}", path))

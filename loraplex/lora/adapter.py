@@ -36,8 +36,8 @@ _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "
 _PREFIX = "base_model.model."
 _LORA_PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
 _MAGNITUDE = "lora_magnitude_vector"  # DoRA: one magnitude per output channel (embedding: per hidden dim)
+_TOKENS = "token_adapter"  # trainable tokens: <module>.token_adapter.trainable_tokens_delta [n, hidden]
 _UNSUPPORTED_MARKERS = {
-    "token_adapter": "trainable tokens (token_adapter)",
     "trainable_tokens_delta": "trainable tokens (trainable_tokens_delta)",
 }
 _COPY_MARKERS = ("base_layer", "modules_to_save", "original_module")
@@ -102,6 +102,9 @@ class LoRAAdapter:
     modules: dict[str, LoRAWeights]
     config: dict
     uid: int = field(default_factory=lambda: next(_adapter_ids))  # unique per load (cache keys, versions)
+    # trainable tokens: HF module name ("model.embed_tokens", "lm_head") -> (token ids [n] int64, their new
+    # rows [n, hidden] float32), which replace those rows of that table for this adapter's requests
+    tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # tensor keys present in the file but skipped because PEFT would not have adapted their module
     ignored_keys: tuple[str, ...] = ()
 
@@ -117,7 +120,7 @@ class LoRAAdapter:
     def eager_only(self) -> bool:
         """Whether its requests' steps run eagerly (not as CUDA graphs): DoRA rescaling and LoRA bias are
         applied per segment on the host's segment lists."""
-        return self.has_dora or any(w.bias is not None for w in self.modules.values())
+        return self.has_dora or bool(self.tokens) or any(w.bias is not None for w in self.modules.values())
 
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
@@ -142,10 +145,13 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
                            f"model has: {', '.join(have)}")
 
     pairs = _group_lora_tensors(wfile, tensors, spec, cfg)
+    tokens = _trainable_tokens(wfile, pairs, spec, cfg)
     modules: dict[str, LoRAWeights] = {}
     ignored: list[str] = []
     for module in sorted(pairs):
         slot = pairs[module]
+        if not slot:
+            continue
         keys = [k for k, _, _ in slot.values()]
         cand = candidates.get(module)
         if cand is None:
@@ -162,7 +168,8 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
     if ignored:
         logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
                        "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
-    return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored))
+    return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored),
+                       tokens=tokens)
 
 
 def _confined(where: str, file: str, root: Optional[str], what: Optional[str] = None) -> str:
@@ -242,6 +249,11 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
                 raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot['M'][0]!r}")
             slot["M"] = (key, tensor, False)
             continue
+        if marker == _TOKENS:
+            if rest != ["trainable_tokens_delta"]:
+                raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
+            pairs.setdefault(module, {})["T"] = (key, tensor, False)
+            continue
         if marker in _UNSUPPORTED_MARKERS:
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {_UNSUPPORTED_MARKERS[marker]}")
         if marker in _LORA_PARTS:
@@ -270,12 +282,60 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
     return pairs
 
 
+def _trainable_tokens(wfile: str, pairs: dict, spec: AdapterTargetSpec,
+                      cfg: PeftLoraConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Take the trainable-token tensors out of ``pairs`` and match them with ``trainable_token_indices``:
+    module -> (token ids, new rows). Each configured module needs its tensor and the reverse; ids must lie in
+    the vocabulary, once each; rows are ``[len(ids), hidden]``; a module cannot also carry LoRA."""
+    found = {m: slot.pop("T") for m, slot in pairs.items() if "T" in slot}
+    tti = cfg.trainable_token_indices
+    if tti is None:
+        if found:
+            key = next(iter(found.values()))[0]
+            raise AdapterError(f"{wfile}: tensor {key!r} holds trainable tokens, but {CONFIG_FILE} has no "
+                               "trainable_token_indices")
+        return {}
+    embed = next((n for n, t in spec.modules.items() if t.kind == "embedding"), None)
+    configured = {embed: tti} if isinstance(tti, list) else {}
+    if isinstance(tti, dict):
+        for name, ids in tti.items():
+            match = [m for m in spec.modules if m == name or m.endswith("." + name)]
+            if len(match) != 1 or (spec.modules[match[0]].kind != "embedding" and not _is_output_head(match[0])):
+                raise AdapterError(f"{wfile}: {CONFIG_FILE}: trainable_token_indices names {name!r}, which is not "
+                                   "the model's input embedding or output head")
+            configured[match[0]] = ids
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, ids in configured.items():
+        if module not in found:
+            raise AdapterError(f"{wfile}: {CONFIG_FILE} gives trainable tokens for {module!r}, but there is no "
+                               f"{module}.token_adapter.trainable_tokens_delta tensor")
+        key, rows, _ = found.pop(module)
+        target = spec.modules[module]
+        vocab = target.in_features if target.kind == "embedding" else target.out_features
+        hidden = target.out_features if target.kind == "embedding" else target.in_features
+        if len(set(ids)) != len(ids) or max(ids) >= vocab:
+            raise AdapterError(f"{wfile}: {CONFIG_FILE}: trainable_token_indices for {module!r} must be distinct "
+                               f"token ids below the vocabulary size {vocab}, got {ids!r}")
+        if rows.dim() != 2 or tuple(rows.shape) != (len(ids), hidden):
+            raise AdapterError(f"{wfile}: tensor {key!r} has shape {tuple(rows.shape)}, expected "
+                               f"({len(ids)}, {hidden}): one row per trainable token")
+        if pairs.get(module):
+            raise AdapterError(f"{wfile}: module {module!r} has both LoRA and trainable tokens")
+        out[module] = (torch.tensor(ids, dtype=torch.int64), rows.float().contiguous())
+    if found:
+        module, (key, _, _) = next(iter(found.items()))
+        raise AdapterError(f"{wfile}: tensor {key!r} holds trainable tokens for {module!r}, which "
+                           f"trainable_token_indices in {CONFIG_FILE} does not name")
+    return out
+
+
 def _split_key(key: str) -> tuple[str, Optional[str], list[str]]:
     """``base_model.model.<module>.<marker>.<rest>`` -> (module, marker, rest); marker None for a plain
     ``<module>.<param>`` key (then rest is ``[param]``)."""
     segments = key[len(_PREFIX):].split(".") if key.startswith(_PREFIX) else key.split(".")
     for i, seg in enumerate(segments):
-        if seg in _LORA_PARTS or seg == _MAGNITUDE or seg in _UNSUPPORTED_MARKERS or seg in _COPY_MARKERS:
+        if (seg in _LORA_PARTS or seg in (_MAGNITUDE, _TOKENS) or seg in _UNSUPPORTED_MARKERS
+                or seg in _COPY_MARKERS):
             marker = None if seg in _COPY_MARKERS else seg
             rest = segments[i + 1:]
             return ".".join(segments[:i]), marker, (rest[-1:] if marker is None else rest)

@@ -42,6 +42,9 @@ class BaseLayerWithLoRA(nn.Module):
         # LoRA bias: slot -> float32 scaling * bias of each output channel (0 for slices without one), added to
         # that slot's rows before any DoRA rescaling. Eager steps only, like DoRA.
         self.lora_bias: dict[int, torch.Tensor] = {}
+        # Trainable tokens (embedding and head wrappers): slot -> (token ids, their rows) on the device; the
+        # embedding also keeps a map id -> row (-1: not replaced). Eager steps only, like DoRA.
+        self.tokens: dict[int, tuple] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -67,6 +70,7 @@ class BaseLayerWithLoRA(nn.Module):
         if not has_weights:
             self.dora.pop(slot, None)
             self.lora_bias.pop(slot, None)
+            self.tokens.pop(slot, None)
 
     def _apply_eager_terms(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
         """Per segment of a slot with them, in place: its LoRA bias ``y += scaling * lora_bias``, then DoRA's
@@ -231,6 +235,34 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
             norm = torch.linalg.norm(w.float() + lw.scaling * (a.T @ b.T), dim=0)
             self.dora[slot] = mag / norm
 
+    def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Trainable tokens of the adapter in ``slot``: rows ``entry[1]`` replace the table's rows of ids
+        ``entry[0]`` for that slot's tokens (None: none)."""
+        self.tokens.pop(slot, None)
+        if entry is None:
+            return
+        w = self.base_layer.weight
+        ids, rows = upload(entry[0], w), upload(entry[1], w).to(w.dtype)
+        row_of = torch.full((w.shape[0],), -1, dtype=torch.int64, device=w.device)
+        row_of[ids] = torch.arange(ids.shape[0], device=w.device)
+        self.tokens[slot] = (row_of, rows)
+        self._update_active(slot, True)
+
+    def _apply_tokens(self, y: torch.Tensor, ids: torch.Tensor, batch) -> None:
+        """Rows of trainable tokens, in place, per segment of a slot that has them (no sync: a gather and a
+        select; ids past the table, such as image placeholders, are never replaced)."""
+        if not self.tokens or batch.static:
+            return
+        for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+            entry = self.tokens.get(slot)
+            if entry is None:
+                continue
+            row_of, rows = entry
+            seg = ids[start:end]
+            inside = seg < row_of.shape[0]
+            r = torch.where(inside, row_of[seg.clamp(max=row_of.shape[0] - 1)], -1)
+            y[start:end] = torch.where((r >= 0)[:, None], rows[r.clamp(min=0)].to(y.dtype), y[start:end])
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         batch = current_lora_batch()
@@ -246,6 +278,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
             return y
         self.backend.embed(y, ids, self.stack, batch)
         self._apply_eager_terms(y, batch, None)
+        self._apply_tokens(y, ids, batch)
         return y
 
 
@@ -286,6 +319,16 @@ class LMHeadWithLoRA(LinearWithLoRA):
             mag = lw.magnitude[start:start + part.shape[0]]
             self.dora[slot] = self._dora_scale([(0, lw.A, part, lw.scaling, mag)])
 
+    def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Trainable tokens of the adapter in ``slot`` for the head: the logits of ids ``entry[0]`` come from
+        rows ``entry[1]`` for that slot's rows (None: none)."""
+        self.tokens.pop(slot, None)
+        if entry is None:
+            return
+        w = self.base_layer.weight
+        self.tokens[slot] = (upload(entry[0], w), upload(entry[1], w).to(w.dtype))
+        self._update_active(slot, True)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         batch = current_lora_batch(for_logits=True)
@@ -294,6 +337,12 @@ class LMHeadWithLoRA(LinearWithLoRA):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
             self._apply_eager_terms(logits, batch, None)
+            if self.tokens and not batch.static:
+                for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+                    entry = self.tokens.get(slot)
+                    if entry is not None:
+                        ids, rows = entry
+                        logits[start:end].index_copy_(1, ids, hidden[start:end] @ rows.T)
         from loraplex.distributed.parallel_state import all_gather_last_dim
         return all_gather_last_dim(logits)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, LoRAWeights, ModuleTarget
 from loraplex.lora.backends.base import LoRABackend
-from loraplex.lora.layers import BaseLayerWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
+from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
 
 
 @dataclass
@@ -62,6 +62,8 @@ class LoRAModel:
             self.modules.append(WrappedModule(name, wrapper, slice_names))
         self._by_slice = {sn: (wm, i) for wm in self.modules for i, sn in enumerate(wm.slice_names)}
         config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.tied_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         self.spec = AdapterTargetSpec(
             modules=targets,
             packed_modules_mapping=packed,
@@ -100,6 +102,9 @@ class LoRAModel:
         device, dtype = self._device_and_dtype()
         if device.type != "cuda":
             return
+        for name, (ids, rows) in list(adapter.tokens.items()):
+            if not rows.is_pinned():
+                adapter.tokens[name] = (ids.pin_memory(), rows.to(dtype).contiguous().pin_memory())
         for name, w in list(adapter.modules.items()):
             if not w.A.is_pinned():
                 adapter.modules[name] = LoRAWeights(w.A.to(dtype).contiguous().pin_memory(),
@@ -139,3 +144,16 @@ class LoRAModel:
                     wm.wrapper.set_lora(slot, weights)
                 elif slot in wm.wrapper.active or adapter is None:
                     wm.wrapper.reset_lora(slot)
+                if isinstance(wm.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
+                    wm.wrapper.set_tokens(slot, self._tokens_for(wm, adapter))
+
+    def _tokens_for(self, wm: WrappedModule, adapter: Optional[LoRAAdapter]):
+        """The trainable tokens of ``adapter`` for this table: its own entry, or for the head of a model with
+        tied embeddings the input embedding's (PEFT ties them), or None."""
+        if adapter is None or not adapter.tokens:
+            return None
+        name = wm.slice_names[0]
+        entry = adapter.tokens.get(name)
+        if entry is None and isinstance(wm.wrapper, LMHeadWithLoRA) and self.tied_embeddings:
+            entry = next((v for n, v in adapter.tokens.items() if self.spec.modules[n].kind == "embedding"), None)
+        return entry

@@ -27,7 +27,6 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBE
 _UNSUPPORTED_FIELDS = {
     "use_qalora": "QALoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "layer_replication": "layer replication (layer_replication)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
@@ -63,6 +62,9 @@ class PeftLoraConfig:
     ensure_weight_tying: bool = False
     use_dora: bool = False  # DoRA: each targeted module also has a magnitude vector (lora_magnitude_vector)
     lora_bias: bool = False  # lora_B of each targeted linear module has a bias (lora_B.bias), scaled like B A x
+    # trainable tokens: token ids whose embedding rows the adapter replaces; a list (the input embedding) or
+    # {module name: ids} (embed_tokens and/or lm_head)
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None
 
     # --- matching ---------------------------------------------------------------------------------------------
     def is_all_linear(self) -> bool:
@@ -194,7 +196,15 @@ def parse_lora_config(raw: Any, where: str) -> PeftLoraConfig:
         ensure_weight_tying=bool(_get("ensure_weight_tying", False)),
         use_dora=bool(_get("use_dora", False)),
         lora_bias=bool(_get("lora_bias", False)),
+        trainable_token_indices=raw.get("trainable_token_indices"),
     )
+    tti = cfg.trainable_token_indices
+    groups = tti.values() if isinstance(tti, dict) else [tti] if tti is not None else []
+    if not isinstance(tti, (list, dict, type(None))) or any(
+            not isinstance(g, list) or not g or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in g)
+            for g in groups):
+        raise AdapterError(f"{where}: trainable_token_indices must be a non-empty list of token ids, or a mapping "
+                           f"of module names to such lists, got {tti!r}")
     if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
         raise AdapterError(f"{where}: r must be a positive integer, got {cfg.r!r}")
     if not isinstance(cfg.lora_alpha, (int, float)) or isinstance(cfg.lora_alpha, bool):

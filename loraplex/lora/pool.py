@@ -78,8 +78,9 @@ class LoRAPool:
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
         validate_adapter_name(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
-        if adapter.has_dora and get_tp_size() > 1:
-            raise AdapterError(f"adapter {req.name!r} ({req.path}): DoRA (use_dora) under tensor parallelism is not "
+        if (adapter.has_dora or adapter.tokens) and get_tp_size() > 1:
+            feature = "DoRA (use_dora)" if adapter.has_dora else "trainable tokens (trainable_token_indices)"
+            raise AdapterError(f"adapter {req.name!r} ({req.path}): {feature} under tensor parallelism is not "
                                "supported yet; serve it with tensor_parallel_size=1")
         self.lora_model.stage(adapter)  # pinned, in the slots' dtype (CUDA): slot uploads never stall
         return adapter
