@@ -225,3 +225,67 @@ def test_trainable_tokens_errors(tmp_path) -> None:
         cfg_file.write_text(json.dumps({**cfg, "trainable_token_indices": indices}))
         with pytest.raises(AdapterError, match=pattern):
             llm.add_lora(LoRARequest(f"bad{len(str(indices))}", path))
+
+
+# ---- modules_to_save: an adapter's own embedding and head ---------------------------------------------------
+
+def _perturb(path: str, keys: tuple[str, ...], seed: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path) / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    g = torch.Generator().manual_seed(seed)
+    for key in keys:
+        tensors[key] = tensors[key] + 0.5 * torch.randn(tensors[key].shape, generator=g)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_modules_to_save_tables_in_a_mixed_batch_match_peft(tmp_path, device: str) -> None:
+    """Adapters with their own trained lm_head and/or embed_tokens (modules_to_save) beside plain LoRA and base
+    requests: each request reads its adapter's tables, the others the base ones."""
+    from peft import PeftModel
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    paths = {
+        "both": make_adapter(model_dir, tmp_path / "both", seed=1, r=4, target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["lm_head", "embed_tokens"]),
+        "head": make_adapter(model_dir, tmp_path / "head", seed=2, r=4, target_modules=["o_proj"],
+                             modules_to_save=["lm_head"]),
+        "plain": make_adapter(model_dir, tmp_path / "plain", seed=3, r=4, target_modules=["q_proj", "v_proj"]),
+    }
+    _perturb(paths["both"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 1)
+    _perturb(paths["head"], ("base_model.model.lm_head.weight",), 2)
+    names = ["both", None, "plain", "head", "both"]
+    prompts = PROMPTS[:len(names)]
+    llm = LLM(model_dir, dtype="float32", device=device, max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=64,
+              block_size=4)
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
+    loras = [LoRARequest(n, paths[n]) if n else None for n in names]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    assert set(llm.engine.pool.get("both").saved) == {"lm_head", "model.embed_tokens"}
+    refs = {None: load_base_model(model_dir).eval()}
+    for name in {n for n in names if n}:
+        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
+    with torch.no_grad():
+        for prompt, name, out in zip(prompts, names, outs):
+            ids = torch.tensor([prompt])
+            mask = torch.ones_like(ids)
+            logp = refs[name](input_ids=ids, attention_mask=mask).logits[0].log_softmax(-1)
+            for i in range(1, len(prompt)):
+                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
+                    (name, i)
+            want = refs[name].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+            assert out.outputs[0].token_ids == want, name
+
+
+def test_modules_to_save_refusals(tmp_path) -> None:
+    tied_dir = make_tiny_model(tmp_path / "tied", family="qwen2", tie_word_embeddings=True)
+    path = make_adapter(tied_dir, tmp_path / "t", seed=1, r=4, target_modules=["q_proj"],
+                        modules_to_save=["embed_tokens"])
+    _perturb(path, ("base_model.model.model.embed_tokens.weight",), 3)
+    llm = LLM(tied_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16, block_size=4)
+    with pytest.raises(AdapterError, match="modules_to_save tables .*model.embed_tokens.* tied embeddings"):
+        llm.add_lora(LoRARequest("tied", path))

@@ -105,6 +105,9 @@ class LoRAAdapter:
     # trainable tokens: HF module name ("model.embed_tokens", "lm_head") -> (token ids [n] int64, their new
     # rows [n, hidden] float32), which replace those rows of that table for this adapter's requests
     tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # modules_to_save: HF module name ("model.embed_tokens", "lm_head") -> the adapter's own trained table
+    # [vocab, hidden] float32, used instead of the base one for this adapter's requests
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
     # tensor keys present in the file but skipped because PEFT would not have adapted their module
     ignored_keys: tuple[str, ...] = ()
 
@@ -120,7 +123,8 @@ class LoRAAdapter:
     def eager_only(self) -> bool:
         """Whether its requests' steps run eagerly (not as CUDA graphs): DoRA rescaling and LoRA bias are
         applied per segment on the host's segment lists."""
-        return self.has_dora or bool(self.tokens) or any(w.bias is not None for w in self.modules.values())
+        return (self.has_dora or bool(self.tokens) or bool(self.saved)
+                or any(w.bias is not None for w in self.modules.values()))
 
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
@@ -146,6 +150,11 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
 
     pairs = _group_lora_tensors(wfile, tensors, spec, cfg)
     tokens = _trainable_tokens(wfile, pairs, spec, cfg)
+    saved = {m: slot.pop("S")[1] for m, slot in pairs.items() if "S" in slot}
+    for module in saved:  # (LoRA tensors of a module saved whole are ignored below, as PEFT ignores them)
+        if module in tokens:
+            raise AdapterError(f"{wfile}: module {module!r} is saved whole (modules_to_save) and also has "
+                               "trainable tokens")
     modules: dict[str, LoRAWeights] = {}
     ignored: list[str] = []
     for module in sorted(pairs):
@@ -169,7 +178,7 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
         logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
                        "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
     return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored),
-                       tokens=tokens)
+                       tokens=tokens, saved=saved)
 
 
 def _confined(where: str, file: str, root: Optional[str], what: Optional[str] = None) -> str:
@@ -278,7 +287,9 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
                 raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot[_LORA_PARTS[marker]][0]!r}")
             slot[_LORA_PARTS[marker]] = (key, tensor, is_emb)
         else:
-            _check_copy(wfile, key, module, rest, tensor, spec, cfg)
+            own = _check_copy(wfile, key, module, rest, tensor, spec, cfg)
+            if own is not None:  # a trained modules_to_save table: the adapter's own
+                pairs.setdefault(module, {})["S"] = (key, own, False)
     return pairs
 
 
@@ -440,9 +451,11 @@ def _split_fused(wfile: str, b_key: str, w: LoRAWeights, parts: list[ModuleTarge
 
 
 def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torch.Tensor,
-                spec: AdapterTargetSpec, cfg: PeftLoraConfig) -> None:
-    """A full copy of a base parameter: accepted only when it equals the base model's (PEFT saves embedding/head
-    copies beside their LoRA, and ``modules_to_save`` copies that may or may not have been trained)."""
+                spec: AdapterTargetSpec, cfg: PeftLoraConfig) -> Optional[torch.Tensor]:
+    """A full copy of a base parameter: accepted when it equals the base model's (PEFT saves embedding/head
+    copies beside their LoRA, and ``modules_to_save`` copies that may or may not have been trained); a trained
+    ``modules_to_save`` copy of the input embedding or the output head is returned (the adapter's own table,
+    float32); any other modified copy is refused."""
     param = rest[-1] if rest else ""
     saved_module = cfg.is_module_to_save(module)
     target = spec.modules.get(module)
@@ -466,8 +479,13 @@ def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torc
                                f"{module}.{param}), and the base weight is not available to prove it unchanged")
         return
     if tuple(base.shape) != tuple(tensor.shape) or not _same_weights(tensor, base):
+        table = target is not None and param == "weight" and (target.kind == "embedding" or _is_output_head(module))
+        if saved_module and table:
+            return tensor.float().contiguous()
         raise AdapterError(f"{wfile}: tensor {key!r}: the adapter carries a modified copy of the base weights of "
-                           f"{module!r} ({feature}); trained full-module copies are unsupported")
+                           f"{module!r} ({feature}); trained full copies are supported for the input embedding and "
+                           "the output head only")
+    return None
 
 
 def _same_weights(saved: torch.Tensor, base: torch.Tensor) -> bool:

@@ -45,6 +45,9 @@ class BaseLayerWithLoRA(nn.Module):
         # Trainable tokens (embedding and head wrappers): slot -> (token ids, their rows) on the device; the
         # embedding also keeps a map id -> row (-1: not replaced). Eager steps only, like DoRA.
         self.tokens: dict[int, tuple] = {}
+        # modules_to_save (embedding and head wrappers): slot -> the adapter's own table on the device, used
+        # instead of the base one for that slot's rows. Eager steps only.
+        self.saved: dict[int, torch.Tensor] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -71,6 +74,16 @@ class BaseLayerWithLoRA(nn.Module):
             self.dora.pop(slot, None)
             self.lora_bias.pop(slot, None)
             self.tokens.pop(slot, None)
+            self.saved.pop(slot, None)
+
+    def set_saved(self, slot: int, table: Optional[torch.Tensor]) -> None:
+        """The adapter in ``slot`` brings its own trained table (modules_to_save) [vocab, hidden], or None."""
+        self.saved.pop(slot, None)
+        if table is None:
+            return
+        w = self.base_layer.weight
+        self.saved[slot] = upload(table, w).to(w.dtype)
+        self._update_active(slot, True)
 
     def _apply_eager_terms(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
         """Per segment of a slot with them, in place: its LoRA bias ``y += scaling * lora_bias``, then DoRA's
@@ -279,6 +292,13 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         self.backend.embed(y, ids, self.stack, batch)
         self._apply_eager_terms(y, batch, None)
         self._apply_tokens(y, ids, batch)
+        if self.saved and not batch.static:
+            for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+                table = self.saved.get(slot)
+                if table is not None:  # ids past the adapter's table (image placeholders) keep the base rows
+                    seg = ids[start:end]
+                    own = torch.nn.functional.embedding(seg.clamp(max=table.shape[0] - 1), table)
+                    y[start:end] = torch.where((seg < table.shape[0])[:, None], own, y[start:end])
         return y
 
 
@@ -337,6 +357,11 @@ class LMHeadWithLoRA(LinearWithLoRA):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
             self._apply_eager_terms(logits, batch, None)
+            if self.saved and not batch.static:
+                for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+                    table = self.saved.get(slot)
+                    if table is not None:  # padded vocabulary columns past the table keep the base logits
+                        logits[start:end, :table.shape[0]] = hidden[start:end] @ table.T
             if self.tokens and not batch.static:
                 for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
                     entry = self.tokens.get(slot)

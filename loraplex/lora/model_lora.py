@@ -102,6 +102,9 @@ class LoRAModel:
         device, dtype = self._device_and_dtype()
         if device.type != "cuda":
             return
+        for name, table in list(adapter.saved.items()):
+            if not table.is_pinned():
+                adapter.saved[name] = table.to(dtype).contiguous().pin_memory()
         for name, (ids, rows) in list(adapter.tokens.items()):
             if not rows.is_pinned():
                 adapter.tokens[name] = (ids.pin_memory(), rows.to(dtype).contiguous().pin_memory())
@@ -146,6 +149,7 @@ class LoRAModel:
                     wm.wrapper.reset_lora(slot)
                 if isinstance(wm.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
                     wm.wrapper.set_tokens(slot, self._tokens_for(wm, adapter))
+                    wm.wrapper.set_saved(slot, adapter.saved.get(wm.slice_names[0]) if adapter else None)
 
     def _tokens_for(self, wm: WrappedModule, adapter: Optional[LoRAAdapter]):
         """The trainable tokens of ``adapter`` for this table: its own entry, or for the head of a model with

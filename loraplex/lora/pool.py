@@ -78,10 +78,15 @@ class LoRAPool:
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
         validate_adapter_name(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
-        if (adapter.has_dora or adapter.tokens) and get_tp_size() > 1:
-            feature = "DoRA (use_dora)" if adapter.has_dora else "trainable tokens (trainable_token_indices)"
+        if (adapter.has_dora or adapter.tokens or adapter.saved) and get_tp_size() > 1:
+            feature = ("DoRA (use_dora)" if adapter.has_dora else "trainable tokens (trainable_token_indices)"
+                       if adapter.tokens else "trained modules_to_save tables")
             raise AdapterError(f"adapter {req.name!r} ({req.path}): {feature} under tensor parallelism is not "
                                "supported yet; serve it with tensor_parallel_size=1")
+        if adapter.saved and self.lora_model.tied_embeddings:
+            raise AdapterError(f"adapter {req.name!r} ({req.path}): trained modules_to_save tables "
+                               f"({', '.join(sorted(adapter.saved))}) on a model with tied embeddings are not "
+                               "supported yet")
         self.lora_model.stage(adapter)  # pinned, in the slots' dtype (CUDA): slot uploads never stall
         return adapter
 
