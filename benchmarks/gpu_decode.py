@@ -5,8 +5,8 @@ One run measures, on the card it runs on:
 * the card: device-to-device copy bandwidth (bytes read plus bytes written per second) and the bf16
   matmul rate (8192^3);
 * decode: for each batch size (``--batches``) and each adapter mix (no adapter, 1 adapter, 4, as many
-  distinct adapters as requests, and a Zipf-skewed mix over ``--zipf-adapters`` adapters with
-  ``max_loras`` slots), ms per decode step over ``--new-tokens`` steps after the prompt's prefill,
+  distinct adapters as requests, a Zipf-skewed mix over ``--zipf-adapters`` adapters with ``max_loras``
+  slots, one DoRA adapter, one adapter with its own trained head), ms per decode step over ``--new-tokens`` steps after the prompt's prefill,
   tokens/s, and the share of the floor. The floor of a step is the bytes it must read over the measured
   copy bandwidth: every weight but the input embedding (a tied head counts once), the adapters the batch
   uses, and the KV cache at the mean context of the decode;
@@ -67,7 +67,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, help="device adapter slots (llama3-8b: 32)")
     p.add_argument("--zipf-adapters", type=int, help="adapters of the Zipf-skewed mix")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
-    p.add_argument("--cases", nargs="+", default=["base", "1", "4", "distinct", "zipf"],
+    p.add_argument("--cases", nargs="+", default=["base", "1", "4", "distinct", "zipf", "dora", "saved"],
                    help="adapter mixes: base, 1, 4, distinct, zipf")
     p.add_argument("--peft", action="store_true", help="also time HF transformers + PEFT (generate with "
                    "adapter_names) on the 'distinct' mix of the smallest batch")
@@ -137,6 +137,30 @@ def build(a: argparse.Namespace) -> tuple[Path, list[Path]]:
     return model, [build_adapter(out, ns, i) for i in range(n_adapters)]
 
 
+def build_variant(out: Path, a: argparse.Namespace, adapter: Path, kind: str) -> Path:
+    """``adapter`` made a DoRA adapter (a magnitude per output channel of each module: ``kind="dora"``) or
+    given its own trained output head (modules_to_save, ``kind="saved"``)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = out / f"{kind}-{adapter.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    g = torch.Generator().manual_seed(99)
+    if kind == "dora":
+        for key in [k for k in tensors if k.endswith("lora_B.weight")]:
+            rows = tensors[key].shape[0]
+            tensors[key.replace("lora_B.weight", "lora_magnitude_vector")] = 1.0 + torch.rand(rows, generator=g)
+        cfg["use_dora"] = True
+    else:
+        tensors["base_model.model.lm_head.weight"] = (
+            torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(getattr(torch, a.dtype))
+        cfg["modules_to_save"] = ["lm_head"]
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every weight a decode step reads: all parameters but the input embedding's rows (a head
     tied to the embedding is read as the head, so it counts once)."""
@@ -179,6 +203,8 @@ def mix(case: str, batch: int, a: argparse.Namespace, rng: torch.Generator) -> l
         return [f"a{i % 4}" for i in range(batch)]
     if case == "distinct":
         return [f"a{i}" for i in range(batch)]
+    if case in ("dora", "saved"):  # one adapter with DoRA / with its own trained head, for every request
+        return [f"{case}0"] * batch
     if case == "zipf":
         w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(a.zipf_adapters)])
         return [f"a{int(i)}" for i in torch.multinomial(w, batch, replacement=True, generator=rng)]
@@ -359,6 +385,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     graphs = None  # no reference to the engine's model outlives the engine (the PEFT case needs its memory)
     for i, path in enumerate(adapters):
         llm.add_lora(LoRARequest(f"a{i}", str(path)))
+    for kind in ("dora", "saved"):
+        if kind in a.cases:
+            llm.add_lora(LoRARequest(f"{kind}0", str(build_variant(Path(a.out_dir), a, adapters[0], kind))))
     elem = torch.empty(0, dtype=dtype).element_size()
     wbytes = weight_bytes(llm.engine.model)
     n_params = wbytes // elem
@@ -378,6 +407,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             used = len({x for x in loras if x})
             mean_ctx = a.prompt_len + a.new_tokens / 2
             floor_bytes = wbytes + used * adapter_bytes(a, elem) + kv_bytes(a, batch, mean_ctx, elem)
+            if case == "saved":  # the adapter's own head is read beside the base one
+                floor_bytes += a.vocab * a.hidden * elem
             floor_ms = 1e3 * floor_bytes / card["copy_bytes_per_s"]
             row = dict(batch=batch, case=case, adapters_used=used, **r, floor_ms=floor_ms,
                        share_of_floor=floor_ms / r["ms_per_step"])
