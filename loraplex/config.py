@@ -98,6 +98,10 @@ class CacheConfig:
     gpu_memory_utilization: float = _doc(0.90, "CUDA: share of the GPU's total memory, in (0, 1], that "
                                                "weights, activations and the KV cache may fill")
     cpu_kv_cache_gib: float = _doc(4.0, "CPU: memory for the KV cache, in GiB")
+    enable_prefix_caching: bool = _doc(True, "keep full KV blocks after their request ends, keyed by their "
+                                             "tokens, all earlier tokens and the adapter's content, and start "
+                                             "new requests from the longest cached prefix "
+                                             "(--no-enable-prefix-caching: recompute every prompt)")
     attention_backend: str = _doc("auto", "paged attention: torch (reference, any device), triton (kernels that "
                                           "read the paged cache in place, CUDA) or auto (triton on CUDA when it "
                                           "imports, else torch)")

@@ -50,6 +50,11 @@ class LLM:
             return arg
         raise InvalidRequestError(f"lora_request must be a LoRARequest, an adapter name or None, got {type(arg).__name__}")
 
+    def get_metrics(self) -> dict[str, float]:
+        """Engine figures: KV cache usage, and the prefix cache's prompt tokens looked up and found
+        (cumulative), hit rate, cached blocks and evictions."""
+        return self.engine.cache_stats()
+
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,

@@ -182,7 +182,7 @@ class LLMEngine:
             from loraplex.kernels.common import CompileWatch
 
             CompileWatch.start()
-        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
                                    sc.enable_chunked_prefill)
         self.sampler = Sampler(self.vocab_size, mc.seed)
@@ -268,6 +268,15 @@ class LLMEngine:
         self.memory_profile = {"activation_bytes": peak, "graph_reserve_bytes": graph_peak,
                                "kv_cache_bytes": blocks * per_block, "num_kv_blocks": blocks}
         return blocks
+
+    def cache_stats(self) -> dict[str, float]:
+        """KV cache and prefix cache figures: blocks in use, prompt tokens looked up and found in the cache
+        (cumulative), cached blocks, evictions of cached blocks (cumulative)."""
+        a = self.allocator
+        return {"kv_cache_usage": a.usage, "prefix_cache_queried_tokens": a.queried_tokens,
+                "prefix_cache_hit_tokens": a.hit_tokens,
+                "prefix_cache_hit_rate": a.hit_tokens / a.queried_tokens if a.queried_tokens else 0.0,
+                "prefix_cache_blocks": a.num_cached, "prefix_cache_evictions": a.evictions}
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""

@@ -51,6 +51,7 @@ class Request:
         self._table_np = np.empty(0, dtype=np.int32)
         self._table_len = 0
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.block_hashes: list[bytes] = []  # prefix caching: hashes of the leading blocks committed so far
         self.slot: int = -1  # adapter slot while running (-1: base model)
         self.generator: Optional[torch.Generator] = None
         self.detok = (IncrementalDetokenizer(tokenizer, self.visible_prompt_token_ids, params)

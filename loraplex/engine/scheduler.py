@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from loraplex.engine.kv_cache import BlockAllocator
+from loraplex.engine.kv_cache import BlockAllocator, block_hash
 from loraplex.engine.request import Request, Status
 from loraplex.lora.pool import LoRAPool
 
@@ -79,9 +79,56 @@ class Scheduler:
             self.waiting.remove(req)
 
     # ---------------------------------------------------------------------------------------
+    # ---- prefix caching -----------------------------------------------------------------------------------
+    def _cacheable(self, req: Request) -> bool:
+        """Whether ``req``'s blocks may be shared: caching on and no images (their keys and values depend on
+        pixels the block hashes do not cover yet)."""
+        return self.allocator.enable_caching and req.mm is None
+
+    def _commit(self, req: Request) -> None:
+        """Commit ``req``'s blocks that have become full, computed and of known tokens since the last call."""
+        if not self._cacheable(req):
+            return
+        bs = self.allocator.block_size
+        known = len(req.prompt_token_ids) + len(req.output_token_ids)  # pending tokens are not known yet
+        full = min(req.num_computed_tokens, known, len(req.block_table) * bs) // bs
+        hashes = req.block_hashes
+        if len(hashes) >= full:
+            return
+        identity = req.adapter.content_hash if req.adapter is not None else None
+        tokens = req.token_ids_at(len(hashes) * bs, (full - len(hashes)) * bs)
+        for i in range(len(hashes), full):
+            j = (i - full) * bs + len(tokens)  # this block's tokens within ``tokens``
+            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[j:j + bs], identity))
+            self.allocator.commit(req.block_table[i], hashes[-1])
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """A request being admitted starts from the longest committed prefix of its tokens (at least its last
+        token is computed, for its logits); requests asking for prompt logprobs compute every position."""
+        if not self._cacheable(req) or req.wants_prompt_logprobs:
+            return
+        bs = self.allocator.block_size
+        known = len(req.prompt_token_ids) + len(req.output_token_ids)
+        n_full = min(req.num_tokens - 1, known) // bs
+        if n_full <= 0:
+            return
+        identity = req.adapter.content_hash if req.adapter is not None else None
+        tokens = req.token_ids_at(0, n_full * bs)
+        hashes: list[bytes] = []
+        for i in range(n_full):
+            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], identity))
+        hits = self.allocator.lookup(hashes)
+        self.allocator.queried_tokens += req.num_tokens
+        self.allocator.hit_tokens += len(hits) * bs
+        req.block_table = hits
+        req.block_hashes = hashes[:len(hits)]
+        req.num_computed_tokens = len(hits) * bs
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput([], [])
         budget = self.max_num_batched_tokens
+        for req in self.running:
+            self._commit(req)
         # 1. Decodes of running requests; preempt from the back when blocks run out (partially prefilled
         #    requests, set aside for step 2, are preempted after the later decodes).
         decodes: list[Request] = []
@@ -124,28 +171,32 @@ class Scheduler:
         passed: list[Request] = []
         while self.waiting and len(self.running) < self.max_num_seqs and not blocked:
             req = self.waiting.popleft()
+            self._reuse_prefix(req)  # cached prefix blocks, held from here on (released below if not admitted)
+            start = req.num_computed_tokens
             if self.chunked_prefill:
                 n = self._chunk_len(req, budget)
             else:
-                n = req.num_tokens if req.num_tokens <= budget else 0
-            if n == 0 or not self.allocator.can_allocate(self.allocator.blocks_needed(n)):
-                self.waiting.appendleft(req)
-                break
+                n = req.num_tokens - start if req.num_tokens - start <= budget else 0
+            need = self.allocator.blocks_needed(start + n, len(req.block_table))
             slot = -1
-            if req.adapter is not None:
+            if n and self.allocator.can_allocate(need) and req.adapter is not None:
                 got = self.pool.acquire(req.adapter)
                 if got is None:
+                    self._release_prefix(req)
                     passed.append(req)
                     continue
                 slot = got
+            if n == 0 or not self.allocator.can_allocate(need):
+                self._release_prefix(req)
+                self.waiting.appendleft(req)
+                break
             req.slot = slot
-            req.block_table = self.allocator.allocate(self.allocator.blocks_needed(n))
-            req.num_computed_tokens = 0
+            req.block_table.extend(self.allocator.allocate(need))
             req.status = Status.RUNNING
             self.running.append(req)
-            out.seqs.append(ScheduledSeq(req, n, 0))
+            out.seqs.append(ScheduledSeq(req, n, start))
             budget -= n
-            blocked = n < req.num_tokens
+            blocked = start + n < req.num_tokens
         self.waiting.extendleft(reversed(passed))
         # Group sequences by adapter slot so LoRA segments are as long as possible.
         out.seqs.sort(key=lambda s: s.req.slot)
@@ -182,7 +233,16 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
+    def _release_prefix(self, req: Request) -> None:
+        """Undo :meth:`_reuse_prefix` for a request that stays waiting."""
+        self.allocator.free(req.block_table)
+        req.block_table = []
+        req.block_hashes = []
+        req.num_computed_tokens = 0
+
     def _free(self, req: Request) -> None:
+        self._commit(req)  # what it computed stays reusable after it leaves
+        req.block_hashes = []
         self.allocator.free(req.block_table)
         if req.slot >= 0 and self.pool is not None:
             self.pool.release(req.slot)

@@ -16,6 +16,7 @@ do not fit, ranks that disagree with the config, non-finite values and LoRA vari
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -108,6 +109,9 @@ class LoRAAdapter:
     # modules_to_save: HF module name ("model.embed_tokens", "lm_head") -> the adapter's own trained table
     # [vocab, hidden] float32, used instead of the base one for this adapter's requests
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    # SHA-256 of the weights and the config: what the KV computed under this adapter depends on (prefix
+    # caching shares blocks between adapters of equal content, and never across versions of different content)
+    content_hash: bytes = b""
     # tensor keys present in the file but skipped because PEFT would not have adapted their module
     ignored_keys: tuple[str, ...] = ()
 
@@ -178,7 +182,7 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
         logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
                        "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
     return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored),
-                       tokens=tokens, saved=saved)
+                       tokens=tokens, saved=saved, content_hash=_content_hash(cfg.raw, tensors))
 
 
 def _confined(where: str, file: str, root: Optional[str], what: Optional[str] = None) -> str:
@@ -338,6 +342,16 @@ def _trainable_tokens(wfile: str, pairs: dict, spec: AdapterTargetSpec,
         raise AdapterError(f"{wfile}: tensor {key!r} holds trainable tokens for {module!r}, which "
                            f"trainable_token_indices in {CONFIG_FILE} does not name")
     return out
+
+
+def _content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(key.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
 
 
 def _split_key(key: str) -> tuple[str, Optional[str], list[str]]:
