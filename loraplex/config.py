@@ -102,6 +102,9 @@ class CacheConfig:
                                              "tokens, all earlier tokens and the adapter's content, and start "
                                              "new requests from the longest cached prefix "
                                              "(--no-enable-prefix-caching: recompute every prompt)")
+    encoder_cache_size: int = _doc(8192, "vision-language models: image feature rows kept after encoding, "
+                                         "keyed by the image's pixels and the request's adapter, so repeated "
+                                         "images and preempted requests skip the vision tower (0: off)")
     attention_backend: str = _doc("auto", "paged attention: torch (reference, any device), triton (kernels that "
                                           "read the paged cache in place, CUDA) or auto (triton on CUDA when it "
                                           "imports, else torch)")
@@ -113,6 +116,7 @@ class CacheConfig:
         _require(0 < self.gpu_memory_utilization <= 1,
                  f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        _require(self.encoder_cache_size >= 0, f"encoder_cache_size must be >= 0, got {self.encoder_cache_size}")
         _require(self.attention_backend in _ATTENTION_BACKENDS,
                  f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 

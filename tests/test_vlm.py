@@ -410,3 +410,34 @@ def test_chat_with_image_parts(qwen_dir) -> None:
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
     with pytest.raises(InvalidRequestError, match="unsupported content part 'audio'"):
         llm.chat([{"role": "user", "content": [{"type": "audio"}]}], params, use_tqdm=False)
+
+
+def test_prefix_and_encoder_caches_with_images(vlm) -> None:
+    """Repeated images: the second time, the KV blocks of an identical image prompt are reused and a repeated
+    image in a new prompt skips the vision tower (per adapter: a vision adapter's features are not the base
+    model's); an image of other pixels never reuses them. Outputs equal runs with both caches off."""
+    family, model_dir, paths = vlm
+    prompts = [{"prompt": image_prompt(model_dir, t), "multi_modal_data": {"image": images_of(n)}}
+               for t, n in [("{image} and {image} shown", ["a", "b"]), ("Look at {image} please", ["a"]),
+                            ("Look at {image} please", ["c"]), ("{image} and {image} shown", ["a", "b"])]]
+    loras = [None, LoRARequest("vision", paths["vision"]), LoRARequest("vision", paths["vision"]), None]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    off = make_llm(model_dir, enable_prefix_caching=False, encoder_cache_size=0)
+    want = [o.outputs[0].token_ids for o in off.generate(prompts, params, lora_request=loras, use_tqdm=False)]
+    llm = make_llm(model_dir)
+    first = llm.generate(prompts[:1], params, lora_request=loras[:1], use_tqdm=False)
+    assert first[0].outputs[0].token_ids == want[0]
+    m0 = llm.get_metrics()
+    got = llm.generate(prompts[1:], params, lora_request=loras[1:], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want[1:]
+    m = llm.get_metrics()
+    assert m["prefix_cache_hit_tokens"] > m0["prefix_cache_hit_tokens"]  # prompt 4 = prompt 1
+    # prompt 2: image "a" under the vision adapter is not the base model's "a"; prompt 3: "c" is new;
+    # prompt 4: its blocks come from prompt 1's, the vision tower does not run for them
+    assert m["encoder_cache_queries"] - m0["encoder_cache_queries"] == 2
+    assert m["encoder_cache_hits"] == m0["encoder_cache_hits"] == 0
+    # image "a" again under the base model, in a new context: no block to reuse, but its features are cached
+    other = {"prompt": image_prompt(model_dir, "Here is {image}"), "multi_modal_data": {"image": images_of(["a"])}}
+    want_other = off.generate([other], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate([other], params, use_tqdm=False)[0].outputs[0].token_ids == want_other
+    assert llm.get_metrics()["encoder_cache_hits"] == 1

@@ -151,6 +151,10 @@ class LLMEngine:
         self.mm_processor: Optional[MultiModalProcessor] = None
         if getattr(model, "supports_images", False):
             self.mm_processor = MultiModalProcessor(mc.model, model, mc.max_image_pixels)
+            if config.cache_config.encoder_cache_size > 0:
+                from loraplex.multimodal.encoder_cache import EncoderCache
+
+                model.encoder_cache = EncoderCache(config.cache_config.encoder_cache_size)
 
         sc = config.scheduler_config
         if sc.enable_chunked_prefill:  # vLLM's default budget with chunked prefill (SchedulerConfig checks >= seqs)
@@ -276,7 +280,15 @@ class LLMEngine:
         return {"kv_cache_usage": a.usage, "prefix_cache_queried_tokens": a.queried_tokens,
                 "prefix_cache_hit_tokens": a.hit_tokens,
                 "prefix_cache_hit_rate": a.hit_tokens / a.queried_tokens if a.queried_tokens else 0.0,
-                "prefix_cache_blocks": a.num_cached, "prefix_cache_evictions": a.evictions}
+                "prefix_cache_blocks": a.num_cached, "prefix_cache_evictions": a.evictions,
+                **self._encoder_cache_stats()}
+
+    def _encoder_cache_stats(self) -> dict[str, float]:
+        cache = getattr(self.model, "encoder_cache", None)
+        if cache is None:
+            return {}
+        return {"encoder_cache_queries": cache.queries, "encoder_cache_hits": cache.hits,
+                "encoder_cache_entries": len(cache)}
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""

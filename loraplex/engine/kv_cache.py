@@ -6,7 +6,7 @@ The cache tensors live in the model runner; this class only hands out block ids.
 
 Prefix caching: a block whose tokens are all computed can be *committed* under a hash of everything its
 keys and values depend on (:func:`block_hash`: the previous block's hash, its token ids, the adapter's
-content identity). Blocks are reference-counted: a request that starts with a committed prefix shares those
+content identity, the pixels of the images placed in it). Blocks are reference-counted: a request that starts with a committed prefix shares those
 blocks (read-only: it only ever writes positions past them). A block nobody holds stays in the cache, as
 *evictable*, until a new block is needed: plain free blocks are handed out first, then evictable ones, least
 recently released first (their hashes are dropped).
@@ -21,14 +21,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def block_hash(parent: Optional[bytes], token_ids: Sequence[int], identity: Optional[bytes]) -> bytes:
-    """The hash of a full block: SHA-256 of the parent block's hash, the block's token ids and the identity
-    of what computed it (the adapter's content hash, or none for the base model). A cryptographic hash, so
-    that no prompt can be made to collide with another tenant's prefix."""
+def block_hash(parent: Optional[bytes], token_ids: Sequence[int], identity: Optional[bytes],
+               extra: bytes = b"") -> bytes:
+    """The hash of a full block: SHA-256 of the parent block's hash, the block's token ids, the identity of
+    what computed it (the adapter's content hash, or none for the base model) and ``extra`` (the digests of
+    the images whose placeholders lie in the block). A cryptographic hash, so that no prompt can be made to
+    collide with another tenant's prefix."""
     h = hashlib.sha256()
     h.update(parent or b"root")
     h.update(identity or b"base")
     h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    h.update(extra)
     return h.digest()
 
 

@@ -81,9 +81,21 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------
     # ---- prefix caching -----------------------------------------------------------------------------------
     def _cacheable(self, req: Request) -> bool:
-        """Whether ``req``'s blocks may be shared: caching on and no images (their keys and values depend on
-        pixels the block hashes do not cover yet)."""
-        return self.allocator.enable_caching and req.mm is None
+        return self.allocator.enable_caching
+
+    def _hashes(self, req: Request, first: int, last: int, tokens: list[int], prev: Optional[bytes]) -> list[bytes]:
+        """Hashes of ``req``'s blocks ``first..last-1`` (``tokens``: their token ids), chained from ``prev``."""
+        bs = self.allocator.block_size
+        identity = req.adapter.content_hash if req.adapter is not None else None
+        out: list[bytes] = []
+        for i in range(first, last):
+            extra = b""
+            if req.mm is not None:  # the pixels behind the placeholders of this block
+                extra = "".join(img.digest for img in req.mm.images
+                                if img.offset < (i + 1) * bs and img.offset + img.length > i * bs).encode()
+            j = (i - first) * bs
+            out.append(block_hash(out[-1] if out else prev, tokens[j:j + bs], identity, extra))
+        return out
 
     def _commit(self, req: Request) -> None:
         """Commit ``req``'s blocks that have become full, computed and of known tokens since the last call."""
@@ -95,12 +107,11 @@ class Scheduler:
         hashes = req.block_hashes
         if len(hashes) >= full:
             return
-        identity = req.adapter.content_hash if req.adapter is not None else None
-        tokens = req.token_ids_at(len(hashes) * bs, (full - len(hashes)) * bs)
-        for i in range(len(hashes), full):
-            j = (i - full) * bs + len(tokens)  # this block's tokens within ``tokens``
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[j:j + bs], identity))
-            self.allocator.commit(req.block_table[i], hashes[-1])
+        first = len(hashes)
+        tokens = req.token_ids_at(first * bs, (full - first) * bs)
+        hashes.extend(self._hashes(req, first, full, tokens, hashes[-1] if hashes else None))
+        for i in range(first, full):
+            self.allocator.commit(req.block_table[i], hashes[i])
 
     def _reuse_prefix(self, req: Request) -> None:
         """A request being admitted starts from the longest committed prefix of its tokens (at least its last
@@ -112,14 +123,19 @@ class Scheduler:
         n_full = min(req.num_tokens - 1, known) // bs
         if n_full <= 0:
             return
-        identity = req.adapter.content_hash if req.adapter is not None else None
         tokens = req.token_ids_at(0, n_full * bs)
-        hashes: list[bytes] = []
-        for i in range(n_full):
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], identity))
+        hashes = self._hashes(req, 0, n_full, tokens, None)
         hits = self.allocator.lookup(hashes)
-        self.allocator.queried_tokens += req.num_tokens
-        self.allocator.hit_tokens += len(hits) * bs
+        if req.mm is not None:  # never start inside an image's placeholders: its step needs the whole image
+            end, cut = len(hits) * bs, True
+            while cut:  # moving the end back may land it inside an earlier image
+                cut = False
+                for img in req.mm.images:
+                    if img.offset < end < img.offset + img.length:
+                        end, cut = img.offset // bs * bs, True
+            if end < len(hits) * bs:
+                self.allocator.free(hits[end // bs:])
+                hits = hits[:end // bs]
         req.block_table = hits
         req.block_hashes = hashes[:len(hits)]
         req.num_computed_tokens = len(hits) * bs
@@ -192,6 +208,9 @@ class Scheduler:
                 break
             req.slot = slot
             req.block_table.extend(self.allocator.allocate(need))
+            if self._cacheable(req) and not req.wants_prompt_logprobs:  # metrics: prompt tokens looked up, found
+                self.allocator.queried_tokens += req.num_tokens
+                self.allocator.hit_tokens += start
             req.status = Status.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, start))

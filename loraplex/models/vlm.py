@@ -77,9 +77,28 @@ class VisionLanguageModel(nn.Module, abc.ABC):
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         if inputs_embeds is None:
             mm = get_forward_context().multimodal
-            features = self.embed_images(mm) if mm is not None and mm.images else None
+            features = self._image_features(mm) if mm is not None and mm.images else None
             inputs_embeds = embed_multimodal(self.get_input_embeddings(), input_ids, features)
         return self.model.language_model(input_ids, positions, inputs_embeds)
+
+    # set by the engine (multimodal.encoder_cache.EncoderCache); None: every image is encoded every time
+    encoder_cache = None
+
+    def _image_features(self, mm: MultiModalBatch) -> torch.Tensor:
+        """:meth:`embed_images` through the encoder cache: only images not cached under their request's
+        adapter run the vision tower (in one batch)."""
+        cache = self.encoder_cache
+        if cache is None or mm.identities is None:
+            return self.embed_images(mm)
+        keys = [(img.digest, ident) for img, ident in zip(mm.images, mm.identities)]
+        parts = [cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(parts) if f is None]
+        if missing:
+            new = self.embed_images(mm.subset(missing)).split([mm.images[i].length for i in missing])
+            for i, f in zip(missing, new):
+                parts[i] = f
+                cache.put(keys[i], f)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, padded vocab); padding columns are masked by the sampler."""

@@ -21,6 +21,13 @@ from loraplex.multimodal.processing import ImageInput
 class MultiModalBatch:
     images: list[ImageInput]  # every image of the sequences prefilled this step, in flat-batch order
     slots: list[int]  # adapter slot of the request owning each image (-1: base model)
+    # content hash of the adapter of the request owning each image (None: base model): the encoder cache's key
+    identities: Optional[list[Optional[bytes]]] = None
+
+    def subset(self, index: Sequence[int]) -> "MultiModalBatch":
+        ident = self.identities
+        return MultiModalBatch([self.images[i] for i in index], [self.slots[i] for i in index],
+                               None if ident is None else [ident[i] for i in index])
 
     def lora_rows(self, rows_per_image: Sequence[int], device: torch.device) -> Optional[LoRABatch]:
         """LoRA batch info for a vision-side forward whose rows are grouped by image
@@ -34,6 +41,7 @@ def gather_images(seqs: Sequence) -> Optional[MultiModalBatch]:
     """The images whose placeholders are among this step's new tokens (``seqs``: ScheduledSeq)."""
     images: list[ImageInput] = []
     slots: list[int] = []
+    identities: list[Optional[bytes]] = []
     for s in seqs:
         mm = s.req.mm
         if mm is None:
@@ -43,10 +51,12 @@ def gather_images(seqs: Sequence) -> Optional[MultiModalBatch]:
             if img.offset >= s.start and img.offset + img.length <= end:
                 images.append(img)
                 slots.append(s.req.slot)
+                adapter = getattr(s.req, "adapter", None)
+                identities.append(adapter.content_hash if adapter is not None else None)
             elif img.offset < end and img.offset + img.length > s.start:
                 raise RuntimeError(f"request {s.req.request_id}: image {img.index} (positions {img.offset}.."
                                    f"{img.offset + img.length - 1}) is split across steps [{s.start}, {end})")
-    return MultiModalBatch(images, slots) if images else None
+    return MultiModalBatch(images, slots, identities) if images else None
 
 
 def mrope_positions(seqs: Sequence) -> torch.Tensor:

@@ -60,7 +60,7 @@ class ServerMetrics:
 
 
 class _EngineCounters:
-    """Cumulative figures the engine keeps itself (prefix cache), exposed as Prometheus counters."""
+    """Cumulative figures the engine keeps itself (prefix and encoder caches), exposed as Prometheus counters."""
 
     def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
         self._stats = stats
@@ -71,6 +71,8 @@ class _EngineCounters:
             ("loraplex_prefix_cache_queries", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"),
             ("loraplex_prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache"),
             ("loraplex_prefix_cache_evictions", "prefix_cache_evictions", "Cached KV blocks evicted for new ones"),
+            ("loraplex_encoder_cache_queries", "encoder_cache_queries", "Images looked up in the vision encoder cache"),
+            ("loraplex_encoder_cache_hits", "encoder_cache_hits", "Images found in the vision encoder cache"),
         ]:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0.0)))
