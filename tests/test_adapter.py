@@ -444,7 +444,7 @@ def test_modules_to_save(model_dir, spec, tmp_path):
 
 
 @pytest.mark.parametrize("targeted", [False, True])
-def test_resized_vocabulary_refused(model_dir, spec, tmp_path, targeted):
+def test_resized_vocabulary_without_tokenizer_refused(model_dir, spec, tmp_path, targeted):
     from peft import LoraConfig, get_peft_model
 
     model = load_base_model(model_dir)
@@ -455,7 +455,10 @@ def test_resized_vocabulary_refused(model_dir, spec, tmp_path, targeted):
     saved = load_file(str(tmp_path / "rs" / WEIGHTS))
     copies = [k for k in saved if k.endswith("embed_tokens.base_layer.weight" if targeted else "lm_head.weight")]
     assert copies and saved[copies[0]].shape[0] == spec.vocab_size + 7
-    with pytest.raises(AdapterError, match=rf"(embed_tokens|lm_head).*\({spec.vocab_size + 7}, 64\).*resized vocab"):
+    # (tables extended without the tokenizer that adds the tokens, or LoRA on an extended embedding: refused)
+    want = (rf"resized \(model.embed_tokens: {spec.vocab_size + 7} rows.*must save both embed_tokens and lm_head"
+            if targeted else rf"resized to {spec.vocab_size + 7} tokens, but the folder holds no tokenizer")
+    with pytest.raises(AdapterError, match=want):
         load(tmp_path / "rs", spec)
     if targeted:  # the LoRA tensor alone gives it away as well
         edit_tensors(tmp_path / "rs", lambda t: t.pop(copies[0]))

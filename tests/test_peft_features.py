@@ -331,3 +331,88 @@ def test_every_feature_through_the_server(tmp_path) -> None:
             assert got == want[name], name
     finally:
         s.stop()
+
+
+# ---- added tokens: an adapter's own tokenizer and vocabulary -------------------------------------------------
+
+ADDED = [f"<tool{i}>" for i in range(25)]  # 300 base tokens + 25: past the head's padded 320 columns
+
+
+def make_added_tokens_adapter(model_dir: str, out: Path, seed: int, boost: float) -> str:
+    """A PEFT adapter trained with tokens added to the tokenizer: the base resized, LoRA on q/v, the embedding
+    and head saved whole (their new rows random; ``boost`` scales the head's new rows, so they get sampled)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(ADDED)
+    model = load_base_model(model_dir)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        n = len(ADDED)
+        model.get_input_embeddings().weight[-n:] = torch.randn(n, model.config.hidden_size, generator=g)
+        model.get_output_embeddings().weight[-n:] = boost * torch.randn(n, model.config.hidden_size, generator=g)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                  modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+def test_added_tokens_served_with_the_adapters_tokenizer(tmp_path) -> None:
+    """The adapter's requests are tokenized with its tokenizer (its added tokens are single ids past the base
+    vocabulary), read its embedding rows, can produce its tokens, and match PEFT on the resized model; base
+    requests in the same batch never see them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=3.0)
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=2, max_lora_rank=16, seed=0, num_kv_blocks=64,
+              block_size=4)
+    llm.add_lora(LoRARequest("added", path))
+    text = "hello <tool3> world <tool20>"
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1,
+                            logprobs=1)
+    outs = llm.generate([text, text, text], params, use_tqdm=False,
+                        lora_request=[LoRARequest("added", path), None, LoRARequest("added", path)])
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(text)["input_ids"]
+    assert outs[0].prompt_token_ids == ids and max(ids) >= 300  # the added tokens, as single ids
+    assert max(outs[1].prompt_token_ids) < 300  # the base tokenizer splits them
+    base = load_base_model(model_dir)
+    base.resize_token_embeddings(len(tok), mean_resizing=False)
+    ref = PeftModel.from_pretrained(base, path).to(torch.float32).eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logp = ref(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].log_softmax(-1)
+        for i in range(1, len(ids)):
+            assert outs[0].prompt_logprobs[i][ids[i]] == pytest.approx(logp[i - 1, ids[i]].item(), abs=1e-4)
+        want = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
+    got = outs[0].outputs[0].token_ids
+    assert got == want and outs[2].outputs[0].token_ids == want
+    assert max(got) >= 300  # it produced its own tokens
+    assert any(t in outs[0].outputs[0].text for t in ADDED)  # detokenized with its tokenizer
+    assert max(outs[1].outputs[0].token_ids) < 300  # the base request never sees them
+
+
+def test_added_tokens_errors(tmp_path) -> None:
+    import os
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=1.0)
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
+              block_size=4)
+    for f in os.listdir(path):
+        if f.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "chat_template")):
+            os.remove(os.path.join(path, f))
+    with pytest.raises(AdapterError, match="resized to 325 tokens, but the folder holds no tokenizer"):
+        llm.add_lora(LoRARequest("no_tok", path))
+    with pytest.raises(Exception, match=r"outside the vocabulary \[0, 300\)"):
+        llm.generate([{"prompt_token_ids": [5, 310]}], SamplingParams(max_tokens=2), use_tqdm=False)

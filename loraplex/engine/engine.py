@@ -313,14 +313,17 @@ class LLMEngine:
         return sorted(self.pool.registered) if self.pool else []
 
     # ---- requests -------------------------------------------------------------------------
-    def tokenize(self, prompt: Union[str, dict, list]) -> tuple[Optional[str], list[int]]:
+    def tokenize(self, prompt: Union[str, dict, list], tokenizer: Any = None) -> tuple[Optional[str], list[int]]:
+        """(text, token ids) of a prompt, with ``tokenizer`` (default: the model's; an adapter that adds tokens
+        has its own)."""
+        tokenizer = tokenizer or self.tokenizer
         if isinstance(prompt, str):
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
+            return prompt, list(tokenizer(prompt)["input_ids"])
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return self.tokenize(prompt["prompt"])
+                return self.tokenize(prompt["prompt"], tokenizer)
             raise InvalidRequestError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
@@ -340,7 +343,15 @@ class LLMEngine:
 
     def add_request(self, prompt: Union[str, dict, list], params: SamplingParams,
                     lora_name: Optional[str] = None, request_id: Optional[str] = None) -> str:
-        text, ids = self.tokenize(prompt)
+        adapter = None
+        if lora_name is not None:
+            if self.pool is None or not self.pool.is_registered(lora_name):
+                raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {self.list_loras()}")
+            adapter = self.pool.get(lora_name)  # pinned for the request's lifetime; may raise AdapterError
+        # an adapter that adds tokens brings its tokenizer and vocabulary
+        tokenizer = adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
+        vocab = adapter.vocab_size if adapter is not None and adapter.vocab_size else self.vocab_size
+        text, ids = self.tokenize(prompt, tokenizer)
         if not ids:
             raise InvalidRequestError("the prompt is empty (no tokens)")
         mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
@@ -352,23 +363,20 @@ class LLMEngine:
                                       "accept images (multi_modal_data)")
         image_pos = mm.image_positions() if mm is not None else ()  # the only positions outside the vocabulary
         bad = [t for i, t in enumerate(ids) if i not in image_pos and (
-            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)]
+            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab)]
         if bad:
-            raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            whose = f"adapter {lora_name!r}'s vocabulary" if vocab != self.vocab_size else "the vocabulary"
+            raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside {whose} [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
                                       "and at least one token must be generated")
-        adapter = None
-        if lora_name is not None:
-            if self.pool is None or not self.pool.is_registered(lora_name):
-                raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {self.list_loras()}")
-            adapter = self.pool.get(lora_name)  # pinned for the request's lifetime; may raise AdapterError
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, text, ids, params, adapter, self.tokenizer, self.eos_token_ids, max_tokens, mm=mm)
+        req = Request(request_id, text, ids, params, adapter, tokenizer, self.eos_token_ids, max_tokens, mm=mm)
+        req.vocab_size = vocab
         if params.seed is not None:
             req.generator = make_generator(params.seed)
         self.requests[request_id] = req
@@ -462,8 +470,10 @@ class LLMEngine:
             for i in held:
                 apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
             # one device-to-host copy brings the tokens and the logprobs of the rows that asked
+            vocab = [r.vocab_size or self.vocab_size for r in reqs]
             sample = self.sampler.launch_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
-                                              raw_logits=raw)
+                                              raw_logits=raw,
+                                              vocab_sizes=vocab if max(vocab) != self.vocab_size else None)
         for s in seqs:
             s.req.num_computed_tokens += s.num_new_tokens
         for r in reqs:
@@ -497,13 +507,13 @@ class LLMEngine:
         prompt token start + i + 1), gathered until the prompt is done and then published whole."""
         prompt = req.visible_prompt_token_ids
         if start == 0 and rows.shape[0] >= len(prompt):  # the whole prompt in one step
-            req.prompt_logprobs = prompt_logprobs(rows, prompt, req.params.prompt_logprobs, self.vocab_size)
+            req.prompt_logprobs = prompt_logprobs(rows, prompt, req.params.prompt_logprobs, req.vocab_size)
             return
         done = req.partial_prompt_logprobs
         del done[start + 1:]  # entries 0..start stay (a chunk recomputed after preemption replaces the rest)
         end = min(start + rows.shape[0], len(prompt) - 1)  # the last prompt entry this chunk gives
         done.extend(compute_logprobs(rows[:end - start], prompt[start + 1:end + 1],
-                                     [req.params.prompt_logprobs] * (end - start), self.vocab_size))
+                                     [req.params.prompt_logprobs] * (end - start), req.vocab_size))
         if end == len(prompt) - 1:
             req.prompt_logprobs, req.partial_prompt_logprobs = done, [None]
 

@@ -52,6 +52,9 @@ class Request:
         self._table_len = 0
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_hashes: list[bytes] = []  # prefix caching: hashes of the leading blocks committed so far
+        # the vocabulary its tokens come from: the model's, or its adapter's when that adds tokens (set by the
+        # engine; None: the model's)
+        self.vocab_size: Optional[int] = adapter.vocab_size if adapter is not None else None
         self.slot: int = -1  # adapter slot while running (-1: base model)
         self.generator: Optional[torch.Generator] = None
         self.detok = (IncrementalDetokenizer(tokenizer, self.visible_prompt_token_ids, params)

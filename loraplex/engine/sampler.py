@@ -76,14 +76,16 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[Optional[torch.Generator]],
         raw_logits: Optional[torch.Tensor] = None,
+        vocab_sizes: Optional[list[int]] = None,
     ) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
         """One step's tokens and logprobs with one device-to-host copy.
 
         ``logits`` (n, V_padded) are what is sampled from (min_tokens masking applied); logprobs of
         the rows whose params ask for them come from ``raw_logits`` (default: ``logits``), before
-        temperature, as :func:`compute_logprobs` defines them.
+        temperature, as :func:`compute_logprobs` defines them. ``vocab_sizes``: each row's vocabulary (rows of
+        adapters that add tokens have more columns; default: ``vocab_size`` for every row).
         """
-        return self.launch_step(logits, params, generators, raw_logits).result()
+        return self.launch_step(logits, params, generators, raw_logits, vocab_sizes).result()
 
     def launch_step(
         self,
@@ -91,11 +93,12 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[Optional[torch.Generator]],
         raw_logits: Optional[torch.Tensor] = None,
+        vocab_sizes: Optional[list[int]] = None,
     ) -> "PendingSample":
         """:meth:`sample_step` without waiting: the device work and the copy of its results to pinned host
         memory are queued; :meth:`PendingSample.result` waits for that copy alone (an event, not a device
         synchronisation). ``PendingSample.token_ids`` (n,) int64 stay on the device for the next step."""
-        packed, layout = self.sample_device(logits, params, generators, raw_logits)
+        packed, layout = self.sample_device(logits, params, generators, raw_logits, vocab_sizes)
         device_packed = packed
         done = None
         if packed.is_cuda:
@@ -112,16 +115,17 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[Optional[torch.Generator]],
         raw_logits: Optional[torch.Tensor] = None,
+        vocab_sizes: Optional[list[int]] = None,
     ) -> tuple[torch.Tensor, tuple]:
         """The work of :meth:`sample_step` without synchronising: a packed float64 tensor on the
         logits' device ([tokens | chosen logprobs | top logprobs | top ids]) and its host layout."""
         device = logits.device
-        ids = self._token_ids(logits, params, generators)
+        ids = self._token_ids(logits, params, generators, vocab_sizes)
         parts = [ids.double()]
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         k = 0
         if wanted:
-            raw = (raw_logits if raw_logits is not None else logits)[:, : self.vocab_size]
+            raw = self._columns(raw_logits if raw_logits is not None else logits, vocab_sizes)
             rows = to_device(torch.tensor(wanted, dtype=torch.long), device)
             logp = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)  # (w, V)
             parts.append(logp.gather(1, ids.index_select(0, rows)[:, None]).squeeze(1).double())
@@ -137,15 +141,14 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[Optional[torch.Generator]],
+        vocab_sizes: Optional[list[int]] = None,
     ) -> torch.Tensor:
         """(n,) int64 token ids on the logits' device: the argmax for greedy rows, one draw for the others."""
         n = logits.shape[0]
         if len(params) != n or len(generators) != n:
             raise ValueError(f"Sampler: got {n} logits rows but {len(params)} sampling params "
                              f"and {len(generators)} generators")
-        if logits.shape[1] < self.vocab_size:
-            raise ValueError(f"Sampler: logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
-        x = logits[:, : self.vocab_size]  # (n, V): drop vocabulary padding
+        x = self._columns(logits, vocab_sizes)  # (n, V): vocabulary padding dropped or masked
         ids = x.argmax(dim=-1)  # greedy rows keep these
         rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if rand:
@@ -154,6 +157,19 @@ class Sampler:
                                           [generators[i] for i in rand])
             ids = ids.index_copy(0, rows, sampled)
         return ids
+
+    def _columns(self, logits: torch.Tensor, vocab_sizes: Optional[list[int]]) -> torch.Tensor:
+        """The columns rows may sample: the first ``vocab_size`` (no per-row sizes), else the first
+        ``max(vocab_sizes)`` with each row's columns past its own vocabulary at -inf."""
+        width = self.vocab_size if vocab_sizes is None else max(vocab_sizes)
+        if logits.shape[1] < width:
+            raise ValueError(f"Sampler: logits have {logits.shape[1]} columns, fewer than the vocabulary ({width})")
+        x = logits[:, :width]
+        if vocab_sizes is None or min(vocab_sizes) == width:
+            return x
+        limits = to_device(torch.tensor(vocab_sizes, dtype=torch.long), logits.device)
+        cols = torch.arange(width, device=logits.device)
+        return x.masked_fill(cols[None, :] >= limits[:, None], float("-inf"))
 
     def _sample_random(
         self,

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -112,6 +112,10 @@ class LoRAAdapter:
     # SHA-256 of the weights and the config: what the KV computed under this adapter depends on (prefix
     # caching shares blocks between adapters of equal content, and never across versions of different content)
     content_hash: bytes = b""
+    # added tokens: the adapter's vocabulary size when its tables extend the base one (None: the base's); its
+    # folder then holds its tokenizer (``tokenizer``, loaded by the pool)
+    vocab_size: Optional[int] = None
+    tokenizer: Any = None
     # tensor keys present in the file but skipped because PEFT would not have adapted their module
     ignored_keys: tuple[str, ...] = ()
 
@@ -155,6 +159,7 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
     pairs = _group_lora_tensors(wfile, tensors, spec, cfg)
     tokens = _trainable_tokens(wfile, pairs, spec, cfg)
     saved = {m: slot.pop("S")[1] for m, slot in pairs.items() if "S" in slot}
+    vocab_size = _extended_vocab(where, path, root, saved, spec)
     for module in saved:  # (LoRA tensors of a module saved whole are ignored below, as PEFT ignores them)
         if module in tokens:
             raise AdapterError(f"{wfile}: module {module!r} is saved whole (modules_to_save) and also has "
@@ -182,7 +187,8 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
         logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
                        "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
     return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored),
-                       tokens=tokens, saved=saved, content_hash=_content_hash(cfg.raw, tensors))
+                       tokens=tokens, saved=saved, content_hash=_content_hash(cfg.raw, tensors),
+                       vocab_size=vocab_size)
 
 
 def _confined(where: str, file: str, root: Optional[str], what: Optional[str] = None) -> str:
@@ -344,6 +350,33 @@ def _trainable_tokens(wfile: str, pairs: dict, spec: AdapterTargetSpec,
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _extended_vocab(where: str, path: str, root: Optional[str], saved: dict[str, torch.Tensor],
+                    spec: AdapterTargetSpec) -> Optional[int]:
+    """The adapter's vocabulary size when its saved tables extend the base vocabulary (added tokens), else
+    None. Both tables must be saved, with equal rows, and the folder must hold the tokenizer."""
+    rows = {m: t.shape[0] for m, t in saved.items()}
+    base = {m: spec.modules[m].in_features if spec.modules[m].kind == "embedding" else spec.modules[m].out_features
+            for m in saved}
+    if all(rows[m] == base[m] for m in saved):
+        return None
+    kinds = {("embedding" if spec.modules[m].kind == "embedding" else "head"): rows[m] for m in saved}
+    if set(kinds) != {"embedding", "head"} or kinds["embedding"] != kinds["head"]:
+        raise AdapterError(f"{where}: its vocabulary is resized ({', '.join(f'{m}: {r} rows' for m, r in rows.items())}, "
+                           f"base {max(base.values())}): an adapter that adds tokens must save both embed_tokens and "
+                           "lm_head, with the same number of rows")
+    folder = _confined(where, path, root, what="the adapter folder")
+    for f in _TOKENIZER_FILES:  # each tokenizer file must resolve inside the root too
+        if os.path.exists(os.path.join(folder, f)):
+            _confined(where, os.path.join(folder, f), root)
+    if not any(os.path.exists(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        raise AdapterError(f"{where}: its vocabulary is resized to {kinds['head']} tokens, but the folder holds no "
+                           f"tokenizer ({', '.join(_TOKENIZER_FILES)}): save the tokenizer with the adapter")
+    return kinds["head"]
+
+
 def _content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for key in sorted(tensors):
@@ -447,7 +480,8 @@ def _validate_pair(wfile: str, module: str, slot: dict, target: ModuleTarget, cf
 def _shape_msg(wfile: str, key: str, expected: tuple[int, int], t: torch.Tensor, vocab_related: bool) -> str:
     msg = f"{wfile}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected}"
     if vocab_related:
-        msg += " (a different vocabulary size: added tokens / resized vocabulary are unsupported)"
+        msg += (" (a resized vocabulary: an adapter that adds tokens must save embed_tokens and lm_head whole, "
+                "with modules_to_save, and carry its tokenizer)")
     return msg
 
 
@@ -480,6 +514,9 @@ def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torc
     if target is not None and param == "weight":
         expected = ((target.in_features, target.out_features) if target.kind == "embedding"
                     else (target.out_features, target.in_features))
+        table = target.kind == "embedding" or _is_output_head(module)
+        if table and tensor.dim() == 2 and tensor.shape[1] == expected[1] and tensor.shape[0] > expected[0]:
+            return tensor.float().contiguous()  # a vocabulary extended by added tokens: the adapter's own table
         if tuple(tensor.shape) != expected:
             vocab = target.kind == "embedding" or _is_output_head(module)
             raise AdapterError(_shape_msg(wfile, key, expected, tensor, vocab) + f" [{feature}]")

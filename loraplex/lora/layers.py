@@ -286,10 +286,11 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
                 zero_row = self.lora_a_t.shape[1] - 1
                 self.backend.embed(y, torch.where(mask, local, torch.full_like(local, zero_row)), self.stack, batch)
             return all_reduce(y)
-        y = base(ids)
+        num = base.num_embeddings
+        y = base(ids if not self.saved else ids.clamp(max=num - 1))  # added tokens: past the base table
         if batch is None or not batch.runs(self.active):
             return y
-        self.backend.embed(y, ids, self.stack, batch)
+        self.backend.embed(y, ids.clamp(max=num - 1) if self.saved else ids, self.stack, batch)
         self._apply_eager_terms(y, batch, None)
         self._apply_tokens(y, ids, batch)
         if self.saved and not batch.static:
@@ -358,6 +359,12 @@ class LMHeadWithLoRA(LinearWithLoRA):
             self.backend.expand(logits, buf, self.stack, batch)
             self._apply_eager_terms(logits, batch, None)
             if self.saved and not batch.static:
+                widest = max(t.shape[0] for s, t in self.saved.items() if s in batch.used_slots) \
+                    if batch.used_slots & self.saved.keys() else 0
+                if widest > logits.shape[1]:  # added tokens: columns past the base head, -inf for other rows
+                    wide = logits.new_full((logits.shape[0], widest), float("-inf"))
+                    wide[:, :logits.shape[1]] = logits
+                    logits = wide
                 for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
                     table = self.saved.get(slot)
                     if table is not None:  # padded vocabulary columns past the table keep the base logits

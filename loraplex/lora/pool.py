@@ -83,6 +83,19 @@ class LoRAPool:
                        if adapter.tokens else "trained modules_to_save tables")
             raise AdapterError(f"adapter {req.name!r} ({req.path}): {feature} under tensor parallelism is not "
                                "supported yet; serve it with tensor_parallel_size=1")
+        if adapter.vocab_size is not None:
+            if getattr(self.lora_model.model, "supports_images", False):
+                raise AdapterError(f"adapter {req.name!r} ({req.path}): added tokens on a vision-language model are "
+                                   "not supported yet (ids past the vocabulary are image placeholders there)")
+            from loraplex.tokenizer import load_tokenizer
+
+            try:
+                adapter.tokenizer = load_tokenizer(req.path)
+            except Exception as e:
+                raise AdapterError(f"adapter {req.name!r} ({req.path}): cannot load its tokenizer: {e}") from e
+            if len(adapter.tokenizer) > adapter.vocab_size:
+                raise AdapterError(f"adapter {req.name!r} ({req.path}): its tokenizer has {len(adapter.tokenizer)} "
+                                   f"tokens, more than the {adapter.vocab_size} rows of its embedding and head")
         if adapter.saved and self.lora_model.tied_embeddings:
             raise AdapterError(f"adapter {req.name!r} ({req.path}): trained modules_to_save tables "
                                f"({', '.join(sorted(adapter.saved))}) on a model with tied embeddings are not "
