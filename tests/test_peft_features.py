@@ -416,3 +416,30 @@ def test_added_tokens_errors(tmp_path) -> None:
         llm.add_lora(LoRARequest("no_tok", path))
     with pytest.raises(Exception, match=r"outside the vocabulary \[0, 300\)"):
         llm.generate([{"prompt_token_ids": [5, 310]}], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_added_tokens_through_the_server(tmp_path) -> None:
+    """The server tokenizes an adding adapter's prompts with its tokenizer, renders its logprobs with it, and
+    lists its vocabulary in /v1/models; completions equal offline generation."""
+    from server_harness import ENGINE_KW, Server
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=3.0)
+    text = "hello <tool3> world <tool20>"
+    llm = LLM(model_dir, **ENGINE_KW)
+    want = llm.generate(text, SamplingParams(max_tokens=8, temperature=0.0), lora_request=LoRARequest("added", path),
+                        use_tqdm=False)[0].outputs[0]
+    assert max(want.token_ids) >= 300
+    s = Server(model_dir, {"added": path})
+    try:
+        c = s.client()
+        cards = {m.id: m for m in c.models.list().data}
+        assert cards["added"].vocab_size == 300 + len(ADDED) and cards["tiny"].vocab_size == 300
+        r = c.completions.create(model="added", prompt=text, max_tokens=8, temperature=0, logprobs=1)
+        assert r.choices[0].text == want.text and r.usage.prompt_tokens == len(llm.engine.pool.get("added")
+                                                                               .tokenizer(text)["input_ids"])
+        assert any(t in ADDED for t in r.choices[0].logprobs.tokens)  # its tokens, by its tokenizer
+        base = c.completions.create(model="tiny", prompt=text, max_tokens=8, temperature=0)
+        assert base.usage.prompt_tokens > r.usage.prompt_tokens  # the base tokenizer splits the added tokens
+    finally:
+        s.stop()

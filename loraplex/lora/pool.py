@@ -64,6 +64,7 @@ class LoRAPool:
         self.registered: dict[str, LoRARequest] = {}
         self._uid: dict[str, int] = {}  # name -> uid of its current version
         self._root: dict[str, Optional[str]] = {}  # name -> the folder its files must resolve inside, or None
+        self._vocab: dict[str, Optional[int]] = {}  # name -> vocabulary size of its current version if extended
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._slot: list[Optional[LoRAAdapter]] = [None] * max_loras
         self._refs: list[int] = [0] * max_loras
@@ -124,6 +125,7 @@ class LoRAPool:
             adapter = self.read(req, root=root)
         self.registered[req.name] = req
         self._uid[req.name] = adapter.uid
+        self._vocab[req.name] = adapter.vocab_size
         self._root[req.name] = root
         self._host_put(adapter)
         return adapter
@@ -135,11 +137,16 @@ class LoRAPool:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
         del self.registered[name]
         del self._uid[name]
+        self._vocab.pop(name, None)
         del self._root[name]
         self._host.pop(name, None)
         for s, a in enumerate(self._slot):
             if a is not None and a.name == name and self._refs[s] == 0:
                 self._clear_slot(s)
+
+    def vocab_size_of(self, name: str) -> Optional[int]:
+        """The vocabulary size of ``name``'s current version when it adds tokens, else None."""
+        return self._vocab.get(name)
 
     def is_registered(self, name: str) -> bool:
         return name in self.registered

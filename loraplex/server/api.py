@@ -158,8 +158,9 @@ def build_app(client: EngineClient, cfg: ServerConfig, model_path: str, tokenize
 
     @app.get("/v1/models")
     async def models() -> dict:
-        cards = [P.ModelCard(id=sv.served, root=model_path, max_model_len=sv.max_model_len)]
-        cards += [P.ModelCard(id=name, root=path, parent=sv.served, max_model_len=sv.max_model_len)
+        cards = [P.ModelCard(id=sv.served, root=model_path, max_model_len=sv.max_model_len, vocab_size=sv.vocab_size)]
+        cards += [P.ModelCard(id=name, root=path, parent=sv.served, max_model_len=sv.max_model_len,
+                              vocab_size=sv.vocab_for(name))
                   for name, path in sorted(client.loras.items())]
         return P.ModelList(data=cards).model_dump()
 

@@ -118,12 +118,17 @@ class RequestStream:
 class EngineClient:
     """Spawns and talks to the engine process. Create with :meth:`start`."""
 
+    def _set_loras(self, loras: list) -> None:
+        """name -> folder of each registered adapter; name -> vocabulary size of those that add tokens."""
+        self.loras: dict[str, str] = {n: p for n, p, _ in loras}
+        self.lora_vocab: dict[str, int] = {n: v for n, _, v in loras if v}
+
     def __init__(self, proc: Any, conn: Any, info: dict) -> None:
         self.proc, self.conn, self.info = proc, conn, info
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self.max_num_seqs: int = info["max_num_seqs"]
-        self.loras: dict[str, str] = dict(info["loras"])
+        self._set_loras(info["loras"])
         self.stats: dict[str, float] = info["stats"]  # EngineCore.stats(), refreshed with every step message
         self.dead: Optional[str] = None
         self._closing = False
@@ -263,7 +268,7 @@ class EngineClient:
                 self.on_step(dt, seen)
         elif kind == "reply":
             _, op, err, loras = msg
-            self.loras = dict(loras)
+            self._set_loras(loras)
             fut = self._ops.pop(op, None)
             if fut is not None and not fut.done():
                 fut.set_result(err)

@@ -140,9 +140,12 @@ class EngineCore:
         except (OSError, EOFError):  # the HTTP process is gone
             self.running = False
 
-    def loras(self) -> list[tuple[str, str]]:
+    def loras(self) -> list[tuple[str, str, Optional[int]]]:
+        """(name, path, vocabulary size when the adapter adds tokens, else None) of each registered adapter."""
         pool = self.engine.pool
-        return [(n, pool.registered[n].path) for n in sorted(pool.registered)] if pool else []
+        if pool is None:
+            return []
+        return [(n, pool.registered[n].path, pool.vocab_size_of(n)) for n in sorted(pool.registered)]
 
     def stats(self) -> dict[str, float]:
         eng = self.engine

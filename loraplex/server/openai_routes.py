@@ -34,19 +34,19 @@ async def create_completion(sv: Serving, body: P.CompletionRequest, http: Reques
         if isinstance(p, str):
             sv.check_chars(len(p), "prompt")
         else:
-            sv.check_ids(p, "prompt")
+            sv.check_ids(p, "prompt", lora)
     rid = P.random_id("cmpl")
     jobs, texts = [], []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            text, ids = p, await sv.tokenize(p, "prompt")
+            text, ids = p, await sv.tokenize(p, "prompt", lora)
         else:
             text, ids = None, p
         if body.echo:
-            texts.append(text if text is not None else await sv.detokenize(ids))
+            texts.append(text if text is not None else await sv.detokenize(ids, lora))
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         params = sv.sampling(body, len(ids), max_tokens, body.logprobs,
-                             body.logprobs if body.echo and body.logprobs is not None else None)
+                             body.logprobs if body.echo and body.logprobs is not None else None, lora)
         for j in range(body.n):
             jobs.append(Job({"prompt_token_ids": ids, "prompt": text}, sv.with_seed(params, j), lora, f"{rid}-{i}-{j}"))
     k = body.logprobs or 0
@@ -59,7 +59,7 @@ async def create_completion(sv: Serving, body: P.CompletionRequest, http: Reques
         if echo_now:
             toks = st.prompt_token_ids + toks
             lps = (st.prompt_logprobs or [None] * len(st.prompt_token_ids)) + lps
-        return sv.completion_logprobs(toks, lps, k, 0)
+        return sv.completion_logprobs(toks, lps, k, 0, lora)
 
     streams = await sv.add_all(jobs)
     if body.stream:
@@ -100,13 +100,13 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     raw = [m.model_dump(exclude_none=True) for m in body.messages]
     sv.check_chars(sum(len(_text_of(m.get("content"))) for m in raw), "messages")
     ids, sources = await sv.in_tokenizer_thread(
-        lambda: render_chat(sv.tok, raw, body.add_generation_prompt, sv.chat_template,
+        lambda: render_chat(sv.tokenizer_for(lora), raw, body.add_generation_prompt, sv.chat_template,
                             sv.client.info["image_placeholder"]))
     if sources and not sv.client.info["accepts_images"]:
         raise APIError(400, f"model {sv.served!r} ({sv.client.info['model_class']}) does not accept images",
                        param="messages")
     if not sources:  # with images the engine checks the expanded prompt
-        sv.check_ids(ids, "messages")
+        sv.check_ids(ids, "messages", lora)
     images = []
     if sources:  # decoding (and, if allowed, fetching) images is slow: off the event loop
         limit = sv.client.info["max_image_pixels"]
@@ -116,7 +116,7 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sv.sampling(body, len(ids), max_tokens, top if body.logprobs else None, None)
+    params = sv.sampling(body, len(ids), max_tokens, top if body.logprobs else None, None, lora)
     rid = P.random_id("chatcmpl")
     prompt: dict[str, Any] = {"prompt_token_ids": ids}
     if images:
@@ -127,7 +127,7 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     streams = await sv.add_all(jobs)
     if body.stream:
         def chunk(j: int, d: RequestDelta, st: RequestState) -> Optional[P.ChatCompletionChunk]:
-            lp = sv.chat_logprobs(d.new_token_ids, d.new_logprobs or [], top) if body.logprobs else None
+            lp = sv.chat_logprobs(d.new_token_ids, d.new_logprobs or [], top, lora) if body.logprobs else None
             if not (d.text_delta or d.finished or (lp and lp.content)):
                 return None
             return P.ChatCompletionChunk(id=rid, model=model_name, choices=[P.ChatStreamChoice(
@@ -143,7 +143,7 @@ async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, htt
     states, usage = await sv.collect(http, streams)
     choices = []
     for j, st in enumerate(states):
-        lp = sv.chat_logprobs(st.token_ids, st.logprobs or [], top) if body.logprobs else None
+        lp = sv.chat_logprobs(st.token_ids, st.logprobs or [], top, lora) if body.logprobs else None
         choices.append(P.ChatChoice(index=j, message=P.ChatResponseMessage(content=echo_text + st.text),
                                     logprobs=lp, finish_reason=st.finish_reason, stop_reason=st.stop_reason))
     return P.ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage).model_dump()

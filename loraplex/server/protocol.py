@@ -175,6 +175,7 @@ class ModelCard(BaseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    vocab_size: Optional[int] = None  # tokens its requests may read and produce (an adapter that adds tokens: more)
 
 
 class ModelList(BaseModel):

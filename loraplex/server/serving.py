@@ -167,6 +167,7 @@ class Serving:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self.max_prompt_chars = self.max_model_len * max_chars_per_token(tokenizer)
         self.metrics = ServerMetrics(lambda: client.stats)
+        self._adapter_toks: dict[tuple[str, str], Any] = {}  # (adapter, folder) -> its tokenizer (added tokens)
         client.on_step = self.on_step
         self.shutting_down = False
         self._active: set[asyncio.Queue] = set()
@@ -187,6 +188,21 @@ class Serving:
                            code="model_not_found")
         return name
 
+    def tokenizer_for(self, lora: Optional[str]) -> Any:
+        """The tokenizer of ``lora``'s requests: the adapter's own when it adds tokens, else the model's."""
+        if lora is None or lora not in self.client.lora_vocab:
+            return self.tok
+        key = (lora, self.client.loras[lora])
+        tok = self._adapter_toks.get(key)
+        if tok is None:
+            from loraplex.tokenizer import load_tokenizer
+
+            tok = self._adapter_toks[key] = load_tokenizer(key[1])
+        return tok
+
+    def vocab_for(self, lora: Optional[str]) -> int:
+        return self.client.lora_vocab.get(lora, self.vocab_size) if lora is not None else self.vocab_size
+
     # ---- prompts --------------------------------------------------------------------------------
     def check_seqs(self, num_prompts: int, n: int) -> None:
         if num_prompts * n > self.max_seqs:
@@ -200,33 +216,34 @@ class Serving:
             raise APIError(400, f"the prompt has {nchars} characters, more than max_model_len ({self.max_model_len} "
                                 "tokens) can hold with this vocabulary", param=param)
 
-    def check_ids(self, ids: list[int], param: str) -> list[int]:
+    def check_ids(self, ids: list[int], param: str, lora: Optional[str] = None) -> list[int]:
         if not ids:
             raise APIError(400, "the prompt is empty (no tokens)", param=param)
         if len(ids) >= self.max_model_len:
             raise APIError(400, f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} and at "
                                 "least one token must be generated", param=param)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        vocab = self.vocab_for(lora)
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             shown = [str(t)[:30] for t in bad[:5]]
-            raise APIError(400, f"prompt token id(s) {', '.join(shown)} outside the vocabulary [0, {self.vocab_size})",
+            raise APIError(400, f"prompt token id(s) {', '.join(shown)} outside the vocabulary [0, {vocab})",
                            param=param)
         return ids
 
     async def in_tokenizer_thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
-    async def tokenize(self, text: str, param: str) -> list[int]:
+    async def tokenize(self, text: str, param: str, lora: Optional[str] = None) -> list[int]:
         self.check_chars(len(text), param)
-        ids = await self.in_tokenizer_thread(lambda: list(self.tok(text)["input_ids"]))
-        return self.check_ids(ids, param)
+        ids = await self.in_tokenizer_thread(lambda: list(self.tokenizer_for(lora)(text)["input_ids"]))
+        return self.check_ids(ids, param, lora)
 
-    async def detokenize(self, ids: list[int]) -> str:
-        return await self.in_tokenizer_thread(self.tok.decode, ids)
+    async def detokenize(self, ids: list[int], lora: Optional[str] = None) -> str:
+        return await self.in_tokenizer_thread(lambda: self.tokenizer_for(lora).decode(ids))
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampling(self, req: P._SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int],
-                 prompt_logprobs: Optional[int]) -> SamplingParams:
+                 prompt_logprobs: Optional[int], lora: Optional[str] = None) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported", param=name)
@@ -239,9 +256,9 @@ class Serving:
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt ({prompt_len} tokens) exceeds "
                                 f"max_model_len ({self.max_model_len})", param="max_tokens")
-        if req.stop_token_ids and any(t >= self.vocab_size for t in req.stop_token_ids):
-            raise APIError(400, f"stop_token_ids must lie in the vocabulary [0, {self.vocab_size})",
-                           param="stop_token_ids")
+        vocab = self.vocab_for(lora)
+        if req.stop_token_ids and any(t >= vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must lie in the vocabulary [0, {vocab})", param="stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else room,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -392,27 +409,28 @@ class Serving:
             if gap is not None:
                 self.metrics.itl.observe(gap)
 
-    def token_str(self, tid: int) -> str:
-        return self.tok.decode([tid])
+    def token_str(self, tid: int, lora: Optional[str] = None) -> str:
+        return self.tokenizer_for(lora).decode([tid])
 
     def completion_logprobs(self, token_ids: list[int], lps: list[Optional[dict[int, float]]], k: int,
-                            offset: int) -> P.CompletionLogprobs:
+                            offset: int, lora: Optional[str] = None) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
         for tid, lp in zip(token_ids, lps):
-            s = self.token_str(tid)
+            s = self.token_str(tid, lora)
             out.tokens.append(s)
             out.token_logprobs.append(None if lp is None else lp[tid])
             top = None if lp is None else sorted(lp.items(), key=lambda x: -x[1])[:max(k, 1)]
-            out.top_logprobs.append(None if top is None else {self.token_str(t): v for t, v in top})
+            out.top_logprobs.append(None if top is None else {self.token_str(t, lora): v for t, v in top})
             out.text_offset.append(offset)
             offset += len(s)
         return out
 
-    def chat_logprobs(self, token_ids: list[int], lps: list[dict[int, float]], k: int) -> P.ChatLogprobs:
+    def chat_logprobs(self, token_ids: list[int], lps: list[dict[int, float]], k: int,
+                      lora: Optional[str] = None) -> P.ChatLogprobs:
         content = []
         for tid, lp in zip(token_ids, lps):
-            s = self.token_str(tid)
-            top = [P.TopLogprob(token=self.token_str(t), logprob=v, bytes=list(self.token_str(t).encode()))
+            s = self.token_str(tid, lora)
+            top = [P.TopLogprob(token=self.token_str(t, lora), logprob=v, bytes=list(self.token_str(t, lora).encode()))
                    for t, v in sorted(lp.items(), key=lambda x: -x[1])[:k]]
             content.append(P.ChatTokenLogprob(token=s, logprob=lp[tid], bytes=list(s.encode()), top_logprobs=top))
         return P.ChatLogprobs(content=content)
