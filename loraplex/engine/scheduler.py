@@ -16,6 +16,11 @@ only the first chunk of its prompt. A chunk never splits an image's
 placeholder block: a block cut by the budget moves the chunk's end before it,
 and a block that starts the chunk goes whole, even past the budget. Without
 chunked prefill a prompt is admitted only when it fits the step whole.
+
+With prefix caching a request being admitted first takes the longest run of committed blocks that match
+its leading tokens, adapter and images (``kv_cache.block_hash``), and its first chunk starts after them;
+each step commits the blocks running requests have filled, and a request that leaves (finished, aborted,
+preempted) commits what it computed before releasing its blocks.
 """
 
 from __future__ import annotations
