@@ -230,6 +230,8 @@ class ServerConfig:
     log_level: str = _doc("info", "log level: debug, info, warning, error or critical")
     chat_template: Optional[str] = _doc(None, "chat template for chat requests: a file or an inline Jinja "
                                               "string (None: the model folder's)")
+    max_adapter_metrics: int = _doc(32, "adapters with their own series in /metrics (the first that get "
+                                        "traffic); the others share the label 'other'")
     max_seqs_per_request: Optional[int] = _doc(None, "most sequences one request may ask for, prompts x n "
                                                      "(None: the engine's max_num_seqs)")
 
@@ -243,3 +245,4 @@ class ServerConfig:
         _require(self.chat_template is None or len(self.chat_template) > 0, "chat_template must not be empty")
         _require(self.max_seqs_per_request is None or self.max_seqs_per_request >= 1,
                  f"max_seqs_per_request must be >= 1, got {self.max_seqs_per_request}")
+        _require(self.max_adapter_metrics >= 0, f"max_adapter_metrics must be >= 0, got {self.max_adapter_metrics}")

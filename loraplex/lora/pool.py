@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 from loraplex.distributed.parallel_state import get_tp_size
@@ -72,6 +73,12 @@ class LoRAPool:
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
         self._loads: dict[int, Any] = {}  # slot -> CUDA event of its upload still in flight (side stream)
+        self._load_started: dict[int, float] = {}  # slot -> when its upload started (time.monotonic)
+        # (adapter, event, seconds) since the last drain_events(): "hit" (admitted with its adapter in a slot),
+        # "load" (an upload into a slot completed, seconds since it started), "read" (re-read from disk after
+        # host eviction, seconds). The server turns them into per-adapter metrics; bounded for engines that
+        # nobody drains (offline generation).
+        self._events: deque[tuple[str, str, float]] = deque(maxlen=10_000)
 
     # ---- registration -------------------------------------------------------------------
     def read(self, req: LoRARequest, root: Optional[str] = None) -> LoRAAdapter:
@@ -160,8 +167,10 @@ class LoRAPool:
             adapter = next((a for a in self._slot if a is not None and a.uid == self._uid[name]), None)
         if adapter is None:
             req = self.registered[name]
+            t0 = time.monotonic()
             adapter = self.read(req, root=self._root[name])
             self._uid[name] = adapter.uid
+            self._events.append((name, "read", time.monotonic() - t0))
         self._host_put(adapter)
         return adapter
 
@@ -201,7 +210,19 @@ class LoRAPool:
         if not done.query():
             return False
         del self._loads[slot]
+        self._loaded(slot)
         return True
+
+    def _loaded(self, slot: int) -> None:
+        started = self._load_started.pop(slot, None)
+        adapter = self._slot[slot]
+        if started is not None and adapter is not None:
+            self._events.append((adapter.name, "load", time.monotonic() - started))
+
+    def drain_events(self) -> list[tuple[str, str, float]]:
+        events = list(self._events)
+        self._events.clear()
+        return events
 
     @property
     def loading(self) -> bool:
@@ -210,8 +231,9 @@ class LoRAPool:
 
     def wait_for_loads(self) -> None:
         """Block until every slot upload in flight has completed (when nothing else can run)."""
-        for done in self._loads.values():
+        for slot, done in list(self._loads.items()):
             done.synchronize()
+            self._loaded(slot)
         self._loads.clear()
 
     def acquire(self, adapter: LoRAAdapter) -> Optional[int]:
@@ -219,6 +241,7 @@ class LoRAPool:
         (CUDA: on a side stream) and return None until the copy has completed; None too when every slot is
         pinned by other adapters. A request given None waits; the others go on."""
         slot = self.slot_of(adapter)
+        hit = slot is not None and slot not in self._loads  # resident, no copy in flight
         if slot is None:
             free = [s for s in range(self.max_loras) if self._refs[s] == 0 and s not in self._loads]
             if not free:
@@ -227,14 +250,20 @@ class LoRAPool:
             slot = min(free, key=lambda s: (self._slot[s] is not None,
                                             self._slot[s] is not None and self._is_current(self._slot[s]),
                                             self._last_use[s]))
+            t0 = time.monotonic()
             done = self.lora_model.set_slot(slot, adapter)
             self._slot[slot] = adapter
             self._last_use[slot] = next(self._tick)
             self.num_slot_loads += 1
+            self._load_started[slot] = t0
             if done is not None:
                 self._loads[slot] = done
+            else:
+                self._loaded(slot)
         if not self._ready(slot):
             return None
+        if hit:
+            self._events.append((adapter.name, "hit", 0.0))  # admitted without a copy
         self._refs[slot] += 1
         self._last_use[slot] = next(self._tick)
         return slot

@@ -49,6 +49,7 @@ class RequestState:
 
     request_id: str
     prompt_token_ids: list[int]
+    lora: Optional[str] = None  # the adapter it runs with (None: the base model)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
@@ -298,7 +299,7 @@ class EngineClient:
         """Hand a tokenised request to the engine; returns its stream once the engine accepted it,
         or raises the engine's InvalidRequestError / AdapterError."""
         self._check_alive()
-        stream = RequestStream(self, RequestState(request_id, prompt["prompt_token_ids"]))
+        stream = RequestStream(self, RequestState(request_id, prompt["prompt_token_ids"], lora_name))
         fut = self._loop.create_future()
         self._acks[request_id] = fut
         self._streams[request_id] = stream

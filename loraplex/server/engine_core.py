@@ -147,7 +147,7 @@ class EngineCore:
             return []
         return [(n, pool.registered[n].path, pool.vocab_size_of(n)) for n in sorted(pool.registered)]
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         eng = self.engine
         pool = eng.pool
         return {
@@ -159,6 +159,10 @@ class EngineCore:
             "lora_slot_refs": sum(pool.slot_refcount(s) for s in range(pool.max_loras)) if pool else 0,
             "last_step_host_seconds": eng.last_step_host_seconds,
             **{k: v for k, v in eng.cache_stats().items() if k.startswith(("prefix_cache", "encoder_cache"))},
+            # per-adapter: residency (names in device slots, in host memory) and events since the last step
+            "lora_device": [a for a in pool.device_resident if a is not None] if pool else [],
+            "lora_host": pool.host_resident if pool else [],
+            "lora_events": pool.drain_events() if pool else [],
         }
 
     # ---- the loop -----------------------------------------------------------------------------

@@ -12,11 +12,39 @@ _HOST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+class AdapterLabels:
+    """Bounded label values for per-adapter series: the first ``limit`` adapters that get traffic keep their
+    name, later ones share ``"other"`` (so /metrics stays small with thousands of adapters); base-model
+    requests are labelled with the served model's name."""
+
+    OTHER = "other"
+
+    def __init__(self, limit: int, base: str) -> None:
+        self.limit = limit
+        self.base = base
+        self._named: set[str] = set()
+
+    def __call__(self, adapter: Optional[str]) -> str:
+        if adapter is None:
+            return self.base
+        if adapter in self._named:
+            return adapter
+        if len(self._named) < self.limit:
+            self._named.add(adapter)
+            return adapter
+        return self.OTHER
+
+    @property
+    def named(self) -> set[str]:
+        return set(self._named)
+
+
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, float]], base: str = "base", max_adapters: int = 32) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._stats = stats
+        self.label = AdapterLabels(max_adapters, base)
         self.requests = Counter("loraplex_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", registry=r)
@@ -39,15 +67,70 @@ class ServerMetrics:
         self.lora_slots = Gauge("loraplex_lora_slots_used", "Device adapter slots holding an adapter", registry=r)
         self._last: dict[str, float] = {}
         r.register(_EngineCounters(lambda: self._last))
+        # per adapter (label: AdapterLabels)
+        self.a_requests = Counter("loraplex_adapter_requests", "Finished requests per adapter and finish reason",
+                                  ["adapter", "finish_reason"], registry=r)
+        self.a_prompt = Counter("loraplex_adapter_prompt_tokens", "Prompt tokens per adapter", ["adapter"], registry=r)
+        self.a_generated = Counter("loraplex_adapter_generation_tokens", "Tokens generated per adapter", ["adapter"],
+                                   registry=r)
+        self.a_ttft = Histogram("loraplex_adapter_time_to_first_token_seconds", "Time to first token per adapter",
+                                ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.a_itl = Histogram("loraplex_adapter_inter_token_latency_seconds", "Time between streamed tokens per "
+                               "adapter", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.a_hits = Counter("loraplex_adapter_slot_hits", "Requests admitted with their adapter already in a "
+                              "device slot", ["adapter"], registry=r)
+        self.a_loads = Histogram("loraplex_adapter_load_seconds", "Adapter loads: into a device slot (source "
+                                 "host) or re-read from disk after host eviction (source disk)",
+                                 ["adapter", "source"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.a_residency = Gauge("loraplex_adapter_residency", "1 for the tier each adapter is in now (device: a "
+                                 "slot, host: host memory, disk: its folder only); other: how many are there",
+                                 ["adapter", "tier"], registry=r)
+        self.registered: Callable[[], list[str]] = lambda: []  # names of the registered adapters (set by Serving)
+
+    def observe_events(self, events: list) -> None:
+        """Adapter events the engine reported with a step (LoRAPool.drain_events)."""
+        for name, kind, seconds in events:
+            label = self.label(name)
+            if kind == "hit":
+                self.a_hits.labels(adapter=label).inc()
+            else:
+                self.a_loads.labels(adapter=label, source="host" if kind == "load" else "disk").observe(seconds)
 
     def observe_finish(self, finish_reason: Optional[str], prompt_tokens: int, generated: int,
-                       ttft: Optional[float], e2e: float) -> None:
+                       ttft: Optional[float], e2e: float, adapter: Optional[str] = None) -> None:
         self.requests.labels(finish_reason=finish_reason or "abort").inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated)
         if ttft is not None:
             self.ttft.observe(ttft)
         self.e2e.observe(e2e)
+        label = self.label(adapter)
+        self.a_requests.labels(adapter=label, finish_reason=finish_reason or "abort").inc()
+        self.a_prompt.labels(adapter=label).inc(prompt_tokens)
+        self.a_generated.labels(adapter=label).inc(generated)
+        if ttft is not None:
+            self.a_ttft.labels(adapter=label).observe(ttft)
+
+    def observe_itl(self, gap: float, adapter: Optional[str]) -> None:
+        self.itl.observe(gap)
+        self.a_itl.labels(adapter=self.label(adapter)).observe(gap)
+
+    def _residency(self, s: dict) -> None:
+        device, host = set(s.get("lora_device", ())), set(s.get("lora_host", ()))
+        others = {"device": 0, "host": 0, "disk": 0}
+        named = self.label.named
+        for name in self.registered():
+            tier = "device" if name in device else "host" if name in host else "disk"
+            if name in named:
+                for t in others:
+                    self.a_residency.labels(adapter=name, tier=t).set(1.0 if t == tier else 0.0)
+            else:
+                others[tier] += 1
+        for name in named - set(self.registered()):  # unloaded: in no tier
+            for t in others:
+                self.a_residency.labels(adapter=name, tier=t).set(0.0)
+        for t, n in others.items():
+            self.a_residency.labels(adapter=AdapterLabels.OTHER, tier=t).set(n)
 
     def render(self) -> bytes:
         s = self._last = self._stats()
@@ -56,6 +139,7 @@ class ServerMetrics:
         self.kv_usage.set(s["kv_usage"])
         self.loras.set(s["loras_registered"])
         self.lora_slots.set(s["lora_slots_used"])
+        self._residency(s)
         return generate_latest(self.registry)
 
 

@@ -166,7 +166,8 @@ class Serving:
         # concurrent use), off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self.max_prompt_chars = self.max_model_len * max_chars_per_token(tokenizer)
-        self.metrics = ServerMetrics(lambda: client.stats)
+        self.metrics = ServerMetrics(lambda: client.stats, base=self.served, max_adapters=cfg.max_adapter_metrics)
+        self.metrics.registered = lambda: list(client.loras)
         self._adapter_toks: dict[tuple[str, str], Any] = {}  # (adapter, folder) -> its tokenizer (added tokens)
         client.on_step = self.on_step
         self.shutting_down = False
@@ -399,15 +400,16 @@ class Serving:
         now = time.monotonic()
         ttft = state.first_token_time - state.arrival_time if state.first_token_time is not None else None
         self.metrics.observe_finish(reason or state.finish_reason, len(state.prompt_token_ids), len(state.token_ids),
-                                    ttft, now - state.arrival_time)
+                                    ttft, now - state.arrival_time, state.lora)
 
     def on_step(self, dt: Optional[float], seen: list[tuple[RequestDelta, RequestState, Optional[float]]]) -> None:
         if dt is not None:
             self.metrics.step.observe(dt)
             self.metrics.step_host.observe(self.client.stats.get("last_step_host_seconds", 0.0))
-        for _, _, gap in seen:
+        self.metrics.observe_events(self.client.stats.get("lora_events", ()))
+        for _, state, gap in seen:
             if gap is not None:
-                self.metrics.itl.observe(gap)
+                self.metrics.observe_itl(gap, state.lora)
 
     def token_str(self, tid: int, lora: Optional[str] = None) -> str:
         return self.tokenizer_for(lora).decode([tid])

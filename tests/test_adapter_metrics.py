@@ -1,0 +1,46 @@
+"""Per-adapter Prometheus metrics of the server: bounded labels, requests, tokens, latencies, slot hits and
+loads, residency tiers."""
+
+from __future__ import annotations
+
+import httpx
+
+from helpers import make_adapter, make_tiny_model
+from server_harness import ENGINE_KW, PROMPT, Server
+
+
+def parse(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("loraplex_adapter_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_per_adapter_metrics(tmp_path) -> None:
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    loras = {n: make_adapter(model_dir, tmp_path / n, seed=i, r=4) for i, n in enumerate(["a", "b", "c"])}
+    # one device slot, two adapters in host memory: c evicts a or b; at most two adapters named in /metrics
+    s = Server(model_dir, loras, engine_kw={**ENGINE_KW, "max_loras": 1, "max_cpu_loras": 2}, max_adapter_metrics=2)
+    try:
+        c = s.client()
+        for model in ["a", "a", "b", "c", "tiny", "a"]:
+            c.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
+        m = parse(httpx.get(s.url + "/metrics").text)
+        req = lambda label: m.get(f'loraplex_adapter_requests_total{{adapter="{label}",finish_reason="length"}}', 0)  # noqa: E731
+        assert (req("a"), req("b"), req("other"), req("tiny")) == (3, 1, 1, 1)
+        assert not any('adapter="c"' in k for k in m)  # beyond max_adapter_metrics: counted as other
+        assert m['loraplex_adapter_generation_tokens_total{adapter="a"}'] == 12
+        assert m['loraplex_adapter_time_to_first_token_seconds_count{adapter="a"}'] == 3
+        assert m['loraplex_adapter_inter_token_latency_seconds_count{adapter="a"}'] == 9
+        # a: loaded, then a hit, then loaded again after b and c took the one slot
+        assert m['loraplex_adapter_load_seconds_count{adapter="a",source="host"}'] == 2
+        assert m['loraplex_adapter_slot_hits_total{adapter="a"}'] == 1
+        # tiers now: a in the slot; b, c in host memory or on disk (two host places for three adapters)
+        assert m['loraplex_adapter_residency{adapter="a",tier="device"}'] == 1
+        assert m['loraplex_adapter_residency{adapter="b",tier="device"}'] == 0
+        other = {t: m[f'loraplex_adapter_residency{{adapter="other",tier="{t}"}}'] for t in ("device", "host", "disk")}
+        assert sum(other.values()) == 1 and other["device"] == 0  # c
+    finally:
+        s.stop()
