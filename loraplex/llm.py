@@ -38,14 +38,22 @@ class LLM:
     def list_loras(self) -> list[str]:
         return self.engine.list_loras()
 
+    def pin_lora(self, name: str) -> None:
+        """Keep adapter ``name`` resident in a device slot until :meth:`unpin_lora` (its requests never wait
+        for a load); one slot always stays unpinned."""
+        self.engine.pin_lora(name)
+
+    def unpin_lora(self, name: str) -> None:
+        self.engine.unpin_lora(name)
+
     def _lora_name(self, arg: LoRAArg) -> Optional[str]:
         if arg is None:
             return None
         if isinstance(arg, LoRARequest):
             self.engine.add_lora(arg)  # no-op when already registered with this path
             return arg.name
-        if isinstance(arg, str):
-            if arg not in self.engine.list_loras():
+        if isinstance(arg, str):  # "name" or "name@version"
+            if arg.partition("@")[0] not in self.engine.list_loras():
                 raise InvalidRequestError(f"unknown adapter {arg!r}; registered adapters: {self.engine.list_loras()}")
             return arg
         raise InvalidRequestError(f"lora_request must be a LoRARequest, an adapter name or None, got {type(arg).__name__}")

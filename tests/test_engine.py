@@ -418,3 +418,39 @@ def test_inflight_requests_keep_their_adapter_version(model_dir, adapters) -> No
     assert done[first].outputs[0].token_ids == want_a1
     assert done[second].outputs[0].token_ids == want_a2
     assert eng.pool.device_resident == [None, None]  # stale versions freed once unused
+
+
+def test_versions_and_pinning(model_dir, adapters, tmp_path) -> None:
+    """name@version names one version: after a reload the new version serves plain name requests, and the
+    previous one stays servable as name@old; a pinned adapter keeps its slot and is never evicted."""
+    llm = make_llm(model_dir, max_loras=2, max_cpu_loras=2)
+    eng = llm.engine
+    p = [{"prompt_token_ids": PROMPTS[0]}]
+    llm.add_lora(LoRARequest("x", adapters["a0"]))
+    v0 = eng.pool.version_of("x")
+    assert len(v0) == 12
+    first = tokens(llm.generate(p, greedy(), lora_request="x", use_tqdm=False))
+    eng.add_lora(LoRARequest("x", adapters["a1"]), reload=True)
+    v1 = eng.pool.version_of("x")
+    assert v1 != v0 and eng.pool.versions_of("x") == [v1, v0]
+    want1 = tokens(llm.generate(p, greedy(), lora_request=LoRARequest("a1", adapters["a1"]), use_tqdm=False))
+    assert tokens(llm.generate(p, greedy(), lora_request="x", use_tqdm=False)) == want1 != first
+    assert tokens(llm.generate(p, greedy(), lora_request=f"x@{v0}", use_tqdm=False)) == first
+    assert tokens(llm.generate(p, greedy(), lora_request=f"x@{v1}", use_tqdm=False)) == want1
+    with pytest.raises(AdapterError, match=r"adapter 'x' has no version 'feedbeef0000'; versions: \['"):
+        llm.generate(p, greedy(), lora_request="x@feedbeef0000", use_tqdm=False)
+
+    # pinning: "x" keeps a slot while four other adapters pass through the other one
+    llm.pin_lora("x")
+    slot = eng.pool.device_resident.index("x")
+    loads = eng.pool.num_slot_loads
+    for n in ["a2", "a3", "a4", "a5"]:
+        llm.generate(p, greedy(), lora_request=LoRARequest(n, adapters[n]), use_tqdm=False)
+    assert eng.pool.device_resident[slot] == "x" and "x" in eng.pool.host_resident
+    assert tokens(llm.generate(p, greedy(), lora_request="x", use_tqdm=False)) == want1
+    assert eng.pool.num_slot_loads == loads + 4  # x never reloaded
+    with pytest.raises(AdapterError, match="one must stay for the other adapters"):
+        llm.pin_lora("a5")
+    llm.unpin_lora("x")
+    with pytest.raises(AdapterError, match="'x' is not pinned"):
+        llm.unpin_lora("x")

@@ -333,3 +333,35 @@ def test_text_only_model_refuses_images(server) -> None:
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
     with pytest.raises(openai.BadRequestError, match="does not accept images"):
         server.client().chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+
+
+def test_adapter_versions_and_pinning(assets, offline) -> None:
+    """name@version through the server: after an in-place reload the kept previous version still serves its
+    own outputs; /v1/models lists versions and pins; pinning needs runtime updates enabled."""
+    root, model_dir, loras = assets
+    s = Server(model_dir, {}, engine_kw={**ENGINE_KW, "max_loras": 3}, allow_runtime_lora_updates=True,
+               lora_root=str(root / "loras"))
+    try:
+        c = s.client()
+        post = lambda path, body: httpx.post(s.url + path, json=body)  # noqa: E731
+        assert post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "qv"}).status_code == 200
+        v_qv = {m.id: m for m in c.models.list().data}["x"].versions[0]
+        assert post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "extra",
+                                              "load_inplace": True}).status_code == 200
+        card = {m.id: m for m in c.models.list().data}["x"]
+        assert card.versions[1] == v_qv and card.pinned is False
+        text = lambda model: c.completions.create(model=model, prompt=PROMPT, max_tokens=12,  # noqa: E731
+                                                  temperature=0).choices[0].text
+        assert text("x") == offline_text(offline, PROMPT, "extra")
+        assert text(f"x@{v_qv}") == offline_text(offline, PROMPT, "qv")
+        assert text(f"tiny:x@{card.versions[0]}") == offline_text(offline, PROMPT, "extra")
+        with pytest.raises(openai.NotFoundError, match="has no version 'nope'"):
+            text("x@nope")
+        assert post("/v1/pin_lora_adapter", {"lora_name": "x"}).status_code == 200
+        assert {m.id: m for m in c.models.list().data}["x"].pinned is True
+        r = post("/v1/pin_lora_adapter", {"lora_name": "missing"})
+        assert r.status_code == 404
+        assert post("/v1/pin_lora_adapter", {"lora_name": "x", "pinned": False}).status_code == 200
+        assert post("/v1/pin_lora_adapter", {"lora_name": "x", "pinned": False}).status_code == 400  # not pinned
+    finally:
+        s.stop()

@@ -309,6 +309,17 @@ class LLMEngine:
     def remove_lora(self, name: str) -> None:
         self._require_pool().unregister(name)
 
+    def pin_lora(self, name: str) -> None:
+        """Keep adapter ``name`` in a device slot (and host memory) until :meth:`unpin_lora`."""
+        pool = self._require_pool()
+        if not pool.is_registered(name):
+            raise AdapterError(f"adapter {name!r} is not registered; registered: {self.list_loras()}")
+        pool.pin(name)
+
+    def unpin_lora(self, name: str) -> None:
+        if not self._require_pool().unpin(name):
+            raise AdapterError(f"adapter {name!r} is not pinned")
+
     def list_loras(self) -> list[str]:
         return sorted(self.pool.registered) if self.pool else []
 
@@ -344,10 +355,13 @@ class LLMEngine:
     def add_request(self, prompt: Union[str, dict, list], params: SamplingParams,
                     lora_name: Optional[str] = None, request_id: Optional[str] = None) -> str:
         adapter = None
-        if lora_name is not None:
-            if self.pool is None or not self.pool.is_registered(lora_name):
-                raise InvalidRequestError(f"unknown adapter {lora_name!r}; registered adapters: {self.list_loras()}")
-            adapter = self.pool.get(lora_name)  # pinned for the request's lifetime; may raise AdapterError
+        if lora_name is not None:  # "name", or "name@version" for one version of it
+            name, _, version = lora_name.partition("@")
+            if self.pool is None or not self.pool.is_registered(name):
+                raise InvalidRequestError(f"unknown adapter {name!r}; registered adapters: {self.list_loras()}")
+            # held for the request's lifetime; may raise AdapterError
+            adapter = self.pool.get_version(name, version) if version else self.pool.get(name)
+            lora_name = name
         # an adapter that adds tokens brings its tokenizer and vocabulary
         tokenizer = adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
         vocab = adapter.vocab_size if adapter is not None and adapter.vocab_size else self.vocab_size

@@ -123,6 +123,11 @@ class LoRAAdapter:
     def max_rank(self) -> int:
         return max((w.rank for w in self.modules.values()), default=0)
 
+    @property
+    def version(self) -> str:
+        """The first 12 hex digits of the content hash: what ``name@version`` names."""
+        return self.content_hash.hex()[:12]
+
     @functools.cached_property
     def has_dora(self) -> bool:
         return any(w.magnitude is not None for w in self.modules.values())

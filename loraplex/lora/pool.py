@@ -54,6 +54,9 @@ def validate_adapter_name(name: str) -> None:
                            "'.', '_', '-' or '/' (':' and '@' are reserved)")
 
 
+KEEP_VERSIONS = 2  # earlier versions of a name kept in memory after a reload, for name@version requests
+
+
 class LoRAPool:
     def __init__(self, lora_model: LoRAModel, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
                  loader: Callable[..., LoRAAdapter] = load_adapter) -> None:
@@ -66,6 +69,9 @@ class LoRAPool:
         self._uid: dict[str, int] = {}  # name -> uid of its current version
         self._root: dict[str, Optional[str]] = {}  # name -> the folder its files must resolve inside, or None
         self._vocab: dict[str, Optional[int]] = {}  # name -> vocabulary size of its current version if extended
+        self._version: dict[str, str] = {}  # name -> version (content hash prefix) of its current version
+        self._versions: dict[str, OrderedDict[str, LoRAAdapter]] = {}  # name -> earlier versions kept, oldest first
+        self._pinned: dict[str, int] = {}  # name -> the device slot it holds for good
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._slot: list[Optional[LoRAAdapter]] = [None] * max_loras
         self._refs: list[int] = [0] * max_loras
@@ -130,11 +136,22 @@ class LoRAPool:
             return self.get(req.name)
         if adapter is None:
             adapter = self.read(req, root=root)
+        if old is not None:  # a reload: keep the version it replaces for name@version requests
+            previous = self._in_memory(req.name)
+            if previous is not None and previous.version != adapter.version:
+                kept = self._versions.setdefault(req.name, OrderedDict())
+                kept[previous.version] = previous
+                while len(kept) > KEEP_VERSIONS:
+                    kept.popitem(last=False)
+        was_pinned = self.unpin(req.name)
         self.registered[req.name] = req
         self._uid[req.name] = adapter.uid
         self._vocab[req.name] = adapter.vocab_size
+        self._version[req.name] = adapter.version
         self._root[req.name] = root
         self._host_put(adapter)
+        if was_pinned:
+            self.pin(req.name)
         return adapter
 
     def unregister(self, name: str) -> None:
@@ -142,14 +159,73 @@ class LoRAPool:
         its slot is freed for reuse once they are done."""
         if name not in self.registered:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
+        self.unpin(name)
         del self.registered[name]
         del self._uid[name]
         self._vocab.pop(name, None)
+        self._version.pop(name, None)
+        self._versions.pop(name, None)
         del self._root[name]
         self._host.pop(name, None)
         for s, a in enumerate(self._slot):
             if a is not None and a.name == name and self._refs[s] == 0:
                 self._clear_slot(s)
+
+    def _in_memory(self, name: str) -> Optional[LoRAAdapter]:
+        """The current version of ``name`` if it is in host memory or a slot (no read), else None."""
+        adapter = self._host.get(name)
+        if adapter is None:
+            adapter = next((a for a in self._slot if a is not None and a.uid == self._uid.get(name)), None)
+        return adapter
+
+    def version_of(self, name: str) -> Optional[str]:
+        return self._version.get(name)
+
+    def versions_of(self, name: str) -> list[str]:
+        """Versions of ``name`` that requests may name: the current one, then those kept, newest first."""
+        if name not in self._version:
+            return []
+        return [self._version[name]] + list(reversed(self._versions.get(name, {})))
+
+    def get_version(self, name: str, version: str) -> LoRAAdapter:
+        """``name@version``: the current version when it is that one, else a kept earlier version."""
+        if name not in self.registered:
+            raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
+        if self._version[name] == version:
+            return self.get(name)
+        kept = self._versions.get(name, {}).get(version)
+        if kept is None:
+            raise AdapterError(f"adapter {name!r} has no version {version!r}; versions: {self.versions_of(name)}")
+        return kept
+
+    # ---- pinning ------------------------------------------------------------------------------
+    @property
+    def pinned(self) -> list[str]:
+        return sorted(self._pinned)
+
+    def pin(self, name: str) -> None:
+        """Keep ``name``'s current version in a device slot and in host memory until :meth:`unpin` (a reload
+        moves the pin to the new version). At least one slot always stays for unpinned adapters."""
+        if name in self._pinned:
+            return
+        if len(self._pinned) + 1 >= self.max_loras:
+            raise AdapterError(f"cannot pin adapter {name!r}: {len(self._pinned)} of max_loras={self.max_loras} "
+                               "slots are pinned, and one must stay for the other adapters")
+        adapter = self.get(name)
+        slot = self.acquire(adapter)
+        while slot is None and self.loading:
+            self.wait_for_loads()
+            slot = self.acquire(adapter)
+        if slot is None:
+            raise AdapterError(f"cannot pin adapter {name!r} now: every device slot is in use by running requests")
+        self._pinned[name] = slot
+
+    def unpin(self, name: str) -> bool:
+        """Release ``name``'s pin; returns whether it was pinned."""
+        slot = self._pinned.pop(name, None)
+        if slot is not None:
+            self.release(slot)
+        return slot is not None
 
     def vocab_size_of(self, name: str) -> Optional[int]:
         """The vocabulary size of ``name``'s current version when it adds tokens, else None."""
@@ -178,8 +254,11 @@ class LoRAPool:
     def _host_put(self, adapter: LoRAAdapter) -> None:
         self._host[adapter.name] = adapter
         self._host.move_to_end(adapter.name)
-        while len(self._host) > self.max_cpu_loras:
-            self._host.popitem(last=False)
+        while len(self._host) > self.max_cpu_loras:  # least recently used first; pinned adapters stay
+            victim = next((n for n in self._host if n not in self._pinned), None)
+            if victim is None:
+                break
+            del self._host[victim]
 
     @property
     def host_resident(self) -> list[str]:

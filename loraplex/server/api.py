@@ -160,9 +160,23 @@ def build_app(client: EngineClient, cfg: ServerConfig, model_path: str, tokenize
     async def models() -> dict:
         cards = [P.ModelCard(id=sv.served, root=model_path, max_model_len=sv.max_model_len, vocab_size=sv.vocab_size)]
         cards += [P.ModelCard(id=name, root=path, parent=sv.served, max_model_len=sv.max_model_len,
-                              vocab_size=sv.vocab_for(name))
+                              vocab_size=sv.vocab_for(name), versions=client.lora_versions.get(name),
+                              pinned=name in client.lora_pinned)
                   for name, path in sorted(client.loras.items())]
         return P.ModelList(data=cards).model_dump()
+
+    @app.post("/v1/pin_lora_adapter")
+    async def pin_lora(http: Request) -> Response:
+        """loraplex's own route: keep an adapter in a device slot ({"lora_name", "pinned": true}) or release
+        it ("pinned": false)."""
+        sv.runtime_updates_allowed()
+        body = await parse_body(http, P.PinLoRARequest)
+        if body.lora_name not in client.loras:
+            raise APIError(404, f"adapter {body.lora_name[:300]!r} is not loaded", param="lora_name",
+                           code="model_not_found")
+        await client.pin_lora(body.lora_name, body.pinned)
+        return Response(f"adapter {body.lora_name!r} {'pinned' if body.pinned else 'unpinned'}",
+                        media_type="text/plain")
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(http: Request) -> Response:

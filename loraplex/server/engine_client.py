@@ -120,9 +120,12 @@ class EngineClient:
     """Spawns and talks to the engine process. Create with :meth:`start`."""
 
     def _set_loras(self, loras: list) -> None:
-        """name -> folder of each registered adapter; name -> vocabulary size of those that add tokens."""
-        self.loras: dict[str, str] = {n: p for n, p, _ in loras}
-        self.lora_vocab: dict[str, int] = {n: v for n, _, v in loras if v}
+        """name -> folder of each registered adapter; name -> vocabulary size of those that add tokens;
+        name -> its versions (current first); the pinned names."""
+        self.loras: dict[str, str] = {n: p for n, p, *_ in loras}
+        self.lora_vocab: dict[str, int] = {n: v for n, _, v, *_ in loras if v}
+        self.lora_versions: dict[str, list[str]] = {n: vs for n, _, _, vs, _ in loras}
+        self.lora_pinned: set[str] = {n for n, *_, pin in loras if pin}
 
     def __init__(self, proc: Any, conn: Any, info: dict) -> None:
         self.proc, self.conn, self.info = proc, conn, info
@@ -342,3 +345,6 @@ class EngineClient:
 
     async def unload_lora(self, name: str) -> None:
         await self._op("unload_lora", name)
+
+    async def pin_lora(self, name: str, pinned: bool) -> None:
+        await self._op("pin_lora", name, pinned)

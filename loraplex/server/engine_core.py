@@ -104,6 +104,13 @@ class EngineCore:
                 self._send(("reply", op, None, self.loras()))
             except Exception as e:
                 self._send(("reply", op, error_of(e), self.loras()))
+        elif kind == "pin_lora":
+            _, op, name, pinned = msg
+            try:
+                (self.engine.pin_lora if pinned else self.engine.unpin_lora)(name)
+                self._send(("reply", op, None, self.loras()))
+            except Exception as e:
+                self._send(("reply", op, error_of(e), self.loras()))
         elif kind == "shutdown":
             self.running = False
         else:
@@ -140,12 +147,15 @@ class EngineCore:
         except (OSError, EOFError):  # the HTTP process is gone
             self.running = False
 
-    def loras(self) -> list[tuple[str, str, Optional[int]]]:
-        """(name, path, vocabulary size when the adapter adds tokens, else None) of each registered adapter."""
+    def loras(self) -> list[tuple[str, str, Optional[int], list[str], bool]]:
+        """(name, path, vocabulary size when the adapter adds tokens else None, versions, pinned) of each
+        registered adapter."""
         pool = self.engine.pool
         if pool is None:
             return []
-        return [(n, pool.registered[n].path, pool.vocab_size_of(n)) for n in sorted(pool.registered)]
+        pinned = set(pool.pinned)
+        return [(n, pool.registered[n].path, pool.vocab_size_of(n), pool.versions_of(n), n in pinned)
+                for n in sorted(pool.registered)]
 
     def stats(self) -> dict[str, Any]:
         eng = self.engine

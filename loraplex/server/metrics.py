@@ -27,6 +27,7 @@ class AdapterLabels:
     def __call__(self, adapter: Optional[str]) -> str:
         if adapter is None:
             return self.base
+        adapter = adapter.partition("@")[0]  # one series per adapter, whatever version a request named
         if adapter in self._named:
             return adapter
         if len(self._named) < self.limit:

@@ -176,6 +176,8 @@ class ModelCard(BaseModel):
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
     vocab_size: Optional[int] = None  # tokens its requests may read and produce (an adapter that adds tokens: more)
+    versions: Optional[list[str]] = None  # an adapter's versions (current first): "name@version" names one
+    pinned: Optional[bool] = None  # an adapter kept in a device slot
 
 
 class ModelList(BaseModel):
@@ -203,3 +205,8 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class PinLoRARequest(BaseModel):
+    lora_name: str
+    pinned: bool = True

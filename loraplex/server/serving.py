@@ -183,14 +183,22 @@ class Serving:
             if base != self.served:
                 raise APIError(404, f"model {model[:300]!r} not found: base model is {self.served!r}", param="model",
                                code="model_not_found")
+        name, _, version = name.partition("@")  # "name@version": one version of it
         if name not in self.client.loras:
             available = [self.served] + sorted(self.client.loras)
             raise APIError(404, f"model {model[:300]!r} not found; available: {available}", param="model",
                            code="model_not_found")
+        if version:
+            versions = self.client.lora_versions.get(name, [])
+            if version not in versions:
+                raise APIError(404, f"adapter {name!r} has no version {version[:100]!r}; versions: {versions}",
+                               param="model", code="model_not_found")
+            return f"{name}@{version}"
         return name
 
     def tokenizer_for(self, lora: Optional[str]) -> Any:
         """The tokenizer of ``lora``'s requests: the adapter's own when it adds tokens, else the model's."""
+        lora = lora.partition("@")[0] if lora is not None else None
         if lora is None or lora not in self.client.lora_vocab:
             return self.tok
         key = (lora, self.client.loras[lora])
@@ -202,7 +210,9 @@ class Serving:
         return tok
 
     def vocab_for(self, lora: Optional[str]) -> int:
-        return self.client.lora_vocab.get(lora, self.vocab_size) if lora is not None else self.vocab_size
+        if lora is None:
+            return self.vocab_size
+        return self.client.lora_vocab.get(lora.partition("@")[0], self.vocab_size)
 
     # ---- prompts --------------------------------------------------------------------------------
     def check_seqs(self, num_prompts: int, n: int) -> None:
