@@ -156,6 +156,12 @@ class LoRAConfig:
                                               "and re-read when needed (None: max(max_loras, 16))")
     lora_backend: str = _doc("auto", "LoRA kernels: torch (reference), triton (segmented kernels, CUDA) or auto "
                                      "(triton on CUDA when it imports, else torch)")
+    lora_resolvers: Optional[str] = _doc(None, "where a request's unregistered adapter is looked for, tried in "
+                                               "order, comma-separated: a folder (<folder>/<name>), "
+                                               "s3://bucket/prefix (any S3-compatible endpoint: AWS_ENDPOINT_URL), "
+                                               "hf:// (the Hub repository <name>); found adapters are registered")
+    lora_cache_dir: Optional[str] = _doc(None, "local disk cache for adapters fetched by resolvers (None: "
+                                               "~/.cache/loraplex/adapters; the Hub's own cache for hf://)")
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
@@ -164,6 +170,13 @@ class LoRAConfig:
                  f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         _require(self.lora_backend in _LORA_BACKENDS,
                  f"lora_backend must be one of {_LORA_BACKENDS}, got {self.lora_backend!r}")
+        if self.lora_resolvers:
+            from loraplex.lora.resolvers import make_resolvers
+
+            try:
+                make_resolvers(self.lora_resolvers, self.lora_cache_dir)
+            except ValueError as e:
+                raise ValueError(f"lora_resolvers: {e}") from None
 
     @property
     def cpu_capacity(self) -> int:

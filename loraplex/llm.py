@@ -53,7 +53,11 @@ class LLM:
             self.engine.add_lora(arg)  # no-op when already registered with this path
             return arg.name
         if isinstance(arg, str):  # "name" or "name@version"
-            if arg.partition("@")[0] not in self.engine.list_loras():
+            name = arg.partition("@")[0]
+            pool = self.engine.pool
+            if name not in self.engine.list_loras() and pool is not None and pool.resolvers:
+                self.engine.add_lora(pool.resolve(name))  # found by a resolver (lora_resolvers)
+            if name not in self.engine.list_loras():
                 raise InvalidRequestError(f"unknown adapter {arg!r}; registered adapters: {self.engine.list_loras()}")
             return arg
         raise InvalidRequestError(f"lora_request must be a LoRARequest, an adapter name or None, got {type(arg).__name__}")

@@ -144,7 +144,10 @@ class LLMEngine:
         if lc.enable_lora:
             lora_backend = get_backend(lc.lora_backend, self.device)
             lora_model = LoRAModel(model, lc.max_loras, lc.max_lora_rank, lora_backend)
-            self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity)
+            from loraplex.lora.resolvers import make_resolvers
+
+            self.pool = LoRAPool(lora_model, lc.max_loras, lc.max_lora_rank, lc.cpu_capacity,
+                                 resolvers=make_resolvers(lc.lora_resolvers, lc.lora_cache_dir))
             if self._tp is not None:
                 lora_model.observer = self._tp.record_slot
         self.model = model
@@ -357,6 +360,8 @@ class LLMEngine:
         adapter = None
         if lora_name is not None:  # "name", or "name@version" for one version of it
             name, _, version = lora_name.partition("@")
+            if self.pool is not None and not self.pool.is_registered(name) and self.pool.resolvers:
+                self.pool.register(self.pool.resolve(name))  # offline use; the server resolves off the loop first
             if self.pool is None or not self.pool.is_registered(name):
                 raise InvalidRequestError(f"unknown adapter {name!r}; registered adapters: {self.list_loras()}")
             # held for the request's lifetime; may raise AdapterError

@@ -27,7 +27,7 @@ import itertools
 import re
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from loraplex.distributed.parallel_state import get_tp_size
 from loraplex.errors import AdapterError
@@ -59,7 +59,8 @@ KEEP_VERSIONS = 2  # earlier versions of a name kept in memory after a reload, f
 
 class LoRAPool:
     def __init__(self, lora_model: LoRAModel, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
-                 loader: Callable[..., LoRAAdapter] = load_adapter) -> None:
+                 loader: Callable[..., LoRAAdapter] = load_adapter, resolvers: Sequence[Any] = ()) -> None:
+        self.resolvers = list(resolvers)  # loraplex.lora.resolvers: where unregistered adapters are looked for
         self.lora_model = lora_model
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
@@ -87,6 +88,24 @@ class LoRAPool:
         self._events: deque[tuple[str, str, float]] = deque(maxlen=10_000)
 
     # ---- registration -------------------------------------------------------------------
+    def resolve(self, name: str) -> LoRARequest:
+        """Find unregistered adapter ``name`` with the resolvers, in order (fetching it into the local disk
+        cache when remote; safe off the engine thread); AdapterError when none has it."""
+        validate_adapter_name(name)
+        if not self.resolvers:
+            raise AdapterError(f"unknown adapter {name!r}; registered adapters: {sorted(self.registered)}")
+        for r in self.resolvers:
+            try:
+                path = r.fetch(name)
+            except AdapterError:
+                raise
+            except Exception as e:  # network, permissions, a store that is down
+                raise AdapterError(f"adapter {name!r}: resolver {r.uri!r} failed: {type(e).__name__}: {e}") from e
+            if path is not None:
+                return LoRARequest(name, path)
+        raise AdapterError(f"unknown adapter {name!r}: not registered, and no resolver has it "
+                           f"({', '.join(r.uri for r in self.resolvers)})")
+
     def read(self, req: LoRARequest, root: Optional[str] = None) -> LoRAAdapter:
         """Read and validate ``req``'s folder without registering it (safe off the engine thread).
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""

@@ -346,5 +346,10 @@ class EngineClient:
     async def unload_lora(self, name: str) -> None:
         await self._op("unload_lora", name)
 
+    async def resolve_lora(self, name: str) -> None:
+        """Have the engine find unregistered adapter ``name`` with its resolvers (off its step loop) and
+        register it; raises AdapterError when none has it."""
+        await self._op("resolve_lora", name)
+
     async def pin_lora(self, name: str, pinned: bool) -> None:
         await self._op("pin_lora", name, pinned)

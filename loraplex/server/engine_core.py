@@ -89,6 +89,12 @@ class EngineCore:
         elif kind == "load_lora":
             _, op, name, path, reload, root = msg
             self._start_load(op, name, path, reload, root)
+        elif kind == "resolve_lora":  # a request names an adapter that is not registered: the resolvers look
+            _, op, name = msg
+            if self.engine.pool is not None and self.engine.pool.is_registered(name):
+                self._send(("reply", op, None, self.loras()))  # another request resolved it meanwhile
+            else:
+                self._start_load(op, name, None, False, None)
         elif kind == "lora_read":  # posted by the adapter I/O thread
             _, op, req, reload, root, adapter, err = msg
             if err is None:
@@ -121,7 +127,7 @@ class EngineCore:
         from loraplex.types import LoRARequest
 
         try:
-            req = LoRARequest(name, path)
+            req = LoRARequest(name, path) if path is not None else None  # None: found by the resolvers
             pool = self.engine._require_pool()
             known = pool.registered.get(name)
             if known is not None and not reload:
@@ -131,12 +137,15 @@ class EngineCore:
             self._send(("reply", op, error_of(e), self.loras()))
             return
 
-        def read() -> None:
+        def read() -> None:  # on the adapter I/O thread: downloads and reads never stall the step loop
+            r = req
             try:
-                adapter = pool.read(req, root=root)
-                self.inbox.put(("lora_read", op, req, reload, root, adapter, None))
+                if r is None:
+                    r = pool.resolve(name)
+                adapter = pool.read(r, root=root)
+                self.inbox.put(("lora_read", op, r, reload, root, adapter, None))
             except Exception as e:
-                self.inbox.put(("lora_read", op, req, reload, root, None, error_of(e)))
+                self.inbox.put(("lora_read", op, r, reload, root, None, error_of(e)))
 
         self.io.submit(read)
 
@@ -220,6 +229,7 @@ def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log
             "image_placeholder": (engine.mm_processor.image_placeholder(engine.tokenizer)
                                   if engine.mm_processor is not None else ""),
             "loras": core.loras(),
+            "lora_resolvers": bool(engine.pool is not None and engine.pool.resolvers),
             "stats": core.stats(),
         }
     except BaseException as e:  # start-up failed: tell the HTTP process why, then exit

@@ -18,7 +18,7 @@ from loraplex.types import RequestDelta
 
 
 async def create_completion(sv: Serving, body: P.CompletionRequest, http: Request) -> Any:
-    lora = sv.resolve_adapter(body.model)
+    lora = await sv.resolve_adapter(body.model)
     model_name = body.model or sv.served
     raw = body.prompt
     if isinstance(raw, str):
@@ -92,7 +92,7 @@ async def create_completion(sv: Serving, body: P.CompletionRequest, http: Reques
 
 
 async def create_chat_completion(sv: Serving, body: P.ChatCompletionRequest, http: Request) -> Any:
-    lora = sv.resolve_adapter(body.model)
+    lora = await sv.resolve_adapter(body.model)
     model_name = body.model or sv.served
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from loraplex.config import ServerConfig
+from loraplex.errors import AdapterError
+from loraplex.lora.pool import validate_adapter_name
 from loraplex.server import protocol as P
 from loraplex.server.engine_client import EngineClient, EngineDeadError, RequestState, RequestStream
 from loraplex.server.metrics import ServerMetrics
@@ -174,7 +176,21 @@ class Serving:
         self._active: set[asyncio.Queue] = set()
 
     # ---- adapters -------------------------------------------------------------------------------
-    def resolve_adapter(self, model: Optional[str]) -> Optional[str]:
+    async def resolve_adapter(self, model: Optional[str]) -> Optional[str]:
+        """The adapter a request's ``model`` names (None: the base model); an adapter that is not registered
+        is looked for by the engine's resolvers first (lora_resolvers), without stalling other requests."""
+        if model is not None and model != self.served and self.client.info.get("lora_resolvers"):
+            name = model.partition(":")[2] if ":" in model else model
+            name = name.partition("@")[0]
+            if name and name not in self.client.loras:
+                try:
+                    validate_adapter_name(name)
+                    await self.client.resolve_lora(name)
+                except AdapterError as e:
+                    raise APIError(404, str(e), param="model", code="model_not_found") from None
+        return self.check_adapter(model)
+
+    def check_adapter(self, model: Optional[str]) -> Optional[str]:
         if model is None or model == self.served:
             return None
         name = model
