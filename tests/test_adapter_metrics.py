@@ -44,3 +44,28 @@ def test_per_adapter_metrics(tmp_path) -> None:
         assert sum(other.values()) == 1 and other["device"] == 0  # c
     finally:
         s.stop()
+
+
+def test_evicted_adapters_are_re_read_off_the_step_loop(tmp_path) -> None:
+    """With one host place per slot, every switch of adapter re-reads a folder: the engine process does it on
+    its adapter I/O thread (reported as disk loads), and the outputs stay those of offline generation."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    loras = {n: make_adapter(model_dir, tmp_path / n, seed=i, r=4) for i, n in enumerate(["a", "b", "c"])}
+    kw = {**ENGINE_KW, "max_loras": 1, "max_cpu_loras": 1}
+    llm = LLM(model_dir, **kw)
+    p = SamplingParams(max_tokens=4, temperature=0.0)
+    want = {n: llm.generate(PROMPT, p, lora_request=LoRARequest(n, path), use_tqdm=False)[0].outputs[0].text
+            for n, path in loras.items()}
+    s = Server(model_dir, loras, engine_kw=kw)
+    try:
+        c = s.client()
+        for model in ["a", "b", "c", "a", "b"]:
+            got = c.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+            assert got == want[model], model
+        m = parse(httpx.get(s.url + "/metrics").text)
+        disk = sum(v for k, v in m.items() if k.startswith("loraplex_adapter_load_seconds_count") and 'disk' in k)
+        assert disk >= 4  # every adapter but the one still in host memory was re-read
+    finally:
+        s.stop()

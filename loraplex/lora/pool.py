@@ -197,6 +197,26 @@ class LoRAPool:
             adapter = next((a for a in self._slot if a is not None and a.uid == self._uid.get(name)), None)
         return adapter
 
+    def needs_read(self, name: str) -> bool:
+        """Whether a request for registered ``name`` would have to re-read its folder (evicted from host memory
+        and from every slot): the server does that read off its step loop first (:meth:`adopt`)."""
+        return name in self.registered and self._in_memory(name) is None
+
+    def read_current(self, name: str) -> tuple[LoRARequest, LoRAAdapter, float]:
+        """Re-read ``name``'s folder (safe off the engine thread): (its registration, the adapter, seconds)."""
+        req, root = self.registered[name], self._root[name]
+        t0 = time.monotonic()
+        return req, self.read(req, root=root), time.monotonic() - t0
+
+    def adopt(self, req: LoRARequest, adapter: LoRAAdapter, seconds: float) -> None:
+        """Take a re-read of :meth:`read_current` as ``req.name``'s current version, unless the name was
+        unloaded or re-registered meanwhile."""
+        if self.registered.get(req.name) is not req or self._in_memory(req.name) is not None:
+            return
+        self._uid[req.name] = adapter.uid
+        self._host_put(adapter)
+        self._events.append((req.name, "read", seconds))
+
     def version_of(self, name: str) -> Optional[str]:
         return self._version.get(name)
 

@@ -53,6 +53,7 @@ class EngineCore:
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
+        self._rereads: dict[str, list[tuple]] = {}  # adapter being re-read off the loop -> "add" messages waiting
         self.running = True
         self.acks: list[tuple[str, Error]] = []
 
@@ -78,6 +79,15 @@ class EngineCore:
         kind = msg[0]
         if kind == "add":
             _, rid, prompt, params, lora = msg
+            name = lora.partition("@")[0] if lora else None
+            pool = self.engine.pool
+            if name is not None and (name in self._rereads or (pool is not None and pool.needs_read(name))):
+                # its adapter was evicted from host memory: re-read it on the I/O thread, then add the request
+                waiting = self._rereads.setdefault(name, [])
+                waiting.append(msg)
+                if len(waiting) == 1:
+                    self.io.submit(self._reread, name)
+                return
             try:
                 self.engine.add_request(prompt, params, lora, rid)
                 self.acks.append((rid, None))
@@ -86,6 +96,17 @@ class EngineCore:
         elif kind == "abort":
             for rid in msg[1]:
                 self.engine.abort_request(rid)
+                for waiting in self._rereads.values():  # not added yet: it never will be
+                    waiting[:] = [m for m in waiting if m[1] != rid]
+        elif kind == "reread":  # posted by the adapter I/O thread
+            _, name, result, err = msg
+            if result is not None:
+                self.engine.pool.adopt(*result)
+            for m in self._rereads.pop(name, []):
+                if err is not None:
+                    self.acks.append((m[1], err))
+                else:
+                    self._handle(m)
         elif kind == "load_lora":
             _, op, name, path, reload, root = msg
             self._start_load(op, name, path, reload, root)
@@ -148,6 +169,12 @@ class EngineCore:
                 self.inbox.put(("lora_read", op, r, reload, root, None, error_of(e)))
 
         self.io.submit(read)
+
+    def _reread(self, name: str) -> None:
+        try:
+            self.inbox.put(("reread", name, self.engine.pool.read_current(name), None))
+        except Exception as e:
+            self.inbox.put(("reread", name, None, error_of(e)))
 
     # ---- messages out -------------------------------------------------------------------------
     def _send(self, msg: tuple) -> None:
