@@ -1,0 +1,134 @@
+"""Many adapters behind one model (issue 13): throughput and latency with requests drawn Zipf over
+``--num-adapters`` registered adapters of ranks 8 to 64, against the same load on one adapter.
+
+Requests arrive at ``--rate`` per second (deterministic gaps) into one engine, stepped here; each takes a
+random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. Reports output tokens/s, TTFT
+p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk to host after
+eviction), and the device memory the adapters in slots take as stored today (every slot padded to
+``max_lora_rank``) and as their own ranks would need. A cold start registers the adapters just before the
+load; a warm start has run the load once already.
+
+    python benchmarks/adapter_scale.py --preset llama3-8b   # an H200 (dummy weights)
+    python benchmarks/adapter_scale.py --preset tiny        # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256,
+                  "dtype": "bfloat16", "device": "cuda", "num_adapters": 1000, "num_requests": 2000, "rate": 100.0,
+                  "max_loras": 32, "max_cpu_loras": 256, "prompt_len": 128, "max_tokens": 64},
+    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 512,
+             "dtype": "float32", "device": "cpu", "num_adapters": 64, "num_requests": 200, "rate": 400.0,
+             "max_loras": 8, "max_cpu_loras": 16, "prompt_len": 16, "max_tokens": 8},
+}
+RANKS = (8, 16, 32, 64)
+
+
+def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
+             max_tokens: int) -> dict[str, float]:
+    from loraplex import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    eng.pool.drain_events() if eng.pool is not None else None
+    t0 = time.perf_counter()
+    arrival: dict[str, float] = {}
+    first: dict[str, float] = {}
+    nxt = 0
+    while nxt < len(names) or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while nxt < len(names) and nxt / rate <= now:
+            rid = f"r{nxt}-{time.monotonic_ns()}"
+            eng.add_request({"prompt_token_ids": prompts[nxt]}, params, names[nxt], rid)
+            arrival[rid] = nxt / rate
+            nxt += 1
+        if not eng.has_unfinished_requests():
+            time.sleep(max(0.0, nxt / rate - now))
+            continue
+        for o in eng.step():
+            if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
+                first[o.request_id] = time.perf_counter() - t0 - arrival[o.request_id]
+    wall = time.perf_counter() - t0
+    ttft = sorted(first.values())
+    events = eng.pool.drain_events() if eng.pool is not None else []
+    loads = [s for _, kind, s in events if kind == "load"]
+    reads = [s for _, kind, s in events if kind == "read"]
+    return {"output_tokens_per_s": len(names) * max_tokens / wall, "seconds": wall,
+            "ttft_ms_p50": 1e3 * ttft[len(ttft) // 2], "ttft_ms_p99": 1e3 * ttft[int(0.99 * (len(ttft) - 1))],
+            "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
+            "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads))}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--out-dir", default="bench_out/adapter_scale")
+    p.add_argument("--json", default="bench_out/adapter_scale.json")
+    a = p.parse_args()
+    cfg = SimpleNamespace(**PRESETS[a.preset])
+    from gpu_lora_throughput import build_adapter, build_model_folder
+    from loraplex import LLM, LoRARequest
+
+    device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu"
+    out = Path(a.out_dir)
+    model = build_model_folder(out, SimpleNamespace(**vars(cfg), rank=max(RANKS)))
+    folders = [build_adapter(out, SimpleNamespace(**vars(cfg), rank=RANKS[i % len(RANKS)]), i)
+               for i in range(cfg.num_adapters)]
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(cfg.num_adapters)])
+    picks = torch.multinomial(w, cfg.num_requests, replacement=True, generator=g).tolist()
+    prompts = [torch.randint(3, cfg.vocab - 1, (cfg.prompt_len,), generator=g).tolist()
+               for _ in range(cfg.num_requests)]
+    llm = LLM(str(model), load_format="dummy", dtype=cfg.dtype, device=device, max_loras=cfg.max_loras,
+              max_lora_rank=max(RANKS), max_cpu_loras=cfg.max_cpu_loras, enable_prefix_caching=False, seed=0,
+              max_model_len=cfg.prompt_len + cfg.max_tokens + 8)
+    t0 = time.perf_counter()
+    for i, f in enumerate(folders):
+        llm.add_lora(LoRARequest(f"a{i}", str(f)))
+    register_s = time.perf_counter() - t0
+    many = [f"a{i}" for i in picks]
+    rows = {"cold": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
+            "warm": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
+            "one_adapter": run_load(llm, ["a0"] * cfg.num_requests, prompts, cfg.rate, cfg.max_tokens)}
+    rows["warm"]["vs_one_adapter"] = rows["warm"]["output_tokens_per_s"] / rows["one_adapter"]["output_tokens_per_s"]
+    per_rank = sum(p.numel() for m in llm.engine.pool.lora_model.modules for p in (m.wrapper.stack.a,) + tuple(
+        m.wrapper.stack.b_slices)) / (cfg.max_loras * max(RANKS))
+    elem = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
+    padded = per_rank * cfg.max_loras * max(RANKS) * elem
+    resident = [a for a in llm.engine.pool.device_resident if a is not None]
+    own = per_rank * sum(RANKS[int(n[1:]) % len(RANKS)] for n in resident) * elem
+    for name, r in rows.items():
+        print(f"{name:>11}: {r['output_tokens_per_s']:8.0f} out tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f} ms  p99 "
+              f"{r['ttft_ms_p99']:7.1f} ms  slot loads {r['slot_loads']:4d} ({r['slot_load_ms_mean']:.2f} ms)  "
+              f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms)", flush=True)
+    print(f"{cfg.num_adapters} adapters registered in {register_s:.1f} s; warm load at "
+          f"{rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's target: >= 0.90); "
+          f"adapter slots {padded / 2**20:.1f} MiB padded to rank {max(RANKS)}, "
+          f"{own / 2**20:.1f} MiB at their own ranks")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"config": vars(a), "preset": PRESETS[a.preset], "device": name,
+                                        "date": time.strftime("%Y-%m-%d"), "results": rows,
+                                        "register_seconds": register_s, "slot_bytes_padded": padded,
+                                        "slot_bytes_own_ranks": own}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
