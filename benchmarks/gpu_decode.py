@@ -51,6 +51,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
                       dtype="bfloat16", device="cuda", batches=[32, 128], prompt_len=128, new_tokens=128,
                       zipf_adapters=128, prefill_batch=4, prefill_len=2048, long_prompt=8000, max_loras=32),
+    # needs two H200s (--tensor-parallel-size 2): 140 GB of bf16 weights
+    "llama3-70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256,
+                       dtype="bfloat16", device="cuda", batches=[32], prompt_len=128, new_tokens=64,
+                       zipf_adapters=32, prefill_batch=2, prefill_len=1024, long_prompt=4000, max_loras=8),
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, dtype="float32",
                  device="cpu", batches=[4], prompt_len=16, new_tokens=8, zipf_adapters=8, prefill_batch=2,
                  prefill_len=64, long_prompt=200, max_loras=4),
@@ -77,6 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="profile this many decode steps of the first batch and case (torch.profiler): print the "
                         "kernels by GPU time and write a Chrome trace beside the JSON")
     p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks the model is sharded over (one GPU each); the floor is then per GPU")
     p.add_argument("--skip-itl", action="store_true")
     p.add_argument("--itl-budgets", type=int, nargs="+", default=[0, 512],
                    help="per-step token budgets of the inter-token latency case (0: the engine's "
@@ -178,6 +184,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
     head_tied = any(p is embed for n, p in model.named_parameters(remove_duplicate=False) if "lm_head" in n)
     if embed is not None and not head_tied:
         total -= embed.numel() * embed.element_size()
+    return total
+
+
+def embedding_and_head_lora_bytes(engine: Any) -> int:
+    """Bytes of this rank's LoRA slot stacks of the input embedding and the output head (sharded along the
+    vocabulary under tensor parallelism: 1/N each)."""
+    from loraplex.lora.layers import LMHeadWithLoRA, VocabEmbeddingWithLoRA
+
+    pool = engine.pool
+    if pool is None:
+        return 0
+    total = 0
+    for m in pool.lora_model.modules:
+        if isinstance(m.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
+            stack = m.wrapper.stack
+            total += stack.a.numel() * stack.a.element_size() + sum(b.numel() * b.element_size()
+                                                                     for b in stack.b_slices)
     return total
 
 
@@ -374,7 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
               max_num_seqs=max(a.batches) + 1, max_loras=a.max_loras, max_lora_rank=a.rank,
-              max_cpu_loras=max(len(adapters), a.max_loras), seed=0, enforce_eager=a.enforce_eager)
+              max_cpu_loras=max(len(adapters), a.max_loras), seed=0, enforce_eager=a.enforce_eager,
+              tensor_parallel_size=a.tensor_parallel_size)
     graphs = llm.engine.runner.graphs
     startup = {"seconds": time.perf_counter() - t0,
                "graph_capture_seconds": graphs.capture_seconds if graphs else None,
@@ -390,6 +414,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             llm.add_lora(LoRARequest(f"{kind}0", str(build_variant(Path(a.out_dir), a, adapters[0], kind))))
     elem = torch.empty(0, dtype=dtype).element_size()
     wbytes = weight_bytes(llm.engine.model)
+    table_lora = embedding_and_head_lora_bytes(llm.engine)
+    print(f"per GPU: weights {wbytes / 2**30:.2f} GiB; embed_tokens + lm_head LoRA slots "
+          f"{table_lora / 2**20:.1f} MiB (tensor_parallel_size={a.tensor_parallel_size})", flush=True)
     n_params = wbytes // elem
     rng = torch.Generator().manual_seed(0)
     rows = []
@@ -406,7 +433,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             r = decode_case(llm, prompts, loras, a.new_tokens, device)
             used = len({x for x in loras if x})
             mean_ctx = a.prompt_len + a.new_tokens / 2
-            floor_bytes = wbytes + used * adapter_bytes(a, elem) + kv_bytes(a, batch, mean_ctx, elem)
+            # per GPU: this rank's weights (the model is this rank's shard), and its share of KV and adapters
+            tp = a.tensor_parallel_size
+            floor_bytes = wbytes + (used * adapter_bytes(a, elem) + kv_bytes(a, batch, mean_ctx, elem)) / tp
             if case == "saved":  # the adapter's own head is read beside the base one
                 floor_bytes += a.vocab * a.hidden * elem
             floor_ms = 1e3 * floor_bytes / card["copy_bytes_per_s"]
@@ -448,6 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{peft['tokens_per_s']:.0f} tok/s", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
     result = {"config": vars(a), "card": card, "device": name, "startup": startup, "weight_bytes": wbytes,
+              "table_lora_bytes_per_gpu": table_lora,
               "decode": rows,
               "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}
