@@ -454,3 +454,39 @@ def test_versions_and_pinning(model_dir, adapters, tmp_path) -> None:
     llm.unpin_lora("x")
     with pytest.raises(AdapterError, match="'x' is not pinned"):
         llm.unpin_lora("x")
+
+
+def test_an_adapter_never_starves_behind_a_stream_of_others(model_dir, adapters) -> None:
+    """One slot, a steady stream of requests for adapter a0, and one request for a1: after STARVATION_ROUNDS
+    rounds the a0 requests stop joining the slot, it drains, and a1 gets it while a0 requests still arrive;
+    every output stays what it is alone."""
+    from loraplex.engine.scheduler import STARVATION_ROUNDS
+
+    llm = make_llm(model_dir, max_loras=1, max_num_seqs=8)
+    eng = llm.engine
+    for n in ("a0", "a1"):
+        llm.add_lora(LoRARequest(n, adapters[n]))
+    params = greedy(6)
+    eng.add_request({"prompt_token_ids": PROMPTS[0]}, params, "a0", "first")
+    eng.step()
+    eng.add_request({"prompt_token_ids": PROMPTS[1]}, params, "a1", "cold")
+    started, outs, i = None, {}, 0
+    for step in range(4 * STARVATION_ROUNDS):
+        eng.add_request({"prompt_token_ids": PROMPTS[2 + i % 4]}, params, "a0", f"warm{i}")  # one a step
+        i += 1
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+        if started is None and eng.requests.get("cold") is not None and eng.requests["cold"].num_computed_tokens:
+            started = step
+        if "cold" in outs:
+            break
+    assert started is not None and started < 2 * STARVATION_ROUNDS  # not after the stream ends
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    alone = make_llm(model_dir, max_loras=2)
+    want = tokens(alone.generate([{"prompt_token_ids": PROMPTS[1]}], params,
+                                 lora_request=LoRARequest("a1", adapters["a1"]), use_tqdm=False))
+    assert outs["cold"] == want[0]

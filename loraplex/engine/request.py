@@ -52,6 +52,7 @@ class Request:
         self._table_len = 0
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_hashes: list[bytes] = []  # prefix caching: hashes of the leading blocks committed so far
+        self.slot_waits = 0  # scheduling rounds it was passed over for want of an adapter slot
         # the vocabulary its tokens come from: the model's, or its adapter's when that adds tokens (set by the
         # engine; None: the model's)
         self.vocab_size: Optional[int] = adapter.vocab_size if adapter is not None else None

@@ -6,7 +6,9 @@ preempted: its blocks and adapter slot are freed and it goes back to the front
 of the queue, to be recomputed from its prompt plus the tokens it already
 produced). Then waiting requests are admitted in arrival order while the
 sequence, token and block budgets allow and an adapter slot can be had; a
-request whose adapter cannot get a slot is passed over for now, not failed.
+request whose adapter cannot get a slot is passed over for now, not failed, and once it has been passed
+over for ``STARVATION_ROUNDS`` rounds, requests for adapters already in slots stop joining them until a slot
+frees for it.
 Prefills and decodes share the batch.
 
 With chunked prefill the step's token budget is filled decodes first, then
@@ -32,6 +34,11 @@ from typing import Optional
 from loraplex.engine.kv_cache import BlockAllocator, block_hash
 from loraplex.engine.request import Request, Status
 from loraplex.lora.pool import LoRAPool
+
+
+# Rounds a request may be passed over for want of an adapter slot before the slots busy with other adapters
+# stop taking new requests (they drain, and it gets one): no adapter starves behind a steady stream of others.
+STARVATION_ROUNDS = 64
 
 
 @dataclass
@@ -188,10 +195,16 @@ class Scheduler:
                 budget -= n
             blocked = blocked or req.num_computed_tokens + n < req.num_tokens
 
-        # 3. Admit waiting requests (FCFS, passing over those whose adapter has no slot).
+        # 3. Admit waiting requests (FCFS, passing over those whose adapter has no slot). A request passed over
+        #    for STARVATION_ROUNDS rounds makes the others stop joining busy slots, so that one drains for it.
         passed: list[Request] = []
+        hungry = {r.adapter.uid for r in self.waiting if r.adapter is not None and r.slot_waits >= STARVATION_ROUNDS}
         while self.waiting and len(self.running) < self.max_num_seqs and not blocked:
             req = self.waiting.popleft()
+            if hungry and req.adapter is not None and req.adapter.uid not in hungry \
+                    and self.pool.slot_of(req.adapter) is not None:
+                passed.append(req)  # would keep a slot busy that a starving adapter waits for
+                continue
             self._reuse_prefix(req)  # cached prefix blocks, held from here on (released below if not admitted)
             start = req.num_computed_tokens
             if self.chunked_prefill:
@@ -204,6 +217,7 @@ class Scheduler:
                 got = self.pool.acquire(req.adapter)
                 if got is None:
                     self._release_prefix(req)
+                    req.slot_waits += 1
                     passed.append(req)
                     continue
                 slot = got
