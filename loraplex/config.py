@@ -47,8 +47,7 @@ class ModelConfig:
                                       "captured at start-up")
     async_scheduling: Optional[bool] = _doc(None, "apply each step's results while the device runs the next "
                                                  "step, whose inputs it samples on the device (None: on for "
-                                                 "CUDA, off for CPU, where nothing would overlap; loraplex "
-                                                 "serve: off)")
+                                                 "CUDA, off for CPU, where nothing would overlap)")
     max_cudagraph_capture_size: Optional[int] = _doc(None, "CUDA: largest decode batch run as a CUDA graph; "
                                                            "larger ones run eagerly (None: max_num_seqs)")
 

@@ -255,6 +255,33 @@ def random_lora_stack(dtype, num_slots: int, max_rank: int, K: int, slices, slot
     return w
 
 
+def edit_config(path: PathLike, **changes: Any) -> None:
+    """Update fields of an adapter folder's adapter_config.json."""
+    file = Path(path, "adapter_config.json")
+    cfg = json.loads(file.read_text())
+    cfg.update(changes)
+    file.write_text(json.dumps(cfg))
+
+
+def edit_tensors(path: PathLike, fn: Any) -> None:
+    """``fn(tensors)`` edits the dict of an adapter folder's adapter_model.safetensors in place; saved back."""
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path, "adapter_model.safetensors")
+    tensors = load_file(str(file))
+    fn(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
+
+
+def copy_adapter(src: PathLike, dst: PathLike) -> str:
+    """A copy of an adapter folder's config and weights."""
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (dst / f).write_bytes(Path(src, f).read_bytes())
+    return str(dst)
+
+
 def load_peft_model(model_dir: PathLike, adapters: dict[str, PathLike]):
     """Base model with every adapter loaded under its name (eval, float32): the parity reference.
 

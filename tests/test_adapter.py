@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import load_base_model, load_peft_model, make_adapter, make_tiny_model
+from helpers import (copy_adapter, edit_config, edit_tensors, load_base_model, load_peft_model, make_adapter,
+                     make_tiny_model)
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget, load_adapter
 
@@ -91,28 +92,6 @@ def assert_matches_peft(adapter: LoRAAdapter, model_dir, path) -> None:
         assert w.A.dtype == torch.float32 and w.B.dtype == torch.float32
         torch.testing.assert_close(w.A, A, rtol=0, atol=0)
         torch.testing.assert_close(w.B, B, rtol=0, atol=0)
-
-
-def edit_config(path, **changes) -> None:
-    file = Path(path, CONFIG)
-    cfg = json.loads(file.read_text())
-    cfg.update(changes)
-    file.write_text(json.dumps(cfg))
-
-
-def edit_tensors(path, fn) -> None:
-    file = Path(path, WEIGHTS)
-    tensors = load_file(str(file))
-    fn(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
-
-
-def copy_adapter(src, dst) -> str:
-    dst = Path(dst)
-    dst.mkdir(parents=True)
-    for f in (CONFIG, WEIGHTS):
-        (dst / f).write_bytes(Path(src, f).read_bytes())
-    return str(dst)
 
 
 # --------------------------------------------------------------------------------------------------- tensors

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_base_model, make_adapter, make_tiny_model
+from helpers import copy_adapter, edit_config, edit_tensors, load_base_model, make_adapter, make_tiny_model
 from loraplex import LLM, AdapterError, LoRARequest, SamplingParams
 
 PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46],
@@ -27,15 +27,44 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def redraw_magnitudes(path: str, seed: int) -> None:
     """Scale every DoRA magnitude by a random factor in [0.5, 1.5): the rescaling then matters."""
-    from safetensors.torch import load_file, save_file
-
-    file = Path(path) / "adapter_model.safetensors"
-    tensors = load_file(str(file))
     g = torch.Generator().manual_seed(seed)
-    for key, t in tensors.items():
-        if "lora_magnitude_vector" in key:
-            tensors[key] = t * (0.5 + torch.rand(t.shape, generator=g))
-    save_file(tensors, str(file), metadata={"format": "pt"})
+
+    def redraw(tensors: dict) -> None:
+        for key, t in tensors.items():
+            if "lora_magnitude_vector" in key:
+                tensors[key] = t * (0.5 + torch.rand(t.shape, generator=g))
+
+    edit_tensors(path, redraw)
+
+
+def generate_and_compare(model_dir: str, paths: dict, names: list, prompts: list, device: str,
+                         max_loras: int) -> tuple[LLM, dict]:
+    """One mixed batch through loraplex (float32, greedy, 16 tokens, prompt logprobs); each request's
+    reference is PEFT with that adapter alone (or the base model): prompt logprobs within 1e-4 and the same
+    greedy tokens. Returns the engine and the references."""
+    from peft import PeftModel
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM(model_dir, dtype="float32", device=device, max_loras=max_loras, max_lora_rank=16, seed=0,
+              num_kv_blocks=64, block_size=4)
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
+    loras = [LoRARequest(n, paths[n]) if n else None for n in names]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    refs = {None: load_base_model(model_dir).eval()}
+    for name in {n for n in names if n}:
+        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
+    with torch.no_grad():
+        for prompt, name, out in zip(prompts, names, outs):
+            ids = torch.tensor([prompt])
+            mask = torch.ones_like(ids)
+            logp = refs[name](input_ids=ids, attention_mask=mask).logits[0].log_softmax(-1)
+            for i in range(1, len(prompt)):
+                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
+                    (name, i)
+            want = refs[name].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+            assert out.outputs[0].token_ids == want, name
+    return llm, refs
 
 
 def build(model_dir: str, root: Path) -> dict[str, str]:
@@ -58,101 +87,67 @@ def build(model_dir: str, root: Path) -> dict[str, str]:
 def test_dora_and_lora_bias_in_a_mixed_batch_match_peft(tmp_path, family: str, device: str) -> None:
     """On CUDA the steps holding DoRA or LoRA-bias requests run eagerly (no graph); the DoRA scales are
     computed on the upload stream."""
-    from peft import PeftModel
-
-    torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = make_tiny_model(tmp_path / "model", family=family)
-    paths = build(model_dir, tmp_path)
-    llm = LLM(model_dir, dtype="float32", device=device, max_loras=4, max_lora_rank=16, seed=0, num_kv_blocks=64,
-              block_size=4)
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
-    loras = [LoRARequest(n, paths[n]) if n else None for n in NAMES]
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=loras, use_tqdm=False)
-
-    refs = {None: load_base_model(model_dir).eval()}
-    for name in {n for n in NAMES if n}:
-        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
-    with torch.no_grad():
-        for prompt, name, out in zip(PROMPTS, NAMES, outs):
-            ref = refs[name]
-            ids = torch.tensor([prompt])
-            mask = torch.ones_like(ids)
-            logp = ref(input_ids=ids, attention_mask=mask).logits[0].log_softmax(-1)
-            for i in range(1, len(prompt)):
-                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
-                    (name, i)
-            want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
-            assert out.outputs[0].token_ids == want, name
+    generate_and_compare(model_dir, build(model_dir, tmp_path), NAMES, PROMPTS, device, max_loras=4)
 
 
 def test_dora_changes_what_plain_lora_computes(tmp_path) -> None:
     """Guard: the same adapter read without its magnitudes (plain LoRA) gives other outputs, so the parity
     above tests the rescaling itself."""
-    from safetensors.torch import load_file, save_file
-    import json
-
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     paths = build(model_dir, tmp_path)
-    plain = tmp_path / "as_plain"
-    plain.mkdir()
-    tensors = {k: v for k, v in load_file(str(Path(paths["dora"]) / "adapter_model.safetensors")).items()
-               if "lora_magnitude_vector" not in k}
-    save_file(tensors, str(plain / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((Path(paths["dora"]) / "adapter_config.json").read_text())
-    cfg["use_dora"] = False
-    (plain / "adapter_config.json").write_text(json.dumps(cfg))
+    plain = copy_adapter(paths["dora"], tmp_path / "as_plain")
+    edit_tensors(plain, lambda t: [t.pop(k) for k in list(t) if "lora_magnitude_vector" in k])
+    edit_config(plain, use_dora=False)
     llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=2, max_lora_rank=16, num_kv_blocks=64,
               block_size=4)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
     a, b = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 2, params, use_tqdm=False,
-                        lora_request=[LoRARequest("dora", paths["dora"]), LoRARequest("as_plain", str(plain))])
+                        lora_request=[LoRARequest("dora", paths["dora"]), LoRARequest("as_plain", plain)])
     diffs = [abs(list(x.values())[0] - list(y.values())[0]) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
     assert max(diffs) > 1e-2
 
 
-def test_dora_errors_name_the_tensor(tmp_path) -> None:
-    from safetensors.torch import load_file, save_file
+def assert_refused(model_dir: str, path: str, edits: list) -> None:
+    """Each (edit, pattern): the adapter's tensors, edited from the original, are refused on registration
+    with an AdapterError matching ``pattern``."""
+    from safetensors.torch import load_file
 
-    model_dir = make_tiny_model(tmp_path / "model", family="llama")
-    path = make_adapter(model_dir, tmp_path / "d", seed=1, r=4, use_dora=True, target_modules=["q_proj"])
-    file = Path(path) / "adapter_model.safetensors"
-    good = load_file(str(file))
-    key = next(k for k in good if "lora_magnitude_vector" in k)
+    good = load_file(str(Path(path) / "adapter_model.safetensors"))
     llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
               block_size=4)
-    bad = dict(good)
-    bad[key] = good[key][:-1].clone()
-    save_file(bad, str(file), metadata={"format": "pt"})
-    with pytest.raises(AdapterError, match=r"lora_magnitude_vector.*has shape \(\d+,\), expected \(\d+,\)"):
-        llm.add_lora(LoRARequest("short", path))
-    bad = {k: v for k, v in good.items() if k != key}
-    save_file(bad, str(file), metadata={"format": "pt"})
-    with pytest.raises(AdapterError, match="sets use_dora, but module .* has no lora_magnitude_vector"):
-        llm.add_lora(LoRARequest("missing", path))
-    bad = dict(good)
-    bad[key] = -good[key]
-    save_file(bad, str(file), metadata={"format": "pt"})
-    with pytest.raises(AdapterError, match="DoRA magnitudes must be positive"):
-        llm.add_lora(LoRARequest("negative", path))
+    for i, (edit, pattern) in enumerate(edits):
+        edit_tensors(path, lambda t: (t.clear(), t.update(good), edit(t)))
+        with pytest.raises(AdapterError, match=pattern):
+            llm.add_lora(LoRARequest(f"bad{i}", path))
+
+
+def test_dora_errors_name_the_tensor(tmp_path) -> None:
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_adapter(model_dir, tmp_path / "d", seed=1, r=4, use_dora=True, target_modules=["q_proj"])
+    key = next(k for k in load_file_keys(path) if "lora_magnitude_vector" in k)
+    assert_refused(model_dir, path, [
+        (lambda t: t.update({key: t[key][:-1].clone()}), r"lora_magnitude_vector.*has shape \(\d+,\), expected \(\d+,\)"),
+        (lambda t: t.pop(key), "sets use_dora, but module .* has no lora_magnitude_vector"),
+        (lambda t: t.update({key: -t[key]}), "DoRA magnitudes must be positive"),
+    ])
 
 
 def test_lora_bias_errors_name_the_tensor(tmp_path) -> None:
-    from safetensors.torch import load_file, save_file
-
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     path = make_adapter(model_dir, tmp_path / "b", seed=1, r=4, lora_bias=True, target_modules=["q_proj"])
-    file = Path(path) / "adapter_model.safetensors"
-    good = load_file(str(file))
-    key = next(k for k in good if k.endswith("lora_B.bias"))
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
-              block_size=4)
-    save_file({**good, key: good[key][:-2].clone()}, str(file), metadata={"format": "pt"})
-    with pytest.raises(AdapterError, match=r"lora_B\.bias.*has shape \(\d+,\), expected \(\d+,\): the LoRA bias"):
-        llm.add_lora(LoRARequest("short", path))
-    save_file({k: v for k, v in good.items() if k != key}, str(file), metadata={"format": "pt"})
-    with pytest.raises(AdapterError, match=r"sets lora_bias, but module .*q_proj.* has no lora_B\.bias tensor"):
-        llm.add_lora(LoRARequest("missing", path))
+    key = next(k for k in load_file_keys(path) if k.endswith("lora_B.bias"))
+    assert_refused(model_dir, path, [
+        (lambda t: t.update({key: t[key][:-2].clone()}), r"lora_B\.bias.*has shape \(\d+,\), expected \(\d+,\): the LoRA bias"),
+        (lambda t: t.pop(key), r"sets lora_bias, but module .*q_proj.* has no lora_B\.bias tensor"),
+    ])
+
+
+def load_file_keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as f:
+        return list(f.keys())
 
 
 # ---- trainable tokens ---------------------------------------------------------------------------------------
@@ -166,8 +161,6 @@ TT_NAMES = ["tt", None, "plain", "tt", "tt_dict"]
 def test_trainable_tokens_in_a_mixed_batch_match_peft(tmp_path, tied: bool, device: str) -> None:
     """Trainable tokens (with LoRA on other modules) beside plain LoRA and base requests: the replaced rows of
     the embedding (and, with tied embeddings, of the head) hold only for that adapter's requests."""
-    from peft import PeftModel
-
     family = "qwen2" if tied else "llama"
     model_dir = make_tiny_model(tmp_path / "model", family=family, tie_word_embeddings=tied)
     paths = {
@@ -180,27 +173,7 @@ def test_trainable_tokens_in_a_mixed_batch_match_peft(tmp_path, tied: bool, devi
     if not tied:  # separate ids for the embedding and the head
         paths["tt_dict"] = make_adapter(model_dir, tmp_path / "tt_dict", seed=3, r=4, target_modules=["o_proj"],
                                         trainable_token_indices={"embed_tokens": [2, 5], "lm_head": [3, 4, 6]})
-    torch.backends.cuda.matmul.allow_tf32 = False
-    llm = LLM(model_dir, dtype="float32", device=device, max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=64,
-              block_size=4)
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
-    loras = [LoRARequest(n, paths[n]) if n else None for n in names]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
-    refs = {None: load_base_model(model_dir).eval()}
-    for name in {n for n in names if n}:
-        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
-    with torch.no_grad():
-        for prompt, name, out in zip(prompts, names, outs):
-            ids = torch.tensor([prompt])
-            mask = torch.ones_like(ids)
-            logits = refs[name](input_ids=ids, attention_mask=mask).logits[0]
-            logp = logits.log_softmax(-1)
-            for i in range(1, len(prompt)):
-                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
-                    (name, i)
-            want = refs[name].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
-            assert out.outputs[0].token_ids == want, name
+    llm, refs = generate_and_compare(model_dir, paths, names, prompts, device, max_loras=3)
     # the tokens matter: the adapter's rows differ from the base ones (the parity above is not vacuous)
     base_emb = refs[None].get_input_embeddings().weight
     rows = llm.engine.pool.get("tt").tokens["model.embed_tokens"][1].float().cpu()
@@ -208,21 +181,17 @@ def test_trainable_tokens_in_a_mixed_batch_match_peft(tmp_path, tied: bool, devi
 
 
 def test_trainable_tokens_errors(tmp_path) -> None:
-    import json
-
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     path = make_adapter(model_dir, tmp_path / "tt", seed=1, r=4, target_modules=["q_proj"],
                         trainable_token_indices=[1, 2, 3])
     llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16,
               block_size=4)
-    cfg_file = Path(path) / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
     for indices, pattern in [([1, 2], r"has shape \(3, \d+\), expected \(2, \d+\): one row per trainable token"),
                              ([1, 2, 100000], r"distinct token ids below the vocabulary size"),
                              ({"q_proj": [1, 2, 3]}, r"names 'q_proj', which is not the model's input embedding"),
                              (None, r"holds trainable tokens, but adapter_config.json has no trainable_token_indices"),
                              ("x", r"trainable_token_indices must be a non-empty list")]:
-        cfg_file.write_text(json.dumps({**cfg, "trainable_token_indices": indices}))
+        edit_config(path, trainable_token_indices=indices)
         with pytest.raises(AdapterError, match=pattern):
             llm.add_lora(LoRARequest(f"bad{len(str(indices))}", path))
 
@@ -230,23 +199,14 @@ def test_trainable_tokens_errors(tmp_path) -> None:
 # ---- modules_to_save: an adapter's own embedding and head ---------------------------------------------------
 
 def _perturb(path: str, keys: tuple[str, ...], seed: int) -> None:
-    from safetensors.torch import load_file, save_file
-
-    file = Path(path) / "adapter_model.safetensors"
-    tensors = load_file(str(file))
     g = torch.Generator().manual_seed(seed)
-    for key in keys:
-        tensors[key] = tensors[key] + 0.5 * torch.randn(tensors[key].shape, generator=g)
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    edit_tensors(path, lambda t: t.update({k: t[k] + 0.5 * torch.randn(t[k].shape, generator=g) for k in keys}))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_modules_to_save_tables_in_a_mixed_batch_match_peft(tmp_path, device: str) -> None:
     """Adapters with their own trained lm_head and/or embed_tokens (modules_to_save) beside plain LoRA and base
     requests: each request reads its adapter's tables, the others the base ones."""
-    from peft import PeftModel
-
-    torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     paths = {
         "both": make_adapter(model_dir, tmp_path / "both", seed=1, r=4, target_modules=["q_proj", "v_proj"],
@@ -258,27 +218,8 @@ def test_modules_to_save_tables_in_a_mixed_batch_match_peft(tmp_path, device: st
     _perturb(paths["both"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 1)
     _perturb(paths["head"], ("base_model.model.lm_head.weight",), 2)
     names = ["both", None, "plain", "head", "both"]
-    prompts = PROMPTS[:len(names)]
-    llm = LLM(model_dir, dtype="float32", device=device, max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=64,
-              block_size=4)
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1)
-    loras = [LoRARequest(n, paths[n]) if n else None for n in names]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    llm, _ = generate_and_compare(model_dir, paths, names, PROMPTS[:len(names)], device, max_loras=3)
     assert set(llm.engine.pool.get("both").saved) == {"lm_head", "model.embed_tokens"}
-    refs = {None: load_base_model(model_dir).eval()}
-    for name in {n for n in names if n}:
-        refs[name] = PeftModel.from_pretrained(load_base_model(model_dir), paths[name]).to(torch.float32).eval()
-    with torch.no_grad():
-        for prompt, name, out in zip(prompts, names, outs):
-            ids = torch.tensor([prompt])
-            mask = torch.ones_like(ids)
-            logp = refs[name](input_ids=ids, attention_mask=mask).logits[0].log_softmax(-1)
-            for i in range(1, len(prompt)):
-                assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4), \
-                    (name, i)
-            want = refs[name].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
-            assert out.outputs[0].token_ids == want, name
 
 
 def test_modules_to_save_refusals(tmp_path) -> None:

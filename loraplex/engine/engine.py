@@ -278,7 +278,8 @@ class LLMEngine:
 
     def cache_stats(self) -> dict[str, float]:
         """KV cache and prefix cache figures: blocks in use, prompt tokens looked up and found in the cache
-        (cumulative), cached blocks, evictions of cached blocks (cumulative)."""
+        (cumulative), cached blocks, evictions of cached blocks (cumulative); and the vision encoder cache's
+        lookups and hits (vision-language models)."""
         a = self.allocator
         return {"kv_cache_usage": a.usage, "prefix_cache_queried_tokens": a.queried_tokens,
                 "prefix_cache_hit_tokens": a.hit_tokens,
@@ -394,8 +395,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, text, ids, params, adapter, tokenizer, self.eos_token_ids, max_tokens, mm=mm)
-        req.vocab_size = vocab
+        req = Request(request_id, text, ids, params, adapter, tokenizer, self.eos_token_ids, max_tokens, mm=mm,
+                      vocab_size=vocab)
         if params.seed is not None:
             req.generator = make_generator(params.seed)
         self.requests[request_id] = req
@@ -489,7 +490,7 @@ class LLMEngine:
             for i in held:
                 apply_min_tokens(sample_logits[i], sorted(reqs[i].eos_token_ids | set(reqs[i].params.stop_token_ids)))
             # one device-to-host copy brings the tokens and the logprobs of the rows that asked
-            vocab = [r.vocab_size or self.vocab_size for r in reqs]
+            vocab = [r.vocab_size for r in reqs]  # the model's, unless a request's adapter adds tokens
             sample = self.sampler.launch_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
                                               raw_logits=raw,
                                               vocab_sizes=vocab if max(vocab) != self.vocab_size else None)

@@ -26,7 +26,8 @@ class Status(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                  params: SamplingParams, adapter: Optional[LoRAAdapter], tokenizer: Any,
-                 eos_token_ids: frozenset[int], max_tokens: int, mm: Optional[Any] = None) -> None:
+                 eos_token_ids: frozenset[int], max_tokens: int, mm: Optional[Any] = None,
+                 vocab_size: Optional[int] = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids  # image positions hold placeholder ids (>= vocabulary)
@@ -51,11 +52,14 @@ class Request:
         self._table_np = np.empty(0, dtype=np.int32)
         self._table_len = 0
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
-        self.block_hashes: list[bytes] = []  # prefix caching: hashes of the leading blocks committed so far
+        # prefix caching: hashes of its leading full blocks of known tokens (a chain, grown as needed), and how
+        # many blocks of its table are committed under them
+        self.block_hashes: list[bytes] = []
+        self.num_committed_blocks = 0
         self.slot_waits = 0  # scheduling rounds it was passed over for want of an adapter slot
-        # the vocabulary its tokens come from: the model's, or its adapter's when that adds tokens (set by the
-        # engine; None: the model's)
-        self.vocab_size: Optional[int] = adapter.vocab_size if adapter is not None else None
+        # the vocabulary its tokens come from: the model's, or its adapter's when that adds tokens (None: not
+        # given, the model's)
+        self.vocab_size = vocab_size
         self.slot: int = -1  # adapter slot while running (-1: base model)
         self.generator: Optional[torch.Generator] = None
         self.detok = (IncrementalDetokenizer(tokenizer, self.visible_prompt_token_ids, params)

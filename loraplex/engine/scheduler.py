@@ -92,52 +92,50 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------
     # ---- prefix caching -----------------------------------------------------------------------------------
-    def _cacheable(self, req: Request) -> bool:
-        return self.allocator.enable_caching
-
-    def _hashes(self, req: Request, first: int, last: int, tokens: list[int], prev: Optional[bytes]) -> list[bytes]:
-        """Hashes of ``req``'s blocks ``first..last-1`` (``tokens``: their token ids), chained from ``prev``."""
-        bs = self.allocator.block_size
-        identity = req.adapter.content_hash if req.adapter is not None else None
-        out: list[bytes] = []
-        for i in range(first, last):
-            extra = b""
-            if req.mm is not None:  # the pixels behind the placeholders of this block
-                extra = "".join(img.digest for img in req.mm.images
-                                if img.offset < (i + 1) * bs and img.offset + img.length > i * bs).encode()
-            j = (i - first) * bs
-            out.append(block_hash(out[-1] if out else prev, tokens[j:j + bs], identity, extra))
-        return out
+    def _block_hashes(self, req: Request, n: int) -> list[bytes]:
+        """Hashes of ``req``'s first ``n`` full blocks of known tokens, chained (each covers its tokens, every
+        earlier block, the adapter's content and the pixels of images placed in it). Computed once per block:
+        a request's tokens only grow, so the chain stays valid across waits, preemptions and re-admissions."""
+        hashes = req.block_hashes
+        if len(hashes) < n:
+            bs = self.allocator.block_size
+            identity = req.adapter.content_hash if req.adapter is not None else None
+            first = len(hashes)
+            tokens = req.token_ids_at(first * bs, (n - first) * bs)
+            for i in range(first, n):
+                extra = b""
+                if req.mm is not None:  # the pixels behind the placeholders of this block
+                    extra = "".join(img.digest for img in req.mm.images
+                                    if img.offset < (i + 1) * bs and img.offset + img.length > i * bs).encode()
+                j = (i - first) * bs
+                hashes.append(block_hash(hashes[-1] if hashes else None, tokens[j:j + bs], identity, extra))
+        return hashes[:n]
 
     def _commit(self, req: Request) -> None:
         """Commit ``req``'s blocks that have become full, computed and of known tokens since the last call."""
-        if not self._cacheable(req):
+        if not self.allocator.enable_caching:
             return
         bs = self.allocator.block_size
         known = len(req.prompt_token_ids) + len(req.output_token_ids)  # pending tokens are not known yet
         full = min(req.num_computed_tokens, known, len(req.block_table) * bs) // bs
-        hashes = req.block_hashes
-        if len(hashes) >= full:
+        if req.num_committed_blocks >= full:
             return
-        first = len(hashes)
-        tokens = req.token_ids_at(first * bs, (full - first) * bs)
-        hashes.extend(self._hashes(req, first, full, tokens, hashes[-1] if hashes else None))
-        for i in range(first, full):
+        hashes = self._block_hashes(req, full)
+        for i in range(req.num_committed_blocks, full):
             self.allocator.commit(req.block_table[i], hashes[i])
+        req.num_committed_blocks = full
 
     def _reuse_prefix(self, req: Request) -> None:
         """A request being admitted starts from the longest committed prefix of its tokens (at least its last
         token is computed, for its logits); requests asking for prompt logprobs compute every position."""
-        if not self._cacheable(req) or req.wants_prompt_logprobs:
+        if not self.allocator.enable_caching or req.wants_prompt_logprobs:
             return
         bs = self.allocator.block_size
         known = len(req.prompt_token_ids) + len(req.output_token_ids)
         n_full = min(req.num_tokens - 1, known) // bs
         if n_full <= 0:
             return
-        tokens = req.token_ids_at(0, n_full * bs)
-        hashes = self._hashes(req, 0, n_full, tokens, None)
-        hits = self.allocator.lookup(hashes)
+        hits = self.allocator.lookup(self._block_hashes(req, n_full))
         if req.mm is not None:  # never start inside an image's placeholders: its step needs the whole image
             end, cut = len(hits) * bs, True
             while cut:  # moving the end back may land it inside an earlier image
@@ -149,7 +147,7 @@ class Scheduler:
                 self.allocator.free(hits[end // bs:])
                 hits = hits[:end // bs]
         req.block_table = hits
-        req.block_hashes = hashes[:len(hits)]
+        req.num_committed_blocks = len(hits)
         req.num_computed_tokens = len(hits) * bs
 
     def schedule(self) -> SchedulerOutput:
@@ -227,7 +225,7 @@ class Scheduler:
                 break
             req.slot = slot
             req.block_table.extend(self.allocator.allocate(need))
-            if self._cacheable(req) and not req.wants_prompt_logprobs:  # metrics: prompt tokens looked up, found
+            if self.allocator.enable_caching and not req.wants_prompt_logprobs:  # metrics: prompt tokens looked up, found
                 self.allocator.queried_tokens += req.num_tokens
                 self.allocator.hit_tokens += start
             req.status = Status.RUNNING
@@ -275,12 +273,12 @@ class Scheduler:
         """Undo :meth:`_reuse_prefix` for a request that stays waiting."""
         self.allocator.free(req.block_table)
         req.block_table = []
-        req.block_hashes = []
+        req.num_committed_blocks = 0
         req.num_computed_tokens = 0
 
     def _free(self, req: Request) -> None:
         self._commit(req)  # what it computed stays reusable after it leaves
-        req.block_hashes = []
+        req.num_committed_blocks = 0
         self.allocator.free(req.block_table)
         if req.slot >= 0 and self.pool is not None:
             self.pool.release(req.slot)

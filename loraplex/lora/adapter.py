@@ -258,7 +258,8 @@ def _read_tensors(wfile: str, file: str) -> dict[str, torch.Tensor]:
 
 def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: AdapterTargetSpec,
                         cfg: PeftLoraConfig) -> dict[str, dict[str, tuple[str, torch.Tensor, bool]]]:
-    """module -> {"A"/"B": (key, tensor, is_embedding_key)}; full base copies are checked here and dropped."""
+    """module -> {part: (key, tensor, is_embedding_key)}, parts "A", "B" (LoRA), "M" (DoRA magnitude), "b" (LoRA
+    bias), "T" (trainable tokens), "S" (a trained saved table); unchanged base copies are checked and dropped."""
     pairs: dict[str, dict[str, tuple[str, torch.Tensor, bool]]] = {}
     for key, tensor in tensors.items():
         module, marker, rest = _split_key(key)
@@ -268,15 +269,12 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
             if not cfg.use_dora:
                 raise AdapterError(f"{wfile}: tensor {key!r} is a DoRA magnitude, but {CONFIG_FILE} does not set "
                                    "use_dora")
-            slot = pairs.setdefault(module, {})
-            if "M" in slot:
-                raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot['M'][0]!r}")
-            slot["M"] = (key, tensor, False)
+            _put(wfile, pairs, module, "M", key, tensor)
             continue
         if marker == _TOKENS:
             if rest != ["trainable_tokens_delta"]:
                 raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
-            pairs.setdefault(module, {})["T"] = (key, tensor, False)
+            _put(wfile, pairs, module, "T", key, tensor)
             continue
         if marker in _UNSUPPORTED_MARKERS:
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {_UNSUPPORTED_MARKERS[marker]}")
@@ -288,24 +286,31 @@ def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: Adap
                 if not cfg.lora_bias:
                     raise AdapterError(f"{wfile}: tensor {key!r} is a LoRA bias, but {CONFIG_FILE} does not set "
                                        "lora_bias")
-                slot = pairs.setdefault(module, {})
-                if "b" in slot:
-                    raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot['b'][0]!r}")
-                slot["b"] = (key, tensor, False)
+                _put(wfile, pairs, module, "b", key, tensor)
                 continue
             # "weight" or "<adapter>.weight" for linear; nothing or "<adapter>" for embedding
             bad = len(rest) > 1 if is_emb else (len(rest) not in (1, 2) or rest[-1] != "weight")
             if bad:
                 raise AdapterError(f"{wfile}: unrecognised tensor key {key!r}")
-            slot = pairs.setdefault(module, {})
-            if _LORA_PARTS[marker] in slot:
-                raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot[_LORA_PARTS[marker]][0]!r}")
-            slot[_LORA_PARTS[marker]] = (key, tensor, is_emb)
+            _put(wfile, pairs, module, _LORA_PARTS[marker], key, tensor, is_emb)
         else:
             own = _check_copy(wfile, key, module, rest, tensor, spec, cfg)
-            if own is not None:  # a trained modules_to_save table: the adapter's own
-                pairs.setdefault(module, {})["S"] = (key, own, False)
+            # a trained table is the adapter's own: the modules_to_save copy first, else the saved embedding
+            # layer; PEFT's untouched original beside them is not
+            if own is not None and ".original_module." not in key:
+                slot = pairs.setdefault(module, {})
+                if "S" not in slot or ".modules_to_save." in key:
+                    slot["S"] = (key, own, False)
     return pairs
+
+
+def _put(wfile: str, pairs: dict, module: str, part: str, key: str, tensor: torch.Tensor,
+         is_emb: bool = False) -> None:
+    """``pairs[module][part] = (key, tensor, is_emb)``; a second tensor for the same part is an error."""
+    slot = pairs.setdefault(module, {})
+    if part in slot:
+        raise AdapterError(f"{wfile}: tensor {key!r} duplicates {slot[part][0]!r}")
+    slot[part] = (key, tensor, is_emb)
 
 
 def _trainable_tokens(wfile: str, pairs: dict, spec: AdapterTargetSpec,
@@ -355,7 +360,9 @@ def _trainable_tokens(wfile: str, pairs: dict, spec: AdapterTargetSpec,
     return out
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# the files of a tokenizer saved beside an adapter (one that adds tokens must carry its own)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 def _extended_vocab(where: str, path: str, root: Optional[str], saved: dict[str, torch.Tensor],
@@ -373,12 +380,12 @@ def _extended_vocab(where: str, path: str, root: Optional[str], saved: dict[str,
                            f"base {max(base.values())}): an adapter that adds tokens must save both embed_tokens and "
                            "lm_head, with the same number of rows")
     folder = _confined(where, path, root, what="the adapter folder")
-    for f in _TOKENIZER_FILES:  # each tokenizer file must resolve inside the root too
+    for f in TOKENIZER_FILES:  # each tokenizer file must resolve inside the root too
         if os.path.exists(os.path.join(folder, f)):
             _confined(where, os.path.join(folder, f), root)
-    if not any(os.path.exists(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+    if not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         raise AdapterError(f"{where}: its vocabulary is resized to {kinds['head']} tokens, but the folder holds no "
-                           f"tokenizer ({', '.join(_TOKENIZER_FILES)}): save the tokenizer with the adapter")
+                           f"tokenizer ({', '.join(TOKENIZER_FILES)}): save the tokenizer with the adapter")
     return kinds["head"]
 
 

@@ -85,16 +85,22 @@ class BaseLayerWithLoRA(nn.Module):
         self.saved[slot] = upload(table, w).to(w.dtype)
         self._update_active(slot, True)
 
+    @staticmethod
+    def _segments(batch, *tables: dict):
+        """(start, end, slot) of each segment of an eager batch whose slot has an entry in one of ``tables``
+        (the per-slot terms that CUDA graphs do not hold; graph batches carry none of those slots)."""
+        if batch.static or not any(tables):
+            return
+        for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+            if any(slot in t for t in tables):
+                yield start, end, slot
+
     def _apply_eager_terms(self, y: torch.Tensor, batch, bias: Optional[torch.Tensor]) -> None:
         """Per segment of a slot with them, in place: its LoRA bias ``y += scaling * lora_bias``, then DoRA's
         per-channel rescaling ``y = scale * (y - bias) + bias`` (``bias``: the base layer's; y already holds
         the base output and the LoRA delta)."""
-        if (not self.dora and not self.lora_bias) or batch.static:
-            return
-        for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
+        for start, end, slot in self._segments(batch, self.dora, self.lora_bias):
             extra, scale = self.lora_bias.get(slot), self.dora.get(slot)
-            if extra is None and scale is None:
-                continue
             rows = y[start:end]
             out = rows.float()
             if extra is not None:
@@ -102,18 +108,6 @@ class BaseLayerWithLoRA(nn.Module):
             if scale is not None:
                 out = out * scale if bias is None else (out - bias) * scale + bias
             rows.copy_(out)
-
-    def _bias_vector(self, parts: list) -> torch.Tensor:
-        """``scaling * bias`` of each output channel of this rank's weight (0 where a slice has none), float32;
-        ``parts``: (slice, this rank's bias rows, scaling)."""
-        w = self.base_layer.weight
-        vec = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-        offsets = [0]
-        for n in getattr(self, "output_slices", (w.shape[0],)):
-            offsets.append(offsets[-1] + n)
-        for i, b, scaling in parts:
-            vec[offsets[i]:offsets[i] + b.shape[0]] = upload(b, w).float() * scaling
-        return vec
 
     # Subclasses implement create_lora_weights / set_lora / reset_lora / forward.
 
@@ -175,16 +169,27 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if bias_parts:
             self.lora_bias[slot] = self._bias_vector(bias_parts)
 
+    def _slice_rows(self, i: int, n: int) -> slice:
+        """Rows of this rank's weight holding the first ``n`` outputs of slice ``i``."""
+        first = sum(self.output_slices[:i])
+        return slice(first, first + n)
+
+    def _bias_vector(self, parts: list) -> torch.Tensor:
+        """``scaling * bias`` of each output channel of this rank's weight (0 where a slice has none), float32;
+        ``parts``: (slice, this rank's bias rows, scaling)."""
+        w = self.base_layer.weight
+        vec = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        for i, b, scaling in parts:
+            vec[self._slice_rows(i, b.shape[0])] = upload(b, w).float() * scaling
+        return vec
+
     def _dora_scale(self, parts: list) -> torch.Tensor:
         """Per output channel of this rank's weight: magnitude / ||W + scaling * B A|| over the input (DoRA; 1 for
         slices without it), in float32. ``parts``: (slice, A, this rank's B, scaling, magnitude)."""
         w = self.base_layer.weight
         scale = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-        offsets = [0]
-        for n in self.output_slices:
-            offsets.append(offsets[-1] + n)
         for i, a, b, scaling, mag in parts:
-            rows = slice(offsets[i], offsets[i] + b.shape[0])
+            rows = self._slice_rows(i, b.shape[0])
             a, b, mag = (upload(t, w).float() for t in (a, b, mag))
             norm = torch.linalg.norm(w[rows].float() + scaling * (b @ a), dim=1)
             scale[rows] = mag / norm
@@ -264,13 +269,8 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
     def _apply_tokens(self, y: torch.Tensor, ids: torch.Tensor, batch) -> None:
         """Rows of trainable tokens, in place, per segment of a slot that has them (no sync: a gather and a
         select; ids past the table, such as image placeholders, are never replaced)."""
-        if not self.tokens or batch.static:
-            return
-        for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-            entry = self.tokens.get(slot)
-            if entry is None:
-                continue
-            row_of, rows = entry
+        for start, end, slot in self._segments(batch, self.tokens):
+            row_of, rows = self.tokens[slot]
             seg = ids[start:end]
             inside = seg < row_of.shape[0]
             r = torch.where(inside, row_of[seg.clamp(max=row_of.shape[0] - 1)], -1)
@@ -293,13 +293,11 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         self.backend.embed(y, ids.clamp(max=num - 1) if self.saved else ids, self.stack, batch)
         self._apply_eager_terms(y, batch, None)
         self._apply_tokens(y, ids, batch)
-        if self.saved and not batch.static:
-            for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-                table = self.saved.get(slot)
-                if table is not None:  # ids past the adapter's table (image placeholders) keep the base rows
-                    seg = ids[start:end]
-                    own = torch.nn.functional.embedding(seg.clamp(max=table.shape[0] - 1), table)
-                    y[start:end] = torch.where((seg < table.shape[0])[:, None], own, y[start:end])
+        for start, end, slot in self._segments(batch, self.saved):
+            table = self.saved[slot]  # ids past the adapter's table (image placeholders) keep the base rows
+            seg = ids[start:end]
+            own = torch.nn.functional.embedding(seg.clamp(max=table.shape[0] - 1), table)
+            y[start:end] = torch.where((seg < table.shape[0])[:, None], own, y[start:end])
         return y
 
 
@@ -358,23 +356,18 @@ class LMHeadWithLoRA(LinearWithLoRA):
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
             self._apply_eager_terms(logits, batch, None)
-            if self.saved and not batch.static:
-                widest = max(t.shape[0] for s, t in self.saved.items() if s in batch.used_slots) \
-                    if batch.used_slots & self.saved.keys() else 0
-                if widest > logits.shape[1]:  # added tokens: columns past the base head, -inf for other rows
-                    wide = logits.new_full((logits.shape[0], widest), float("-inf"))
-                    wide[:, :logits.shape[1]] = logits
-                    logits = wide
-                for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-                    table = self.saved.get(slot)
-                    if table is not None:  # padded vocabulary columns past the table keep the base logits
-                        logits[start:end, :table.shape[0]] = hidden[start:end] @ table.T
-            if self.tokens and not batch.static:
-                for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
-                    entry = self.tokens.get(slot)
-                    if entry is not None:
-                        ids, rows = entry
-                        logits[start:end].index_copy_(1, ids, hidden[start:end] @ rows.T)
+            saved = list(self._segments(batch, self.saved))
+            widest = max((self.saved[slot].shape[0] for _, _, slot in saved), default=0)
+            if widest > logits.shape[1]:  # added tokens: columns past the base head, -inf for other rows
+                wide = logits.new_full((logits.shape[0], widest), float("-inf"))
+                wide[:, :logits.shape[1]] = logits
+                logits = wide
+            for start, end, slot in saved:  # padded vocabulary columns past the table keep the base logits
+                table = self.saved[slot]
+                logits[start:end, :table.shape[0]] = hidden[start:end] @ table.T
+            for start, end, slot in self._segments(batch, self.tokens):
+                ids, rows = self.tokens[slot]
+                logits[start:end].index_copy_(1, ids, hidden[start:end] @ rows.T)
         from loraplex.distributed.parallel_state import all_gather_last_dim
         return all_gather_last_dim(logits)
 

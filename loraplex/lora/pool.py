@@ -27,6 +27,7 @@ import itertools
 import re
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from loraplex.distributed.parallel_state import get_tp_size
@@ -54,6 +55,15 @@ def validate_adapter_name(name: str) -> None:
                            "'.', '_', '-' or '/' (':' and '@' are reserved)")
 
 
+@dataclass(frozen=True)
+class _Current:
+    """What identifies a registered name's current version while its weights may be out of memory."""
+
+    uid: int
+    version: str
+    vocab_size: Optional[int]  # when it adds tokens
+
+
 KEEP_VERSIONS = 2  # earlier versions of a name kept in memory after a reload, for name@version requests
 
 
@@ -67,10 +77,8 @@ class LoRAPool:
         self.max_cpu_loras = max_cpu_loras
         self._load = loader
         self.registered: dict[str, LoRARequest] = {}
-        self._uid: dict[str, int] = {}  # name -> uid of its current version
+        self._current: dict[str, _Current] = {}  # name -> what identifies its current version
         self._root: dict[str, Optional[str]] = {}  # name -> the folder its files must resolve inside, or None
-        self._vocab: dict[str, Optional[int]] = {}  # name -> vocabulary size of its current version if extended
-        self._version: dict[str, str] = {}  # name -> version (content hash prefix) of its current version
         self._versions: dict[str, OrderedDict[str, LoRAAdapter]] = {}  # name -> earlier versions kept, oldest first
         self._pinned: dict[str, int] = {}  # name -> the device slot it holds for good
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -164,9 +172,7 @@ class LoRAPool:
                     kept.popitem(last=False)
         was_pinned = self.unpin(req.name)
         self.registered[req.name] = req
-        self._uid[req.name] = adapter.uid
-        self._vocab[req.name] = adapter.vocab_size
-        self._version[req.name] = adapter.version
+        self._set_current(adapter)
         self._root[req.name] = root
         self._host_put(adapter)
         if was_pinned:
@@ -180,9 +186,7 @@ class LoRAPool:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
         self.unpin(name)
         del self.registered[name]
-        del self._uid[name]
-        self._vocab.pop(name, None)
-        self._version.pop(name, None)
+        del self._current[name]
         self._versions.pop(name, None)
         del self._root[name]
         self._host.pop(name, None)
@@ -194,8 +198,12 @@ class LoRAPool:
         """The current version of ``name`` if it is in host memory or a slot (no read), else None."""
         adapter = self._host.get(name)
         if adapter is None:
-            adapter = next((a for a in self._slot if a is not None and a.uid == self._uid.get(name)), None)
+            current = self._current.get(name)
+            adapter = next((a for a in self._slot if a is not None and current and a.uid == current.uid), None)
         return adapter
+
+    def _set_current(self, adapter: LoRAAdapter) -> None:
+        self._current[adapter.name] = _Current(adapter.uid, adapter.version, adapter.vocab_size)
 
     def needs_read(self, name: str) -> bool:
         """Whether a request for registered ``name`` would have to re-read its folder (evicted from host memory
@@ -213,24 +221,25 @@ class LoRAPool:
         unloaded or re-registered meanwhile."""
         if self.registered.get(req.name) is not req or self._in_memory(req.name) is not None:
             return
-        self._uid[req.name] = adapter.uid
+        self._set_current(adapter)
         self._host_put(adapter)
         self._events.append((req.name, "read", seconds))
 
     def version_of(self, name: str) -> Optional[str]:
-        return self._version.get(name)
+        current = self._current.get(name)
+        return current.version if current else None
 
     def versions_of(self, name: str) -> list[str]:
         """Versions of ``name`` that requests may name: the current one, then those kept, newest first."""
-        if name not in self._version:
+        if name not in self._current:
             return []
-        return [self._version[name]] + list(reversed(self._versions.get(name, {})))
+        return [self._current[name].version] + list(reversed(self._versions.get(name, {})))
 
     def get_version(self, name: str, version: str) -> LoRAAdapter:
         """``name@version``: the current version when it is that one, else a kept earlier version."""
         if name not in self.registered:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
-        if self._version[name] == version:
+        if self._current[name].version == version:
             return self.get(name)
         kept = self._versions.get(name, {}).get(version)
         if kept is None:
@@ -268,7 +277,8 @@ class LoRAPool:
 
     def vocab_size_of(self, name: str) -> Optional[int]:
         """The vocabulary size of ``name``'s current version when it adds tokens, else None."""
-        return self._vocab.get(name)
+        current = self._current.get(name)
+        return current.vocab_size if current else None
 
     def is_registered(self, name: str) -> bool:
         return name in self.registered
@@ -277,15 +287,11 @@ class LoRAPool:
         """The current version of ``name`` (re-read from its folder if evicted from host memory)."""
         if name not in self.registered:
             raise AdapterError(f"adapter {name!r} is not registered; registered: {sorted(self.registered)}")
-        adapter = self._host.get(name)
-        if adapter is None:  # a device slot may still hold the current version
-            adapter = next((a for a in self._slot if a is not None and a.uid == self._uid[name]), None)
+        adapter = self._in_memory(name)  # host memory, or a device slot holding the current version
         if adapter is None:
-            req = self.registered[name]
-            t0 = time.monotonic()
-            adapter = self.read(req, root=self._root[name])
-            self._uid[name] = adapter.uid
-            self._events.append((name, "read", time.monotonic() - t0))
+            _, adapter, seconds = self.read_current(name)
+            self._set_current(adapter)
+            self._events.append((name, "read", seconds))
         self._host_put(adapter)
         return adapter
 
@@ -305,7 +311,8 @@ class LoRAPool:
 
     # ---- device slots -------------------------------------------------------------------
     def _is_current(self, adapter: LoRAAdapter) -> bool:
-        return self._uid.get(adapter.name) == adapter.uid
+        current = self._current.get(adapter.name)
+        return current is not None and current.uid == adapter.uid
 
     def slot_of(self, adapter: LoRAAdapter) -> Optional[int]:
         for s, a in enumerate(self._slot):

@@ -19,11 +19,10 @@ import os
 from typing import Optional, Protocol
 
 from loraplex.errors import AdapterError
+from loraplex.lora.adapter import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 
 # what is fetched from remote stores: the adapter and, for adapters that add tokens, its tokenizer
-_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-          "chat_template.jinja")
+_FILES = (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
 
 
 class Resolver(Protocol):

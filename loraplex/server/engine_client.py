@@ -252,7 +252,7 @@ class EngineClient:
         kind = msg[0]
         if kind == "step":
             _, acks, deltas, dt, stats = msg
-            self.stats = stats
+            self.stats.update(stats)  # residency comes only when it changed
             for rid, err in acks:
                 fut = self._acks.pop(rid, None)
                 if fut is not None and not fut.done():

@@ -53,7 +53,8 @@ class EngineCore:
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
-        self._rereads: dict[str, list[tuple]] = {}  # adapter being re-read off the loop -> "add" messages waiting
+        self._rereads: dict[str, list[tuple]] = {}
+        self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()  # adapter being re-read off the loop -> "add" messages waiting
         self.running = True
         self.acks: list[tuple[str, Error]] = []
 
@@ -205,11 +206,19 @@ class EngineCore:
             "lora_slot_refs": sum(pool.slot_refcount(s) for s in range(pool.max_loras)) if pool else 0,
             "last_step_host_seconds": eng.last_step_host_seconds,
             **{k: v for k, v in eng.cache_stats().items() if k.startswith(("prefix_cache", "encoder_cache"))},
-            # per-adapter: residency (names in device slots, in host memory) and events since the last step
-            "lora_device": [a for a in pool.device_resident if a is not None] if pool else [],
-            "lora_host": pool.host_resident if pool else [],
+            # per-adapter: events since the last step; residency (names in device slots, in host memory) when
+            # it changed since the last report (the client keeps the last one it got)
             "lora_events": pool.drain_events() if pool else [],
+            **self._residency_if_changed(),
         }
+
+    def _residency_if_changed(self) -> dict[str, list[str]]:
+        pool = self.engine.pool
+        now = ([a for a in pool.device_resident if a is not None], pool.host_resident) if pool else ([], [])
+        if now == self._residency:
+            return {}
+        self._residency = now
+        return {"lora_device": now[0], "lora_host": now[1]}
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> None:

@@ -176,21 +176,9 @@ class Serving:
         self._active: set[asyncio.Queue] = set()
 
     # ---- adapters -------------------------------------------------------------------------------
-    async def resolve_adapter(self, model: Optional[str]) -> Optional[str]:
-        """The adapter a request's ``model`` names (None: the base model); an adapter that is not registered
-        is looked for by the engine's resolvers first (lora_resolvers), without stalling other requests."""
-        if model is not None and model != self.served and self.client.info.get("lora_resolvers"):
-            name = model.partition(":")[2] if ":" in model else model
-            name = name.partition("@")[0]
-            if name and name not in self.client.loras:
-                try:
-                    validate_adapter_name(name)
-                    await self.client.resolve_lora(name)
-                except AdapterError as e:
-                    raise APIError(404, str(e), param="model", code="model_not_found") from None
-        return self.check_adapter(model)
-
-    def check_adapter(self, model: Optional[str]) -> Optional[str]:
+    def _parse_model(self, model: Optional[str]) -> Optional[tuple[str, str]]:
+        """``model`` as (adapter name, version or ""): None for the base model; ``base:name@version`` with
+        another base is a 404."""
         if model is None or model == self.served:
             return None
         name = model
@@ -200,6 +188,22 @@ class Serving:
                 raise APIError(404, f"model {model[:300]!r} not found: base model is {self.served!r}", param="model",
                                code="model_not_found")
         name, _, version = name.partition("@")  # "name@version": one version of it
+        return name, version
+
+    async def resolve_adapter(self, model: Optional[str]) -> Optional[str]:
+        """The adapter a request's ``model`` names (None: the base model), as ``name`` or ``name@version``; an
+        adapter that is not registered is looked for by the engine's resolvers first (lora_resolvers), off
+        its step loop."""
+        parsed = self._parse_model(model)
+        if parsed is None:
+            return None
+        name, version = parsed
+        if name and name not in self.client.loras and self.client.info.get("lora_resolvers"):
+            try:
+                validate_adapter_name(name)
+                await self.client.resolve_lora(name)
+            except AdapterError as e:
+                raise APIError(404, str(e), param="model", code="model_not_found") from None
         if name not in self.client.loras:
             available = [self.served] + sorted(self.client.loras)
             raise APIError(404, f"model {model[:300]!r} not found; available: {available}", param="model",
