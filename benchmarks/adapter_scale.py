@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,12 +33,60 @@ sys.path.insert(0, str(ROOT.parent))
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256,
                   "dtype": "bfloat16", "device": "cuda", "num_adapters": 1000, "num_requests": 2000, "rate": 100.0,
-                  "max_loras": 32, "max_cpu_loras": 256, "prompt_len": 128, "max_tokens": 64},
+                  "max_loras": 32, "max_cpu_loras": 256, "prompt_len": 128, "max_tokens": 64,
+                  "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 512,
              "dtype": "float32", "device": "cpu", "num_adapters": 64, "num_requests": 200, "rate": 400.0,
-             "max_loras": 8, "max_cpu_loras": 16, "prompt_len": 16, "max_tokens": 8},
+             "max_loras": 8, "max_cpu_loras": 16, "prompt_len": 16, "max_tokens": 8,
+             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
 }
 RANKS = (8, 16, 32, 64)
+
+
+def build_adapters(out: Path, cfg: SimpleNamespace) -> list[Path]:
+    """``cfg.num_adapters`` PEFT folders, adapter ``i`` of rank ``RANKS[i % 4]``. The weights are written once per
+    rank (in the model's dtype) and every folder of that rank holds a hard link to that file, so 1,000 adapters
+    of the 8B shape take a few GB of disk, not a hundred; each folder is still read, hashed and staged on its
+    own by the engine (only the OS page cache is shared, as a warm local disk cache would be)."""
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, cfg.dtype)
+    kv = cfg.kv_heads * (cfg.hidden // cfg.heads)
+    shapes = {"q_proj": (cfg.hidden, cfg.hidden), "k_proj": (cfg.hidden, kv), "v_proj": (cfg.hidden, kv),
+              "o_proj": (cfg.hidden, cfg.hidden), "gate_proj": (cfg.hidden, cfg.intermediate),
+              "up_proj": (cfg.hidden, cfg.intermediate), "down_proj": (cfg.intermediate, cfg.hidden)}
+    weights = {}
+    for r in RANKS:
+        path = out / f"weights_r{r}.safetensors"
+        if not path.exists():
+            g = torch.Generator().manual_seed(r)
+            tensors = {}
+            for layer in range(cfg.layers):
+                for t in cfg.targets:
+                    sub = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                    key = f"base_model.model.model.layers.{layer}.{sub}.{t}"
+                    fin, fout = shapes[t]
+                    tensors[f"{key}.lora_A.weight"] = (torch.randn(r, fin, generator=g) * 0.01).to(dtype)
+                    tensors[f"{key}.lora_B.weight"] = (torch.randn(fout, r, generator=g) * 0.01).to(dtype)
+            save_file(tensors, str(path))
+        weights[r] = path
+    folders = []
+    for i in range(cfg.num_adapters):
+        r = RANKS[i % len(RANKS)]
+        folder = out / f"adapter{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "adapter_model.safetensors"
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(weights[r], target)
+        except OSError:
+            shutil.copyfile(weights[r], target)
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": cfg.targets,
+            "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}))
+        folders.append(folder)
+    return folders
 
 
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
@@ -82,14 +132,13 @@ def main() -> int:
     p.add_argument("--json", default="bench_out/adapter_scale.json")
     a = p.parse_args()
     cfg = SimpleNamespace(**PRESETS[a.preset])
-    from gpu_lora_throughput import build_adapter, build_model_folder
+    from gpu_lora_throughput import build_model_folder
     from loraplex import LLM, LoRARequest
 
     device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu"
     out = Path(a.out_dir)
     model = build_model_folder(out, SimpleNamespace(**vars(cfg), rank=max(RANKS)))
-    folders = [build_adapter(out, SimpleNamespace(**vars(cfg), rank=RANKS[i % len(RANKS)]), i)
-               for i in range(cfg.num_adapters)]
+    folders = build_adapters(out, cfg)
     g = torch.Generator().manual_seed(0)
     w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(cfg.num_adapters)])
     picks = torch.multinomial(w, cfg.num_requests, replacement=True, generator=g).tolist()
