@@ -398,7 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
               max_num_seqs=max(a.batches) + 1, max_loras=a.max_loras, max_lora_rank=a.rank,
               max_cpu_loras=max(len(adapters), a.max_loras), seed=0, enforce_eager=a.enforce_eager,
-              tensor_parallel_size=a.tensor_parallel_size)
+              tensor_parallel_size=a.tensor_parallel_size,
+              enable_prefix_caching=False)  # every case computes its prompts: a cache hit would flatter prefill and ITL
     graphs = llm.engine.runner.graphs
     startup = {"seconds": time.perf_counter() - t0,
                "graph_capture_seconds": graphs.capture_seconds if graphs else None,

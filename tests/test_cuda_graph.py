@@ -7,10 +7,10 @@ the scratch block and the padded LoRA work lists are checked in CI against ordin
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from helpers import make_adapter, make_tiny_model
@@ -134,17 +134,23 @@ def test_mixed_inputs_layout_padding_sequences_and_logits_rows() -> None:
     assert inp.dev["seq_lens"][:6].tolist() == [7, 14, 3, 1, 1, 0]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return make_tiny_model(tmp_path_factory.mktemp("graph") / "model", family="llama")
+def build_graph_case(root) -> tuple[str, dict[str, str]]:
+    """A qwen2 model (q/k/v biases) and three adapters of other ranks and targets: plain LoRA with embedding
+    and head; DoRA on every linear layer, the embedding and the head (magnitudes redrawn); LoRA bias."""
+    from test_peft_features import redraw_magnitudes
 
-
-@pytest.fixture(scope="module")
-def adapters(model_dir, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("graph-adapters")
-    targets = [["q_proj", "v_proj", "lm_head"], ["o_proj", "gate_proj", "down_proj"], ["embed_tokens", "k_proj", "up_proj"]]
-    return {f"a{i}": make_adapter(model_dir, root / f"a{i}", seed=20 + i, r=4 + 4 * i, target_modules=t)
-            for i, t in enumerate(targets)}
+    model = make_tiny_model(Path(root) / "model", family="qwen2")
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = {
+        "a0": make_adapter(model, Path(root) / "plain", seed=20, r=4, target_modules=["q_proj", "v_proj", "lm_head",
+                                                                                      "embed_tokens"]),
+        "a1": make_adapter(model, Path(root) / "dora", seed=21, r=8, lora_alpha=16, use_dora=True,
+                           target_modules=every + ["embed_tokens", "lm_head"]),
+        "a2": make_adapter(model, Path(root) / "bias", seed=22, r=12, lora_alpha=8, lora_bias=True,
+                           target_modules=every + ["lm_head"]),
+    }
+    redraw_magnitudes(adapters["a1"], 7)
+    return model, adapters
 
 
 def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: bool = False,
@@ -183,11 +189,16 @@ def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: boo
     return [done[f"r{i}"] for i in range(len(prompts))], sizes
 
 
-def test_graph_decode_steps_equal_eager_steps(model_dir, adapters) -> None:
+def test_graph_steps_equal_eager_steps(tmp_path) -> None:
+    """Graph steps (decode and mixed, the Triton backend: DoRA and LoRA bias applied in its expand kernel) give
+    what eager steps of the torch backend give (which apply DoRA and LoRA bias per segment on the host)."""
+    model, adapters = build_graph_case(tmp_path)
     common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
-                  seed=0, max_num_seqs=8, lora_backend="triton", attention_backend="triton")
-    want, _ = run_mixes(LLM(model_dir, **common), adapters, use_graphs=False)
-    got, sizes = run_mixes(LLM(model_dir, **common), adapters, use_graphs=True)
+                  seed=0, max_num_seqs=8, attention_backend="triton")
+    want, _ = run_mixes(LLM(model, lora_backend="torch", **common), adapters, use_graphs=False)
+    llm = LLM(model, lora_backend="triton", **common)
+    got, sizes = run_mixes(llm, adapters, use_graphs=True)
+    assert not any(m.wrapper.dora or m.wrapper.lora_bias for m in llm.engine.pool.lora_model.modules)
     assert_same(got, want, sizes)
 
 
@@ -202,3 +213,15 @@ def assert_same(got: list, want: list, sizes: list[int]) -> None:
             for tok in lg:
                 assert abs(lg[tok] - lw[tok]) < 1e-4
     assert np.isfinite([lp for o in got for pos in o.outputs[0].logprobs for lp in pos.values()]).all()
+
+
+def test_no_adapter_graphs_means_eager_adapter_steps() -> None:
+    """Without adapter graphs (a LoRA backend other than Triton), a step with an adapter runs eagerly: the base
+    graph would silently drop the adapter. Adapters with trainable tokens or trained tables always run eagerly."""
+    req = _request("r", [1, 2, 3, 4], 0, [1])
+    req.adapter = SimpleNamespace(eager_only=lambda fused_extras: False)
+    assert is_graph_step([_seq(req, 3)], lora=True) and not is_graph_step([_seq(req, 3)], lora=False)
+    req.adapter = SimpleNamespace(eager_only=lambda fused_extras: True)
+    assert not is_graph_step([_seq(req, 3)], lora=True)
+    base = _request("b", [1, 2, 3, 4], -1, [2])
+    assert is_graph_step([_seq(base, 3)], lora=False)

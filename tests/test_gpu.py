@@ -114,15 +114,10 @@ def test_vlm_mixed_batch_on_cuda_matches_peft(family, tmp_path, monkeypatch) -> 
 
 @pytest.fixture(scope="module")
 def graph_setup(tmp_path_factory):
-    from helpers import make_adapter
+    """The model and adapters of test_cuda_graph: plain LoRA, DoRA and LoRA bias, all in graph steps."""
+    from test_cuda_graph import build_graph_case
 
-    root = tmp_path_factory.mktemp("gpu-graphs")
-    model_dir = make_tiny_model(root / "model", family="llama")
-    targets = [["q_proj", "v_proj", "lm_head"], ["o_proj", "gate_proj", "down_proj"],
-               ["embed_tokens", "k_proj", "up_proj"]]
-    adapters = {f"a{i}": make_adapter(model_dir, root / f"a{i}", seed=20 + i, r=4 + 4 * i, target_modules=t)
-                for i, t in enumerate(targets)}
-    return model_dir, adapters
+    return build_graph_case(tmp_path_factory.mktemp("gpu-graphs"))
 
 
 GRAPH_ARGS = dict(device="cuda", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4, seed=0,
@@ -134,7 +129,9 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, adapters = graph_setup
-    want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, **GRAPH_ARGS), adapters, use_graphs=False)
+    # the reference: eager steps of the torch backend (DoRA and LoRA bias applied per segment, not in the kernels)
+    want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, lora_backend="torch", **GRAPH_ARGS),
+                        adapters, use_graphs=False)
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 256, 512]

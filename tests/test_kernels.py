@@ -212,9 +212,13 @@ def test_backend_registry() -> None:
 
 # ---- the wrappers and the engine with the Triton backend -------------------------------------------------
 
+@pytest.mark.parametrize("extras", [False, True], ids=["lora", "dora_bias"])
 @pytest.mark.parametrize("base_name", ["ReplicatedLinear", "RowParallelLinear", "MergedColumnParallelLinear",
                                        "QKVParallelLinear", "VocabParallelEmbedding", "ParallelLMHead"])
-def test_wrapper_triton_matches_torch(base_name) -> None:
+def test_wrapper_triton_matches_torch(base_name, extras) -> None:
+    """The Triton wrapper path equals the torch one, base rows bit-exact; ``dora_bias``: slot 2's adapter has
+    DoRA magnitudes and slot 1's a LoRA bias (linear layers), which the Triton expand kernel applies in its
+    epilogue (``LoRAStack.ext``) and the torch backend per segment on the host (``wrapper.dora`` / ``lora_bias``)."""
     from test_wrappers import BASE_LAYERS
 
     base_cls = next(c for c in BASE_LAYERS if c.__name__ == base_name)
@@ -248,7 +252,20 @@ def test_wrapper_triton_matches_torch(base_name) -> None:
                            for i, (s, r) in enumerate(zip(sizes, ranks))]
                 if len(weights) > 1 and slot == 1:
                     weights[-1] = None  # the last slice is not targeted by this adapter
+            if extras:
+                for lw in weights:
+                    if lw is None:
+                        continue
+                    if slot == 2:
+                        lw.magnitude = torch.rand(lw.B.shape[0], generator=g) + 0.5
+                    elif not is_emb:
+                        lw.bias = torch.randn(lw.B.shape[0], generator=g)
             wrapper.set_lora(slot, weights)
+            if extras:  # where the terms live: fused into the stack (Triton) or kept for the eager pass (torch)
+                fused, has = backend == "triton", slot == 2 or not is_emb
+                assert wrapper.fused_extras == fused and bool(wrapper.dora or wrapper.lora_bias) == (has and not fused)
+                if fused:
+                    assert wrapper.stack.ext_flags.tolist() == [0, int(not is_emb), int(slot == 2)]
         with torch.no_grad(), forward_context(ctx):
             outs.append(wrapper(x))
     want, got = outs

@@ -85,8 +85,9 @@ def build(model_dir: str, root: Path) -> dict[str, str]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases (DoRA rescales without the bias)
 def test_dora_and_lora_bias_in_a_mixed_batch_match_peft(tmp_path, family: str, device: str) -> None:
-    """On CUDA the steps holding DoRA or LoRA-bias requests run eagerly (no graph); the DoRA scales are
-    computed on the upload stream."""
+    """On CUDA (the Triton backend) the steps holding DoRA or LoRA-bias requests replay CUDA graphs, the expand
+    kernel applying both; the DoRA scales are computed on the upload stream. On CPU (the torch backend) they are
+    applied per segment."""
     model_dir = make_tiny_model(tmp_path / "model", family=family)
     generate_and_compare(model_dir, build(model_dir, tmp_path), NAMES, PROMPTS, device, max_loras=4)
 

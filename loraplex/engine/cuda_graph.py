@@ -59,24 +59,25 @@ def mixed_sizes(max_tokens: int) -> list[int]:
     return sizes or [top]
 
 
-def is_graph_step(seqs: Sequence) -> bool:
+def is_graph_step(seqs: Sequence, lora: bool = True) -> bool:
     """No prompt logprobs, no chunk holding prompt positions of a request with images (its vision tower runs
-    eagerly), no adapter with DoRA or LoRA bias (applied per segment, eagerly) (``seqs``:
-    :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
+    eagerly), no adapter whose terms are applied per segment eagerly (:meth:`LoRAAdapter.eager_only`; DoRA and
+    LoRA bias are not: the Triton kernels apply them), and with ``lora`` False (no adapter graphs: the LoRA
+    backend is not Triton) no adapter at all (``seqs``: :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
     for s in seqs:
         if s.prompt_logprobs:
             return False
         adapter = getattr(s.req, "adapter", None)
-        if adapter is not None and adapter.eager_only:
+        if adapter is not None and (not lora or adapter.eager_only(fused_extras=True)):
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False
     return True
 
 
-def is_decode_step(seqs: Sequence) -> bool:
+def is_decode_step(seqs: Sequence, lora: bool = True) -> bool:
     """A graph step whose sequences each have one new token."""
-    return all(s.num_new_tokens == 1 for s in seqs) and is_graph_step(seqs)
+    return all(s.num_new_tokens == 1 for s in seqs) and is_graph_step(seqs, lora)
 
 
 def _runs_to_tiles(slots: np.ndarray, out: np.ndarray) -> None:
@@ -293,7 +294,7 @@ class StepGraphs:
 
     def plan(self, seqs: Sequence) -> Optional[tuple[bool, int]]:
         """(decode family?, size) of the graph that runs ``seqs``, or None (eager)."""
-        if not seqs or not is_graph_step(seqs):
+        if not seqs or not is_graph_step(seqs, self.lora):
             return None
         tokens = sum(s.num_new_tokens for s in seqs)
         if tokens == len(seqs):

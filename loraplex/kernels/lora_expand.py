@@ -4,7 +4,14 @@
 
 with ``buf = parts.sum(0)`` (the shrink kernel's split-K partials, summed here),
 ``r = ranks[i, slot]``; rows of base segments (slot -1) and slices of rank 0 are
-not touched. B is (slots, sum(n_i), max_rank), the slices side by side. Reference:
+not touched. With per-slot *extras* (``ext`` (slots, 2, sum(n_i)) float32 and
+``flags`` (slots,) int32), a row of a slot whose flag is set then becomes
+
+    y = (y + ext[slot, 0] - bias) * ext[slot, 1] + bias
+
+(LoRA bias ``scaling * lora_B.bias`` in row 0, DoRA's per-channel scale in row 1,
+``bias`` the base layer's bias or 0), so DoRA and LoRA bias cost no extra launch
+and fit in CUDA graphs. B is (slots, sum(n_i), max_rank), the slices side by side. Reference:
 :func:`loraplex.lora.backends.torch_backend.expand_reference`.
 
 Schedule: one program per (tile, slice x output block). A tile is at most
@@ -29,11 +36,11 @@ from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
 @triton.jit(do_not_specialize=["num_splits", "T"])
 def _expand_kernel(
-    y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr,
+    y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr, ext_ptr, flags_ptr, bias_ptr,
     num_splits, T, stride_ym, n_total, num_slots,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (slots, n_total, MAX_RANK), ranks / scales (slices, slots):
     # contiguous; y (T, n_total) with unit stride along columns. Few arguments keep launches cheap.
@@ -78,7 +85,18 @@ def _expand_kernel(
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + cols[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=mask)
+    out = y.to(tl.float32) + acc * scale
+    if EXTRAS:
+        if tl.load(flags_ptr + slot) != 0:  # this slot's adapter has a LoRA bias or DoRA here
+            extra = tl.load(ext_ptr + slot * 2 * n_total + cols, mask=n_mask, other=0.0)
+            dora = tl.load(ext_ptr + (slot * 2 + 1) * n_total + cols, mask=n_mask, other=1.0)
+            out += extra[None, :]
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+                out = (out - bias[None, :]) * dora[None, :] + bias[None, :]
+            else:
+                out = out * dora[None, :]
+    tl.store(y_ptrs, out.to(y.dtype), mask=mask)
 
 
 _launch_expand = Launcher(_expand_kernel)
@@ -100,13 +118,16 @@ def expand_config(block_m: int, max_rank: int, max_width: int, num_tiles: int, n
 
 def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: torch.Tensor,
                 scales_t: torch.Tensor, slice_meta: torch.Tensor, max_width: int, tiles: torch.Tensor,
-                block_m: int) -> None:
+                block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                bias: Optional[torch.Tensor] = None) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (slots,
     sum(n_i), max_rank); ranks_t (slices, slots) int32; scales_t (slices, slots) float32; slice_meta
     (slices, 2) int32 (offset, width); ``max_width`` = max(n_i); tiles as for :func:`lora_shrink` (any
-    tile height: ``LoRABatch.expand_tiles``)."""
+    tile height: ``LoRABatch.expand_tiles``). ``extras``: (ext (slots, 2, sum(n_i)) float32, flags (slots,)
+    int32), the per-slot LoRA bias and DoRA scale applied after the delta (see the module docstring);
+    ``bias`` (sum(n_i),): the base layer's bias, which DoRA's rescaling leaves out."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     parts = parts if parts.is_contiguous() else parts.contiguous()
@@ -118,11 +139,16 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         return
     cfg = expand_config(block_m, b.shape[2], max_width, num_tiles, num_slices, y.device)
     grid = (num_tiles, num_slices * cfg["n_blocks"])
+    ext, flags = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS
+    if extras is not None:
+        assert ext.shape == (b.shape[0], 2, b.shape[1]) and ext.dtype == torch.float32 and ext.is_contiguous() \
+            and flags.shape == (b.shape[0],), "extras: (slots, 2, sum(slices)) float32 and (slots,) flags"
     _launch_expand(
         grid,
-        (y, parts, b, tiles, ranks_t, scales_t, slice_meta, parts.shape[0], parts.shape[1], y.stride(0), b.shape[1],
-         ranks_t.shape[1]),
+        (y, parts, b, tiles, ranks_t, scales_t, slice_meta, ext, flags, y if bias is None else bias,
+         parts.shape[0], parts.shape[1], y.stride(0), b.shape[1], ranks_t.shape[1]),
         dict(NUM_SLICES=num_slices, MAX_RANK=b.shape[2], N_BLOCKS=cfg["n_blocks"], BLOCK_M=block_m,
-             BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET),
+             BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
+             EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None),
         num_warps=cfg["num_warps"],
     )

@@ -37,10 +37,11 @@ class BaseLayerWithLoRA(nn.Module):
         self.active: frozenset[int] = frozenset()  # slots holding weights for this layer
         # DoRA: slot -> float32 scale of each output channel (magnitude / ||W + scaling * B A|| per channel, on
         # the device, computed when the adapter enters the slot); rows of that slot become
-        # scale * (y - bias) + bias. Only eager steps hold DoRA slots (cuda_graph.is_graph_step).
+        # scale * (y - bias) + bias. LoRA bias: slot -> float32 scaling * bias of each output channel (0 for
+        # slices without one), added to that slot's rows before any DoRA rescaling. A backend that fuses them
+        # (the Triton kernels) keeps both in its stack (``LoRAStack.ext``: CUDA graphs hold them); otherwise
+        # they live here and are applied per segment on eager steps only (cuda_graph.is_graph_step).
         self.dora: dict[int, torch.Tensor] = {}
-        # LoRA bias: slot -> float32 scaling * bias of each output channel (0 for slices without one), added to
-        # that slot's rows before any DoRA rescaling. Eager steps only, like DoRA.
         self.lora_bias: dict[int, torch.Tensor] = {}
         # Trainable tokens (embedding and head wrappers): slot -> (token ids, their rows) on the device; the
         # embedding also keeps a map id -> row (-1: not replaced). Eager steps only, like DoRA.
@@ -61,12 +62,24 @@ class BaseLayerWithLoRA(nn.Module):
     def _init_stack(self, backend: LoRABackend, stack: LoRAStack) -> None:
         self.backend = backend
         self.stack = stack
+        self.fused_extras = stack.ext is not None
         self.max_rank = stack.max_rank
         # Per-slice views and host lists, shared with the stack (the torch backend and tests read them).
         self.lora_a = stack.a_slices  # [slice] (slots, max_rank, in)
         self.lora_b = stack.b_slices  # [slice] (slots, n_slice, max_rank)
         self.ranks = stack.ranks  # [slice][slot]
         self.scales = stack.scales  # [slice][slot]
+
+    def _set_extras(self, slot: int, bias: Optional[torch.Tensor], dora: Optional[torch.Tensor]) -> None:
+        """``slot``'s LoRA bias and DoRA scale vectors (either None): into the stack when the backend fuses
+        them, else kept for the eager per-segment pass."""
+        if self.fused_extras:
+            self.stack.set_extras(slot, bias, dora)
+            return
+        if bias is not None:
+            self.lora_bias[slot] = bias
+        if dora is not None:
+            self.dora[slot] = dora
 
     def _update_active(self, slot: int, has_weights: bool) -> None:
         self.active = self.active | {slot} if has_weights else self.active - {slot}
@@ -127,7 +140,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         w = self.base_layer.weight
         in_local = self.base_layer.input_size_per_partition
         self._init_stack(backend, LoRAStack.zeros(self.num_slices, max_loras, max_rank, max_rank, in_local,
-                                                  self.output_slices, w.dtype, w.device))
+                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras))
 
     def reset_lora(self, slot: int) -> None:
         self.stack.clear(slot)
@@ -164,10 +177,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             if lw.bias is not None:
                 bias_parts.append((i, lw.bias[start:start + n] if sharded else lw.bias, lw.scaling))
         self._update_active(slot, any(w is not None for w in weights))
-        if dora_parts:
-            self.dora[slot] = self._dora_scale(dora_parts)
-        if bias_parts:
-            self.lora_bias[slot] = self._bias_vector(bias_parts)
+        self._set_extras(slot, self._bias_vector(bias_parts) if bias_parts else None,
+                         self._dora_scale(dora_parts) if dora_parts else None)
 
     def _slice_rows(self, i: int, n: int) -> slice:
         """Rows of this rank's weight holding the first ``n`` outputs of slice ``i``."""
@@ -206,8 +217,9 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         buf = self.backend.shrink(x2, self.stack, batch)
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
-        self.backend.expand(y2, buf, self.stack, batch)
-        self._apply_eager_terms(y2, batch, getattr(self.base_layer, "bias", None))
+        bias = getattr(self.base_layer, "bias", None)
+        self.backend.expand(y2, buf, self.stack, batch, bias)
+        self._apply_eager_terms(y2, batch, bias)
         return y2.view(*lead, y.shape[-1])
 
 
@@ -225,7 +237,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         rows = base.num_embeddings if base.tp_size == 1 else base.num_embeddings_per_partition + 1
         # A stored transposed, (1, slots, vocab rows, rank), so that a lookup by token id is a row gather.
         self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, rows, max_rank,
-                                                  (base.embedding_dim,), w.dtype, w.device))
+                                                  (base.embedding_dim,), w.dtype, w.device, backend.fuses_extras))
         self.lora_a_t = self.stack.a[0]  # (slots, vocab, rank)
         self.lora_b = self.stack.b_slices[0]  # (slots, hidden, rank)
 
@@ -251,7 +263,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
             w = base.weight[:vocab]
             a, b, mag = (upload(t, w).float() for t in (lw.A, lw.B, lw.magnitude))
             norm = torch.linalg.norm(w.float() + lw.scaling * (a.T @ b.T), dim=0)
-            self.dora[slot] = mag / norm
+            self._set_extras(slot, None, mag / norm)
 
     def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Trainable tokens of the adapter in ``slot``: rows ``entry[1]`` replace the table's rows of ids
@@ -315,7 +327,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
     def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
         w = self.base_layer.weight
         self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, max_rank, self.base_layer.embedding_dim,
-                                                  self.output_slices, w.dtype, w.device))
+                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras))
 
     def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
         self.reset_lora(slot)
@@ -332,11 +344,13 @@ class LMHeadWithLoRA(LinearWithLoRA):
         self.lora_b[0][slot, :part.shape[0], :r].copy_(upload(part, self.lora_b[0]))
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
+        bias = dora = None
         if lw.bias is not None:
-            self.lora_bias[slot] = self._bias_vector([(0, lw.bias[start:start + part.shape[0]], lw.scaling)])
+            bias = self._bias_vector([(0, lw.bias[start:start + part.shape[0]], lw.scaling)])
         if lw.magnitude is not None:  # padded vocabulary rows keep scale 1 (their logits are dropped)
             mag = lw.magnitude[start:start + part.shape[0]]
-            self.dora[slot] = self._dora_scale([(0, lw.A, part, lw.scaling, mag)])
+            dora = self._dora_scale([(0, lw.A, part, lw.scaling, mag)])
+        self._set_extras(slot, bias, dora)
 
     def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Trainable tokens of the adapter in ``slot`` for the head: the logits of ids ``entry[0]`` come from

@@ -35,11 +35,16 @@ class LoRAStack:
     Host ``ranks`` / ``scales`` ``[slice][slot]`` serve the torch backend; their device mirrors
     ``ranks_t`` (slices, slots) int32 and ``scales_t`` (slices, slots) float32 serve the kernels. All of
     them change only in :meth:`set` / :meth:`clear` (adapter loads), never in a forward.
+    ``ext`` / ``ext_flags`` (backends that fuse them, see ``LoRABackend.fuses_extras``; else None): per slot,
+    ``scaling * lora_B.bias`` (row 0, 0 where none) and DoRA's per-channel scale (row 1, 1 where none) over
+    every output column, (slots, 2, sum(slices)) float32, and (slots,) int32, 1 where the slot has either.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     slices: tuple[int, ...]
+    ext: Optional[torch.Tensor] = None
+    ext_flags: Optional[torch.Tensor] = None
     a_slices: list[torch.Tensor] = field(init=False)
     b_slices: list[torch.Tensor] = field(init=False)
     ranks: list[list[int]] = field(init=False)
@@ -50,11 +55,17 @@ class LoRAStack:
 
     @classmethod
     def zeros(cls, num_slices: int, max_loras: int, max_rank: int, a_rows: int, a_cols: int,
-              slices: Sequence[int], dtype: torch.dtype, device: torch.device) -> "LoRAStack":
-        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, sum(slices), max_rank)."""
+              slices: Sequence[int], dtype: torch.dtype, device: torch.device, extras: bool = False) -> "LoRAStack":
+        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, sum(slices), max_rank);
+        ``extras``: with the per-slot LoRA bias and DoRA rows (no slot has them yet)."""
         a = torch.zeros(num_slices, max_loras, a_rows, a_cols, dtype=dtype, device=device)
         b = torch.zeros(max_loras, sum(slices), max_rank, dtype=dtype, device=device)
-        return cls(a, b, tuple(slices))
+        ext = flags = None
+        if extras:
+            ext = torch.zeros(max_loras, 2, sum(slices), dtype=torch.float32, device=device)
+            ext[:, 1] = 1.0
+            flags = torch.zeros(max_loras, dtype=torch.int32, device=device)
+        return cls(a, b, tuple(slices), ext, flags)
 
     def __post_init__(self) -> None:
         n_slices, n_slots = self.a.shape[0], self.a.shape[1]
@@ -90,6 +101,23 @@ class LoRAStack:
             self.scales[i][slot] = 0.0
         self.b[slot].zero_()
         self._sync(slot)
+        self.set_extras(slot, None, None)
+
+    def set_extras(self, slot: int, bias: Optional[torch.Tensor], dora: Optional[torch.Tensor]) -> None:
+        """``slot``'s LoRA bias (``scaling * bias`` per output column) and DoRA scale (per output column), either
+        None; on the stack's device, float32 (needs ``ext``)."""
+        if self.ext is None:
+            assert bias is None and dora is None, "this stack keeps no per-slot extras (see LoRABackend.fuses_extras)"
+            return
+        if bias is None:
+            self.ext[slot, 0].zero_()
+        else:
+            self.ext[slot, 0].copy_(bias)
+        if dora is None:
+            self.ext[slot, 1].fill_(1.0)
+        else:
+            self.ext[slot, 1].copy_(dora)
+        self.ext_flags[slot].fill_(int(bias is not None or dora is not None))
 
     def _sync(self, slot: int) -> None:
         col = [self.ranks[i][slot] for i in range(self.num_slices)]
@@ -111,12 +139,17 @@ def upload(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class LoRABackend(Protocol):
     name: str
+    # Whether expand applies the stack's per-slot LoRA bias and DoRA scale itself (``LoRAStack.ext``): the
+    # wrappers then keep none of them on the host, and steps with such adapters can replay CUDA graphs.
+    fuses_extras: bool
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """x (T, in) -> buf holding x[t] @ A_i[slot(t), :r].T for every slice (layout: the backend's)."""
 
-    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
-        """y (T, sum(slices)) += per-slice buf @ B_i[slot].T * scale_i[slot], in place."""
+    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+               bias: Optional[torch.Tensor] = None) -> None:
+        """y (T, sum(slices)) += per-slice buf @ B_i[slot].T * scale_i[slot], in place; then, when the backend
+        fuses extras, the slot's LoRA bias and DoRA rescaling (``bias``: the base layer's, which DoRA keeps)."""
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         """y (T, hidden) += A_t[slot][ids, :r] @ B[slot][:, :r].T * scale[slot], in place (``w.a`` holds A_t)."""

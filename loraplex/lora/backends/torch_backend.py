@@ -204,9 +204,11 @@ class TorchLoRABackend:
     """The references above, with ``buf`` in the tile layout (padded rows, slices, r) that the expand
     reads back as is: no scatter into (T, slices, max_rank) and gather out of it between the two steps.
     The layout is linear in the rows' contributions (padding rows repeat real ones), as row-parallel
-    layers need for the all-reduce between shrink and expand."""
+    layers need for the all-reduce between shrink and expand. LoRA bias and DoRA are left to the wrappers
+    (applied per segment, eagerly)."""
 
     name = "torch"
+    fuses_extras = False
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         plan, r, _ = _plan(w, batch)
@@ -214,7 +216,8 @@ class TorchLoRABackend:
             return x.new_zeros(0, w.num_slices, 0)
         return _shrink_tiles(x, w, plan, r)
 
-    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+               bias: Optional[torch.Tensor] = None) -> None:
         plan, r, scales = _plan(w, batch)
         if plan is not None:
             _expand_tiles(y, buf, w, plan, r, scales)

@@ -9,6 +9,8 @@ host-device copy and no synchronisation. Runs on CUDA; on CPU only under ``TRITO
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
@@ -20,6 +22,7 @@ from loraplex.lora.batch import LoRABatch
 
 class TritonLoRABackend:
     name = "triton"
+    fuses_extras = True
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``."""
@@ -27,11 +30,16 @@ class TritonLoRABackend:
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work)
 
-    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
+    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+               bias: Optional[torch.Tensor] = None) -> None:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m)
+                    batch.expand_block_m, _extras(w), bias)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0])
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
-                    batch.expand_tiles, batch.expand_block_m)
+                    batch.expand_tiles, batch.expand_block_m, _extras(w))
+
+
+def _extras(w: LoRAStack) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    return None if w.ext is None else (w.ext, w.ext_flags)
