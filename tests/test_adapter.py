@@ -376,7 +376,7 @@ def test_lora_bias_adapter_loads_with_its_biases(model_dir, spec, tmp_path):
     path = make_adapter(model_dir, tmp_path / "lb", seed=7, lora_bias=True)
     adapter = load(path, spec)
     q = adapter.modules["model.layers.0.self_attn.q_proj"]
-    assert q.bias is not None and q.bias.shape == (q.B.shape[0],) and adapter.eager_only and not adapter.has_dora
+    assert q.bias is not None and q.bias.shape == (q.B.shape[0],) and not adapter.has_dora
     edit_config(path, lora_bias=False)  # biases without lora_bias: refused, naming the tensor
     with pytest.raises(AdapterError, match=r"lora_B\.bias.*is a LoRA bias, but .* does not set lora_bias"):
         load(path, spec)
@@ -386,7 +386,7 @@ def test_trainable_tokens_load(model_dir, spec, tmp_path):
     path = make_adapter(model_dir, tmp_path / "tt", seed=7, trainable_token_indices=[1, 2, 3])
     adapter = load(path, spec)
     ids, rows = adapter.tokens["model.embed_tokens"]
-    assert ids.tolist() == [1, 2, 3] and rows.shape[0] == 3 and adapter.eager_only
+    assert ids.tolist() == [1, 2, 3] and rows.shape[0] == 3
     edit_config(path, trainable_token_indices=None)  # the tensor without the config: refused, naming it
     with pytest.raises(AdapterError, match=r"embed_tokens\.token_adapter\.trainable_tokens_delta.*trainable tokens"):
         load(path, spec)
@@ -416,7 +416,7 @@ def test_modules_to_save(model_dir, spec, tmp_path):
     edit_tensors(path, train)  # a trained copy of the head: the adapter's own table
     adapter = load(path, spec)
     base_head = spec.base_weight("lm_head")[0]
-    assert torch.allclose(adapter.saved["lm_head"], base_head.float() * 1.01) and adapter.eager_only
+    assert torch.allclose(adapter.saved["lm_head"], base_head.float() * 1.01)
     no_base = spec_from_model(load_base_model(model_dir), with_base=False)
     with pytest.raises(AdapterError, match=r"modules_to_save.*not available"):
         load(path, no_base)

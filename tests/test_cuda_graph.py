@@ -135,21 +135,24 @@ def test_mixed_inputs_layout_padding_sequences_and_logits_rows() -> None:
 
 
 def build_graph_case(root) -> tuple[str, dict[str, str]]:
-    """A qwen2 model (q/k/v biases) and three adapters of other ranks and targets: plain LoRA with embedding
-    and head; DoRA on every linear layer, the embedding and the head (magnitudes redrawn); LoRA bias."""
-    from test_peft_features import redraw_magnitudes
+    """A qwen2 model (q/k/v biases) and three adapters of other ranks and targets, with every feature that has
+    per-slot terms: plain LoRA with trainable tokens in the embedding and the head; DoRA on
+    every linear layer, the embedding and the head (magnitudes redrawn); LoRA bias with its own trained
+    embedding and head tables (modules_to_save, perturbed)."""
+    from test_peft_features import _perturb, redraw_magnitudes
 
     model = make_tiny_model(Path(root) / "model", family="qwen2")
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapters = {
-        "a0": make_adapter(model, Path(root) / "plain", seed=20, r=4, target_modules=["q_proj", "v_proj", "lm_head",
-                                                                                      "embed_tokens"]),
+        "a0": make_adapter(model, Path(root) / "plain", seed=20, r=4, target_modules=["q_proj", "v_proj"],
+                           trainable_token_indices={"embed_tokens": [5, 17, 100, 101], "lm_head": [4, 8, 33]}),
         "a1": make_adapter(model, Path(root) / "dora", seed=21, r=8, lora_alpha=16, use_dora=True,
                            target_modules=every + ["embed_tokens", "lm_head"]),
         "a2": make_adapter(model, Path(root) / "bias", seed=22, r=12, lora_alpha=8, lora_bias=True,
-                           target_modules=every + ["lm_head"]),
+                           target_modules=every, modules_to_save=["lm_head", "embed_tokens"]),
     }
     redraw_magnitudes(adapters["a1"], 7)
+    _perturb(adapters["a2"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 8)
     return model, adapters
 
 
@@ -190,8 +193,9 @@ def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: boo
 
 
 def test_graph_steps_equal_eager_steps(tmp_path) -> None:
-    """Graph steps (decode and mixed, the Triton backend: DoRA and LoRA bias applied in its expand kernel) give
-    what eager steps of the torch backend give (which apply DoRA and LoRA bias per segment on the host)."""
+    """Graph steps (decode and mixed, the Triton backend: DoRA and LoRA bias applied in its expand kernel,
+    trainable tokens and trained tables in the eager embedding and head around the adapter graphs) give what
+    eager steps of the torch backend give (which apply all of them per segment on the host)."""
     model, adapters = build_graph_case(tmp_path)
     common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
                   seed=0, max_num_seqs=8, attention_backend="triton")
@@ -217,11 +221,9 @@ def assert_same(got: list, want: list, sizes: list[int]) -> None:
 
 def test_no_adapter_graphs_means_eager_adapter_steps() -> None:
     """Without adapter graphs (a LoRA backend other than Triton), a step with an adapter runs eagerly: the base
-    graph would silently drop the adapter. Adapters with trainable tokens or trained tables always run eagerly."""
+    graph would silently drop the adapter."""
     req = _request("r", [1, 2, 3, 4], 0, [1])
-    req.adapter = SimpleNamespace(eager_only=lambda fused_extras: False)
+    req.adapter = SimpleNamespace(name="a")
     assert is_graph_step([_seq(req, 3)], lora=True) and not is_graph_step([_seq(req, 3)], lora=False)
-    req.adapter = SimpleNamespace(eager_only=lambda fused_extras: True)
-    assert not is_graph_step([_seq(req, 3)], lora=True)
     base = _request("b", [1, 2, 3, 4], -1, [2])
     assert is_graph_step([_seq(base, 3)], lora=False)

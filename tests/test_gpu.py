@@ -180,12 +180,12 @@ def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -
 
     model_dir, adapters = graph_setup
     args = {k: v for k, v in GRAPH_ARGS.items() if k != "num_kv_blocks"}
-    llm = LLM(model_dir, dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=256, **args)
+    llm = LLM(model_dir, dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=2048, **args)
     prof = llm.engine.memory_profile
     assert prof is not None and prof["activation_bytes"] > 0 and prof["graph_reserve_bytes"] > 0
     assert prof["num_kv_blocks"] == llm.engine.runner.num_blocks == llm.engine.allocator.num_blocks
     # the tiny model's full batch needs far less than half an H200: the cache is what max_num_seqs can use
-    assert prof["num_kv_blocks"] == 8 * (256 // 4) + 1
+    assert prof["num_kv_blocks"] == 8 * (2048 // 4) + 1
     for name, path in adapters.items():
         llm.add_lora(LoRARequest(name, path))
     before = CompileWatch.compiles
@@ -196,6 +196,16 @@ def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -
         loras = [LoRARequest(f"a{i % 3}", adapters[f"a{i % 3}"]) if i % 2 else None for i in range(n_prompts)]
         params = SamplingParams(max_tokens=6, ignore_eos=True, prompt_logprobs=1 if length == 17 else None)
         llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    # an eager step (a 700-token prompt chunk, past the mixed graphs' 512) holding the decode of a request whose
+    # context is long enough for the split-K decode kernel
+    eng = llm.engine
+    eng.add_request({"prompt_token_ids": torch.randint(3, 200, (900,), generator=g).tolist()},
+                    SamplingParams(max_tokens=8, ignore_eos=True), "a1", "long")
+    eng.step()
+    eng.add_request({"prompt_token_ids": torch.randint(3, 200, (700,), generator=g).tolist()},
+                    SamplingParams(max_tokens=2, ignore_eos=True), None, "chunk")
+    while eng.has_unfinished_requests():
+        eng.step()
     assert CompileWatch.compiles == before
 
 

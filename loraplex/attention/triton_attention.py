@@ -234,6 +234,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     steps and of 64 in two pipeline stages for steps with prompt chunks: 1.43x faster on a 480-token chunk at
     8k context and 1.05x on 4 x 2048 prompts than tiles of 32 on an H200, benchmarks/attention_bench.py)."""
     T, H, D = q.shape
+    # The split-K decode kernel keeps tiles of 32 whatever else the step holds: the decodes of an eager step with
+    # prompt chunks then reuse the variants the decode graphs compiled (a 64 there compiled one mid-serving).
+    split_tile = tile_n or 32
     if tile_n is None:
         tile_n = 32 if meta.max_query_len == 1 else 64
         if num_stages is None and meta.max_query_len > 1:
@@ -270,7 +273,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
              qk_scale, window, H,
              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
-            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
+            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=split_tile,
                  BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
                  UPCAST=INTERPRET),
             num_warps=4)

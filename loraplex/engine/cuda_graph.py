@@ -13,9 +13,15 @@ start-up, when one is large enough for it. Two families of graphs:
 
 Each size has two graphs:
 
-* ``base``: no adapter in the batch; the LoRA layers launch nothing;
+* ``base``: no adapter in the batch; the LoRA layers launch nothing; the graph runs the whole step, from the
+  token ids to the logits;
 * ``lora``: every LoRA layer runs its Triton kernels over work lists padded to the graph's size (empty tiles
-  have slot -1), so the batch's adapter mix is data in the buffers: a new mix never needs a re-capture.
+  have slot -1), so the batch's adapter mix is data in the buffers: a new mix never needs a re-capture. DoRA
+  and LoRA bias are data too (the expand kernel applies them). The graph holds the decoder layers only: the
+  input embedding runs eagerly into a persistent buffer before the replay and the output head eagerly on the
+  graph's hidden rows after it, so that the per-segment terms an adapter may bring there (trainable tokens,
+  its own trained ``embed_tokens`` / ``lm_head`` tables, a wider vocabulary) apply as on eager steps. That
+  costs the host a few launches a step, none of them a synchronisation.
 
 The graphs read :class:`StepInputs`, device buffers that live as long as the engine. A step's inputs are
 written into a pinned host twin (numpy: no per-token Python for the large fields) and moved by one
@@ -25,6 +31,7 @@ out): they write only there, and their logits are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -61,14 +68,12 @@ def mixed_sizes(max_tokens: int) -> list[int]:
 
 def is_graph_step(seqs: Sequence, lora: bool = True) -> bool:
     """No prompt logprobs, no chunk holding prompt positions of a request with images (its vision tower runs
-    eagerly), no adapter whose terms are applied per segment eagerly (:meth:`LoRAAdapter.eager_only`; DoRA and
-    LoRA bias are not: the Triton kernels apply them), and with ``lora`` False (no adapter graphs: the LoRA
-    backend is not Triton) no adapter at all (``seqs``: :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
+    eagerly), and with ``lora`` False (no adapter graphs: the LoRA backend is not Triton, whose kernels the
+    graphs hold) no adapter at all (``seqs``: :class:`~loraplex.engine.scheduler.ScheduledSeq`)."""
     for s in seqs:
         if s.prompt_logprobs:
             return False
-        adapter = getattr(s.req, "adapter", None)
-        if adapter is not None and (not lora or adapter.eager_only(fused_extras=True)):
+        if not lora and getattr(s.req, "adapter", None) is not None:
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False
@@ -229,6 +234,7 @@ class StepInputs:
         _runs_to_tiles(token_slots, h["tiles"])
         _runs_to_tiles(slots, h["logits_tiles"])
         self._copy(turn)
+        self.last_slots = (token_slots, slots)  # the eager embedding and head of an adapter step read them
 
     # -- the forward context of a graph ---------------------------------------------------------------
     def context(self, n: int, lora: bool, max_model_len: int) -> ForwardContext:
@@ -255,30 +261,56 @@ def _static_batch(token_slots: torch.Tensor, tiles: torch.Tensor) -> LoRABatch:
                      expand_block_m=TILE_ROWS, expand_tiles=tiles, static=True)
 
 
+def _with_segments(batch: LoRABatch, slots: np.ndarray) -> LoRABatch:
+    """The static ``batch`` with the host segment lists of its first ``len(slots)`` rows (runs of equal slot),
+    for the per-segment terms of the eager embedding and head."""
+    n = slots.shape[0]
+    starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], n] if n else starts
+    return dataclasses.replace(batch, seg_starts=starts.tolist(), seg_ends=ends.tolist(),
+                               seg_slots=slots[starts].tolist())
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # (rows, padded vocab) float32, written by each replay
+    out: torch.Tensor  # written by each replay: float32 logits (base graphs), hidden rows (adapter graphs)
 
 
 # forward(input_ids, ctx, logits_indices or None) -> float32 logits of those rows (None: every row)
 Forward = Callable[[torch.Tensor, ForwardContext, Optional[torch.Tensor]], torch.Tensor]
 
 
+@dataclass
+class ModelParts:
+    """The step in three parts, for the adapter graphs, which hold only ``body``. Each runs under the context
+    it is given."""
+
+    embed: Callable[[torch.Tensor, ForwardContext], torch.Tensor]  # token ids -> input embeddings
+    # (token ids, their embeddings, ctx, logits_indices or None) -> hidden states of those rows (None: every row)
+    body: Callable[[torch.Tensor, torch.Tensor, ForwardContext, Optional[torch.Tensor]], torch.Tensor]
+    head: Callable[[torch.Tensor, ForwardContext], torch.Tensor]  # hidden rows -> float32 logits
+
+
 class StepGraphs:
     """The captured graphs of one model runner: decode graphs per batch size, mixed graphs per token count.
 
     ``forward`` runs the model; it is called eagerly to warm up (Triton compiles), then under capture.
-    ``lora``: capture the adapter variants too."""
+    ``lora``: capture the adapter variants too, of ``parts.body`` (``embeds``: their persistent input,
+    (tokens, hidden) in the model's dtype)."""
 
     def __init__(self, decode: StepInputs, mixed: Optional[StepInputs], forward: Forward, decode_sizes: list[int],
-                 mixed_sizes: list[int], lora: bool, max_model_len: int) -> None:
+                 mixed_sizes: list[int], lora: bool, max_model_len: int, parts: Optional[ModelParts] = None,
+                 embeds: Optional[torch.Tensor] = None) -> None:
+        assert not lora or (parts is not None and embeds is not None), "adapter graphs need the model's parts"
         self.decode = decode
         self.mixed = mixed
         self.sizes = sorted(decode_sizes)
         self.mixed_sizes = sorted(mixed_sizes) if mixed is not None else []
         self.lora = lora
         self._forward = forward
+        self._parts = parts
+        self._embeds = embeds
         self._max_model_len = max_model_len
         self._graphs: dict[tuple[bool, int, bool], _Graph] = {}
         self.capture_seconds = 0.0
@@ -307,11 +339,28 @@ class StepGraphs:
                 return False, n
         return None
 
-    def _run_forward(self, decode: bool, n: int, lora: bool) -> torch.Tensor:
+    def _captured(self, decode: bool, n: int, lora: bool, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+        """What the graph of (decode, n, lora) records: the whole step (base), the decoder layers over the
+        embeddings buffer (adapters)."""
         inputs = self.decode if decode else self.mixed
-        ctx = inputs.context(n, lora, self._max_model_len)
+        ctx = ctx or inputs.context(n, lora, self._max_model_len)
         rows = None if decode else inputs.dev["logits_indices"]
-        return self._forward(inputs.dev["input_ids"][:n], ctx, rows)
+        ids = inputs.dev["input_ids"][:n]
+        if not lora:
+            return self._forward(ids, ctx, rows)
+        return self._parts.body(ids, self._embeds[:n], ctx, rows)
+
+    def _embed(self, decode: bool, n: int, ctx: ForwardContext) -> None:
+        inputs = self.decode if decode else self.mixed
+        self._embeds[:n].copy_(self._parts.embed(inputs.dev["input_ids"][:n], ctx))
+
+    def _run_forward(self, decode: bool, n: int, lora: bool) -> torch.Tensor:
+        """The step a graph of (decode, n, lora) runs, eagerly (warm-up before capture)."""
+        if not lora:
+            return self._captured(decode, n, lora)
+        ctx = (self.decode if decode else self.mixed).context(n, lora, self._max_model_len)
+        self._embed(decode, n, ctx)
+        return self._parts.head(self._captured(decode, n, lora, ctx), ctx)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -330,8 +379,8 @@ class StepGraphs:
                     torch.cuda.synchronize(dev)
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                        logits = self._run_forward(decode, n, lora)
-                    self._graphs[(decode, n, lora)] = _Graph(g, logits)
+                        out = self._captured(decode, n, lora)
+                    self._graphs[(decode, n, lora)] = _Graph(g, out)
         torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info(dev)[0])
@@ -352,8 +401,22 @@ class StepGraphs:
         inputs.fill(seqs, n)
         if fix_inputs is not None:
             fix_inputs(inputs.dev["input_ids"])
-        g = self._graphs.get((decode, n, lora))
-        if g is None:  # not captured (CPU tests of the buffers): the forward a graph records, run eagerly
-            return self._run_forward(decode, n, lora)[:len(seqs)]
-        g.graph.replay()
-        return g.logits[:len(seqs)]
+        g = self._graphs.get((decode, n, lora))  # None: not captured (CPU tests): what it records runs eagerly
+        B = len(seqs)
+        if not lora:
+            if g is None:
+                return self._captured(decode, n, lora)[:B]
+            g.graph.replay()
+            return g.out[:B]
+        ctx = inputs.context(n, lora, self._max_model_len)
+        if any((a := getattr(s.req, "adapter", None)) is not None and (a.tokens or a.saved) for s in seqs):
+            token_slots, seq_slots = inputs.last_slots  # per-segment terms of the embedding and head read these
+            ctx = dataclasses.replace(ctx, lora=_with_segments(ctx.lora, token_slots),
+                                      lora_logits=_with_segments(ctx.lora_logits, seq_slots))
+        self._embed(decode, n, ctx)
+        if g is None:
+            hidden = self._captured(decode, n, lora, ctx)
+        else:
+            g.graph.replay()
+            hidden = g.out
+        return self._parts.head(hidden[:B], ctx)

@@ -25,7 +25,7 @@ from loraplex.config import EngineConfig
 from loraplex.attention.metadata import AttentionMetadata
 from loraplex.attention.registry import get_attention_backend
 from loraplex.engine.context import ForwardContext, forward_context
-from loraplex.engine.cuda_graph import StepGraphs, StepInputs, capture_sizes, mixed_sizes
+from loraplex.engine.cuda_graph import ModelParts, StepGraphs, StepInputs, capture_sizes, mixed_sizes
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.layers.attention import PagedAttention
 from loraplex.lora.batch import LoRABatch
@@ -185,8 +185,14 @@ class ModelRunner:
         decode = StepInputs(largest, largest, decode=True, **common)
         tokens = mixed_sizes(self.max_num_batched_tokens)
         mixed = StepInputs(tokens[-1], sc.max_num_seqs + tokens[-1], decode=False, rows=sc.max_num_seqs, **common)
+        parts = embeds = None
+        if lora:  # adapter graphs hold the decoder layers; embedding and head run eagerly around them
+            emb = self.model.get_input_embeddings()
+            parts = ModelParts(embed=self._graph_embed, body=self._graph_body, head=self._graph_head)
+            embeds = torch.zeros(max(decode.tokens, mixed.tokens), emb.embedding_dim, dtype=emb.weight.dtype,
+                                 device=self.device)
         self.graphs = StepGraphs(decode, mixed, self._graph_forward, capture_sizes(largest), tokens, lora,
-                                 self.max_model_len)
+                                 self.max_model_len, parts, embeds)
         if capture:
             self.graphs.capture()
 
@@ -196,6 +202,20 @@ class ModelRunner:
             hidden = self.model(input_ids, ctx.positions)
             if rows is not None:
                 hidden = hidden.index_select(0, rows)
+            return self.model.compute_logits(hidden).float()
+
+    def _graph_embed(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        with forward_context(ctx):
+            return self.model.get_input_embeddings()(input_ids)
+
+    def _graph_body(self, input_ids: torch.Tensor, embeds: torch.Tensor, ctx: ForwardContext,
+                    rows: Optional[torch.Tensor]) -> torch.Tensor:
+        with forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions, inputs_embeds=embeds)
+            return hidden if rows is None else hidden.index_select(0, rows)
+
+    def _graph_head(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        with forward_context(ctx):
             return self.model.compute_logits(hidden).float()
 
     def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:

@@ -132,18 +132,6 @@ class LoRAAdapter:
     def has_dora(self) -> bool:
         return any(w.magnitude is not None for w in self.modules.values())
 
-    @functools.cached_property
-    def has_extras(self) -> bool:
-        """DoRA or LoRA bias on some module: applied by the Triton expand kernel (CUDA graphs hold them), or
-        per segment on eager steps by the torch backend."""
-        return self.has_dora or any(w.bias is not None for w in self.modules.values())
-
-    def eager_only(self, fused_extras: bool) -> bool:
-        """Whether its requests' steps run eagerly (not as CUDA graphs): trainable tokens and trained tables
-        (modules_to_save) are applied per segment on the host's segment lists; so are DoRA and LoRA bias
-        unless the LoRA backend fuses them (``fused_extras``)."""
-        return bool(self.tokens) or bool(self.saved) or (self.has_extras and not fused_extras)
-
 
 def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: int,
                  root: Optional[str] = None) -> LoRAAdapter:

@@ -40,14 +40,16 @@ class BaseLayerWithLoRA(nn.Module):
         # scale * (y - bias) + bias. LoRA bias: slot -> float32 scaling * bias of each output channel (0 for
         # slices without one), added to that slot's rows before any DoRA rescaling. A backend that fuses them
         # (the Triton kernels) keeps both in its stack (``LoRAStack.ext``: CUDA graphs hold them); otherwise
-        # they live here and are applied per segment on eager steps only (cuda_graph.is_graph_step).
+        # they live here and are applied per segment on eager steps only (cuda_graph.is_graph_step: the torch
+        # backend has no adapter graphs).
         self.dora: dict[int, torch.Tensor] = {}
         self.lora_bias: dict[int, torch.Tensor] = {}
         # Trainable tokens (embedding and head wrappers): slot -> (token ids, their rows) on the device; the
-        # embedding also keeps a map id -> row (-1: not replaced). Eager steps only, like DoRA.
+        # embedding also keeps a map id -> row (-1: not replaced). Applied per segment: the embedding and the
+        # head run outside the adapter graphs (cuda_graph.ModelParts), with the step's segment lists.
         self.tokens: dict[int, tuple] = {}
         # modules_to_save (embedding and head wrappers): slot -> the adapter's own table on the device, used
-        # instead of the base one for that slot's rows. Eager steps only.
+        # instead of the base one for that slot's rows; per segment, as trainable tokens.
         self.saved: dict[int, torch.Tensor] = {}
 
     def __getattr__(self, name: str):
@@ -100,9 +102,10 @@ class BaseLayerWithLoRA(nn.Module):
 
     @staticmethod
     def _segments(batch, *tables: dict):
-        """(start, end, slot) of each segment of an eager batch whose slot has an entry in one of ``tables``
-        (the per-slot terms that CUDA graphs do not hold; graph batches carry none of those slots)."""
-        if batch.static or not any(tables):
+        """(start, end, slot) of each segment whose slot has an entry in one of ``tables`` (the per-slot terms
+        applied on the host's segment lists: the batches inside CUDA graphs carry no segments, those of the
+        eager embedding and head around an adapter graph do)."""
+        if not batch.seg_slots or not any(tables):
             return
         for start, end, slot in zip(batch.seg_starts, batch.seg_ends, batch.seg_slots):
             if any(slot in t for t in tables):

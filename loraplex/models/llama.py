@@ -136,6 +136,9 @@ class LlamaForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.model.embed_tokens)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
     @property
     def tied_embeddings(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False))
