@@ -4,9 +4,14 @@
 Requests arrive at ``--rate`` per second (deterministic gaps) into one engine, stepped here; each takes a
 random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. Reports output tokens/s, TTFT
 p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk to host after
-eviction), and the device memory the adapters in slots take as stored today (every slot padded to
-``max_lora_rank``) and as their own ranks would need. A cold start registers the adapters just before the
-load; a warm start has run the load once already.
+eviction), the most adapters resident in device slots at once, and the slots' device memory. A cold start
+registers the adapters just before the load; a warm start has run the load once already.
+
+Two slot layouts, side by side in one run (``--layouts``), each in its own engine with the same memory (that of
+``max_loras`` adapters of the largest rank): ``paged``, the Triton backend's rank-aware slots (each adapter takes
+pages of 8 rank rows for its own rank, so more adapters stay resident); ``padded``, every slot padded to
+``max_lora_rank`` (the Triton kernels with one page of ``max_lora_rank`` per slot, as the torch backend stores
+them; on a CPU the torch backend itself).
 
     python benchmarks/adapter_scale.py --preset llama3-8b   # an H200 (dummy weights)
     python benchmarks/adapter_scale.py --preset tiny        # CPU
@@ -99,6 +104,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     t0 = time.perf_counter()
     arrival: dict[str, float] = {}
     first: dict[str, float] = {}
+    peak_resident: list[int] = []
     nxt = 0
     while nxt < len(names) or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -113,40 +119,41 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         for o in eng.step():
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = time.perf_counter() - t0 - arrival[o.request_id]
+        if eng.pool is not None:
+            peak_resident.append(sum(n is not None for n in eng.pool.device_resident))
     wall = time.perf_counter() - t0
     ttft = sorted(first.values())
+    peak = max(peak_resident) if peak_resident else 0
     events = eng.pool.drain_events() if eng.pool is not None else []
     loads = [s for _, kind, s in events if kind == "load"]
     reads = [s for _, kind, s in events if kind == "read"]
     return {"output_tokens_per_s": len(names) * max_tokens / wall, "seconds": wall,
             "ttft_ms_p50": 1e3 * ttft[len(ttft) // 2], "ttft_ms_p99": 1e3 * ttft[int(0.99 * (len(ttft) - 1))],
             "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
-            "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads))}
+            "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads)),
+            "peak_adapters_in_slots": peak}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--zipf-s", type=float, default=1.1)
-    p.add_argument("--out-dir", default="bench_out/adapter_scale")
-    p.add_argument("--json", default="bench_out/adapter_scale.json")
-    a = p.parse_args()
-    cfg = SimpleNamespace(**PRESETS[a.preset])
-    from gpu_lora_throughput import build_model_folder
+def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
+               picks: list[int], prompts: list[list[int]], device: str) -> dict[str, Any]:
+    """One engine with the slot layout ``layout``: register the adapters, run the cold, warm and one-adapter
+    loads, print and return the rows."""
+    import gc
+
     from loraplex import LLM, LoRARequest
+    from loraplex.lora.backends.triton_backend import TritonLoRABackend
 
-    device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu"
-    out = Path(a.out_dir)
-    model = build_model_folder(out, SimpleNamespace(**vars(cfg), rank=max(RANKS)))
-    folders = build_adapters(out, cfg)
-    g = torch.Generator().manual_seed(0)
-    w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(cfg.num_adapters)])
-    picks = torch.multinomial(w, cfg.num_requests, replacement=True, generator=g).tolist()
-    prompts = [torch.randint(3, cfg.vocab - 1, (cfg.prompt_len,), generator=g).tolist()
-               for _ in range(cfg.num_requests)]
-    llm = LLM(str(model), load_format="dummy", dtype=cfg.dtype, device=device, max_loras=cfg.max_loras,
-              max_lora_rank=max(RANKS), max_cpu_loras=cfg.max_cpu_loras, enable_prefix_caching=False, seed=0,
-              max_model_len=cfg.prompt_len + cfg.max_tokens + 8)
+    backend = "triton" if device == "cuda" or layout == "paged" else "torch"
+    page_rank = TritonLoRABackend.page_rank
+    if layout == "padded":
+        TritonLoRABackend.page_rank = None  # one page of max_lora_rank per slot: the padded layout
+    try:
+        llm = LLM(model, load_format="dummy", dtype=cfg.dtype, device=device, max_loras=cfg.max_loras,
+                  max_lora_rank=max(RANKS), max_cpu_loras=cfg.max_cpu_loras, enable_prefix_caching=False, seed=0,
+                  max_model_len=cfg.prompt_len + cfg.max_tokens + 8, lora_backend=backend)
+    finally:
+        TritonLoRABackend.page_rank = page_rank
+    pool = llm.engine.pool
     t0 = time.perf_counter()
     for i, f in enumerate(folders):
         llm.add_lora(LoRARequest(f"a{i}", str(f)))
@@ -156,26 +163,65 @@ def main() -> int:
             "warm": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
             "one_adapter": run_load(llm, ["a0"] * cfg.num_requests, prompts, cfg.rate, cfg.max_tokens)}
     rows["warm"]["vs_one_adapter"] = rows["warm"]["output_tokens_per_s"] / rows["one_adapter"]["output_tokens_per_s"]
-    per_rank = sum(p.numel() for m in llm.engine.pool.lora_model.modules for p in (m.wrapper.stack.a,) + tuple(
-        m.wrapper.stack.b_slices)) / (cfg.max_loras * max(RANKS))
-    elem = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
-    padded = per_rank * cfg.max_loras * max(RANKS) * elem
-    resident = [a for a in llm.engine.pool.device_resident if a is not None]
-    own = per_rank * sum(RANKS[int(n[1:]) % len(RANKS)] for n in resident) * elem
+    slot_bytes = sum(t.numel() * t.element_size() for m in pool.lora_model.modules
+                     for t in (m.wrapper.stack.a, m.wrapper.stack.b))
+    print(f"[{layout}] {backend} backend: {pool.num_slots} slots in {slot_bytes / 2**20:.1f} MiB of adapter memory "
+          f"(max_loras={cfg.max_loras}, max_lora_rank={max(RANKS)}); {cfg.num_adapters} adapters registered in "
+          f"{register_s:.1f} s", flush=True)
     for name, r in rows.items():
-        print(f"{name:>11}: {r['output_tokens_per_s']:8.0f} out tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f} ms  p99 "
-              f"{r['ttft_ms_p99']:7.1f} ms  slot loads {r['slot_loads']:4d} ({r['slot_load_ms_mean']:.2f} ms)  "
-              f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms)", flush=True)
-    print(f"{cfg.num_adapters} adapters registered in {register_s:.1f} s; warm load at "
-          f"{rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's target: >= 0.90); "
-          f"adapter slots {padded / 2**20:.1f} MiB padded to rank {max(RANKS)}, "
-          f"{own / 2**20:.1f} MiB at their own ranks")
+        print(f"[{layout}] {name:>11}: {r['output_tokens_per_s']:8.0f} out tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f} ms  "
+              f"p99 {r['ttft_ms_p99']:7.1f} ms  slot loads {r['slot_loads']:4d} ({r['slot_load_ms_mean']:.2f} ms)  "
+              f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms)  at most "
+              f"{r['peak_adapters_in_slots']} adapters in slots", flush=True)
+    print(f"[{layout}] warm load at {rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's "
+          "target: >= 0.90)", flush=True)
+    out = {"backend": backend, "num_slots": pool.num_slots, "slot_bytes": slot_bytes, "register_seconds": register_s,
+           "rows": rows}
+    llm.engine.shutdown()
+    del llm, pool
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--num-adapters", type=int, help="registered adapters (default: the preset's)")
+    p.add_argument("--num-requests", type=int, help="requests of each load (default: the preset's)")
+    p.add_argument("--rate", type=float, help="arrivals per second (default: the preset's)")
+    p.add_argument("--layouts", nargs="+", choices=["paged", "padded"],
+                   help="slot layouts to run (default: both on a GPU; padded, with the torch backend, on a CPU, where "
+                        "the Triton kernels would run in the interpreter)")
+    p.add_argument("--out-dir", default="bench_out/adapter_scale")
+    p.add_argument("--json", default="bench_out/adapter_scale.json")
+    a = p.parse_args()
+    cfg = SimpleNamespace(**PRESETS[a.preset])
+    for key in ("num_adapters", "num_requests", "rate"):
+        if getattr(a, key) is not None:
+            setattr(cfg, key, getattr(a, key))
+    from gpu_lora_throughput import build_model_folder
+
+    device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu"
+    a.layouts = a.layouts or (["paged", "padded"] if device == "cuda" else ["padded"])
+    out = Path(a.out_dir)
+    model = build_model_folder(out, SimpleNamespace(**vars(cfg), rank=max(RANKS)))
+    folders = build_adapters(out, cfg)
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.0 / (k + 1) ** a.zipf_s for k in range(cfg.num_adapters)])
+    picks = torch.multinomial(w, cfg.num_requests, replacement=True, generator=g).tolist()
+    prompts = [torch.randint(3, cfg.vocab - 1, (cfg.prompt_len,), generator=g).tolist()
+               for _ in range(cfg.num_requests)]
+    results: dict[str, Any] = {}
+    for layout in a.layouts:
+        results[layout] = run_layout(a, cfg, layout, str(model), folders, picks, prompts, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"config": vars(a), "preset": PRESETS[a.preset], "device": name,
-                                        "date": time.strftime("%Y-%m-%d"), "results": rows,
-                                        "register_seconds": register_s, "slot_bytes_padded": padded,
-                                        "slot_bytes_own_ranks": own}, indent=1))
+    Path(a.json).write_text(json.dumps({"config": vars(a), "preset": vars(cfg), "device": name,
+                                        "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
+    print(f"wrote {a.json} ({name})")
     return 0
 
 

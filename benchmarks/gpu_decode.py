@@ -199,8 +199,7 @@ def embedding_and_head_lora_bytes(engine: Any) -> int:
     for m in pool.lora_model.modules:
         if isinstance(m.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
             stack = m.wrapper.stack
-            total += stack.a.numel() * stack.a.element_size() + sum(b.numel() * b.element_size()
-                                                                     for b in stack.b_slices)
+            total += stack.a.numel() * stack.a.element_size() + stack.b.numel() * stack.b.element_size()
     return total
 
 

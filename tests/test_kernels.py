@@ -26,7 +26,7 @@ from loraplex.kernels.lora_embed import lora_embed_gather  # noqa: E402
 from loraplex.kernels.lora_expand import lora_expand  # noqa: E402
 from loraplex.kernels.lora_shrink import lora_shrink  # noqa: E402
 from loraplex.lora.adapter import LoRAWeights  # noqa: E402
-from loraplex.lora.backends.base import LoRAStack, get_backend, resolve_backend_name  # noqa: E402
+from loraplex.lora.backends.base import LoRAStack, PageTable, get_backend, resolve_backend_name  # noqa: E402
 from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, shrink_reference  # noqa: E402
 from loraplex.lora.batch import LoRABatch  # noqa: E402
 from loraplex.lora.layers import wrapper_for  # noqa: E402
@@ -137,6 +137,71 @@ def test_split_k_and_wide_rank(dtype) -> None:
         lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
         torch.testing.assert_close(got, want, **_tol(dtype))
         assert torch.equal(got[batch.token_slots < 0], y0[batch.token_slots < 0])
+
+
+def _paged_copy(w: LoRAStack, embedding: bool = False, page_rank: int = 8) -> LoRAStack:
+    """The weights of the padded stack ``w`` in pages of ``page_rank`` rank rows (rank-aware memory), each slot's
+    pages scattered in a shuffled order over a pool with spare pages."""
+    slots, max_rank = w.pages.num_slots, w.max_rank
+    pages = PageTable(slots, slots * -(-max_rank // page_rank) + 3, page_rank, max_rank, slots, DEVICE)
+    random.Random(7).shuffle(pages._free)
+    a_rows, a_cols = (w.a.shape[2], max_rank) if embedding else (max_rank, w.a.shape[3])
+    p = LoRAStack.zeros(w.num_slices, slots, max_rank, a_rows, a_cols, w.slices, w.a.dtype, DEVICE, pages=pages)
+    for slot in reversed(range(slots)):
+        rank = max(w.ranks[i][slot] for i in range(w.num_slices))
+        if not rank:
+            continue
+        pages.assign(slot, rank, ext=False)
+        assert len(pages.pages_of(slot)) == -(-rank // page_rank)  # its own rank, not max_rank
+        for i, n in enumerate(w.slices):
+            r = w.ranks[i][slot]
+            if r:
+                if embedding:
+                    p.write_a_t(slot, w.a[0, slot, :, :r])
+                else:
+                    p.write_a(slot, i, w.a[i, slot, :r])
+                p.write_b(slot, sum(w.slices[:i]), w.b_slices[i][slot, :, :r])
+                p.set(slot, i, r, w.scales[i][slot])
+    return p
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_slots_equal_padded_slots(dtype) -> None:
+    """Rank-aware packing: the same adapters stored by their own ranks in pages of 8 rank rows, scattered over
+    the pool, give bit-identical shrink, expand and embedding results to the padded layout (max_rank per slot)."""
+    K = 48
+    w = _stack(dtype, K, max_rank=24, slot_ranks={0: [4, 8, 0], 1: [24, 16, 24], 2: [8, 0, 2], 4: [17, 1, 12]})
+    p = _paged_copy(w)
+    assert p.a.shape[1:3] == (6 * 3 + 3, 8) and not p.a_slices
+    for shape in ("decode", "prefill"):
+        batch = _batch("uniform", shape, seed=3)
+        x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
+        want = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m)
+        got = lora_shrink(x, p.a, p.ranks_t, batch.tiles, batch.block_m, pages=p.pages.table, max_rank=24)
+        assert torch.equal(got, want)
+        y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
+        ya, yb = y0.clone(), y0.clone()
+        lora_expand(ya, want, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.expand_tiles,
+                    batch.expand_block_m)
+        lora_expand(yb, got, p.b, p.ranks_t, p.scales_t, p.slice_meta, max(SLICES), batch.expand_tiles,
+                    batch.expand_block_m, pages=p.pages.table)
+        assert torch.equal(yb, ya) and not torch.equal(ya, y0)
+
+    vocab, hidden = 64, 40
+    e = LoRAStack.zeros(1, NUM_SLOTS, 16, vocab, 16, (hidden,), dtype, DEVICE)
+    g = torch.Generator().manual_seed(3)
+    for slot, r in {0: 4, 1: 16, 3: 9}.items():
+        e.a[0, slot, :50, :r] = torch.randn(50, r, generator=g).to(dtype)
+        e.b_slices[0][slot, :, :r] = (torch.randn(hidden, r, generator=g) / r ** 0.5).to(dtype)
+        e.set(slot, 0, r, 1.5)
+    pe = _paged_copy(e, embedding=True)
+    batch = _batch("uniform", "prefill", seed=5)
+    ids = torch.randint(0, vocab, (batch.num_rows,), generator=g).to(DEVICE)
+    y0 = torch.randn(batch.num_rows, hidden, generator=g).to(dtype).to(DEVICE)
+    ya, yb = y0.clone(), y0.clone()
+    get_backend("triton", DEVICE).embed(ya, ids, e, batch)
+    get_backend("triton", DEVICE).embed(yb, ids, pe, batch)
+    assert torch.equal(yb, ya) and not torch.equal(ya, y0)
 
 
 def test_padded_work_list_changes_nothing() -> None:
@@ -265,7 +330,7 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
                 fused, has = backend == "triton", slot == 2 or not is_emb
                 assert wrapper.fused_extras == fused and bool(wrapper.dora or wrapper.lora_bias) == (has and not fused)
                 if fused:
-                    assert wrapper.stack.ext_flags.tolist() == [0, int(not is_emb), int(slot == 2)]
+                    assert wrapper.stack.pages.ext_rows.tolist() == [-1, 1 if not is_emb else -1, 2 if slot == 2 else -1]
         with torch.no_grad(), forward_context(ctx):
             outs.append(wrapper(x))
     want, got = outs
@@ -298,3 +363,35 @@ def test_engine_triton_matches_torch(tmp_path) -> None:
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for i in range(1, len(prompt)):
             assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-4)
+
+
+def test_rank_aware_slots_hold_more_adapters(tmp_path) -> None:
+    """The device memory of max_loras=2 adapters of max_lora_rank=16 holds four rank-8 adapters at once with the
+    Triton backend (pages of 8 rank rows; the torch backend's padded slots hold two and take turns), one batch
+    runs all four, and a rank-16 adapter then evicts the two least recently used; tokens and logprobs equal the
+    padded slots'."""
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    paths = {f"r8_{i}": make_adapter(model_dir, tmp_path / f"a{i}", seed=i, r=8, target_modules="all-linear")
+             for i in range(4)}
+    paths["r16"] = make_adapter(model_dir, tmp_path / "r16", seed=9, r=16, target_modules=["q_proj", "v_proj"])
+    prompts = [{"prompt_token_ids": [5 + i, 17, 33, 99, 120, 7]} for i in range(4)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+    results = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=16, seed=0,
+                  num_kv_blocks=64, block_size=4, lora_backend=backend)
+        first = llm.generate(prompts, params, use_tqdm=False,
+                             lora_request=[LoRARequest(f"r8_{i}", paths[f"r8_{i}"]) for i in range(4)])
+        pool = llm.engine.pool
+        resident = sorted(n for n in pool.device_resident if n)
+        assert pool.num_slots == (4 if backend == "triton" else 2) and pool.num_slot_loads == 4
+        assert len(resident) == (4 if backend == "triton" else 2), resident
+        last = llm.generate(prompts[:1], params, use_tqdm=False, lora_request=LoRARequest("r16", paths["r16"]))
+        resident = sorted(n for n in pool.device_resident if n)
+        if backend == "triton":  # r8_0 and r8_1 finished first: least recently used
+            assert resident == ["r16", "r8_2", "r8_3"] and pool.lora_model.pages.free_pages == 0
+        results[backend] = first + last
+    for got, want in zip(results["triton"], results["torch"]):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for lg, lw in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            assert lg.keys() == lw.keys() and all(abs(lg[t] - lw[t]) < 1e-4 for t in lg)

@@ -4,10 +4,14 @@
 
 with ``buf = parts.sum(0)`` (the shrink kernel's split-K partials, summed here),
 ``r = ranks[i, slot]``; rows of base segments (slot -1) and slices of rank 0 are
-not touched. With per-slot *extras* (``ext`` (slots, 2, sum(n_i)) float32 and
-``flags`` (slots,) int32), a row of a slot whose flag is set then becomes
+not touched. B (pages, sum(n_i), PAGE) holds each slot's rank rows in pages
+(:class:`loraplex.lora.backends.base.PageTable`): rank ``r`` of slot ``s`` is
+``B[pages[s, r // PAGE], :, r % PAGE]``; the padded layout is one page of
+``MAX_RANK`` per slot. With per-slot *extras* (``ext`` (rows, 2, sum(n_i))
+float32 and ``ext_rows`` (slots,) int32, -1 for none), a row of a slot with an
+extras row ``e`` then becomes
 
-    y = (y + ext[slot, 0] - bias) * ext[slot, 1] + bias
+    y = (y + ext[e, 0] - bias) * ext[e, 1] + bias
 
 (LoRA bias ``scaling * lora_B.bias`` in row 0, DoRA's per-channel scale in row 1,
 ``bias`` the base layer's bias or 0), so DoRA and LoRA bias cost no extra launch
@@ -31,19 +35,22 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
+from loraplex.kernels.lora_shrink import _identity_pages
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
 @triton.jit(do_not_specialize=["num_splits", "T"])
 def _expand_kernel(
-    y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr, ext_ptr, flags_ptr, bias_ptr,
-    num_splits, T, stride_ym, n_total, num_slots,
+    y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr, pages_ptr, ext_ptr, ext_rows_ptr,
+    bias_ptr, num_splits, T, stride_ym, n_total, num_slots,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, N_BLOCKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
+    MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    # parts (splits, T, slices, MAX_RANK), b (slots, n_total, MAX_RANK), ranks / scales (slices, slots):
-    # contiguous; y (T, n_total) with unit stride along columns. Few arguments keep launches cheap.
+    # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
+    # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
+    # launches cheap.
     tile = tl.program_id(0)
     i = tl.program_id(1) // N_BLOCKS  # slice
     nb = tl.program_id(1) % N_BLOCKS  # output block within the slice
@@ -73,7 +80,8 @@ def _expand_kernel(
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for s in range(0, num_splits):
             h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + (slot * n_total + cols[None, :]) * MAX_RANK + offs_r[:, None],
+        page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+        bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
         if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
             hb = h.to(bt.dtype).to(tl.float32)
@@ -87,9 +95,10 @@ def _expand_kernel(
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     out = y.to(tl.float32) + acc * scale
     if EXTRAS:
-        if tl.load(flags_ptr + slot) != 0:  # this slot's adapter has a LoRA bias or DoRA here
-            extra = tl.load(ext_ptr + slot * 2 * n_total + cols, mask=n_mask, other=0.0)
-            dora = tl.load(ext_ptr + (slot * 2 + 1) * n_total + cols, mask=n_mask, other=1.0)
+        e = tl.load(ext_rows_ptr + slot).to(tl.int64)
+        if e >= 0:  # this slot's adapter has a LoRA bias or DoRA (here, or in other layers: then 0 and 1)
+            extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=n_mask, other=0.0)
+            dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=n_mask, other=1.0)
             out += extra[None, :]
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
@@ -119,36 +128,42 @@ def expand_config(block_m: int, max_rank: int, max_width: int, num_tiles: int, n
 def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: torch.Tensor,
                 scales_t: torch.Tensor, slice_meta: torch.Tensor, max_width: int, tiles: torch.Tensor,
                 block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                bias: Optional[torch.Tensor] = None) -> None:
+                bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
-    y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (slots,
-    sum(n_i), max_rank); ranks_t (slices, slots) int32; scales_t (slices, slots) float32; slice_meta
+    y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
+    sum(n_i), page_rank); ranks_t (slices, slots) int32; scales_t (slices, slots) float32; slice_meta
     (slices, 2) int32 (offset, width); ``max_width`` = max(n_i); tiles as for :func:`lora_shrink` (any
-    tile height: ``LoRABatch.expand_tiles``). ``extras``: (ext (slots, 2, sum(n_i)) float32, flags (slots,)
+    tile height: ``LoRABatch.expand_tiles``); ``pages`` (slots, max_pages) int32 (default: the padded
+    layout, b (slots, sum(n_i), max_rank)). ``extras``: (ext (rows, 2, sum(n_i)) float32, ext_rows (slots,)
     int32), the per-slot LoRA bias and DoRA scale applied after the delta (see the module docstring);
     ``bias`` (sum(n_i),): the base layer's bias, which DoRA's rescaling leaves out."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     parts = parts if parts.is_contiguous() else parts.contiguous()
-    assert b.is_contiguous() and ranks_t.is_contiguous() and scales_t.is_contiguous() \
-        and parts.shape[3] == b.shape[2], "B stack, ranks and scales contiguous; parts (splits, T, slices, max_rank)"
+    if pages is None:
+        pages = _identity_pages(b.shape[0], b.device)
+    assert b.is_contiguous() and ranks_t.is_contiguous() and scales_t.is_contiguous() and pages.is_contiguous() \
+        and parts.shape[3] <= pages.shape[1] * b.shape[2], \
+        "B stack, ranks, scales and pages contiguous; parts (splits, T, slices, max_rank)"
     num_tiles = tiles.shape[0]
     num_slices = parts.shape[2]
     if num_tiles == 0 or y.shape[0] == 0:
         return
-    cfg = expand_config(block_m, b.shape[2], max_width, num_tiles, num_slices, y.device)
+    max_rank = parts.shape[3]
+    cfg = expand_config(block_m, max_rank, max_width, num_tiles, num_slices, y.device)
     grid = (num_tiles, num_slices * cfg["n_blocks"])
-    ext, flags = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS
+    ext, ext_rows = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS
     if extras is not None:
-        assert ext.shape == (b.shape[0], 2, b.shape[1]) and ext.dtype == torch.float32 and ext.is_contiguous() \
-            and flags.shape == (b.shape[0],), "extras: (slots, 2, sum(slices)) float32 and (slots,) flags"
+        assert ext.shape[1:] == (2, b.shape[1]) and ext.dtype == torch.float32 and ext.is_contiguous() \
+            and ext_rows.shape == (ranks_t.shape[1],), "extras: (rows, 2, sum(slices)) float32 and (slots,) rows"
     _launch_expand(
         grid,
-        (y, parts, b, tiles, ranks_t, scales_t, slice_meta, ext, flags, y if bias is None else bias,
+        (y, parts, b, tiles, ranks_t, scales_t, slice_meta, pages, ext, ext_rows, y if bias is None else bias,
          parts.shape[0], parts.shape[1], y.stride(0), b.shape[1], ranks_t.shape[1]),
-        dict(NUM_SLICES=num_slices, MAX_RANK=b.shape[2], N_BLOCKS=cfg["n_blocks"], BLOCK_M=block_m,
-             BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
+        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, N_BLOCKS=cfg["n_blocks"], BLOCK_M=block_m,
+             BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
+             PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
              EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None),
         num_warps=cfg["num_warps"],
     )

@@ -2,6 +2,10 @@
 
     out[s, t, i, :r] = x[t, ks] @ A[i, slot(t), :r, ks].T     summed over s: buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T
 
+A slot's rank rows live in pages (:class:`loraplex.lora.backends.base.PageTable`): row ``r`` of slot ``s`` is
+row ``r % PAGE`` of page ``pages[s, r // PAGE]`` of ``a`` (slices, pages, PAGE, K); the padded layout is one
+page of ``MAX_RANK`` rows per slot.
+
 ``ks`` is split ``s``'s share of the input features (split-K: ``out.sum(0)`` is the
 product; the expand kernel does that sum). ``r = ranks[i, slot]``; rank 0 (an
 untargeted slice) and base rows (slot -1) get zeros. Reference:
@@ -32,14 +36,14 @@ from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
 @triton.jit(do_not_specialize=["T", "k_per_split"])
 def _shrink_kernel(
-    x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr,
-    T, K, k_per_split, stride_xm, num_slots,
+    x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr, pages_ptr,
+    T, K, k_per_split, stride_xm, num_slots, num_pages,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # a (slices, slots, MAX_RANK, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots): contiguous;
-    # x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
+    # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
+    # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     tile = tl.program_id(0)
     i = (tl.program_id(1) // R_BLOCKS).to(tl.int64)  # slice
     rb = tl.program_id(1) % R_BLOCKS  # rank block
@@ -62,7 +66,8 @@ def _shrink_kernel(
     k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
 
     x_base = x_ptr + offs_m[:, None] * stride_xm
-    a_base = a_ptr + ((i * num_slots + slot0) * MAX_RANK + offs_r[None, :]) * K
+    page = tl.load(pages_ptr + slot0 * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+    a_base = a_ptr + ((i * num_pages + page[None, :]) * PAGE + offs_r[None, :] % PAGE) * K
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -79,6 +84,12 @@ def _shrink_kernel(
 
 
 _launch_shrink = Launcher(_shrink_kernel)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_pages(num_slots: int, device: torch.device) -> torch.Tensor:
+    """The padded layout's page table: page ``s`` for slot ``s``."""
+    return torch.arange(num_slots, dtype=torch.int32, device=device).view(num_slots, 1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,19 +115,26 @@ def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slice
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
                 split_k: Optional[int] = None, block_k: Optional[int] = None,
-                work_tiles: Optional[int] = None) -> torch.Tensor:
+                work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
+                max_rank: Optional[int] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
-    x (T, K); a (slices, slots, max_rank, K); ranks_t (slices, slots) int32; tiles (num_tiles, 3) int64
-    (row_start, row_end, slot), each covering at most ``block_m`` rows of one segment. ``split_k`` /
-    ``block_k`` override the heuristic (tests, tuning). ``work_tiles``: how many tiles carry rows, when the
-    list is padded with empty ones (CUDA graphs), so that split-K is sized for the real work."""
+    x (T, K); a (slices, pages, page_rank, K); ranks_t (slices, slots) int32; tiles (num_tiles, 3) int64
+    (row_start, row_end, slot), each covering at most ``block_m`` rows of one segment; ``pages`` (slots,
+    max_pages) int32, the page of each rank block of each slot, and ``max_rank`` (default: the padded layout, a
+    page of ``max_rank`` rows per slot: ``a`` (slices, slots, max_rank, K)). ``split_k`` / ``block_k`` override
+    the heuristic (tests, tuning). ``work_tiles``: how many tiles carry rows, when the list is padded with empty
+    ones (CUDA graphs), so that split-K is sized for the real work."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
-    num_slices, _, max_rank, _ = a.shape
-    assert a.is_contiguous() and ranks_t.is_contiguous(), "A stack and ranks must be contiguous"
+    num_slices, num_pages, page_rank, _ = a.shape
+    if pages is None:
+        pages = _identity_pages(num_pages, a.device)
+    max_rank = max_rank or page_rank
+    assert a.is_contiguous() and ranks_t.is_contiguous() and pages.is_contiguous(), \
+        "A stack, ranks and pages must be contiguous"
     num_tiles = tiles.shape[0]
     cfg = shrink_config(block_m, max_rank, K, work_tiles or num_tiles, num_slices, split_k, block_k, x.device)
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
@@ -125,9 +143,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     grid = (num_tiles, num_slices * cfg["r_blocks"], cfg["split_k"])
     _launch_shrink(
         grid,
-        (x, a, out, tiles, ranks_t, T, K, cfg["k_per_split"], x.stride(0), a.shape[1]),
+        (x, a, out, tiles, ranks_t, pages, T, K, cfg["k_per_split"], x.stride(0), ranks_t.shape[1], num_pages),
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
-             BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET),
+             BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
+             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -23,7 +23,7 @@ from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                     QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
 from loraplex.lora.adapter import LoRAWeights
-from loraplex.lora.backends.base import LoRABackend, LoRAStack, upload
+from loraplex.lora.backends.base import LoRABackend, LoRAStack, PageTable, upload
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -67,6 +67,7 @@ class BaseLayerWithLoRA(nn.Module):
         self.fused_extras = stack.ext is not None
         self.max_rank = stack.max_rank
         # Per-slice views and host lists, shared with the stack (the torch backend and tests read them).
+        # Padded layout only (the torch backend; empty when pages are smaller than max_rank):
         self.lora_a = stack.a_slices  # [slice] (slots, max_rank, in)
         self.lora_b = stack.b_slices  # [slice] (slots, n_slice, max_rank)
         self.ranks = stack.ranks  # [slice][slot]
@@ -139,11 +140,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         self.num_slices = len(self.output_slices)
         self.row_parallel = isinstance(base_layer, RowParallelLinear)
 
-    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend,
+                            pages: Optional[PageTable] = None) -> None:
         w = self.base_layer.weight
         in_local = self.base_layer.input_size_per_partition
         self._init_stack(backend, LoRAStack.zeros(self.num_slices, max_loras, max_rank, max_rank, in_local,
-                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras))
+                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras,
+                                                  pages))
 
     def reset_lora(self, slot: int) -> None:
         self.stack.clear(slot)
@@ -170,8 +173,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
                     start = base.tp_rank * n
                 b = b[start:start + n]
             r = lw.rank
-            self.lora_a[i][slot, :r].copy_(upload(a, self.lora_a[i]))
-            self.lora_b[i][slot, :, :r].copy_(upload(b, self.lora_b[i]))
+            self.stack.write_a(slot, i, a)
+            self.stack.write_b(slot, sum(self.output_slices[:i]), b)
             self.stack.set(slot, i, r, float(lw.scaling))
             sharded = b.shape[0] != lw.B.shape[0]
             if lw.magnitude is not None:
@@ -234,15 +237,17 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
     the lookup before the embedding's all-reduce, which then carries the delta of the one rank holding
     each id."""
 
-    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend,
+                            pages: Optional[PageTable] = None) -> None:
         w = self.base_layer.weight
         base = self.base_layer
         rows = base.num_embeddings if base.tp_size == 1 else base.num_embeddings_per_partition + 1
-        # A stored transposed, (1, slots, vocab rows, rank), so that a lookup by token id is a row gather.
+        # A stored transposed, (1, pages, vocab rows, page rank), so that a lookup by token id is a row gather.
         self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, rows, max_rank,
-                                                  (base.embedding_dim,), w.dtype, w.device, backend.fuses_extras))
-        self.lora_a_t = self.stack.a[0]  # (slots, vocab, rank)
-        self.lora_b = self.stack.b_slices[0]  # (slots, hidden, rank)
+                                                  (base.embedding_dim,), w.dtype, w.device, backend.fuses_extras,
+                                                  pages))
+        self.lora_a_t = self.stack.a[0]  # (pages, vocab, page rank): padded layout (slots, vocab, max_rank)
+        self.lora_b = self.stack.b_slices[0] if self.stack.b_slices else None  # padded layout: (slots, hidden, rank)
 
     def reset_lora(self, slot: int) -> None:
         self.stack.clear(slot)
@@ -257,9 +262,8 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         base = self.base_layer
         vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size (and the zero row) stay zero
         start, end = base.vocab_start_index, min(base.vocab_end_index, vocab)  # this rank's shard
-        if end > start:
-            self.lora_a_t[slot, :end - start, :r].copy_(upload(lw.A[:, start:end], self.lora_a_t).T)
-        self.lora_b[slot, :, :r].copy_(upload(lw.B, self.lora_b))
+        self.stack.write_a_t(slot, upload(lw.A[:, start:max(start, end)], self.lora_a_t).T)
+        self.stack.write_b(slot, 0, lw.B)
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
         if lw.magnitude is not None:  # one DoRA scale per hidden dim: the norm runs over the vocabulary
@@ -298,7 +302,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
             y = base.partial(ids)
             if batch is not None and batch.runs(self.active):
                 local, mask = base.local_ids(ids)
-                zero_row = self.lora_a_t.shape[1] - 1
+                zero_row = self.lora_a_t.shape[1] - 1  # the row past this rank's shard (zero in every slot)
                 self.backend.embed(y, torch.where(mask, local, torch.full_like(local, zero_row)), self.stack, batch)
             return all_reduce(y)
         num = base.num_embeddings
@@ -327,10 +331,12 @@ class LMHeadWithLoRA(LinearWithLoRA):
         self.num_slices = 1
         self.row_parallel = False
 
-    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend) -> None:
+    def create_lora_weights(self, max_loras: int, max_rank: int, backend: LoRABackend,
+                            pages: Optional[PageTable] = None) -> None:
         w = self.base_layer.weight
         self._init_stack(backend, LoRAStack.zeros(1, max_loras, max_rank, max_rank, self.base_layer.embedding_dim,
-                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras))
+                                                  self.output_slices, w.dtype, w.device, backend.fuses_extras,
+                                                  pages))
 
     def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
         self.reset_lora(slot)
@@ -343,8 +349,8 @@ class LMHeadWithLoRA(LinearWithLoRA):
         n = self.output_slices[0]
         start = base.tp_rank * n
         part = b[start:min(start + n, b.shape[0])]
-        self.lora_a[0][slot, :r].copy_(upload(lw.A, self.lora_a[0]))
-        self.lora_b[0][slot, :part.shape[0], :r].copy_(upload(part, self.lora_b[0]))
+        self.stack.write_a(slot, 0, lw.A)
+        self.stack.write_b(slot, 0, part, width=n)  # padded vocabulary rows: zero
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
         bias = dora = None

@@ -9,13 +9,13 @@ and v_proj are the three slices of qkv_proj).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, LoRAWeights, ModuleTarget
-from loraplex.lora.backends.base import LoRABackend
+from loraplex.lora.backends.base import LoRABackend, PageTable
 from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
 
 
@@ -41,9 +41,19 @@ class LoRAModel:
         self.modules: list[WrappedModule] = []
         targets: dict[str, ModuleTarget] = {}
         candidates = [(n, m) for n, m in model.named_modules() if wrapper_for(m) is not None]
+        device = next(model.parameters()).device
+        page = getattr(backend, "page_rank", None)
+        if page and page < max_rank:
+            # Rank-aware slots: the memory of max_loras adapters of max_rank, in pages of `page` rank rows; an
+            # adapter takes the pages of its own rank, so up to one slot per page (extras rows: max_loras).
+            num_pages = max_loras * -(-max_rank // page)
+            self.pages = PageTable(num_pages, num_pages, page, max_rank, max_loras, device)
+        else:
+            self.pages = PageTable.padded(max_loras, max_rank, device)
+        self.fused_extras = bool(getattr(backend, "fuses_extras", False))
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
-            wrapper.create_lora_weights(max_loras, max_rank, backend)
+            wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
             _set_submodule(model, name, wrapper)
             prefix, _, leaf = name.rpartition(".")
             subs = packed.get(leaf)
@@ -139,7 +149,22 @@ class LoRAModel:
 
     _upload_stream: Optional[torch.cuda.Stream] = None
 
+    @property
+    def num_slots(self) -> int:
+        return self.pages.num_slots
+
+    def fits(self, adapter: LoRAAdapter, freed: Sequence[int] = ()) -> bool:
+        """Whether ``adapter`` fits in the slots' memory once the slots ``freed`` are emptied."""
+        return self.pages.fits(adapter.max_rank, self._needs_ext(adapter), freed)
+
+    def _needs_ext(self, adapter: LoRAAdapter) -> bool:
+        return self.fused_extras and (adapter.has_dora or any(w.bias is not None for w in adapter.modules.values()))
+
     def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
+        if adapter is None:
+            self.pages.release(slot)
+        else:
+            self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)

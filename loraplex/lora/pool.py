@@ -2,8 +2,10 @@
 
 Three tiers: *registered* (name -> the current :class:`LoRAAdapter` version, validated
 when registered), *host* (``max_cpu_loras`` loaded adapters, LRU; an evicted one is
-re-read from its folder when a new request needs it) and *device* (``max_loras``
-slots in the stacked wrapper buffers).
+re-read from its folder when a new request needs it) and *device* (slots in the stacked
+wrapper buffers: the memory of ``max_loras`` adapters of ``max_lora_rank``; with the Triton
+backend an adapter takes the pages of its own rank, so more adapters of lower rank fit, see
+:class:`~loraplex.lora.backends.base.PageTable`).
 
 A request resolves its adapter once, when it is added, and keeps that version (the
 object, identified by ``uid``) until it finishes. So an adapter that is reloaded or
@@ -12,7 +14,8 @@ the weights they started with, and the old version's memory is released when the
 last of them finishes. New requests see the change at once.
 
 A slot is pinned while any running request uses it (reference count); only unpinned
-slots are evicted, stale versions first, then least recently used. When every slot is
+slots are evicted, stale versions first, then least recently used, as many as the
+incoming adapter's rank needs. When every slot is
 pinned a request waits: running requests always finish or are preempted, which unpins
 their slots, so waiting never deadlocks.
 
@@ -82,9 +85,10 @@ class LoRAPool:
         self._versions: dict[str, OrderedDict[str, LoRAAdapter]] = {}  # name -> earlier versions kept, oldest first
         self._pinned: dict[str, int] = {}  # name -> the device slot it holds for good
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
-        self._slot: list[Optional[LoRAAdapter]] = [None] * max_loras
-        self._refs: list[int] = [0] * max_loras
-        self._last_use: list[int] = [0] * max_loras
+        self.num_slots = lora_model.num_slots  # max_loras, or more when slots take their own rank (pages)
+        self._slot: list[Optional[LoRAAdapter]] = [None] * self.num_slots
+        self._refs: list[int] = [0] * self.num_slots
+        self._last_use: list[int] = [0] * self.num_slots
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
         self._loads: dict[int, Any] = {}  # slot -> CUDA event of its upload still in flight (side stream)
@@ -256,10 +260,13 @@ class LoRAPool:
         moves the pin to the new version). At least one slot always stays for unpinned adapters."""
         if name in self._pinned:
             return
-        if len(self._pinned) + 1 >= self.max_loras:
-            raise AdapterError(f"cannot pin adapter {name!r}: {len(self._pinned)} of max_loras={self.max_loras} "
-                               "slots are pinned, and one must stay for the other adapters")
         adapter = self.get(name)
+        pages = self.lora_model.pages
+        held = sum(pages.pages_needed(self._slot[s].max_rank) for s in self._pinned.values() if self._slot[s])
+        if held + pages.pages_needed(adapter.max_rank) > pages.num_pages - pages.pages_needed(self.max_lora_rank):
+            raise AdapterError(f"cannot pin adapter {name!r}: with it the pinned adapters ({len(self._pinned)} now) "
+                               "would take the device memory that must stay for the other adapters (room for one "
+                               f"of max_lora_rank={self.max_lora_rank}, out of max_loras={self.max_loras})")
         slot = self.acquire(adapter)
         while slot is None and self.loading:
             self.wait_for_loads()
@@ -368,13 +375,26 @@ class LoRAPool:
         slot = self.slot_of(adapter)
         hit = slot is not None and slot not in self._loads  # resident, no copy in flight
         if slot is None:
-            free = [s for s in range(self.max_loras) if self._refs[s] == 0 and s not in self._loads]
+            free = [s for s in range(self.num_slots) if self._refs[s] == 0 and s not in self._loads]
             if not free:
                 return None
             # empty slots first, then stale versions, then the least recently used
-            slot = min(free, key=lambda s: (self._slot[s] is not None,
-                                            self._slot[s] is not None and self._is_current(self._slot[s]),
-                                            self._last_use[s]))
+            order = sorted(free, key=lambda s: (self._slot[s] is not None,
+                                                self._slot[s] is not None and self._is_current(self._slot[s]),
+                                                self._last_use[s]))
+            slot = order[0]
+            # evict in that order until the adapter's rank fits in the freed memory (pages); none if it cannot
+            freed = [s for s in order[:1] if self._slot[s] is not None]
+            for s in order[1:]:
+                if self.lora_model.fits(adapter, freed):
+                    break
+                if self._slot[s] is not None:
+                    freed.append(s)
+            if not self.lora_model.fits(adapter, freed):
+                return None
+            for s in freed:
+                if s != slot:
+                    self._clear_slot(s)
             t0 = time.monotonic()
             done = self.lora_model.set_slot(slot, adapter)
             self._slot[slot] = adapter

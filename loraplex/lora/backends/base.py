@@ -23,28 +23,139 @@ from loraplex.backend_registry import load_backend, resolve_auto
 from loraplex.lora.batch import LoRABatch
 
 
+class PageTable:
+    """Where each adapter slot's rank rows live in the stacks; one table is shared by every wrapper of a model.
+
+    The stacks hold rank rows in *pages* of ``page_rank`` rows: slot ``s``'s rank row ``r`` is row
+    ``r % page_rank`` of page ``table[s, r // page_rank]``. With ``page_rank == max_rank`` and the identity
+    table (page ``s`` for slot ``s``) that is the padded layout, one ``max_rank`` block per slot (the torch
+    backend, whose matmuls view each slot's block). With smaller pages (the Triton backend) an adapter takes
+    only the pages its rank needs (rank-aware device memory: a rank-8 adapter takes one page of 8 where the
+    padded layout gives it 64 rows), so more slots than ``max_loras`` share the same memory.
+
+    ``ext_rows`` (slots,) maps a slot to its row of the stacks' per-slot extras (LoRA bias, DoRA scale), -1
+    when its adapter has none (the kernels then skip them); there are ``num_ext_rows`` rows (padded layout: row
+    ``s`` for slot ``s``). Assignments change only in :meth:`assign` / :meth:`release` (adapter loads), never in
+    a forward; the device mirrors are written on the caller's stream.
+    """
+
+    def __init__(self, num_slots: int, num_pages: int, page_rank: int, max_rank: int, num_ext_rows: int,
+                 device: torch.device) -> None:
+        self.page_rank = page_rank
+        self.max_rank = max_rank
+        self.max_pages = -(-max_rank // page_rank)
+        self.num_slots = num_slots
+        self.num_pages = num_pages
+        self.num_ext_rows = num_ext_rows
+        self.identity = page_rank >= max_rank
+        assert not self.identity or num_pages == num_slots == num_ext_rows, "the padded layout: a page per slot"
+        host = torch.zeros(num_slots, self.max_pages, dtype=torch.int32)
+        if self.identity:
+            host[:, 0] = torch.arange(num_slots, dtype=torch.int32)
+        self.table = host.to(device)  # (slots, max_pages) int32: the kernels' page of each rank block
+        self.ext_rows = torch.full((num_slots,), -1, dtype=torch.int32).to(device)
+        self._pages: dict[int, list[int]] = {s: [s] for s in range(num_slots)} if self.identity else {}
+        self._index: dict[int, torch.Tensor] = {}  # slot -> its pages as a device int64 tensor (weight writes)
+        self._free = [] if self.identity else list(range(num_pages))
+        self._ext: dict[int, int] = {}
+        self._free_ext = [] if self.identity else list(range(num_ext_rows))
+
+    @classmethod
+    def padded(cls, num_slots: int, max_rank: int, device: torch.device) -> "PageTable":
+        return cls(num_slots, num_slots, max_rank, max_rank, num_slots, device)
+
+    def pages_needed(self, rank: int) -> int:
+        return 1 if self.identity else max(1, -(-rank // self.page_rank))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def free_ext_rows(self) -> int:
+        return len(self._free_ext)
+
+    def pages_of(self, slot: int) -> list[int]:
+        return self._pages.get(slot, [])
+
+    def ext_row(self, slot: int) -> Optional[int]:
+        """The extras row ``slot`` writes (padded layout: its own, whether used or not)."""
+        return slot if self.identity else self._ext.get(slot)
+
+    def assign(self, slot: int, rank: int, ext: bool) -> None:
+        """Give ``slot`` the pages of ``rank`` rank rows (lowest free first) and an extras row when ``ext``, after
+        releasing what it held. The caller made sure they are free (:meth:`fits`)."""
+        self.release(slot)
+        if self.identity:
+            if ext:
+                self._ext[slot] = slot
+                self.ext_rows[slot].fill_(slot)
+            return
+        n = self.pages_needed(rank)
+        assert n <= len(self._free) and (not ext or self._free_ext), "not enough free pages / extras rows"
+        pages, self._free = self._free[:n], self._free[n:]
+        self._pages[slot] = pages
+        row = torch.zeros(self.max_pages, dtype=torch.int32)
+        row[:n] = torch.tensor(pages, dtype=torch.int32)
+        self.table[slot].copy_(upload(row, self.table))
+        self._index[slot] = upload(torch.tensor(pages, dtype=torch.int64), self.table)
+        if ext:
+            self._ext[slot] = self._free_ext.pop(0)
+            self.ext_rows[slot].fill_(self._ext[slot])
+
+    def release(self, slot: int) -> None:
+        """Return ``slot``'s pages and extras row (its table entries keep pointing at them: nothing reads a slot
+        without weights)."""
+        row = self._ext.pop(slot, None)
+        if row is not None:
+            self.ext_rows[slot].fill_(-1)
+        if self.identity:
+            return
+        self._free = sorted(self._free + self._pages.pop(slot, []))
+        self._index.pop(slot, None)
+        if row is not None:
+            self._free_ext = sorted(self._free_ext + [row])
+
+    def fits(self, rank: int, ext: bool, freed: Sequence[int] = ()) -> bool:
+        """Whether an adapter of ``rank`` (with extras when ``ext``) fits once the slots ``freed`` are released."""
+        if self.identity:
+            return True
+        pages = len(self._free) + sum(len(self._pages.get(s, ())) for s in freed)
+        rows = len(self._free_ext) + sum(s in self._ext for s in freed)
+        return pages >= self.pages_needed(rank) and (not ext or rows >= 1)
+
+    def index(self, slot: int) -> torch.Tensor:
+        """``slot``'s pages, a device int64 tensor (index_copy_ targets)."""
+        if self.identity:
+            raise AssertionError("the padded layout writes slots directly")
+        return self._index[slot]
+
+
 @dataclass
 class LoRAStack:
-    """The stacked per-slot weights of one wrapper, as every backend reads them.
+    """The stacked per-slot weights of one wrapper, as every backend reads them, in pages of rank rows
+    (:class:`PageTable`, ``pages``; P = ``pages.page_rank``).
 
-    Linear layers: ``a`` (slices, slots, max_rank, in); embeddings: ``a`` (1, slots, vocab, max_rank), A
-    transposed so that a lookup by token id is a row gather. ``b`` (slots, sum(slices), max_rank): B with the
-    slices side by side along dim 1 (each slice's view has the layout of PEFT's ``lora_B.weight``, so the
-    torch backend's matmuls round as PEFT's do).
-    ``a_slices[i]`` / ``b_slices[i]`` are views of slice i: (slots, max_rank, in) / (slots, n_i, max_rank).
+    Linear layers: ``a`` (slices, pages, P, in); embeddings: ``a`` (1, pages, vocab, P), A transposed so that a
+    lookup by token id is a row gather. ``b`` (pages, sum(slices), P): B with the slices side by side along
+    dim 1. In the padded layout (P = max_rank, a page per slot: the torch backend) each slice's view
+    ``b_slices[i][slot]`` has the layout of PEFT's ``lora_B.weight``, so the torch backend's matmuls round as
+    PEFT's do; ``a_slices[i]`` / ``b_slices[i]`` are then views of slice i: (slots, max_rank, in) / (slots, n_i,
+    max_rank). Weights go in through :meth:`write_a` / :meth:`write_b` / :meth:`write_a_t`, whatever the layout.
     Host ``ranks`` / ``scales`` ``[slice][slot]`` serve the torch backend; their device mirrors
     ``ranks_t`` (slices, slots) int32 and ``scales_t`` (slices, slots) float32 serve the kernels. All of
     them change only in :meth:`set` / :meth:`clear` (adapter loads), never in a forward.
-    ``ext`` / ``ext_flags`` (backends that fuse them, see ``LoRABackend.fuses_extras``; else None): per slot,
-    ``scaling * lora_B.bias`` (row 0, 0 where none) and DoRA's per-channel scale (row 1, 1 where none) over
-    every output column, (slots, 2, sum(slices)) float32, and (slots,) int32, 1 where the slot has either.
+    ``ext`` (backends that fuse them, see ``LoRABackend.fuses_extras``; else None): per extras row (the slot's
+    is ``pages.ext_rows[slot]``), ``scaling * lora_B.bias`` (row 0, 0 where none) and DoRA's per-channel scale
+    (row 1, 1 where none) over every output column, (rows, 2, sum(slices)) float32.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     slices: tuple[int, ...]
+    pages: PageTable
+    max_rank: int
     ext: Optional[torch.Tensor] = None
-    ext_flags: Optional[torch.Tensor] = None
     a_slices: list[torch.Tensor] = field(init=False)
     b_slices: list[torch.Tensor] = field(init=False)
     ranks: list[list[int]] = field(init=False)
@@ -55,24 +166,34 @@ class LoRAStack:
 
     @classmethod
     def zeros(cls, num_slices: int, max_loras: int, max_rank: int, a_rows: int, a_cols: int,
-              slices: Sequence[int], dtype: torch.dtype, device: torch.device, extras: bool = False) -> "LoRAStack":
-        """All-zero stack: ``a`` (num_slices, max_loras, a_rows, a_cols), ``b`` (max_loras, sum(slices), max_rank);
-        ``extras``: with the per-slot LoRA bias and DoRA rows (no slot has them yet)."""
-        a = torch.zeros(num_slices, max_loras, a_rows, a_cols, dtype=dtype, device=device)
-        b = torch.zeros(max_loras, sum(slices), max_rank, dtype=dtype, device=device)
-        ext = flags = None
+              slices: Sequence[int], dtype: torch.dtype, device: torch.device, extras: bool = False,
+              pages: Optional[PageTable] = None) -> "LoRAStack":
+        """All-zero stack. Linear (``a_rows == max_rank``): ``a`` (num_slices, pages, P, a_cols); embedding
+        (``a_cols == max_rank``): ``a`` (1, pages, a_rows, P); ``b`` (pages, sum(slices), P). ``pages``: the model's
+        shared table (default: the padded layout of ``max_loras`` slots); ``extras``: with the per-slot LoRA bias
+        and DoRA rows (no slot has them yet)."""
+        pages = pages or PageTable.padded(max_loras, max_rank, device)
+        P, n = pages.page_rank, pages.num_pages
+        if a_cols == max_rank and a_rows != max_rank:  # embedding: A transposed, rank last
+            a = torch.zeros(num_slices, n, a_rows, P, dtype=dtype, device=device)
+        else:
+            a = torch.zeros(num_slices, n, P, a_cols, dtype=dtype, device=device)
+        b = torch.zeros(n, sum(slices), P, dtype=dtype, device=device)
+        ext = None
         if extras:
-            ext = torch.zeros(max_loras, 2, sum(slices), dtype=torch.float32, device=device)
+            ext = torch.zeros(pages.num_ext_rows, 2, sum(slices), dtype=torch.float32, device=device)
             ext[:, 1] = 1.0
-            flags = torch.zeros(max_loras, dtype=torch.int32, device=device)
-        return cls(a, b, tuple(slices), ext, flags)
+        return cls(a, b, tuple(slices), pages, max_rank, ext)
 
     def __post_init__(self) -> None:
-        n_slices, n_slots = self.a.shape[0], self.a.shape[1]
+        n_slices, n_slots = self.a.shape[0], self.pages.num_slots
         dev = self.a.device
-        self.a_slices = [self.a[i] for i in range(n_slices)]
         offs = [sum(self.slices[:i]) for i in range(len(self.slices))]
-        self.b_slices = [self.b[:, o:o + n] for o, n in zip(offs, self.slices)]
+        if self.pages.identity:
+            self.a_slices = [self.a[i] for i in range(n_slices)]
+            self.b_slices = [self.b[:, o:o + n] for o, n in zip(offs, self.slices)]
+        else:  # no per-slot views: a slot's rows are spread over its pages
+            self.a_slices = self.b_slices = []
         self.ranks = [[0] * n_slots for _ in range(n_slices)]
         self.scales = [[0.0] * n_slots for _ in range(n_slices)]
         self.ranks_t = torch.zeros(n_slices, n_slots, dtype=torch.int32, device=dev)
@@ -84,40 +205,89 @@ class LoRAStack:
         return len(self.slices)
 
     @property
-    def max_rank(self) -> int:
-        return self.b.shape[2]
+    def transposed_a(self) -> bool:
+        """Embedding stacks keep A transposed (vocab rows, rank last)."""
+        return self.a.shape[3] == self.pages.page_rank and self.a.shape[2] != self.pages.page_rank
+
+    def _paged(self, t: torch.Tensor, rank_dim: int, slot: int) -> torch.Tensor:
+        """``t`` (rank along ``rank_dim``, rank <= max_rank) zero-padded to whole pages and split into them:
+        (slot's pages, ..., page_rank) with the rank part last or in place, as the stack stores it."""
+        P = self.pages.page_rank
+        n = len(self.pages.pages_of(slot))
+        pad = [0, 0] * (t.dim() - 1 - rank_dim) + [0, n * P - t.shape[rank_dim]]
+        t = torch.nn.functional.pad(t, pad)
+        shape = list(t.shape)
+        shape[rank_dim:rank_dim + 1] = [n, P]
+        return t.reshape(shape).movedim(rank_dim, 0)
+
+    def write_a(self, slot: int, i: int, a: torch.Tensor) -> None:
+        """Slice ``i`` of ``slot`` <- A (r, in) (a host or device tensor; rows past r become zero)."""
+        a = upload(a, self.a)
+        if self.pages.identity:
+            self.a[i, slot, :a.shape[0]].copy_(a)
+            return
+        self.a[i].index_copy_(0, self.pages.index(slot), self._paged(a.to(self.a.dtype), 0, slot))
+
+    def write_a_t(self, slot: int, a_t: torch.Tensor) -> None:
+        """Embedding stacks: ``slot`` <- A transposed (vocab rows, r), from row 0; every other row of the slot's
+        pages (padding vocabulary, the zero row of a vocabulary shard) becomes zero."""
+        a_t = upload(a_t, self.a).to(self.a.dtype)
+        if self.pages.identity:
+            self.a[0, slot, :a_t.shape[0], :a_t.shape[1]].copy_(a_t)
+            return
+        full = a_t.new_zeros(self.a.shape[2], a_t.shape[1])
+        full[:a_t.shape[0]] = a_t
+        self.a[0].index_copy_(0, self.pages.index(slot), self._paged(full, 1, slot))
+
+    def write_b(self, slot: int, col: int, b: torch.Tensor, width: Optional[int] = None) -> None:
+        """Columns ``col..col + width`` of ``slot``'s B <- b (n, r) in its first n rows, zero below (``width``:
+        default n)."""
+        b = upload(b, self.b).to(self.b.dtype)
+        width = width or b.shape[0]
+        if self.pages.identity:
+            self.b[slot, col:col + b.shape[0], :b.shape[1]].copy_(b)
+            return
+        full = b.new_zeros(width, b.shape[1])
+        full[:b.shape[0]] = b
+        self.b[:, col:col + width].index_copy_(0, self.pages.index(slot), self._paged(full, 1, slot))
 
     def set(self, slot: int, i: int, rank: int, scale: float) -> None:
-        """Record slice ``i`` of ``slot`` (its weights already copied into ``a`` / ``b``)."""
+        """Record slice ``i`` of ``slot`` (its weights already written)."""
         self.ranks[i][slot] = rank
         self.scales[i][slot] = scale
         self._sync(slot)
 
     def clear(self, slot: int) -> None:
-        """Zero every slice of ``slot``."""
+        """Forget every slice of ``slot`` (rank 0: nothing reads its rows; the padded layout also zeroes them)."""
         for i in range(self.num_slices):
-            self.a[i, slot].zero_()
             self.ranks[i][slot] = 0
             self.scales[i][slot] = 0.0
-        self.b[slot].zero_()
+        if self.pages.identity:
+            self.a[:, slot].zero_()
+            self.b[slot].zero_()
         self._sync(slot)
         self.set_extras(slot, None, None)
 
     def set_extras(self, slot: int, bias: Optional[torch.Tensor], dora: Optional[torch.Tensor]) -> None:
         """``slot``'s LoRA bias (``scaling * bias`` per output column) and DoRA scale (per output column), either
-        None; on the stack's device, float32 (needs ``ext``)."""
+        None; on the stack's device, float32 (needs ``ext``, and an extras row for the slot when either is set)."""
         if self.ext is None:
             assert bias is None and dora is None, "this stack keeps no per-slot extras (see LoRABackend.fuses_extras)"
             return
+        row = self.pages.ext_row(slot)
+        if row is None:
+            assert bias is None and dora is None, f"slot {slot} has no extras row"
+            return
+        if self.pages.identity and (bias is not None or dora is not None):
+            self.pages.ext_rows[slot].fill_(row)  # the kernels read it (PageTable.assign marks it for a model too)
         if bias is None:
-            self.ext[slot, 0].zero_()
+            self.ext[row, 0].zero_()
         else:
-            self.ext[slot, 0].copy_(bias)
+            self.ext[row, 0].copy_(bias)
         if dora is None:
-            self.ext[slot, 1].fill_(1.0)
+            self.ext[row, 1].fill_(1.0)
         else:
-            self.ext[slot, 1].copy_(dora)
-        self.ext_flags[slot].fill_(int(bias is not None or dora is not None))
+            self.ext[row, 1].copy_(dora)
 
     def _sync(self, slot: int) -> None:
         col = [self.ranks[i][slot] for i in range(self.num_slices)]
@@ -142,6 +312,9 @@ class LoRABackend(Protocol):
     # Whether expand applies the stack's per-slot LoRA bias and DoRA scale itself (``LoRAStack.ext``): the
     # wrappers then keep none of them on the host, and steps with such adapters can replay CUDA graphs.
     fuses_extras: bool
+    # Rank rows per page of the slots' memory (PageTable), or None for the padded layout (a page of max_rank rows
+    # per slot, as many slots as max_loras).
+    page_rank: Optional[int]
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """x (T, in) -> buf holding x[t] @ A_i[slot(t), :r].T for every slice (layout: the backend's)."""

@@ -209,6 +209,7 @@ class TorchLoRABackend:
 
     name = "torch"
     fuses_extras = False
+    page_rank = None  # the padded layout: its matmuls view each slot's max_rank block
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         plan, r, _ = _plan(w, batch)

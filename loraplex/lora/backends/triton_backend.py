@@ -23,23 +23,25 @@ from loraplex.lora.batch import LoRABatch
 class TritonLoRABackend:
     name = "triton"
     fuses_extras = True
+    page_rank = 8  # rank rows per page of the slots' memory (rank-aware: an adapter takes ceil(rank / 8) pages)
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``."""
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
-        return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work)
+        return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
+                           max_rank=w.max_rank)
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, _extras(w), bias)
+                    batch.expand_block_m, _extras(w), bias, pages=w.pages.table)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
-        buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0])
+        buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
-                    batch.expand_tiles, batch.expand_block_m, _extras(w))
+                    batch.expand_tiles, batch.expand_block_m, _extras(w), pages=w.pages.table)
 
 
 def _extras(w: LoRAStack) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    return None if w.ext is None else (w.ext, w.ext_flags)
+    return None if w.ext is None else (w.ext, w.pages.ext_rows)
