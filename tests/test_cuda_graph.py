@@ -135,13 +135,13 @@ def test_mixed_inputs_layout_padding_sequences_and_logits_rows() -> None:
 
 
 def build_graph_case(root) -> tuple[str, dict[str, str]]:
-    """A qwen2 model (q/k/v biases) and three adapters of other ranks and targets, with every feature that has
+    """A qwen2 model (q/k/v biases, 2,048 positions) and three adapters of other ranks and targets, with every feature that has
     per-slot terms: plain LoRA with trainable tokens in the embedding and the head; DoRA on
     every linear layer, the embedding and the head (magnitudes redrawn); LoRA bias with its own trained
     embedding and head tables (modules_to_save, perturbed)."""
     from test_peft_features import _perturb, redraw_magnitudes
 
-    model = make_tiny_model(Path(root) / "model", family="qwen2")
+    model = make_tiny_model(Path(root) / "model", family="qwen2", max_position_embeddings=2048)
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapters = {
         "a0": make_adapter(model, Path(root) / "plain", seed=20, r=4, target_modules=["q_proj", "v_proj"],
