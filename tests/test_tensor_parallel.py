@@ -73,6 +73,55 @@ def test_sharded_engine_equals_one_rank(setup, world) -> None:
             assert all((a is None) == (b is None) for a, b in zip(lps, want_lps)) and max(diffs) < 5e-5, max(diffs)
 
 
+def test_trainable_tokens_trained_tables_and_lora_bias_sharded_equal_one_rank(tmp_path) -> None:
+    """Adapters with trainable tokens (embedding and head), their own trained embed_tokens / lm_head tables
+    (modules_to_save) and LoRA bias, beside plain LoRA and a base request, on 2 ranks: the embedding applies
+    tokens and tables to the reduced lookup, the head to this rank's vocabulary columns, column layers shard the
+    bias with B; equal to one rank."""
+    from test_peft_features import _perturb
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    adapters = {
+        "tok": make_adapter(model_dir, tmp_path / "tok", seed=1, r=4, target_modules=["q_proj", "o_proj"],
+                            trainable_token_indices={"embed_tokens": [5, 17, 100, 101, 250],
+                                                     "lm_head": [3, 8, 120, 200, 290]}),
+        "saved": make_adapter(model_dir, tmp_path / "saved", seed=2, r=4, target_modules=["v_proj", "down_proj"],
+                              modules_to_save=["lm_head", "embed_tokens"]),
+        "bias": make_adapter(model_dir, tmp_path / "bias", seed=3, r=8, lora_bias=True, target_modules="all-linear"),
+        "lin": make_adapter(model_dir, tmp_path / "lin", seed=4, r=8, target_modules="all-linear"),
+    }
+    _perturb(adapters["saved"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 5)
+    names = ["tok", None, "saved", "bias"]
+    ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
+    ((_, _, _, _, _), plain), = run_ranks(generate, 1, model_dir, adapters, ["lin", None, "lin", "lin"])
+    assert want[0][0] != plain[0][0] and want[2][0] != plain[2][0]  # the features change the tokens
+    for _, rank_out in run_ranks(generate, 2, model_dir, adapters, names):
+        for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
+            assert tokens == want_tokens
+            diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
+            assert max(diffs) < 5e-5, max(diffs)
+
+
+def _register_error(rank: int, model_dir: str, path: str) -> str:
+    from loraplex import LLM, LoRARequest
+    from loraplex.errors import AdapterError
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=16, block_size=4, max_loras=1, max_lora_rank=8)
+    try:
+        llm.add_lora(LoRARequest("d", path))
+    except AdapterError as e:
+        return str(e)
+    return ""
+
+
+def test_dora_under_tensor_parallelism_is_refused_by_name(tmp_path) -> None:
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    path = make_adapter(model_dir, tmp_path / "dora", seed=1, r=4, use_dora=True, target_modules=["q_proj", "o_proj"])
+    assert _register_error(0, model_dir, path) == ""  # one rank serves it
+    for msg in run_ranks(_register_error, 2, model_dir, path):
+        assert "adapter 'd'" in msg and "DoRA (use_dora) under tensor parallelism is not supported yet" in msg, msg
+
+
 def generate_vlm(rank: int, model_dir: str, adapters: dict[str, str], requests: list) -> list:
     from loraplex import LLM, LoRARequest, SamplingParams
     from vlm_helpers import image_prompt, make_image

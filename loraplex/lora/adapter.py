@@ -527,15 +527,20 @@ def _check_copy(wfile: str, key: str, module: str, rest: list[str], tensor: torc
             raise AdapterError(_shape_msg(wfile, key, expected, tensor, vocab) + f" [{feature}]")
     got = spec.base_weight(module if param == "weight" else f"{module}.{param}")
     base = None if got is None else got[0]
+    whole = tensor
     if got is not None:
         tensor = got[1](tensor)  # this rank's part (tensor parallelism)
+    table = target is not None and param == "weight" and (target.kind == "embedding" or _is_output_head(module))
+    if saved_module and table and base is not None and tensor.shape != whole.shape:
+        # Under tensor parallelism a rank sees one shard of the base table, too little to prove the copy unchanged:
+        # the whole table is kept as the adapter's own (right either way; the wrappers take their rows of it).
+        return whole.float().contiguous()
     if base is None:
         if saved_module or param != "weight":
             raise AdapterError(f"{wfile}: tensor {key!r}: unsupported PEFT feature {feature} (full copy of "
                                f"{module}.{param}), and the base weight is not available to prove it unchanged")
         return
     if tuple(base.shape) != tuple(tensor.shape) or not _same_weights(tensor, base):
-        table = target is not None and param == "weight" and (target.kind == "embedding" or _is_output_head(module))
         if saved_module and table:
             return tensor.float().contiguous()
         raise AdapterError(f"{wfile}: tensor {key!r}: the adapter carries a modified copy of the base weights of "

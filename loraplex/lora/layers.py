@@ -280,7 +280,8 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
             return
         w = self.base_layer.weight
         ids, rows = upload(entry[0], w), upload(entry[1], w).to(w.dtype)
-        row_of = torch.full((w.shape[0],), -1, dtype=torch.int64, device=w.device)
+        # over the whole vocabulary (under tensor parallelism the rows replace those of the all-reduced lookup)
+        row_of = torch.full((self.base_layer.num_embeddings,), -1, dtype=torch.int64, device=w.device)
         row_of[ids] = torch.arange(ids.shape[0], device=w.device)
         self.tokens[slot] = (row_of, rows)
         self._update_active(slot, True)
@@ -304,7 +305,11 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
                 local, mask = base.local_ids(ids)
                 zero_row = self.lora_a_t.shape[1] - 1  # the row past this rank's shard (zero in every slot)
                 self.backend.embed(y, torch.where(mask, local, torch.full_like(local, zero_row)), self.stack, batch)
-            return all_reduce(y)
+            y = all_reduce(y)
+            if batch is not None:  # trainable tokens and trained tables: whole rows, on the reduced lookup
+                self._apply_tokens(y, ids, batch)
+                self._apply_saved(y, ids, batch)
+            return y
         num = base.num_embeddings
         y = base(ids if not self.saved else ids.clamp(max=num - 1))  # added tokens: past the base table
         if batch is None or not batch.runs(self.active):
@@ -312,12 +317,17 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         self.backend.embed(y, ids.clamp(max=num - 1) if self.saved else ids, self.stack, batch)
         self._apply_eager_terms(y, batch, None)
         self._apply_tokens(y, ids, batch)
+        self._apply_saved(y, ids, batch)
+        return y
+
+    def _apply_saved(self, y: torch.Tensor, ids: torch.Tensor, batch) -> None:
+        """Rows of the trained tables (modules_to_save), in place, per segment of a slot that has one; ids past
+        the adapter's table (image placeholders) keep the base rows."""
         for start, end, slot in self._segments(batch, self.saved):
-            table = self.saved[slot]  # ids past the adapter's table (image placeholders) keep the base rows
+            table = self.saved[slot]
             seg = ids[start:end]
             own = torch.nn.functional.embedding(seg.clamp(max=table.shape[0] - 1), table)
             y[start:end] = torch.where((seg < table.shape[0])[:, None], own, y[start:end])
-        return y
 
 
 class LMHeadWithLoRA(LinearWithLoRA):
@@ -363,13 +373,29 @@ class LMHeadWithLoRA(LinearWithLoRA):
 
     def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Trainable tokens of the adapter in ``slot`` for the head: the logits of ids ``entry[0]`` come from
-        rows ``entry[1]`` for that slot's rows (None: none)."""
+        rows ``entry[1]`` for that slot's rows (None: none). Under tensor parallelism a rank keeps the ids of
+        its vocabulary shard, as columns of its logits."""
         self.tokens.pop(slot, None)
         if entry is None:
             return
-        w = self.base_layer.weight
-        self.tokens[slot] = (upload(entry[0], w), upload(entry[1], w).to(w.dtype))
+        ids, rows = entry
+        base = self.base_layer
+        if base.tp_size > 1:
+            keep = (ids >= base.vocab_start_index) & (ids < base.vocab_end_index)
+            if not bool(keep.any()):
+                return
+            ids, rows = ids[keep] - base.vocab_start_index, rows[keep]
+        w = base.weight
+        self.tokens[slot] = (upload(ids, w), upload(rows, w).to(w.dtype))
         self._update_active(slot, True)
+
+    def set_saved(self, slot: int, table: Optional[torch.Tensor]) -> None:
+        """The adapter's own trained head [vocab, hidden] (modules_to_save), or None; under tensor parallelism a
+        rank keeps the rows of its vocabulary shard."""
+        base = self.base_layer
+        if table is not None and base.tp_size > 1:
+            table = table[base.vocab_start_index:base.vocab_end_index]
+        super().set_saved(slot, table)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
