@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import (copy_adapter, edit_config, edit_tensors, load_base_model, load_peft_model, make_adapter,
                      make_tiny_model)
+from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget, load_adapter
 
@@ -174,13 +175,25 @@ def test_adapter_name_segment_in_keys_tolerated(spec, plain_adapter, tmp_path):
     assert set(load(path, spec).modules) == set(load(plain_adapter, spec).modules)
 
 
-def test_bf16_tensors_become_float32(spec, plain_adapter, tmp_path):
+def test_bf16_tensors_keep_their_dtype_until_a_slot_takes_them(spec, plain_adapter, tmp_path, model_dir):
+    """A bf16 adapter is held in bf16 (no float32 copy); a float32 model's slot converts it: the outputs equal
+    those of a float32 file holding the same bf16-rounded values."""
     path = copy_adapter(plain_adapter, tmp_path / "bf16")
     edit_tensors(path, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    rounded = copy_adapter(plain_adapter, tmp_path / "rounded")
+    edit_tensors(rounded, lambda t: t.update({k: v.to(torch.bfloat16).float() for k, v in t.items()}))
     w = load(path, spec).modules[f"{ATTN0}.q_proj"]
     ref = load(plain_adapter, spec).modules[f"{ATTN0}.q_proj"]
-    assert w.A.dtype == torch.float32
-    torch.testing.assert_close(w.A, ref.A.to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert w.A.dtype == torch.bfloat16 and torch.equal(w.A, ref.A.to(torch.bfloat16))
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=2, max_lora_rank=16, num_kv_blocks=32,
+              block_size=4, seed=0)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    a, b = llm.generate([{"prompt_token_ids": [5, 17, 33, 99, 120]}] * 2, params, use_tqdm=False,
+                        lora_request=[LoRARequest("bf16", path), LoRARequest("rounded", rounded)])
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    # two slots in one batch: the same values, summed in tiles of other shapes (float32 rounding only)
+    diffs = [abs(list(x.values())[0] - list(y.values())[0]) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+    assert max(diffs) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------- targeting

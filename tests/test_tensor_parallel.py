@@ -102,24 +102,28 @@ def test_trainable_tokens_trained_tables_and_lora_bias_sharded_equal_one_rank(tm
             assert max(diffs) < 5e-5, max(diffs)
 
 
-def _register_error(rank: int, model_dir: str, path: str) -> str:
-    from loraplex import LLM, LoRARequest
-    from loraplex.errors import AdapterError
+@pytest.mark.parametrize("world", [2, 4])
+def test_dora_sharded_equals_one_rank(tmp_path, world) -> None:
+    """DoRA on every linear layer, the embedding and the head, beside plain LoRA and a base request: column
+    layers and the head compute their norms locally; row-parallel layers and the embedding sum partial squared
+    norms over the ranks (one all-reduce at the start of the step after the load); equal to one rank."""
+    from test_peft_features import redraw_magnitudes
 
-    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=16, block_size=4, max_loras=1, max_lora_rank=8)
-    try:
-        llm.add_lora(LoRARequest("d", path))
-    except AdapterError as e:
-        return str(e)
-    return ""
-
-
-def test_dora_under_tensor_parallelism_is_refused_by_name(tmp_path) -> None:
     model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
-    path = make_adapter(model_dir, tmp_path / "dora", seed=1, r=4, use_dora=True, target_modules=["q_proj", "o_proj"])
-    assert _register_error(0, model_dir, path) == ""  # one rank serves it
-    for msg in run_ranks(_register_error, 2, model_dir, path):
-        assert "adapter 'd'" in msg and "DoRA (use_dora) under tensor parallelism is not supported yet" in msg, msg
+    adapters = {
+        "dora": make_adapter(model_dir, tmp_path / "dora", seed=1, r=8, lora_alpha=16, use_dora=True,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj", "embed_tokens", "lm_head"]),
+        "lin": make_adapter(model_dir, tmp_path / "lin", seed=4, r=8, target_modules="all-linear"),
+    }
+    redraw_magnitudes(adapters["dora"], 7)
+    names = ["dora", None, "lin", "dora"]
+    ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
+    for _, rank_out in run_ranks(generate, world, model_dir, adapters, names):
+        for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
+            assert tokens == want_tokens
+            diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
+            assert max(diffs) < 5e-5, max(diffs)
 
 
 def generate_vlm(rank: int, model_dir: str, adapters: dict[str, str], requests: list) -> list:

@@ -177,6 +177,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, self.device, self.dtype,
                                   0 if profile else self._num_kv_blocks(model, sc.max_num_seqs), self.max_model_len,
                                   self.max_num_batched_tokens)
+        if self.pool is not None and get_tp_size() > 1:  # DoRA scales summed over the ranks, before their step
+            self.runner.before_step = self.pool.lora_model.finish_pending
         if profile:
             self.runner.bind_kv_cache(self._profiled_kv_blocks(model, sc.max_num_seqs, graphs))
         num_blocks = self.runner.num_blocks

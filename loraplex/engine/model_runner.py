@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.graphs: Optional[StepGraphs] = None
+        self.before_step: Optional[Callable[[], None]] = None  # run first in every execute (every rank's steps)
         self.bind_kv_cache(num_blocks)
 
     @staticmethod
@@ -270,6 +271,8 @@ class ModelRunner:
     def execute(self, batch: PreparedBatch, fix: Optional[InputFix] = None) -> torch.Tensor:
         """Run the model; returns float32 logits (R, padded vocab) for the logits rows. ``fix`` = (rows,
         src, tokens): input rows whose token is still on the device, at ``tokens[src]`` (async scheduling)."""
+        if self.before_step is not None:
+            self.before_step()
         if batch.graph_seqs is not None:
             return self.graphs.run(batch.graph_seqs, None if fix is None else functools.partial(_apply_fix, fix))
         if fix is not None:

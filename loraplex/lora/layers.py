@@ -44,6 +44,11 @@ class BaseLayerWithLoRA(nn.Module):
         # backend has no adapter graphs).
         self.dora: dict[int, torch.Tensor] = {}
         self.lora_bias: dict[int, torch.Tensor] = {}
+        # DoRA under tensor parallelism where the norm runs over a sharded dimension (row-parallel layers: the
+        # input; the embedding: the vocabulary): slot -> (this rank's partial squared norms, magnitudes, LoRA
+        # bias vector or None), until LoRAModel.finish_pending sums the partials over the ranks (one all-reduce at
+        # the start of the next step, on every rank) and sets the slot's scales.
+        self.dora_pending: dict[int, tuple] = {}
         # Trainable tokens (embedding and head wrappers): slot -> (token ids, their rows) on the device; the
         # embedding also keeps a map id -> row (-1: not replaced). Applied per segment: the embedding and the
         # head run outside the adapter graphs (cuda_graph.ModelParts), with the step's segment lists.
@@ -89,6 +94,7 @@ class BaseLayerWithLoRA(nn.Module):
         if not has_weights:
             self.dora.pop(slot, None)
             self.lora_bias.pop(slot, None)
+            self.dora_pending.pop(slot, None)
             self.tokens.pop(slot, None)
             self.saved.pop(slot, None)
 
@@ -183,8 +189,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             if lw.bias is not None:
                 bias_parts.append((i, lw.bias[start:start + n] if sharded else lw.bias, lw.scaling))
         self._update_active(slot, any(w is not None for w in weights))
-        self._set_extras(slot, self._bias_vector(bias_parts) if bias_parts else None,
-                         self._dora_scale(dora_parts) if dora_parts else None)
+        bias = self._bias_vector(bias_parts) if bias_parts else None
+        if dora_parts and self.row_parallel and base.tp_size > 1:  # the norm sums over the sharded input
+            sq, mag = self._dora_partial(dora_parts)
+            self.dora_pending[slot] = (sq, mag, bias)
+            self._set_extras(slot, bias, None)
+        else:
+            self._set_extras(slot, bias, self._dora_scale(dora_parts) if dora_parts else None)
 
     def _slice_rows(self, i: int, n: int) -> slice:
         """Rows of this rank's weight holding the first ``n`` outputs of slice ``i``."""
@@ -203,14 +214,23 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def _dora_scale(self, parts: list) -> torch.Tensor:
         """Per output channel of this rank's weight: magnitude / ||W + scaling * B A|| over the input (DoRA; 1 for
         slices without it), in float32. ``parts``: (slice, A, this rank's B, scaling, magnitude)."""
+        sq, mag = self._dora_partial(parts, ranks=1)
+        return mag / sq.sqrt()
+
+    def _dora_partial(self, parts: list, ranks: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared norms of W + scaling * B A over this rank's input columns, magnitudes), per output channel of
+        this rank's weight, float32; channels without DoRA get 1 / ``ranks`` and 1, so that once summed over the
+        ``ranks`` ranks (default: the group's size) their scale is 1."""
         w = self.base_layer.weight
-        scale = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        ranks = ranks or self.base_layer.tp_size
+        sq = torch.full((w.shape[0],), 1.0 / ranks, dtype=torch.float32, device=w.device)
+        mags = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
         for i, a, b, scaling, mag in parts:
             rows = self._slice_rows(i, b.shape[0])
             a, b, mag = (upload(t, w).float() for t in (a, b, mag))
-            norm = torch.linalg.norm(w[rows].float() + scaling * (b @ a), dim=1)
-            scale[rows] = mag / norm
-        return scale
+            sq[rows] = (w[rows].float() + scaling * (b @ a)).square().sum(dim=1)
+            mags[rows] = mag
+        return sq, mags
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -267,10 +287,14 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)
         if lw.magnitude is not None:  # one DoRA scale per hidden dim: the norm runs over the vocabulary
-            w = base.weight[:vocab]
-            a, b, mag = (upload(t, w).float() for t in (lw.A, lw.B, lw.magnitude))
-            norm = torch.linalg.norm(w.float() + lw.scaling * (a.T @ b.T), dim=0)
-            self._set_extras(slot, None, mag / norm)
+            rows = max(0, end - start)  # this rank's rows of the real vocabulary (all of them on one rank)
+            w = base.weight[:rows]
+            a, b, mag = (upload(t, w).float() for t in (lw.A[:, start:start + rows], lw.B, lw.magnitude))
+            sq = (w.float() + lw.scaling * (a.T @ b.T)).square().sum(dim=0)
+            if base.tp_size > 1:  # summed over the vocabulary shards at the start of the next step
+                self.dora_pending[slot] = (sq, mag, None)
+            else:
+                self._set_extras(slot, None, mag / sq.sqrt())
 
     def set_tokens(self, slot: int, entry: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Trainable tokens of the adapter in ``slot``: rows ``entry[1]`` replace the table's rows of ids
@@ -306,7 +330,8 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
                 zero_row = self.lora_a_t.shape[1] - 1  # the row past this rank's shard (zero in every slot)
                 self.backend.embed(y, torch.where(mask, local, torch.full_like(local, zero_row)), self.stack, batch)
             y = all_reduce(y)
-            if batch is not None:  # trainable tokens and trained tables: whole rows, on the reduced lookup
+            if batch is not None:  # DoRA (torch backend), trainable tokens, trained tables: on the reduced lookup
+                self._apply_eager_terms(y, batch, None)
                 self._apply_tokens(y, ids, batch)
                 self._apply_saved(y, ids, batch)
             return y

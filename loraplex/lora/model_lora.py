@@ -149,6 +149,26 @@ class LoRAModel:
 
     _upload_stream: Optional[torch.cuda.Stream] = None
 
+    def finish_pending(self) -> None:
+        """Complete the DoRA scales that need a sum over tensor-parallel ranks (``dora_pending`` of the wrappers):
+        one all-reduce of every pending partial, then each slot's scales. Called by every rank at the start of
+        each step (ModelRunner.before_step): ranks replay the same slot changes in the same order, so their
+        pending lists match. CUDA: after the side stream's copies, without the host waiting."""
+        jobs = [(wm.wrapper, slot) for wm in self.modules for slot in sorted(wm.wrapper.dora_pending)]
+        if not jobs:
+            return
+        from loraplex.distributed.parallel_state import all_reduce
+
+        if self._upload_stream is not None:
+            torch.cuda.current_stream(self._upload_stream.device).wait_stream(self._upload_stream)
+        parts = [w.dora_pending.pop(slot) for w, slot in jobs]
+        total = all_reduce(torch.cat([sq for sq, _, _ in parts]))
+        offset = 0
+        for (w, slot), (sq, mag, bias) in zip(jobs, parts):
+            n = sq.shape[0]
+            w._set_extras(slot, bias, mag / total[offset:offset + n].sqrt())
+            offset += n
+
     @property
     def num_slots(self) -> int:
         return self.pages.num_slots
