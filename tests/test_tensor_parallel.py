@@ -7,7 +7,7 @@ compared with one rank: float32 prompt logprobs and greedy tokens.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -17,14 +17,14 @@ from tp_helpers import run_ranks
 PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46]]
 
 
-def generate(rank: int, model_dir: str, adapters: dict[str, str], names: list) -> tuple:
+def generate(rank: int, model_dir: str, adapters: dict[str, str], names: list, prompts: Optional[list] = None) -> tuple:
     from loraplex import LLM, LoRARequest, SamplingParams
 
     llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=3,
               max_lora_rank=16, seed=0)
     loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts or PROMPTS], params,
                         lora_request=[loras[n] if n else None for n in names], use_tqdm=False)
     from loraplex.distributed.parallel_state import get_tp_size
 
@@ -120,6 +120,25 @@ def test_dora_sharded_equals_one_rank(tmp_path, world) -> None:
     names = ["dora", None, "lin", "dora"]
     ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
     for _, rank_out in run_ranks(generate, world, model_dir, adapters, names):
+        for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
+            assert tokens == want_tokens
+            diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]
+            assert max(diffs) < 5e-5, max(diffs)
+
+
+def test_added_tokens_sharded_equal_one_rank(tmp_path) -> None:
+    """An adapter trained with added tokens (its embedding and head resized and saved whole) on 2 ranks: prompts
+    holding its new ids read its embedding rows after the all-reduce, and its logits widen past the gathered
+    vocabulary; equal to one rank (which test_peft_features checks against PEFT), base requests unaffected."""
+    from test_peft_features import make_added_tokens_adapter
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    adapters = {"added": make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=3.0)}
+    prompts = [[5, 17, 301, 99, 305, 7], [3, 4, 5, 6], [300, 301, 302, 100]]
+    names = ["added", None, "added"]
+    ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names, prompts)
+    assert max(want[0][0] + want[2][0]) >= 300 and max(want[1][0]) < 300  # its own tokens; base never
+    for _, rank_out in run_ranks(generate, 2, model_dir, adapters, names, prompts):
         for (tokens, lps), (want_tokens, want_lps) in zip(rank_out, want):
             assert tokens == want_tokens
             diffs = [abs(a - b) for a, b in zip(lps, want_lps) if a is not None]

@@ -414,22 +414,22 @@ class LMHeadWithLoRA(LinearWithLoRA):
         self.tokens[slot] = (upload(ids, w), upload(rows, w).to(w.dtype))
         self._update_active(slot, True)
 
-    def set_saved(self, slot: int, table: Optional[torch.Tensor]) -> None:
-        """The adapter's own trained head [vocab, hidden] (modules_to_save), or None; under tensor parallelism a
-        rank keeps the rows of its vocabulary shard."""
-        base = self.base_layer
-        if table is not None and base.tp_size > 1:
-            table = table[base.vocab_start_index:base.vocab_end_index]
-        super().set_saved(slot, table)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from loraplex.distributed.parallel_state import all_gather_last_dim
+
         base = self.base_layer
         batch = current_lora_batch(for_logits=True)
         logits = torch.nn.functional.linear(hidden, base.weight)  # (rows, vocab shard)
-        if batch is not None and batch.runs(self.active):
+        run = batch is not None and batch.runs(self.active)
+        if run:
             buf = self.backend.shrink(hidden, self.stack, batch)
             self.backend.expand(logits, buf, self.stack, batch)
             self._apply_eager_terms(logits, batch, None)
+            for start, end, slot in self._segments(batch, self.tokens):  # this shard's columns
+                ids, rows = self.tokens[slot]
+                logits[start:end].index_copy_(1, ids, hidden[start:end] @ rows.T)
+        logits = all_gather_last_dim(logits)  # (rows, padded vocabulary): whole rows from here
+        if run:  # trained tables, whole (under tensor parallelism every rank holds the table and the rows)
             saved = list(self._segments(batch, self.saved))
             widest = max((self.saved[slot].shape[0] for _, _, slot in saved), default=0)
             if widest > logits.shape[1]:  # added tokens: columns past the base head, -inf for other rows
@@ -439,11 +439,7 @@ class LMHeadWithLoRA(LinearWithLoRA):
             for start, end, slot in saved:  # padded vocabulary columns past the table keep the base logits
                 table = self.saved[slot]
                 logits[start:end, :table.shape[0]] = hidden[start:end] @ table.T
-            for start, end, slot in self._segments(batch, self.tokens):
-                ids, rows = self.tokens[slot]
-                logits[start:end].index_copy_(1, ids, hidden[start:end] @ rows.T)
-        from loraplex.distributed.parallel_state import all_gather_last_dim
-        return all_gather_last_dim(logits)
+        return logits
 
 
 # Base layer class -> wrapper class. Order matters: the most specific class first.

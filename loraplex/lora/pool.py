@@ -33,7 +33,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from loraplex.distributed.parallel_state import get_tp_size
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
@@ -123,9 +122,6 @@ class LoRAPool:
         ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
         validate_adapter_name(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
-        if adapter.vocab_size is not None and get_tp_size() > 1:
-            raise AdapterError(f"adapter {req.name!r} ({req.path}): added tokens (a resized vocabulary) under "
-                               "tensor parallelism are not supported yet; serve it with tensor_parallel_size=1")
         if adapter.vocab_size is not None:
             if getattr(self.lora_model.model, "supports_images", False):
                 raise AdapterError(f"adapter {req.name!r} ({req.path}): added tokens on a vision-language model are "
