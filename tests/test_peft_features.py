@@ -223,14 +223,28 @@ def test_modules_to_save_tables_in_a_mixed_batch_match_peft(tmp_path, device: st
     assert set(llm.engine.pool.get("both").saved) == {"lm_head", "model.embed_tokens"}
 
 
-def test_modules_to_save_refusals(tmp_path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_modules_to_save_tables_on_tied_embeddings_match_peft(tmp_path, device: str) -> None:
+    """A model with tied embeddings: an adapter's trained embed_tokens table is its embedding only (PEFT leaves
+    the tied head on the base weight); with ensure_weight_tying PEFT saves the trained table under the head's
+    name too, and the adapter's requests read it there as well; beside plain LoRA and base requests."""
     tied_dir = make_tiny_model(tmp_path / "tied", family="qwen2", tie_word_embeddings=True)
-    path = make_adapter(tied_dir, tmp_path / "t", seed=1, r=4, target_modules=["q_proj"],
-                        modules_to_save=["embed_tokens"])
-    _perturb(path, ("base_model.model.model.embed_tokens.weight",), 3)
-    llm = LLM(tied_dir, dtype="float32", device="cpu", max_loras=1, max_lora_rank=16, num_kv_blocks=16, block_size=4)
-    with pytest.raises(AdapterError, match="modules_to_save tables .*model.embed_tokens.* tied embeddings"):
-        llm.add_lora(LoRARequest("tied", path))
+    paths = {
+        "emb": make_adapter(tied_dir, tmp_path / "emb", seed=1, r=4, target_modules=["q_proj"],
+                            modules_to_save=["embed_tokens"]),
+        "both": make_adapter(tied_dir, tmp_path / "both", seed=2, r=4, target_modules=["v_proj"],
+                             modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+        "plain": make_adapter(tied_dir, tmp_path / "plain", seed=3, r=4, target_modules=["q_proj", "v_proj"]),
+    }
+    _perturb(paths["emb"], ("base_model.model.model.embed_tokens.weight",), 3)
+    # trained tied: PEFT saves the one trained table under both names
+    _perturb(paths["both"], ("base_model.model.model.embed_tokens.weight",), 4)
+    edit_tensors(paths["both"], lambda t: t.update({"base_model.model.lm_head.weight":
+                                                    t["base_model.model.model.embed_tokens.weight"].clone()}))
+    names = ["emb", None, "both", "plain", "emb"]
+    llm, _ = generate_and_compare(tied_dir, paths, names, PROMPTS[:len(names)], device, max_loras=3)
+    assert set(llm.engine.pool.get("emb").saved) == {"model.embed_tokens"}
+    assert set(llm.engine.pool.get("both").saved) == {"model.embed_tokens", "lm_head"}
 
 
 # ---- through the server ---------------------------------------------------------------------------------------

@@ -81,7 +81,11 @@ class PeftLoraConfig:
         return self.is_module_to_save(name)
 
     def is_module_to_save(self, name: str) -> bool:
-        return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save)
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save):
+            return True
+        # ensure_weight_tying: PEFT saves the tied partner of a saved embedding (or head) too, under its own name
+        return (self.ensure_weight_tying and leaf(name) in EMBEDDING_LAYER_NAMES
+                and any(leaf(m) in EMBEDDING_LAYER_NAMES for m in self.modules_to_save))
 
     def _in_layers(self, name: str) -> bool:
         wanted = self.layers_to_transform

@@ -135,10 +135,6 @@ class LoRAPool:
             if len(adapter.tokenizer) > adapter.vocab_size:
                 raise AdapterError(f"adapter {req.name!r} ({req.path}): its tokenizer has {len(adapter.tokenizer)} "
                                    f"tokens, more than the {adapter.vocab_size} rows of its embedding and head")
-        if adapter.saved and self.lora_model.tied_embeddings:
-            raise AdapterError(f"adapter {req.name!r} ({req.path}): trained modules_to_save tables "
-                               f"({', '.join(sorted(adapter.saved))}) on a model with tied embeddings are not "
-                               "supported yet")
         self.lora_model.stage(adapter)  # pinned, in the slots' dtype (CUDA): slot uploads never stall
         return adapter
 
