@@ -204,11 +204,6 @@ class LoRAStack:
     def num_slices(self) -> int:
         return len(self.slices)
 
-    @property
-    def transposed_a(self) -> bool:
-        """Embedding stacks keep A transposed (vocab rows, rank last)."""
-        return self.a.shape[3] == self.pages.page_rank and self.a.shape[2] != self.pages.page_rank
-
     def _paged(self, t: torch.Tensor, rank_dim: int, slot: int) -> torch.Tensor:
         """``t`` (rank along ``rank_dim``, rank <= max_rank) zero-padded to whole pages and split into them:
         (slot's pages, ..., page_rank) with the rank part last or in place, as the stack stores it."""
