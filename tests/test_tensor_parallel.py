@@ -184,16 +184,19 @@ def test_sharded_vlm_with_images_and_embedding_lora_equals_one_rank(family, tmp_
 
 # ---- the engine's own ranks: LLM(tensor_parallel_size=N) ------------------------------------------------
 
-def test_llm_tensor_parallel_size_equals_one_rank(setup) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_llm_tensor_parallel_size_equals_one_rank(setup, async_scheduling) -> None:
     """The engine starts the other ranks itself and sends them each step's plan; adapters loaded on rank 0
-    follow to every rank."""
+    follow to every rank. With async scheduling a step is planned before the previous one's tokens reach the
+    host: every rank reads them on the device, from rank 0's broadcast after its sampling."""
     from loraplex import LLM, LoRARequest, SamplingParams
 
     model_dir, adapters = setup
     names = [None, "lin", "head", "emb"]
     ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
     llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=3,
-              max_lora_rank=16, seed=0, tensor_parallel_size=2)
+              max_lora_rank=16, seed=0, tensor_parallel_size=2, async_scheduling=async_scheduling)
+    assert llm.engine.async_scheduling == async_scheduling
     try:
         loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)

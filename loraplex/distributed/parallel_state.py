@@ -41,6 +41,15 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """``x`` <- rank 0's ``x``, in place (identity on one rank): the tokens rank 0 sampled, which the other ranks'
+    next step reads on the device under async scheduling."""
+    if _TP_SIZE == 1:
+        return x
+    torch.distributed.broadcast(x, src=0)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate shards along the last dim over the group (identity on one rank)."""
     if _TP_SIZE == 1:

@@ -56,6 +56,10 @@ class StepPlan:
     seqs: list[SeqPlan] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # requests whose multimodal inputs can be dropped
     stop: bool = False
+    # Async scheduling: (input rows, rows of the previous step's sampled tokens) whose token is still on the
+    # device: every rank takes it from the tokens rank 0 broadcast after sampling (``num_sampled`` of them)
+    fix: Optional[tuple[list[int], list[int]]] = None
+    num_sampled: int = 0  # tokens this step samples: rank 0 broadcasts them after its sampling
 
 
 class _ShadowRequest:
@@ -140,8 +144,9 @@ class TensorParallelGroup:
         self._slot_ops.append((slot, adapter))
 
     # -- steps ----------------------------------------------------------------------------------
-    def plan(self, seqs: Sequence[Any], finished: Sequence[str]) -> StepPlan:
-        out = StepPlan(slot_ops=self._slot_ops, finished=list(finished))
+    def plan(self, seqs: Sequence[Any], finished: Sequence[str],
+             fix: Optional[tuple[list[int], list[int]]] = None, num_sampled: int = 0) -> StepPlan:
+        out = StepPlan(slot_ops=self._slot_ops, finished=list(finished), fix=fix, num_sampled=num_sampled)
         self._slot_ops = []
         for s in seqs:
             r = s.req
@@ -220,6 +225,7 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout: float) -
 def serve_steps(config: Any, rank: int, control: Any) -> None:
     """Rank ``rank`` > 0 of a joined group: build the engine's shard, then run every step rank 0 plans
     until it says stop."""
+    from loraplex.distributed.parallel_state import broadcast_from_first
     from loraplex.engine.engine import LLMEngine
     from loraplex.engine.scheduler import ScheduledSeq
 
@@ -230,6 +236,7 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
     runner = engine.runner
     lora_model = engine.pool.lora_model if engine.pool is not None else None
     mms: dict[str, Any] = {}
+    sampled: Optional[torch.Tensor] = None  # the tokens rank 0 sampled in the last step
     while True:
         plan = broadcast_plan(None, control)
         if plan.stop:
@@ -249,7 +256,14 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
             if sp.mm is not None:
                 mms[sp.request_id] = sp.mm
             seqs.append(ScheduledSeq(_ShadowRequest(sp, mms.get(sp.request_id)), sp.num_new_tokens, sp.start))
-        runner.execute(runner.prepare(seqs))
+        fix = None
+        if plan.fix is not None:  # inputs sampled by the previous step: rank 0's tokens, received after it
+            assert sampled is not None, "a step reads sampled tokens that were never broadcast"
+            fix = (plan.fix[0], plan.fix[1], sampled)
+        runner.execute(runner.prepare(seqs), fix)
+        sampled = None
+        if plan.num_sampled:
+            sampled = broadcast_from_first(torch.empty(plan.num_sampled, dtype=torch.int64, device=runner.device))
 
 
 def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from loraplex.attention.registry import get_attention_backend
 from loraplex.config import EngineConfig
-from loraplex.distributed.parallel_state import get_tp_size, min_over_ranks
+from loraplex.distributed.parallel_state import broadcast_from_first, get_tp_size, min_over_ranks
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.model_runner import ModelRunner, resolve_dtype
 from loraplex.engine.request import Request, Status
@@ -204,10 +204,9 @@ class LLMEngine:
         # Host time of the last step: its wall time less the wait for the device (the time the GPU could be
         # idle for want of the host's work); exported by the server as loraplex_engine_step_host_seconds.
         self.last_step_host_seconds = 0.0
-        # Async scheduling: a step's results are applied during the next step, after it is queued.
-        # (not yet under tensor parallelism: ranks > 0 would need the sampled tokens on their devices)
-        self.async_scheduling = tp == 1 and (mc.async_scheduling if mc.async_scheduling is not None
-                                             else self.device.type == "cuda")
+        # Async scheduling: a step's results are applied during the next step, after it is queued. Under tensor
+        # parallelism rank 0 broadcasts each step's sampled tokens, which the other ranks' next step reads.
+        self.async_scheduling = mc.async_scheduling if mc.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: Optional[_Launched] = None
         logger.info("loraplex engine: %s on %s (%s), %d KV blocks of %d tokens", mc.model, self.device,
                     self.dtype, num_blocks, cc.block_size)
@@ -451,10 +450,6 @@ class LLMEngine:
     def _launch(self, seqs: list[ScheduledSeq], prev: Optional[_Launched]) -> _Launched:
         """Queue the forward and the sampling of ``seqs`` on the device. Inputs that are tokens ``prev``
         sampled (at most one per request: its last) are taken from ``prev``'s device tensor."""
-        if self._tp is not None:  # every other rank runs the same forward on its shard
-            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished))
-            self._tp_finished = []
-        batch = self.runner.prepare(seqs)
         fix = None
         if prev is not None:
             rows, src = [], []
@@ -468,6 +463,13 @@ class LLMEngine:
                     src.append(prev.row_of[r.request_id])
             if rows:
                 fix = (rows, src, prev.sample.token_ids)
+        # Only a sequence whose step reaches its last token samples: a prompt chunk that ends inside the
+        # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
+        sampling = [i for i, s in enumerate(seqs) if s.samples]
+        if self._tp is not None:  # every other rank runs the same forward on its shard
+            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], len(sampling)))
+            self._tp_finished = []
+        batch = self.runner.prepare(seqs)
         try:
             logits = self.runner.execute(batch, fix)  # (R, padded vocab) float32
         except Exception as e:
@@ -475,9 +477,6 @@ class LLMEngine:
                 raise
             raise self._tp.failure(e) from e  # a collective of the forward failed: a rank is gone
 
-        # Only a sequence whose step reaches its last token samples: a prompt chunk that ends inside the
-        # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
-        sampling = [i for i, s in enumerate(seqs) if s.samples]
         prompt_lp = [s.prompt_logprobs for s in seqs]  # before this step's logprobs are stored
         reqs = [seqs[i].req for i in sampling]
         sample = None
@@ -496,6 +495,11 @@ class LLMEngine:
             sample = self.sampler.launch_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
                                               raw_logits=raw,
                                               vocab_sizes=vocab if max(vocab) != self.vocab_size else None)
+            if self._tp is not None:  # the other ranks' next step may read them on the device (async scheduling)
+                try:
+                    broadcast_from_first(sample.token_ids)
+                except Exception as e:
+                    raise self._tp.failure(e) from e
         for s in seqs:
             s.req.num_computed_tokens += s.num_new_tokens
         for r in reqs:
