@@ -55,25 +55,13 @@ def build_adapters(out: Path, cfg: SimpleNamespace) -> list[Path]:
     own by the engine (only the OS page cache is shared, as a warm local disk cache would be)."""
     from safetensors.torch import save_file
 
-    dtype = getattr(torch, cfg.dtype)
-    kv = cfg.kv_heads * (cfg.hidden // cfg.heads)
-    shapes = {"q_proj": (cfg.hidden, cfg.hidden), "k_proj": (cfg.hidden, kv), "v_proj": (cfg.hidden, kv),
-              "o_proj": (cfg.hidden, cfg.hidden), "gate_proj": (cfg.hidden, cfg.intermediate),
-              "up_proj": (cfg.hidden, cfg.intermediate), "down_proj": (cfg.intermediate, cfg.hidden)}
+    from gpu_lora_throughput import adapter_tensors, write_adapter_config
+
     weights = {}
     for r in RANKS:
         path = out / f"weights_r{r}.safetensors"
         if not path.exists():
-            g = torch.Generator().manual_seed(r)
-            tensors = {}
-            for layer in range(cfg.layers):
-                for t in cfg.targets:
-                    sub = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                    key = f"base_model.model.model.layers.{layer}.{sub}.{t}"
-                    fin, fout = shapes[t]
-                    tensors[f"{key}.lora_A.weight"] = (torch.randn(r, fin, generator=g) * 0.01).to(dtype)
-                    tensors[f"{key}.lora_B.weight"] = (torch.randn(fout, r, generator=g) * 0.01).to(dtype)
-            save_file(tensors, str(path))
+            save_file(adapter_tensors(cfg, r, cfg.targets, seed=r, dtype=getattr(torch, cfg.dtype)), str(path))
         weights[r] = path
     folders = []
     for i in range(cfg.num_adapters):
@@ -87,9 +75,7 @@ def build_adapters(out: Path, cfg: SimpleNamespace) -> list[Path]:
             os.link(weights[r], target)
         except OSError:
             shutil.copyfile(weights[r], target)
-        (folder / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": cfg.targets,
-            "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}))
+        write_adapter_config(folder, r, cfg.targets)
         folders.append(folder)
     return folders
 

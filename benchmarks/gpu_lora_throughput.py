@@ -46,6 +46,14 @@ def build_model_folder(out: Path, a: argparse.Namespace) -> Path:
 def build_adapter(out: Path, a: argparse.Namespace, seed: int) -> Path:
     folder = out / f"adapter{seed}"
     folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_tensors(a, a.rank, TARGETS, seed), str(folder / "adapter_model.safetensors"))
+    write_adapter_config(folder, a.rank, TARGETS)
+    return folder
+
+
+def adapter_tensors(a: argparse.Namespace, rank: int, targets: list[str], seed: int,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random PEFT LoRA tensors of ``rank`` on ``targets`` of every layer of the Llama shape ``a``."""
     kv = a.kv_heads * (a.hidden // a.heads)
     shapes = {"q_proj": (a.hidden, a.hidden), "k_proj": (a.hidden, kv), "v_proj": (a.hidden, kv),
               "o_proj": (a.hidden, a.hidden), "gate_proj": (a.hidden, a.intermediate),
@@ -53,17 +61,19 @@ def build_adapter(out: Path, a: argparse.Namespace, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(a.layers):
-        for t in TARGETS:
+        for t in targets:
             sub = "self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             key = f"base_model.model.model.layers.{layer}.{sub}.{t}"
             fin, fout = shapes[t]
-            tensors[f"{key}.lora_A.weight"] = torch.randn(a.rank, fin, generator=g) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fout, a.rank, generator=g) * 0.01
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fin, generator=g) * 0.01).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fout, rank, generator=g) * 0.01).to(dtype)
+    return tensors
+
+
+def write_adapter_config(folder: Path, rank: int, targets: list[str]) -> None:
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": a.rank, "lora_alpha": 2 * a.rank, "target_modules": TARGETS,
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
         "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}))
-    return folder
 
 
 def main() -> None:

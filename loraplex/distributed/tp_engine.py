@@ -59,7 +59,7 @@ class StepPlan:
     # Async scheduling: (input rows, rows of the previous step's sampled tokens) whose token is still on the
     # device: every rank takes it from the tokens rank 0 broadcast after sampling (``num_sampled`` of them)
     fix: Optional[tuple[list[int], list[int]]] = None
-    num_sampled: int = 0  # tokens this step samples: rank 0 broadcasts them after its sampling
+    num_sampled: int = 0  # tokens this step samples that rank 0 broadcasts after sampling (async scheduling; else 0)
 
 
 class _ShadowRequest:

@@ -467,7 +467,8 @@ class LLMEngine:
         # prompt yields nothing (its generator is not advanced, so seeded sampling matches unchunked runs).
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         if self._tp is not None:  # every other rank runs the same forward on its shard
-            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], len(sampling)))
+            shared = len(sampling) if self.async_scheduling else 0  # tokens the next plan may read on the device
+            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared))
             self._tp_finished = []
         batch = self.runner.prepare(seqs)
         try:
@@ -495,7 +496,7 @@ class LLMEngine:
             sample = self.sampler.launch_step(sample_logits, [r.params for r in reqs], [r.generator for r in reqs],
                                               raw_logits=raw,
                                               vocab_sizes=vocab if max(vocab) != self.vocab_size else None)
-            if self._tp is not None:  # the other ranks' next step may read them on the device (async scheduling)
+            if self._tp is not None and self.async_scheduling:  # the other ranks' next step may read them
                 try:
                     broadcast_from_first(sample.token_ids)
                 except Exception as e:

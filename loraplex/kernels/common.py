@@ -107,3 +107,10 @@ class CompileWatch:
 
         knobs.runtime.jit_post_compile_hook = hook
         cls._installed = True
+
+
+@functools.lru_cache(maxsize=64)
+def identity_pages(num_slots: int, device: torch.device) -> torch.Tensor:
+    """The padded layout's page table (``lora.backends.base.PageTable``): one page per slot, page ``s`` for
+    slot ``s``, as the LoRA kernels take it when no table is given."""
+    return torch.arange(num_slots, dtype=torch.int32, device=device).view(num_slots, 1)

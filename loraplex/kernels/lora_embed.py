@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import Launcher
-from loraplex.kernels.lora_shrink import _identity_pages
+from loraplex.kernels.common import Launcher, identity_pages
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -54,7 +53,7 @@ def lora_embed_gather(ids: torch.Tensor, token_slots: torch.Tensor, a_t: torch.T
     ids (T,) int; token_slots (T,) int64 (-1: base); a_t (pages, vocab, page_rank); ranks_t (slots,) int32;
     ``pages`` (slots, max_pages) int32 (default: the padded layout, a_t (slots, vocab, max_rank))."""
     if pages is None:
-        pages = _identity_pages(a_t.shape[0], a_t.device)
+        pages = identity_pages(a_t.shape[0], a_t.device)
     assert a_t.is_contiguous() and ranks_t.is_contiguous() and token_slots.is_contiguous() and pages.is_contiguous()
     ids = ids if ids.is_contiguous() else ids.contiguous()
     T = ids.shape[0]

@@ -15,7 +15,7 @@ extras row ``e`` then becomes
 
 (LoRA bias ``scaling * lora_B.bias`` in row 0, DoRA's per-channel scale in row 1,
 ``bias`` the base layer's bias or 0), so DoRA and LoRA bias cost no extra launch
-and fit in CUDA graphs. B is (slots, sum(n_i), max_rank), the slices side by side. Reference:
+and fit in CUDA graphs. The slices sit side by side along B's dim 1. Reference:
 :func:`loraplex.lora.backends.torch_backend.expand_reference`.
 
 Schedule: one program per (tile, slice x output block). A tile is at most
@@ -34,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
-from loraplex.kernels.lora_shrink import _identity_pages
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -142,7 +141,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     parts = parts if parts.is_contiguous() else parts.contiguous()
     if pages is None:
-        pages = _identity_pages(b.shape[0], b.device)
+        pages = identity_pages(b.shape[0], b.device)
     assert b.is_contiguous() and ranks_t.is_contiguous() and scales_t.is_contiguous() and pages.is_contiguous() \
         and parts.shape[3] <= pages.shape[1] * b.shape[2], \
         "B stack, ranks, scales and pages contiguous; parts (splits, T, slices, max_rank)"

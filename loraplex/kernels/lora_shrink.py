@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -86,12 +86,6 @@ def _shrink_kernel(
 _launch_shrink = Launcher(_shrink_kernel)
 
 
-@functools.lru_cache(maxsize=64)
-def _identity_pages(num_slots: int, device: torch.device) -> torch.Tensor:
-    """The padded layout's page table: page ``s`` for slot ``s``."""
-    return torch.arange(num_slots, dtype=torch.int32, device=device).view(num_slots, 1)
-
-
 @functools.lru_cache(maxsize=4096)
 def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slices: int,
                   split_k: Optional[int] = None, block_k: Optional[int] = None,
@@ -131,7 +125,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     T, K = x.shape
     num_slices, num_pages, page_rank, _ = a.shape
     if pages is None:
-        pages = _identity_pages(num_pages, a.device)
+        pages = identity_pages(num_pages, a.device)
     max_rank = max_rank or page_rank
     assert a.is_contiguous() and ranks_t.is_contiguous() and pages.is_contiguous(), \
         "A stack, ranks and pages must be contiguous"

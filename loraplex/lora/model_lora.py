@@ -148,12 +148,16 @@ class LoRAModel:
         return done
 
     _upload_stream: Optional[torch.cuda.Stream] = None
+    _dora_pending = False  # whether a slot write left DoRA partials for finish_pending
 
     def finish_pending(self) -> None:
         """Complete the DoRA scales that need a sum over tensor-parallel ranks (``dora_pending`` of the wrappers):
         one all-reduce of every pending partial, then each slot's scales. Called by every rank at the start of
         each step (ModelRunner.before_step): ranks replay the same slot changes in the same order, so their
         pending lists match. CUDA: after the side stream's copies, without the host waiting."""
+        if not self._dora_pending:  # the common case: one attribute read a step
+            return
+        self._dora_pending = False
         jobs = [(wm.wrapper, slot) for wm in self.modules for slot in sorted(wm.wrapper.dora_pending)]
         if not jobs:
             return
@@ -195,6 +199,8 @@ class LoRAModel:
                 if isinstance(wm.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
                     wm.wrapper.set_tokens(slot, self._tokens_for(wm, adapter))
                     wm.wrapper.set_saved(slot, adapter.saved.get(wm.slice_names[0]) if adapter else None)
+        if adapter is not None and adapter.has_dora:  # its sharded norms may wait for finish_pending
+            self._dora_pending = True
 
     def _tokens_for(self, wm: WrappedModule, adapter: Optional[LoRAAdapter]):
         """The trainable tokens of ``adapter`` for this table: its own entry, or for the head of a model with

@@ -86,6 +86,7 @@ class LoRAPool:
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.num_slots = lora_model.num_slots  # max_loras, or more when slots take their own rank (pages)
         self._slot: list[Optional[LoRAAdapter]] = [None] * self.num_slots
+        self._slot_of_uid: dict[int, int] = {}  # adapter uid -> the slot holding it (lookups run per admission)
         self._refs: list[int] = [0] * self.num_slots
         self._last_use: list[int] = [0] * self.num_slots
         self._tick = itertools.count(1)
@@ -193,7 +194,8 @@ class LoRAPool:
         adapter = self._host.get(name)
         if adapter is None:
             current = self._current.get(name)
-            adapter = next((a for a in self._slot if a is not None and current and a.uid == current.uid), None)
+            slot = self._slot_of_uid.get(current.uid) if current else None
+            adapter = self._slot[slot] if slot is not None else None
         return adapter
 
     def _set_current(self, adapter: LoRAAdapter) -> None:
@@ -312,10 +314,7 @@ class LoRAPool:
         return current is not None and current.uid == adapter.uid
 
     def slot_of(self, adapter: LoRAAdapter) -> Optional[int]:
-        for s, a in enumerate(self._slot):
-            if a is not None and a.uid == adapter.uid:
-                return s
-        return None
+        return self._slot_of_uid.get(adapter.uid)
 
     @property
     def device_resident(self) -> list[Optional[str]]:
@@ -387,7 +386,10 @@ class LoRAPool:
                     self._clear_slot(s)
             t0 = time.monotonic()
             done = self.lora_model.set_slot(slot, adapter)
+            if self._slot[slot] is not None:  # evicted by the overwrite
+                self._slot_of_uid.pop(self._slot[slot].uid, None)
             self._slot[slot] = adapter
+            self._slot_of_uid[adapter.uid] = slot
             self._last_use[slot] = next(self._tick)
             self.num_slot_loads += 1
             self._load_started[slot] = t0
@@ -413,4 +415,7 @@ class LoRAPool:
 
     def _clear_slot(self, slot: int) -> None:
         self.lora_model.set_slot(slot, None)
+        old = self._slot[slot]
+        if old is not None:
+            self._slot_of_uid.pop(old.uid, None)
         self._slot[slot] = None

@@ -71,10 +71,6 @@ class PageTable:
     def free_pages(self) -> int:
         return len(self._free)
 
-    @property
-    def free_ext_rows(self) -> int:
-        return len(self._free_ext)
-
     def pages_of(self, slot: int) -> list[int]:
         return self._pages.get(slot, [])
 
