@@ -92,6 +92,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     first: dict[str, float] = {}
     peak_resident: list[int] = []
     step_s: list[float] = []  # wall time of each engine step
+    running: list[int] = []  # requests running after each step (the batch the slots allow)
     nxt = 0
     while nxt < len(names) or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -109,6 +110,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         for o in outs:
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = time.perf_counter() - t0 - arrival[o.request_id]
+        running.append(len(eng.scheduler.running))
         if eng.pool is not None:
             peak_resident.append(sum(n is not None for n in eng.pool.device_resident))
     wall = time.perf_counter() - t0
@@ -128,7 +130,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_load_ms_p99": 1e3 * load_p99, "slot_load_p99_in_steps": load_p99 / step_p50 if step_p50 else 0.0,
             "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
             "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads)),
-            "peak_adapters_in_slots": peak}
+            "peak_adapters_in_slots": peak, "mean_running": sum(running) / max(1, len(running)),
+            "steps": len(step_s), "step_seconds_total": sum(step_s)}
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
@@ -170,7 +173,8 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"p99 {r['ttft_ms_p99']:7.1f} ms  slot loads {r['slot_loads']:4d} ({r['slot_load_ms_mean']:.2f} ms)  "
               f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms)  at most "
               f"{r['peak_adapters_in_slots']} adapters in slots  slot load p99 {r['slot_load_ms_p99']:.2f} ms = "
-              f"{r['slot_load_p99_in_steps']:.2f} steps of {r['step_ms_p50']:.2f} ms", flush=True)
+              f"{r['slot_load_p99_in_steps']:.2f} steps of {r['step_ms_p50']:.2f} ms; {r['mean_running']:.1f} running on "
+              f"average over {r['steps']} steps ({r['step_seconds_total']:.1f} of {r['seconds']:.1f} s)", flush=True)
     print(f"[{layout}] warm load at {rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's "
           "target: >= 0.90)", flush=True)
     out = {"backend": backend, "num_slots": pool.num_slots, "slot_bytes": slot_bytes, "register_seconds": register_s,

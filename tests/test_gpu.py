@@ -214,8 +214,9 @@ def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
 def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
-    """LLM(tensor_parallel_size=2) over NCCL on two GPUs: float32 prompt logprobs and greedy tokens of a
-    mixed batch (all-linear, lm_head and embed_tokens adapters, a base request) equal to one GPU."""
+    """LLM(tensor_parallel_size=2) over NCCL on two GPUs, decode steps replaying CUDA graphs that hold the
+    all-reduces: float32 prompt logprobs, greedy tokens and their logprobs of a mixed batch (all-linear, lm_head
+    and embed_tokens adapters, a base request) equal to one GPU."""
     from helpers import make_adapter
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -239,15 +240,17 @@ def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
             loras = [LoRARequest(n, adapters[n]) if n else None for n in names]
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
                                 use_tqdm=False)
-            return [(list(o.outputs[0].token_ids), [list(lp.values())[0] for lp in o.prompt_logprobs[1:]])
-                    for o in outs]
+            assert llm.engine.runner.graphs.replays > 0  # decode steps replay CUDA graphs, NCCL inside them
+            return [(list(o.outputs[0].token_ids), [list(lp.values())[0] for lp in o.prompt_logprobs[1:]],
+                     [list(lp.values())[0] for lp in o.outputs[0].logprobs]) for o in outs]
         finally:
             llm.engine.shutdown()
 
     want, got = run(1), run(2)
-    for (wt, wl), (gt, gl) in zip(want, got):
+    for (wt, wl, wd), (gt, gl, gd) in zip(want, got):
         assert gt == wt
         assert max(abs(a - b) for a, b in zip(gl, wl)) < 5e-5
+        assert max(abs(a - b) for a, b in zip(gd, wd)) < 5e-5
 
 
 def test_adapter_upload_overlaps_running_steps(graph_setup) -> None:

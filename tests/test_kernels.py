@@ -395,3 +395,48 @@ def test_rank_aware_slots_hold_more_adapters(tmp_path) -> None:
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for lg, lw in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
             assert lg.keys() == lw.keys() and all(abs(lg[t] - lw[t]) < 1e-4 for t in lg)
+
+
+def test_a_starving_adapter_drains_only_the_slots_it_needs(tmp_path, monkeypatch) -> None:
+    """Four rank-8 adapters fill the pages of max_loras=2 slots of rank 16, each with a steady stream of requests;
+    a rank-16 adapter needs two pages. Once it has starved STARVATION_ROUNDS rounds, the two slots with the fewest
+    running requests stop taking new ones (and only those: the other two keep admitting), drain, and it gets
+    their pages while the streams go on."""
+    from loraplex.engine import scheduler as scheduler_mod
+
+    monkeypatch.setattr(scheduler_mod, "STARVATION_ROUNDS", 3)
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=16, seed=0,
+              num_kv_blocks=256, block_size=4, lora_backend="triton", max_num_seqs=12)
+    for i in range(4):
+        llm.add_lora(LoRARequest(f"r8_{i}", make_adapter(model_dir, tmp_path / f"a{i}", seed=i, r=8)))
+    llm.add_lora(LoRARequest("r16", make_adapter(model_dir, tmp_path / "r16", seed=9, r=16)))
+    eng = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    n = 0
+    drain_windows: list[tuple[set, set]] = []  # (slots draining, adapters admitted that step)
+    started = None
+    for step in range(60):
+        for i in range(4):
+            eng.add_request({"prompt_token_ids": [5 + i, 17, 33]}, params, f"r8_{i}", f"s{n}")
+            n += 1
+        if step == 1:
+            eng.add_request({"prompt_token_ids": [9, 8, 7]}, params, "r16", "cold")
+        before = {r.request_id for r in eng.scheduler.running}
+        in_slots = list(eng.pool.device_resident)
+        eng.step()
+        admitted = {r.adapter.name for r in eng.scheduler.running if r.request_id not in before} - {"r16"}
+        if eng.scheduler._drain is not None:  # the slots drained this step, and what they held before it
+            drain_windows.append(({in_slots[s] for s in eng.scheduler._drain[1]}, admitted))
+        cold = eng.requests.get("cold")
+        if cold is not None and cold.num_computed_tokens:
+            started = step
+            break
+    assert started is not None, "the rank-16 adapter never got a slot while the streams ran"
+    assert drain_windows, "it never starved: the test did not exercise the drain"
+    for held, admitted in drain_windows:
+        assert len(held) == 2 and None not in held  # two rank-8 adapters make room for rank 16, not all four
+        assert not admitted & held  # nothing joins a draining slot ...
+    assert any(admitted for _, admitted in drain_windows)  # ... while the other slots keep admitting
+    while eng.has_unfinished_requests():
+        eng.step()

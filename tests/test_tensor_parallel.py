@@ -212,6 +212,57 @@ def test_llm_tensor_parallel_size_equals_one_rank(setup, async_scheduling) -> No
         llm.engine.shutdown()
 
 
+def _graph_run(model_dir: str, adapters: dict[str, str], names: list, tp: int, graphs: bool) -> tuple[list, int]:
+    """Greedy tokens and decode logprobs of PROMPTS (no prompt logprobs: prompt chunks may take mixed graphs),
+    and how many graph steps rank 0 ran. ``graphs``: the Triton backends with graph steps emulated on the CPU
+    (their buffers and forward, eagerly) in every rank's process; else eager steps of the torch backends."""
+    import os
+
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    os.environ["LORAPLEX_EMULATE_CUDA_GRAPHS"] = "1" if graphs else "0"  # read by every rank's engine
+    backend = "triton" if graphs else "torch"
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=4,
+              max_lora_rank=16, seed=0, max_num_seqs=8, tensor_parallel_size=tp, lora_backend=backend,
+              attention_backend=backend)
+    try:
+        loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS * 2], params,
+                            lora_request=[loras[n] if n else None for n in names * 2], use_tqdm=False)
+        graphs_run = llm.engine.runner.graphs.replays if llm.engine.runner.graphs is not None else 0
+        return [(list(o.outputs[0].token_ids), [list(lp.values())[0] for lp in o.outputs[0].logprobs])
+                for o in outs], graphs_run
+    finally:
+        llm.engine.shutdown()
+        os.environ.pop("LORAPLEX_EMULATE_CUDA_GRAPHS", None)
+
+
+def test_graph_steps_under_tensor_parallelism_equal_one_rank(tmp_path) -> None:
+    """Graph steps on 2 ranks (decode and mixed; on a CPU their buffers and forward run eagerly, on GPUs they
+    replay captures): every rank fills the same buffers from rank 0's plan (worker ranks learn which slots hold
+    trained tables from the slot changes) and meets the same collectives; greedy tokens and decode logprobs equal
+    one rank's eager steps, for plain LoRA, embedding / lm_head LoRA, trained tables, and base requests."""
+    from test_peft_features import _perturb
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    adapters = {
+        "lin": make_adapter(model_dir, tmp_path / "lin", seed=1, r=8, target_modules="all-linear"),
+        "head": make_adapter(model_dir, tmp_path / "head", seed=2, r=4,
+                             target_modules=["q_proj", "lm_head", "embed_tokens"]),
+        "saved": make_adapter(model_dir, tmp_path / "saved", seed=3, r=4, target_modules=["v_proj", "down_proj"],
+                              modules_to_save=["lm_head", "embed_tokens"]),
+    }
+    _perturb(adapters["saved"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 5)
+    names = [None, "lin", "head", "saved"]
+    want, eager_graphs = _graph_run(model_dir, adapters, names, 1, graphs=False)
+    got, graph_steps = _graph_run(model_dir, adapters, names, 2, graphs=True)
+    assert eager_graphs == 0 and graph_steps >= 6  # every step of the run but none took a graph otherwise
+    for (gt, gl), (wt, wl) in zip(got, want):
+        assert gt == wt
+        assert max(abs(a - b) for a, b in zip(gl, wl)) < 5e-5
+
+
 def _fail_a_rank(model_dir: str, timeout: float, fail: Callable[[Any], None], match: str) -> Any:
     """A 2-rank engine that has served one request; ``fail(worker process)``; the next request must raise
     TensorParallelError matching ``match`` within 30 s. Returns the worker process."""

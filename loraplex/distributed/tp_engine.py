@@ -65,9 +65,10 @@ class StepPlan:
 class _ShadowRequest:
     """What the model runner reads of a request, rebuilt on ranks > 0 from a :class:`SeqPlan`."""
 
-    def __init__(self, plan: SeqPlan, mm: Any) -> None:
+    def __init__(self, plan: SeqPlan, mm: Any, adapter: Any) -> None:
         self.request_id = plan.request_id
         self.slot = plan.slot
+        self.adapter = adapter  # the adapter in its slot on this rank (graph steps read whether it has tokens)
         self.block_table = plan.block_table
         self.mm = mm
         self.prompt_token_ids = range(plan.prompt_len)  # only its length is read
@@ -198,11 +199,35 @@ class TensorParallelGroup:
         from loraplex.distributed.parallel_state import init_tensor_parallel
 
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a group with a dead rank may not tear down cleanly
-                logger.warning("loraplex: the tensor-parallel process group did not shut down cleanly")
+            if force and dist.get_backend() == "nccl":
+                # a rank failed: a collective may be stuck on this GPU, and captured graphs still hold the NCCL
+                # communicator, so tearing the group down could block for good; it goes with the process
+                logger.warning("loraplex: the tensor-parallel NCCL group is left as it is after a rank failed; "
+                               "restart the process to start another tensor-parallel engine")
+            else:
+                destroy_group()
         init_tensor_parallel(0, 1)  # this process is one rank again: a new engine may start its own group
+
+
+def destroy_group(timeout: float = 30.0) -> None:
+    """Tear down torch.distributed's default group, giving up after ``timeout`` seconds (a warning; the group then
+    goes with the process): shutting down must not hang on a communicator that will not let go."""
+    import threading
+
+    import torch.distributed as dist
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group with a dead rank may not tear down cleanly
+            logger.warning("loraplex: the tensor-parallel process group did not shut down cleanly")
+
+    t = threading.Thread(target=destroy, name="loraplex-tp-teardown", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        logger.warning("loraplex: the tensor-parallel process group did not shut down within %.0f s; it goes with "
+                       "the process", timeout)
 
 
 def broadcast_plan(plan: Optional[StepPlan], group: Any) -> StepPlan:
@@ -236,6 +261,7 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
     runner = engine.runner
     lora_model = engine.pool.lora_model if engine.pool is not None else None
     mms: dict[str, Any] = {}
+    in_slot: dict[int, Any] = {}  # slot -> the adapter this rank holds there (rank 0's slot changes, replayed)
     sampled: Optional[torch.Tensor] = None  # the tokens rank 0 sampled in the last step
     while True:
         plan = broadcast_plan(None, control)
@@ -244,6 +270,7 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
         for slot, adapter in plan.slot_ops:
             if adapter is not None:
                 lora_model.stage(adapter)
+            in_slot[slot] = adapter
             done = lora_model.set_slot(slot, adapter)
             if done is not None:  # the step that follows may use the slot: it runs after the copy
                 torch.cuda.current_stream().wait_event(done)
@@ -255,7 +282,8 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
         for sp in plan.seqs:
             if sp.mm is not None:
                 mms[sp.request_id] = sp.mm
-            seqs.append(ScheduledSeq(_ShadowRequest(sp, mms.get(sp.request_id)), sp.num_new_tokens, sp.start))
+            shadow = _ShadowRequest(sp, mms.get(sp.request_id), in_slot.get(sp.slot) if sp.slot >= 0 else None)
+            seqs.append(ScheduledSeq(shadow, sp.num_new_tokens, sp.start))
         fix = None
         if plan.fix is not None:  # inputs sampled by the previous step: rank 0's tokens, received after it
             assert sampled is not None, "a step reads sampled tokens that were never broadcast"
@@ -264,6 +292,7 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
         sampled = None
         if plan.num_sampled:
             sampled = broadcast_from_first(torch.empty(plan.num_sampled, dtype=torch.int64, device=runner.device))
+    runner.release_graphs()  # before the group is torn down: NCCL keeps a communicator its graphs captured
 
 
 def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) -> None:
@@ -282,5 +311,5 @@ def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) 
         logger.error("loraplex tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         os._exit(1)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_group()
     os._exit(0)  # skip the interpreter's teardown, whose destruction of gloo's threads can abort the process

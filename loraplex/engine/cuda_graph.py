@@ -73,7 +73,7 @@ def is_graph_step(seqs: Sequence, lora: bool = True) -> bool:
     for s in seqs:
         if s.prompt_logprobs:
             return False
-        if not lora and getattr(s.req, "adapter", None) is not None:
+        if not lora and s.req.slot >= 0:  # the slot, not the adapter: what every tensor-parallel rank knows
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False
@@ -315,6 +315,7 @@ class StepGraphs:
         self._graphs: dict[tuple[bool, int, bool], _Graph] = {}
         self.capture_seconds = 0.0
         self.memory_bytes = 0
+        self.replays = 0  # graph steps run (tests, metrics)
 
     @staticmethod
     def _fit(sizes: list[int], n: int) -> Optional[int]:
@@ -389,6 +390,14 @@ class StepGraphs:
                     "; with and without adapters" if self.lora else "", self.capture_seconds,
                     self.memory_bytes / 2**20)
 
+    def release(self) -> None:
+        """Destroy every captured graph now (not when garbage collection gets to them)."""
+        for g in self._graphs.values():
+            g.graph.reset()
+        self._graphs.clear()
+        if self.decode.device_buf.is_cuda:
+            torch.cuda.synchronize(self.decode.device_buf.device)
+
     def run(self, seqs: Sequence, fix_inputs: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Fill the inputs of the step ``seqs`` and replay its graph: float32 logits (B, padded vocab) of each
         sequence's last token, a view of the graph's output valid until the next replay. ``fix_inputs(input_ids)``
@@ -403,6 +412,7 @@ class StepGraphs:
             fix_inputs(inputs.dev["input_ids"])
         g = self._graphs.get((decode, n, lora))  # None: not captured (CPU tests): what it records runs eagerly
         B = len(seqs)
+        self.replays += 1
         if not lora:
             if g is None:
                 return self._captured(decode, n, lora)[:B]

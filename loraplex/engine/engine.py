@@ -126,15 +126,15 @@ class LLMEngine:
                     serve_steps(config, int(os.environ["RANK"]), self._tp.control)
                     # Rank 0 has stopped: this rank's program ends here. Tear the group down first and skip the
                     # interpreter's teardown, whose destruction of gloo's threads can abort the process.
-                    import torch.distributed as dist
+                    from loraplex.distributed.tp_engine import destroy_group
 
-                    dist.destroy_process_group()
+                    destroy_group()
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(0)
             else:
                 self._tp.start(config)
-            atexit.register(self._tp.close)
+            atexit.register(self.shutdown)
         self._tp_finished: list[str] = []
         torch.manual_seed(mc.seed)
         model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
@@ -169,10 +169,15 @@ class LLMEngine:
                                  f"max_model_len ({self.max_model_len}) without chunked prefill: prompts are "
                                  "prefilled in one step (enable_chunked_prefill=True splits them)")
         cc = config.cache_config
-        graphs, lora_kernels = self._graph_plan(tp, lora_backend)
-        # On one CUDA device the KV cache gets the memory a profiled step leaves (item 7 of issue 9); ranks of
-        # a tensor-parallel group would have to profile together, so they keep a fixed reserve.
-        profile = self.device.type == "cuda" and cc.num_kv_blocks is None and tp == 1
+        from loraplex.kernels.common import CompileWatch
+
+        CompileWatch.pause()  # start-up compiles what steps need; compiles count again once it is done
+        graphs, lora_kernels = self._graph_plan(lora_backend)
+        # On CUDA the KV cache gets the memory a profiled step leaves (item 7 of issue 9). Under tensor
+        # parallelism every rank runs this constructor, so the profile's dummy steps (and their collectives),
+        # the warm-up and the graph captures below happen in the same order on all of them, and the block count
+        # is the smallest any rank can hold (_num_kv_blocks).
+        profile = self.device.type == "cuda" and cc.num_kv_blocks is None
         self.memory_profile: Optional[dict[str, int]] = None  # what the profile measured, when one ran
         self.runner = ModelRunner(model, config, self.device, self.dtype,
                                   0 if profile else self._num_kv_blocks(model, sc.max_num_seqs), self.max_model_len,
@@ -183,13 +188,11 @@ class LLMEngine:
             self.runner.bind_kv_cache(self._profiled_kv_blocks(model, sc.max_num_seqs, graphs))
         num_blocks = self.runner.num_blocks
         if graphs:
-            self.runner.capture_graphs(lora=lora_kernels)
-        if self.device.type == "cuda" and tp == 1:
+            self.runner.capture_graphs(lora=lora_kernels, capture=self.device.type == "cuda")
+        if self.device.type == "cuda":
             t0 = time.perf_counter()
             self.runner.warm_up(lora=self.pool is not None)
             logger.info("loraplex: eager step kernels warmed up in %.1f s", time.perf_counter() - t0)
-            from loraplex.kernels.common import CompileWatch
-
             CompileWatch.start()
         self.allocator = BlockAllocator(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
@@ -212,13 +215,13 @@ class LLMEngine:
                     self.dtype, num_blocks, cc.block_size)
 
     # ---- setup ----------------------------------------------------------------------------
-    def _graph_plan(self, tp: int, lora_backend: Any) -> tuple[bool, bool]:
-        """(capture CUDA graphs?, with the Triton LoRA kernels inside?), with the reason logged when not."""
+    def _graph_plan(self, lora_backend: Any) -> tuple[bool, bool]:
+        """(capture CUDA graphs?, with the Triton LoRA kernels inside?), with the reason logged when not. On a
+        CPU, ``LORAPLEX_EMULATE_CUDA_GRAPHS=1`` (tests) sets up the graphs' buffers and runs graph steps eagerly
+        over them (:meth:`ModelRunner.capture_graphs` with ``capture=False``), in every rank's process."""
         mc = self.config.model_config
-        if self.device.type != "cuda" or mc.enforce_eager:
-            return False, False
-        if tp > 1:
-            logger.info("loraplex: no CUDA graphs under tensor parallelism yet (eager steps)")
+        emulate = self.device.type == "cpu" and os.environ.get("LORAPLEX_EMULATE_CUDA_GRAPHS") == "1"
+        if (self.device.type != "cuda" and not emulate) or mc.enforce_eager:
             return False, False
         backend = get_attention_backend(self.config.cache_config.attention_backend, self.device).name
         if backend != "triton":
@@ -296,8 +299,12 @@ class LLMEngine:
                 "encoder_cache_entries": len(cache)}
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
-        if self._tp is not None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit). The CUDA graphs go
+        first: NCCL does not destroy a communicator while graphs that captured its collectives exist."""
+        if self._tp is not None and not self._tp.closed:
+            runner = getattr(self, "runner", None)
+            if runner is not None:
+                runner.release_graphs()
             self._tp.close()
 
     # ---- adapters -------------------------------------------------------------------------
@@ -508,11 +515,22 @@ class LLMEngine:
         return _Launched(seqs, reqs, {r.request_id: i for i, r in enumerate(reqs)}, batch.logits_spans, logits,
                          prompt_lp, sample, sync=any(prompt_lp))
 
+    def _result(self, sample: Any) -> tuple[list[int], list]:
+        """``sample``'s tokens and logprobs; under tensor parallelism a step that does not finish within
+        ``distributed_timeout`` (a rank died inside a graph replay, whose collectives nothing watches) fails the
+        engine with TensorParallelError."""
+        if self._tp is None:
+            return sample.result()
+        try:
+            return sample.result(timeout=self._tp.timeout)
+        except TimeoutError as e:
+            raise self._tp.failure(e) from e
+
     def _finish(self, step: _Launched) -> list[RequestOutput]:
         """Read back ``step``'s results and apply them: prompt logprobs, tokens, stop conditions, outputs.
         Results of requests that finished or were aborted meanwhile are dropped."""
         outputs: list[RequestOutput] = []
-        tokens, lps = step.sample.result() if step.sample is not None else ([], [])
+        tokens, lps = self._result(step.sample) if step.sample is not None else ([], [])
         for s, (a, n), wants in zip(step.seqs, step.logits_spans, step.prompt_lp):
             if wants and not s.req.finished:  # a chunk (or all) of the prompt of a request that asked for them
                 self._add_prompt_logprobs(s.req, s.start, step.logits[a:a + n])

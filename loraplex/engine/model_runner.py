@@ -197,6 +197,12 @@ class ModelRunner:
         if capture:
             self.graphs.capture()
 
+    def release_graphs(self) -> None:
+        """Destroy the captured graphs (before the tensor-parallel group is torn down); steps run eagerly after."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def _graph_forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                        rows: Optional[torch.Tensor]) -> torch.Tensor:
         with forward_context(ctx):

@@ -244,11 +244,22 @@ class PendingSample:
         """(n,) int64 on the logits' device: inputs of the next step (async scheduling asks, only then)."""
         return self._device_packed[:self._layout[0]].long()
 
-    def result(self) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
-        """Wait for the copy (the time counts in ``Sampler.wait_seconds``) and unpack tokens and logprobs."""
+    def result(self, timeout: Optional[float] = None) -> tuple[list[int], list[Optional[PositionLogprobs]]]:
+        """Wait for the copy (the time counts in ``Sampler.wait_seconds``) and unpack tokens and logprobs.
+        ``timeout``: seconds after which a step still running raises TimeoutError (tensor parallelism: a
+        replayed graph's collectives have no watchdog, so a rank that died mid-step would stall it for good);
+        the wait then polls instead of blocking."""
         if self._done is not None:
             t0 = time.perf_counter()
-            self._done.synchronize()
+            if timeout is None:
+                self._done.synchronize()
+            else:
+                nap = 2e-5
+                while not self._done.query():
+                    if time.perf_counter() - t0 > timeout:
+                        raise TimeoutError(f"a step did not finish within {timeout} s")
+                    time.sleep(nap)
+                    nap = min(2 * nap, 1e-3)  # a short step is read back at once, a stalled one costs no CPU
             self._sampler.wait_seconds += time.perf_counter() - t0
             self._done = None
         return unpack_step(self._packed.tolist(), self._layout)

@@ -7,8 +7,8 @@ of the queue, to be recomputed from its prompt plus the tokens it already
 produced). Then waiting requests are admitted in arrival order while the
 sequence, token and block budgets allow and an adapter slot can be had; a
 request whose adapter cannot get a slot is passed over for now, not failed, and once it has been passed
-over for ``STARVATION_ROUNDS`` rounds, requests for adapters already in slots stop joining them until a slot
-frees for it.
+over for ``STARVATION_ROUNDS`` rounds, the few slots whose memory frees soonest for its adapter stop taking
+new requests until they drain and it gets one (the other slots keep admitting).
 Prefills and decodes share the batch.
 
 With chunked prefill the step's token budget is filled decodes first, then
@@ -76,6 +76,7 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._drain: Optional[tuple[int, set[int]]] = None  # (starving adapter's uid, the slots draining for it)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -193,14 +194,14 @@ class Scheduler:
                 budget -= n
             blocked = blocked or req.num_computed_tokens + n < req.num_tokens
 
-        # 3. Admit waiting requests (FCFS, passing over those whose adapter has no slot). A request passed over
-        #    for STARVATION_ROUNDS rounds makes the others stop joining busy slots, so that one drains for it.
+        # 3. Admit waiting requests (FCFS, passing over those whose adapter has no slot). Once a request has
+        #    been passed over for STARVATION_ROUNDS rounds, the slots that free its adapter's memory soonest
+        #    (pool.drain_set) take no new requests until it has one; every other slot goes on admitting.
         passed: list[Request] = []
-        hungry = {r.adapter.uid for r in self.waiting if r.adapter is not None and r.slot_waits >= STARVATION_ROUNDS}
+        draining = self._draining()
         while self.waiting and len(self.running) < self.max_num_seqs and not blocked:
             req = self.waiting.popleft()
-            if hungry and req.adapter is not None and req.adapter.uid not in hungry \
-                    and self.pool.slot_of(req.adapter) is not None:
+            if draining and req.adapter is not None and self.pool.slot_of(req.adapter) in draining:
                 passed.append(req)  # would keep a slot busy that a starving adapter waits for
                 continue
             self._reuse_prefix(req)  # cached prefix blocks, held from here on (released below if not admitted)
@@ -237,6 +238,21 @@ class Scheduler:
         # Group sequences by adapter slot so LoRA segments are as long as possible.
         out.seqs.sort(key=lambda s: s.req.slot)
         return out
+
+    def _draining(self) -> set[int]:
+        """The slots draining for the longest-starved adapter (the oldest waiting request passed over for
+        STARVATION_ROUNDS rounds); kept while that adapter still waits, so the set does not wander."""
+        if self.pool is None:
+            return set()
+        self.pool.poll()
+        starving = next((r.adapter for r in self.waiting
+                         if r.adapter is not None and r.slot_waits >= STARVATION_ROUNDS), None)
+        if starving is None or self.pool.slot_of(starving) is not None:
+            self._drain = None
+            return set()
+        if self._drain is None or self._drain[0] != starving.uid:
+            self._drain = (starving.uid, self.pool.drain_set(starving))
+        return self._drain[1]
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens of the next prefill chunk of ``req``: at most ``budget``, and no more than the free KV blocks

@@ -88,9 +88,15 @@ class CompileWatch:
 
     compiles = 0
     _installed = False
+    armed = False  # off while an engine starts (a second engine in one process compiles its own variants)
+
+    @classmethod
+    def pause(cls) -> None:
+        cls.armed = False
 
     @classmethod
     def start(cls) -> None:
+        cls.armed = True
         if cls._installed or INTERPRET:
             return
         try:
@@ -100,6 +106,8 @@ class CompileWatch:
         previous = knobs.runtime.jit_post_compile_hook
 
         def hook(*args, **kwargs):
+            if not cls.armed:
+                return previous(*args, **kwargs) if previous is not None else None
             cls.compiles += 1
             logger.warning("loraplex: Triton compiled %s after start-up (a step waited for the compiler)",
                            kwargs.get("repr", "a kernel"))

@@ -405,6 +405,30 @@ class LoRAPool:
         self._last_use[slot] = next(self._tick)
         return slot
 
+    def drain_set(self, adapter: LoRAAdapter) -> set[int]:
+        """Busy slots that, once their running requests finish, free the memory ``adapter`` needs: the fewest
+        running requests first, then the least recently used; pinned slots never. Empty when ``adapter`` has
+        a slot, or when no such set exists (every other slot pinned). The scheduler stops adding requests to
+        these slots while ``adapter`` starves, and only to these: the rest of the batch goes on."""
+        if self.slot_of(adapter) is not None:
+            return set()
+        pinned = set(self._pinned.values())
+        idle = [s for s in range(self.num_slots) if self._refs[s] == 0 and s not in self._loads
+                and self._slot[s] is not None]
+        busy = sorted((s for s in range(self.num_slots) if self._refs[s] > 0 and s not in pinned),
+                      key=lambda s: (self._refs[s], self._last_use[s]))
+        chosen: list[int] = []
+        for s in busy:
+            if (idle or chosen) and self.lora_model.fits(adapter, idle + chosen):
+                break
+            chosen.append(s)
+        return set(chosen) if (idle or chosen) and self.lora_model.fits(adapter, idle + chosen) else set()
+
+    def poll(self) -> None:
+        """Note the slot uploads that have completed (their load latency is taken here: once a step)."""
+        for s in list(self._loads):
+            self._ready(s)
+
     def release(self, slot: int) -> None:
         if self._refs[slot] <= 0:
             raise RuntimeError(f"LoRA slot {slot} released more often than acquired")
