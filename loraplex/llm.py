@@ -137,9 +137,12 @@ class LLM:
 
         template = load_chat_template(chat_template) if chat_template is not None else None
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        loras = self._per_prompt(lora_request, (LoRARequest, str, type(None)), len(convs), "lora_request")
         prompts = []
-        for conv in convs:
-            ids, images = self.engine.chat_prompt(conv, add_generation_prompt, template)
+        for conv, lora in zip(convs, loras):
+            # rendered with the tokenizer (and its chat template) of the conversation's adapter when it adds tokens
+            tok = self.engine.tokenizer_for(self._lora_name(lora))
+            ids, images = self.engine.chat_prompt(conv, add_generation_prompt, template, tok)
             prompts.append({"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 

@@ -307,8 +307,9 @@ def make_added_tokens_adapter(model_dir: str, out: Path, seed: int, boost: float
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         n = len(ADDED)
-        model.get_input_embeddings().weight[-n:] = torch.randn(n, model.config.hidden_size, generator=g)
-        model.get_output_embeddings().weight[-n:] = boost * torch.randn(n, model.config.hidden_size, generator=g)
+        hidden = model.get_input_embeddings().weight.shape[1]  # (vision-language configs nest theirs)
+        model.get_input_embeddings().weight[-n:] = torch.randn(n, hidden, generator=g)
+        model.get_output_embeddings().weight[-n:] = boost * torch.randn(n, hidden, generator=g)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                   modules_to_save=["embed_tokens", "lm_head"]))
     with torch.no_grad():
@@ -399,3 +400,22 @@ def test_added_tokens_through_the_server(tmp_path) -> None:
         assert base.usage.prompt_tokens > r.usage.prompt_tokens  # the base tokenizer splits the added tokens
     finally:
         s.stop()
+
+
+def test_chat_with_an_adding_adapter_uses_its_tokenizer(tmp_path) -> None:
+    """LLM.chat renders a conversation for an adapter that adds tokens with that adapter's tokenizer (its added
+    tokens single ids, as the server does), and with the model's for other requests."""
+    from transformers import AutoTokenizer
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=1.0)
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=2, max_lora_rank=16, seed=0, num_kv_blocks=64,
+              block_size=4)
+    conv = [{"role": "user", "content": "call <tool3> now"}]
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    outs = llm.chat([conv, conv], params, lora_request=[LoRARequest("added", path), None], use_tqdm=False,
+                    chat_template=template)
+    tool3 = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<tool3>")
+    assert tool3 >= 300 and tool3 in outs[0].prompt_token_ids
+    assert max(outs[1].prompt_token_ids) < 300

@@ -155,8 +155,8 @@ def _embedding_setup(adapter_scale: float):
     wrapper = wrapper_for(base)(base)
     wrapper.create_lora_weights(2, 4, get_backend("torch"))
     wrapper.set_lora(0, [LoRAWeights(torch.randn(4, 100) * adapter_scale, torch.randn(16, 4) * adapter_scale, 2.0)])
-    n = base.num_embeddings  # 128: ids >= 128 are placeholders
-    ids = torch.tensor([5, 99, n + 7, n + 7, n + 7, 3, 1_000_123, 1_000_123, 42])
+    # placeholders are ids >= max(1_000_000, num_embeddings) (processing.placeholder_id): two images here
+    ids = torch.tensor([5, 99, 1_000_007, 1_000_007, 1_000_007, 3, 1_000_123, 1_000_123, 42])
     features = torch.randn(5, 16)
     z = torch.zeros(len(ids), dtype=torch.int64)
     attn = AttentionMetadata.build([1] * len(ids), [1] * len(ids), [[0]] * len(ids), 1, z.device)
@@ -174,7 +174,7 @@ def test_embedding_routine_same_with_zero_adapter_wrapper() -> None:
         plain = embed_multimodal(base, ids, features)
         wrapped = embed_multimodal(wrapper, ids, features)
     assert torch.equal(plain, wrapped)
-    image = ids >= base.num_embeddings
+    image = ids >= 1_000_000
     assert torch.equal(plain[image], features)
     assert torch.equal(plain[~image], base.weight[ids[~image]])
 
@@ -186,7 +186,7 @@ def test_embedding_routine_text_rows_get_delta_image_rows_exact_features() -> No
     base, wrapper, ids, features, ctx = _embedding_setup(adapter_scale=1.0)
     with torch.no_grad(), forward_context(ctx):
         out = embed_multimodal(wrapper, ids, features)
-    image = ids >= base.num_embeddings
+    image = ids >= 1_000_000
     assert torch.equal(out[image], features)
     text_ids = ids[~image]
     a_t, b = wrapper.lora_a_t[0, :, :4], wrapper.lora_b[0, :, :4]
@@ -441,3 +441,50 @@ def test_prefix_and_encoder_caches_with_images(vlm) -> None:
     want_other = off.generate([other], params, use_tqdm=False)[0].outputs[0].token_ids
     assert llm.generate([other], params, use_tqdm=False)[0].outputs[0].token_ids == want_other
     assert llm.get_metrics()["encoder_cache_hits"] == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_added_tokens_on_a_vlm_match_peft(family, tmp_path) -> None:
+    """An adapter that adds tokens, on a vision-language model: its requests (with an image, and text only) are
+    tokenized with its tokenizer, its added ids (past the embedding's rows) are text, not image placeholders,
+    and read its own embedding and head; image request tokens and logprobs equal PEFT on the resized model; a
+    base request with the same image in the batch never sees the added tokens."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from helpers import load_base_model
+    from test_peft_features import ADDED, make_added_tokens_adapter
+
+    model_dir = make_tiny_vlm(tmp_path / "model", family=family)
+    path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=3.0)
+    llm = make_llm(model_dir)
+    vocab = llm.engine.vocab_size
+    text = image_prompt(model_dir, "{image}Describe <tool3> the robot <tool20>")
+    image = images_of(["a"])[0]
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=1,
+                            logprobs=1)
+    added = LoRARequest("added", path)
+    outs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}}] * 2 + ["<tool7> plain text"], params,
+                        lora_request=[added, None, added], use_tqdm=False)
+
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = load_processor(model_dir)
+    proc.tokenizer = tok  # the adapter's tokenizer, the model's image processor
+    inputs = proc(text=[text], images=[image], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert outs[0].prompt_token_ids == ids and sum(t >= vocab for t in ids) == 2  # <tool3>, <tool20>: single ids
+    assert outs[2].prompt_token_ids[0] == tok.convert_tokens_to_ids("<tool7>")
+    base = load_base_model(model_dir)
+    base.resize_token_embeddings(len(tok), mean_resizing=False)
+    ref = PeftModel.from_pretrained(base, path).to(torch.float32).eval()
+    with torch.no_grad():
+        logp = ref(**inputs).logits[0].log_softmax(-1)
+        for i in range(1, len(ids)):
+            assert outs[0].prompt_logprobs[i][ids[i]] == pytest.approx(logp[i - 1, ids[i]].item(), abs=1e-4), i
+        want = ref.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS,
+                            min_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
+    got = outs[0].outputs[0].token_ids
+    assert got == want
+    assert max(got) >= vocab and any(t in outs[0].outputs[0].text for t in ADDED)  # its own tokens, detokenized
+    assert max(outs[1].prompt_token_ids) < vocab or outs[1].prompt_token_ids != ids  # the base tokenizer splits them
+    assert max(outs[1].outputs[0].token_ids) < vocab  # the base request never sees them

@@ -352,15 +352,25 @@ class LLMEngine:
             return None, list(prompt)
         raise InvalidRequestError(f"prompt must be a string, a dict or a list of token ids, got {type(prompt).__name__}")
 
+    def tokenizer_for(self, lora_name: Optional[str]) -> Any:
+        """The tokenizer of requests for ``lora_name`` (``name`` or ``name@version``, registered): the adapter's
+        own when it adds tokens to the vocabulary, else the model's."""
+        if lora_name is None or self.pool is None:
+            return self.tokenizer
+        name, _, version = lora_name.partition("@")
+        adapter = self.pool.get_version(name, version) if version else self.pool.get(name)
+        return adapter.tokenizer if adapter.tokenizer is not None else self.tokenizer
+
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
-                    chat_template: Optional[str] = None) -> tuple[list[int], list[Any]]:
+                    chat_template: Optional[str] = None, tokenizer: Any = None) -> tuple[list[int], list[Any]]:
         """A conversation (OpenAI-style message dicts) rendered by ``chat_template`` (template text) or the
-        folder's chat template: its token ids, and the images its content parts hold, in order (each part
-        becomes the model's image placeholder text; text-only models get none, and their image parts are
-        refused later). See :func:`loraplex.multimodal.chat.render_chat`."""
+        chat template of ``tokenizer`` (default: the model's; an adapter that adds tokens brings its own): its
+        token ids, and the images its content parts hold, in order (each part becomes the model's image
+        placeholder text; text-only models get none, and their image parts are refused later). See
+        :func:`loraplex.multimodal.chat.render_chat`."""
         from loraplex.multimodal.chat import render_chat
 
-        tok = self.tokenizer
+        tok = tokenizer or self.tokenizer
         placeholder = self.mm_processor.image_placeholder(tok) if self.mm_processor is not None else ""
         return render_chat(tok, messages, add_generation_prompt, chat_template, placeholder)
 

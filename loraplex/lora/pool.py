@@ -124,9 +124,12 @@ class LoRAPool:
         validate_adapter_name(req.name)
         adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
         if adapter.vocab_size is not None:
-            if getattr(self.lora_model.model, "supports_images", False):
-                raise AdapterError(f"adapter {req.name!r} ({req.path}): added tokens on a vision-language model are "
-                                   "not supported yet (ids past the vocabulary are image placeholders there)")
+            from loraplex.multimodal.processing import PLACEHOLDER_BASE
+
+            if getattr(self.lora_model.model, "supports_images", False) and adapter.vocab_size > PLACEHOLDER_BASE:
+                raise AdapterError(f"adapter {req.name!r} ({req.path}): a vocabulary of {adapter.vocab_size} tokens "
+                                   f"reaches the image placeholder ids of a vision-language model (from "
+                                   f"{PLACEHOLDER_BASE})")
             from loraplex.tokenizer import load_tokenizer
 
             try:
