@@ -294,19 +294,20 @@ def test_every_feature_through_the_server(tmp_path) -> None:
 ADDED = [f"<tool{i}>" for i in range(25)]  # 300 base tokens + 25: past the head's padded 320 columns
 
 
-def make_added_tokens_adapter(model_dir: str, out: Path, seed: int, boost: float) -> str:
-    """A PEFT adapter trained with tokens added to the tokenizer: the base resized, LoRA on q/v, the embedding
-    and head saved whole (their new rows random; ``boost`` scales the head's new rows, so they get sampled)."""
+def make_added_tokens_adapter(model_dir: str, out: Path, seed: int, boost: float, added: list[str] = ADDED) -> str:
+    """A PEFT adapter trained with tokens ``added`` to the tokenizer: the base resized, LoRA on q/v, the
+    embedding and head saved whole (their new rows random; ``boost`` scales the head's new rows, so they get
+    sampled)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.add_tokens(ADDED)
+    tok.add_tokens(added)
     model = load_base_model(model_dir)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        n = len(ADDED)
+        n = len(added)
         hidden = model.get_input_embeddings().weight.shape[1]  # (vision-language configs nest theirs)
         model.get_input_embeddings().weight[-n:] = torch.randn(n, hidden, generator=g)
         model.get_output_embeddings().weight[-n:] = boost * torch.randn(n, hidden, generator=g)
@@ -321,16 +322,19 @@ def make_added_tokens_adapter(model_dir: str, out: Path, seed: int, boost: float
     return str(out)
 
 
-def test_added_tokens_served_with_the_adapters_tokenizer(tmp_path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_added_tokens_served_with_the_adapters_tokenizer(tmp_path, device: str) -> None:
     """The adapter's requests are tokenized with its tokenizer (its added tokens are single ids past the base
     vocabulary), read its embedding rows, can produce its tokens, and match PEFT on the resized model; base
-    requests in the same batch never see them."""
+    requests in the same batch never see them. On CUDA the decode steps replay the adapter graphs, the
+    adapter's widened head applied around them."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     path = make_added_tokens_adapter(model_dir, tmp_path / "added", seed=1, boost=3.0)
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=2, max_lora_rank=16, seed=0, num_kv_blocks=64,
+    llm = LLM(model_dir, dtype="float32", device=device, max_loras=2, max_lora_rank=16, seed=0, num_kv_blocks=64,
               block_size=4)
     llm.add_lora(LoRARequest("added", path))
     text = "hello <tool3> world <tool20>"
@@ -357,6 +361,29 @@ def test_added_tokens_served_with_the_adapters_tokenizer(tmp_path) -> None:
     assert max(got) >= 300  # it produced its own tokens
     assert any(t in outs[0].outputs[0].text for t in ADDED)  # detokenized with its tokenizer
     assert max(outs[1].outputs[0].token_ids) < 300  # the base request never sees them
+
+
+def test_one_adapter_never_samples_another_adapters_added_tokens(tmp_path) -> None:
+    """Two adapters that add 25 and 5 tokens (ids 300.. in both), their head rows boosted so that they win,
+    in one batch with a base request: the 5-token adapter's requests only ever produce ids below 305 (never the
+    other's 305..324, whose logits columns the batch holds), the base request only ids below 300, and each
+    adapter's tokens equal its run alone."""
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    many = make_added_tokens_adapter(model_dir, tmp_path / "many", seed=1, boost=4.0)
+    few = make_added_tokens_adapter(model_dir, tmp_path / "few", seed=2, boost=4.0, added=[f"<f{i}>" for i in range(5)])
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=3, max_lora_rank=16, seed=0, num_kv_blocks=128,
+              block_size=4)
+    loras = [LoRARequest("many", many), LoRARequest("few", few), None, LoRARequest("few", few)]
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0)
+    prompts = [{"prompt_token_ids": p} for p in ([5, 17, 33, 99], [5, 17, 33, 99], [5, 17, 33, 99], [8, 9, 10])]
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    toks = [o.outputs[0].token_ids for o in outs]
+    assert max(toks[0]) >= 305  # the 25-token adapter produces tokens the 5-token one does not have
+    assert max(toks[1]) >= 300 and max(toks[1]) < 305 and max(toks[3]) < 305  # its own, never the other's
+    assert max(toks[2]) < 300
+    for i in (0, 1):
+        alone = llm.generate([prompts[i]], params, lora_request=loras[i], use_tqdm=False)[0].outputs[0].token_ids
+        assert alone == toks[i]
 
 
 def test_added_tokens_errors(tmp_path) -> None:
