@@ -400,3 +400,54 @@ def test_server_runtime_adapter_loads_reach_every_rank(setup, tmp_path) -> None:
             srv.stop()
             srv.engine.shutdown()
     assert texts[2] == texts[1]
+
+
+def test_adapters_reach_the_other_ranks_packed(tmp_path) -> None:
+    """An adapter entering a slot travels to the other ranks as a small pickled description in the step plan
+    plus one flat byte buffer (a collective broadcast: NCCL on GPUs), not as pickled tensors; unpacked, every
+    tensor (LoRA A/B, DoRA magnitudes, LoRA biases, trainable-token ids and rows, trained tables) is bit-equal
+    to rank 0's, and the config, uid and version come along."""
+    from loraplex import LLM, LoRARequest
+    from test_peft_features import _perturb
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    dora = make_adapter(model_dir, tmp_path / "dora", seed=1, r=8, target_modules="all-linear", use_dora=True,
+                        modules_to_save=["lm_head"], trainable_token_indices={"embed_tokens": [5, 17, 100]})
+    _perturb(dora, ("base_model.model.lm_head.weight",), 2)
+    bias = make_adapter(model_dir, tmp_path / "bias", seed=2, r=4, target_modules=["q_proj", "down_proj"],
+                        lora_bias=True)
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=16, block_size=4, max_loras=1,
+              max_lora_rank=16)
+    for name, path in (("dora", dora), ("bias", bias)):
+        llm.add_lora(LoRARequest(name, path))
+        _check_packing(llm.engine.pool.get(name))
+
+
+def _check_packing(adapter) -> None:
+    import pickle
+
+    import torch
+
+    from loraplex.distributed.tp_engine import pack_adapter, unpack_adapter
+
+    meta, flat = pack_adapter(adapter)
+    tensors = [t for w in adapter.modules.values() for t in (w.A, w.B, w.magnitude, w.bias) if t is not None]
+    tensors += [t for pair in adapter.tokens.values() for t in pair] + list(adapter.saved.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    held = [t for w in meta.modules.values() for t in (w.A, w.B, w.magnitude, w.bias)]
+    held += [t for pair in meta.tokens.values() for t in pair] + list(meta.saved.values())
+    assert not any(isinstance(t, torch.Tensor) for t in held)  # the plan carries no weights ...
+    assert flat.numel() >= nbytes and len(pickle.dumps(meta)) < 8192  # ... but their places in the buffer
+    got = unpack_adapter(pickle.loads(pickle.dumps(meta)), flat)
+    assert (got.uid, got.version, got.config, got.vocab_size) == (adapter.uid, adapter.version, adapter.config,
+                                                                  adapter.vocab_size)
+    assert got.modules.keys() == adapter.modules.keys()
+    assert any(w.magnitude is not None or w.bias is not None for w in got.modules.values())
+    for k, w in adapter.modules.items():
+        g = got.modules[k]
+        assert g.scaling == w.scaling
+        for a, b in ((w.A, g.A), (w.B, g.B), (w.magnitude, g.magnitude), (w.bias, g.bias)):
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b)))
+    for k, (ids, rows) in adapter.tokens.items():
+        assert torch.equal(got.tokens[k][0], ids) and torch.equal(got.tokens[k][1], rows)
+    assert got.saved.keys() == adapter.saved.keys() and all(torch.equal(got.saved[k], t) for k, t in adapter.saved.items())

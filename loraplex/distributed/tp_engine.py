@@ -26,8 +26,9 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,9 +51,71 @@ class SeqPlan:
     mm: Any = None  # MultiModalInputs, sent with the request's first step only
 
 
+class _Packed(NamedTuple):
+    """Where one tensor of a packed adapter lies in its flat byte buffer."""
+
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+
+
+_ALIGN = 64  # bytes: every packed tensor starts aligned, so its view keeps any dtype's alignment
+
+
+def pack_adapter(adapter: Any) -> tuple[Any, torch.Tensor]:
+    """(a copy of ``adapter`` whose tensors are :class:`_Packed` places, one flat uint8 tensor holding them all):
+    what rank 0 sends the other ranks when an adapter enters a slot. The copy (config, tokenizer, names) is
+    small and travels pickled in the step plan; the bytes go by one collective broadcast (NCCL on GPUs)."""
+    parts: list[tuple[int, torch.Tensor]] = []
+    size = 0
+
+    def place(t: Optional[torch.Tensor]) -> Optional[_Packed]:
+        nonlocal size
+        if t is None:
+            return None
+        t = t.detach().contiguous()
+        n = t.numel() * t.element_size()
+        parts.append((size, t))
+        packed = _Packed(size, n, t.dtype, tuple(t.shape))
+        size += -(-n // _ALIGN) * _ALIGN
+        return packed
+
+    modules = {k: dataclasses.replace(w, A=place(w.A), B=place(w.B), magnitude=place(w.magnitude),
+                                      bias=place(w.bias)) for k, w in adapter.modules.items()}
+    tokens = {k: (place(ids), place(rows)) for k, (ids, rows) in adapter.tokens.items()}
+    saved = {k: place(t) for k, t in adapter.saved.items()}
+    meta = dataclasses.replace(adapter, modules=modules, tokens=tokens, saved=saved)
+    flat = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    for offset, t in parts:
+        if t.numel():
+            flat[offset:offset + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+    return meta, flat
+
+
+def unpack_adapter(meta: Any, flat: torch.Tensor) -> Any:
+    """The adapter :func:`pack_adapter` packed, its tensors read from ``flat`` (on any device). LoRA A and B stay
+    views of ``flat`` (slot writes copy them); the rest is copied out, since a slot may keep it (tables, token
+    rows, DoRA magnitudes, biases), so that ``flat`` is freed once the slot is written."""
+
+    def view(p: Optional[_Packed], keep: bool = False) -> Optional[torch.Tensor]:
+        if p is None:
+            return None
+        t = flat[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape)
+        return t.clone() if keep else t
+
+    modules = {k: dataclasses.replace(w, A=view(w.A), B=view(w.B), magnitude=view(w.magnitude, True),
+                                      bias=view(w.bias, True)) for k, w in meta.modules.items()}
+    tokens = {k: (view(ids, True), view(rows, True)) for k, (ids, rows) in meta.tokens.items()}
+    saved = {k: view(t, True) for k, t in meta.saved.items()}
+    return dataclasses.replace(meta, modules=modules, tokens=tokens, saved=saved)
+
+
 @dataclass
 class StepPlan:
-    slot_ops: list[tuple[int, Any]] = field(default_factory=list)  # (slot, LoRAAdapter or None)
+    # (slot, the adapter packed (pack_adapter: tensors replaced by places) or None to clear, its bytes): each
+    # adapter's bytes follow the plan in one broadcast each, in this order
+    slot_ops: list[tuple[int, Any, int]] = field(default_factory=list)
     seqs: list[SeqPlan] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # requests whose multimodal inputs can be dropped
     stop: bool = False
@@ -68,7 +131,7 @@ class _ShadowRequest:
     def __init__(self, plan: SeqPlan, mm: Any, adapter: Any) -> None:
         self.request_id = plan.request_id
         self.slot = plan.slot
-        self.adapter = adapter  # the adapter in its slot on this rank (graph steps read whether it has tokens)
+        self.adapter = adapter  # _SlotAdapter of its slot (graph steps read whether it has tokens or tables)
         self.block_table = plan.block_table
         self.mm = mm
         self.prompt_token_ids = range(plan.prompt_len)  # only its length is read
@@ -83,6 +146,15 @@ class _ShadowRequest:
 
     def block_table_array(self) -> np.ndarray:
         return self.block_table
+
+
+class _SlotAdapter(NamedTuple):
+    """What a worker rank remembers of the adapter in a slot: whether it has trainable tokens or trained tables
+    (the eager embedding and head around an adapter graph then take the step's segments)."""
+
+    name: str
+    tokens: bool
+    saved: bool
 
 
 def _free_port() -> int:
@@ -105,6 +177,7 @@ class TensorParallelGroup:
         self.control: Any = None
         self._seen_mm: set[str] = set()
         self._slot_ops: list[tuple[int, Any]] = []
+        self._payloads: list[torch.Tensor] = []  # packed adapters of the plan being sent, in slot-op order
         self.closed = False
 
     # -- start ----------------------------------------------------------------------------------
@@ -147,7 +220,15 @@ class TensorParallelGroup:
     # -- steps ----------------------------------------------------------------------------------
     def plan(self, seqs: Sequence[Any], finished: Sequence[str],
              fix: Optional[tuple[list[int], list[int]]] = None, num_sampled: int = 0) -> StepPlan:
-        out = StepPlan(slot_ops=self._slot_ops, finished=list(finished), fix=fix, num_sampled=num_sampled)
+        out = StepPlan(finished=list(finished), fix=fix, num_sampled=num_sampled)
+        self._payloads = []
+        for slot, adapter in self._slot_ops:
+            if adapter is None:
+                out.slot_ops.append((slot, None, 0))
+                continue
+            meta, flat = pack_adapter(adapter)
+            out.slot_ops.append((slot, meta, flat.numel()))
+            self._payloads.append(flat)
         self._slot_ops = []
         for s in seqs:
             r = s.req
@@ -167,6 +248,9 @@ class TensorParallelGroup:
             raise TensorParallelError("the tensor-parallel group is closed")
         try:
             broadcast_plan(plan, self.control)
+            payloads, self._payloads = self._payloads, []
+            for flat in payloads:
+                broadcast_payload(flat)
         except Exception as e:  # noqa: BLE001 - a collective failed: say which rank is gone
             raise self.failure(e) from e
 
@@ -230,6 +314,17 @@ def destroy_group(timeout: float = 30.0) -> None:
                        "the process", timeout)
 
 
+def broadcast_payload(flat: torch.Tensor) -> torch.Tensor:
+    """Rank 0's packed adapter bytes to every rank, over the default group (NCCL: through the GPUs, so from and
+    into device memory); returns this rank's copy (rank 0: its own, on the group's device)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
+    dist.broadcast(flat, src=0)
+    return flat
+
+
 def broadcast_plan(plan: Optional[StepPlan], group: Any) -> StepPlan:
     import torch.distributed as dist
 
@@ -261,16 +356,23 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
     runner = engine.runner
     lora_model = engine.pool.lora_model if engine.pool is not None else None
     mms: dict[str, Any] = {}
-    in_slot: dict[int, Any] = {}  # slot -> the adapter this rank holds there (rank 0's slot changes, replayed)
+    in_slot: dict[int, Any] = {}  # slot -> _SlotAdapter of what this rank holds there (rank 0's slot changes)
     sampled: Optional[torch.Tensor] = None  # the tokens rank 0 sampled in the last step
     while True:
         plan = broadcast_plan(None, control)
         if plan.stop:
             break
-        for slot, adapter in plan.slot_ops:
-            if adapter is not None:
-                lora_model.stage(adapter)
-            in_slot[slot] = adapter
+        for slot, meta, nbytes in plan.slot_ops:
+            adapter = None
+            if meta is not None:  # its bytes follow the plan, on the group's device (a GPU under NCCL)
+                import torch.distributed as dist
+
+                gpu = dist.get_backend() == "nccl"
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=runner.device if gpu else "cpu")
+                adapter = unpack_adapter(meta, broadcast_payload(flat))
+            # what graph steps ask of a slot's adapter (not the adapter: its weights are in the slot now)
+            in_slot[slot] = None if adapter is None else _SlotAdapter(adapter.name, bool(adapter.tokens),
+                                                                      bool(adapter.saved))
             done = lora_model.set_slot(slot, adapter)
             if done is not None:  # the step that follows may use the slot: it runs after the copy
                 torch.cuda.current_stream().wait_event(done)
