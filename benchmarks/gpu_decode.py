@@ -81,6 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="profile this many decode steps of the first batch and case (torch.profiler): print the "
                         "kernels by GPU time and write a Chrome trace beside the JSON")
     p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--lora-overlap", action="store_true",
+                   help="LORAPLEX_LORA_OVERLAP=1: each LoRA shrink on a side stream beside its base GEMM (experimental)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks the model is sharded over (one GPU each); the floor is then per GPU")
     p.add_argument("--skip-itl", action="store_true")
@@ -92,6 +94,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default="bench_out/gpu_decode.json")
     p.add_argument("--plot", default="bench_out/gpu_decode.png")
     a = p.parse_args(argv)
+    if a.lora_overlap:
+        os.environ["LORAPLEX_LORA_OVERLAP"] = "1"  # read by the Triton LoRA backend (every rank's)
     preset = PRESETS[a.preset]
     for k, v in preset.items():
         if getattr(a, k, None) is None:

@@ -233,14 +233,15 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         return sq, mags
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         batch = current_lora_batch()
         if batch is None or not batch.runs(self.active):
-            return y
+            return self.base_layer(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
+        y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
-        buf = self.backend.shrink(x2, self.stack, batch)
+        buf = shrunk()
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
         bias = getattr(self.base_layer, "bias", None)

@@ -15,7 +15,7 @@ the rows' contributions).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -309,6 +309,10 @@ class LoRABackend(Protocol):
 
     def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
         """x (T, in) -> buf holding x[t] @ A_i[slot(t), :r].T for every slice (layout: the backend's)."""
+
+    def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
+        """Begin :meth:`shrink` before the base layer's GEMM (which reads the same ``x``); the returned call gives
+        ``buf``. A backend may run the shrink beside the GEMM; the plain way computes it at once."""
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:

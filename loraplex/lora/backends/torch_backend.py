@@ -217,6 +217,11 @@ class TorchLoRABackend:
             return x.new_zeros(0, w.num_slices, 0)
         return _shrink_tiles(x, w, plan, r)
 
+    def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch):
+        """:meth:`shrink` now; the returned call gives its result (the Triton backend may overlap it)."""
+        buf = self.shrink(x, w, batch)
+        return lambda: buf
+
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
         plan, r, scales = _plan(w, batch)

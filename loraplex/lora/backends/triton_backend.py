@@ -9,7 +9,8 @@ host-device copy and no synchronisation. Runs on CUDA; on CPU only under ``TRITO
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 
@@ -31,6 +32,35 @@ class TritonLoRABackend:
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
                            max_rank=w.max_rank)
+
+    def __init__(self) -> None:
+        # Experimental (measured next on the GPU; off by default): run each shrink on a side stream beside the
+        # base layer's GEMM, which reads the same input, instead of after it (inside CUDA graphs too: the fork
+        # and join are captured as graph edges).
+        self.overlap = os.environ.get("LORAPLEX_LORA_OVERLAP") == "1"
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
+
+    def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
+        """Start :meth:`shrink` before the base layer runs; the returned call gives its result. With overlap on
+        CUDA the shrink runs on a side stream that waits for ``x`` and that the current stream waits for when
+        the result is taken; its buffers are allocated on the side stream, which next waits for the current one
+        (the next layer's fork) before reusing them, so no block is reused while the other stream reads it."""
+        if not (self.overlap and x.is_cuda):
+            buf = self.shrink(x, w, batch)
+            return lambda: buf
+        main = torch.cuda.current_stream(x.device)
+        side = self._side.get(x.device)
+        if side is None:
+            side = self._side[x.device] = torch.cuda.Stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            buf = self.shrink(x, w, batch)
+
+        def join() -> torch.Tensor:
+            main.wait_stream(side)
+            return buf
+
+        return join
 
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
