@@ -96,8 +96,8 @@ def _slow_uploads(llm: LLM) -> list[_PendingUpload]:
     lora_model = llm.engine.pool.lora_model
     real, uploads = lora_model.set_slot, []
 
-    def set_slot(slot, adapter):
-        real(slot, adapter)
+    def set_slot(slot, adapter, after=None):
+        real(slot, adapter, after)
         uploads.append(_PendingUpload())
         return uploads[-1]
 
@@ -490,3 +490,32 @@ def test_an_adapter_never_starves_behind_a_stream_of_others(model_dir, adapters)
     want = tokens(alone.generate([{"prompt_token_ids": PROMPTS[1]}], params,
                                  lora_request=LoRARequest("a1", adapters["a1"]), use_tqdm=False))
     assert outs["cold"] == want[0]
+
+
+def test_slot_uploads_wait_only_for_the_steps_that_read_the_slot(model_dir, adapters) -> None:
+    """On CUDA each step marks the slots it reads with an event; an upload into a slot (and the clears of slots
+    evicted for its memory) waits for those events only, not for every step queued, so a slot unused for a while
+    loads at once. Here the marks are made by hand (a CPU engine records none) and the events the uploads are
+    given are checked."""
+    llm = make_llm(model_dir, max_loras=1)
+    pool = llm.engine.pool
+    calls = []
+    real = pool.lora_model.set_slot
+
+    def spy(slot, adapter, after=None):
+        calls.append((slot, adapter.name if adapter is not None else None, after))
+        return real(slot, adapter, after)
+
+    pool.lora_model.set_slot = spy
+    for n in ("a0", "a1"):
+        llm.add_lora(LoRARequest(n, adapters[n]))
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], greedy(2), lora_request=LoRARequest("a0", adapters["a0"]),
+                 use_tqdm=False)
+    assert calls == [(0, "a0", [])]  # an empty slot: nothing to wait for
+    pool.mark_used({0}, "step-7")  # stands for the event of the last step that read slot 0
+    llm.generate([{"prompt_token_ids": PROMPTS[1]}], greedy(2), lora_request=LoRARequest("a1", adapters["a1"]),
+                 use_tqdm=False)
+    assert calls[1:] == [(0, "a1", ["step-7"])]  # a0 evicted: a1's copy waits for the step that read a0
+    pool.mark_used({0}, "step-9")
+    llm.remove_lora("a1")  # frees the slot: the clear waits for its last reader too
+    assert calls[2:] == [(0, None, ["step-9"])]

@@ -314,3 +314,25 @@ def test_adapter_upload_overlaps_running_steps(graph_setup) -> None:
         return done
 
     assert run(late=True) == run(late=False)
+
+
+def test_slot_reuse_while_steps_are_in_flight_equals_each_alone(graph_setup) -> None:
+    """One slot of memory, three adapters taking turns under async scheduling: each upload into the slot
+    waits only for the last step that read it (the pool's per-slot events), never for every step queued; a
+    request's tokens equal its run alone, so no upload overwrote weights a step in flight still read."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir, adapters = graph_setup
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 17, 33, 99, 120], [3, 4, 5, 6, 7, 8], [100, 101, 102], [42, 43, 44, 45], [9, 8, 7]]
+    names = ["a0", "a1", "a2", "a0", "a1"]
+    args = {**GRAPH_ARGS, "max_loras": 1, "max_lora_rank": 16}
+    llm = LLM(model_dir, dtype="float32", **args)
+    assert llm.engine.async_scheduling
+    loras = [LoRARequest(n, adapters[n]) for n in names]
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                         lora_request=loras, use_tqdm=False)]
+    assert llm.engine.pool.num_slot_loads >= 4  # the slot changed hands while steps were queued
+    alone = LLM(model_dir, dtype="float32", **{**args, "max_loras": 3})  # every adapter keeps its own slot
+    for p, lora, tokens in zip(prompts, loras, got):
+        want = alone.generate([{"prompt_token_ids": p}], params, lora_request=lora, use_tqdm=False)
+        assert tokens == want[0].outputs[0].token_ids, lora.name

@@ -518,6 +518,12 @@ class LLMEngine:
                     broadcast_from_first(sample.token_ids)
                 except Exception as e:
                     raise self._tp.failure(e) from e
+        if self.pool is not None and self.device.type == "cuda":  # slot uploads wait for the last step reading them
+            used = {s.req.slot for s in seqs if s.req.slot >= 0}
+            if used:
+                step_done = torch.cuda.Event()
+                step_done.record()
+                self.pool.mark_used(used, step_done)
         for s in seqs:
             s.req.num_computed_tokens += s.num_new_tokens
         for r in reqs:

@@ -124,13 +124,16 @@ class LoRAModel:
                                                     w.B.to(dtype).contiguous().pin_memory(), w.scaling,
                                                     w.magnitude, w.bias)
 
-    def set_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> Optional[torch.cuda.Event]:
+    def set_slot(self, slot: int, adapter: Optional[LoRAAdapter],
+                 after: Optional[Sequence[torch.cuda.Event]] = None) -> Optional[torch.cuda.Event]:
         """Copy ``adapter``'s weights into ``slot`` of every wrapper (None clears it).
 
-        CUDA: the copies run on a side stream (item 8 of issue 9), after every step queued so far (they may
-        still read the slot's old weights) and alongside later ones, which must not use the slot until the
-        returned event has completed (the pool's readiness check; ranks > 0 of tensor parallelism make their
-        stream wait for it). The host never waits. CPU: the copies are done on return (None)."""
+        CUDA: the copies run on a side stream (item 8 of issue 9) alongside later steps, which must not use the
+        slot until the returned event has completed (the pool's readiness check; ranks > 0 of tensor
+        parallelism make their stream wait for it). They start after ``after``, the events of the last steps
+        that read the memory they overwrite (the slot's and that of slots evicted for its pages; the pool keeps
+        them), or, when ``after`` is None, after every step queued so far. The host never waits. CPU: the
+        copies are done on return (None)."""
         if self.observer is not None:
             self.observer(slot, adapter)
         device, _ = self._device_and_dtype()
@@ -140,7 +143,11 @@ class LoRAModel:
         if self._upload_stream is None:
             self._upload_stream = torch.cuda.Stream(device)
         stream = self._upload_stream
-        stream.wait_stream(torch.cuda.current_stream(device))
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        else:  # only the steps that read this memory: a slot unused for a while loads at once
+            for ev in after:
+                stream.wait_event(ev)
         with torch.cuda.stream(stream):
             self._write_slot(slot, adapter)
         done = torch.cuda.Event()

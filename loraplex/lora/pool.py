@@ -31,7 +31,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
@@ -92,6 +92,9 @@ class LoRAPool:
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
         self._loads: dict[int, Any] = {}  # slot -> CUDA event of its upload still in flight (side stream)
+        # slot -> CUDA event recorded after the last step that read it (mark_used): an upload that overwrites
+        # the slot's memory waits for that step only, not for every step queued
+        self._read_by: dict[int, Any] = {}
         self._load_started: dict[int, float] = {}  # slot -> when its upload started (time.monotonic)
         # (adapter, event, seconds) since the last drain_events(): "hit" (admitted with its adapter in a slot),
         # "load" (an upload into a slot completed, seconds since it started), "read" (re-read from disk after
@@ -384,11 +387,12 @@ class LoRAPool:
                     freed.append(s)
             if not self.lora_model.fits(adapter, freed):
                 return None
+            after = self._readers(freed + [slot])  # before the clears: they take the same events
             for s in freed:
                 if s != slot:
-                    self._clear_slot(s)
+                    self._clear_slot(s, after)
             t0 = time.monotonic()
-            done = self.lora_model.set_slot(slot, adapter)
+            done = self.lora_model.set_slot(slot, adapter, after)
             if self._slot[slot] is not None:  # evicted by the overwrite
                 self._slot_of_uid.pop(self._slot[slot].uid, None)
             self._slot[slot] = adapter
@@ -440,8 +444,17 @@ class LoRAPool:
         if self._refs[slot] == 0 and adapter is not None and not self._is_current(adapter):
             self._clear_slot(slot)  # a stale version nobody uses: free its slot now
 
-    def _clear_slot(self, slot: int) -> None:
-        self.lora_model.set_slot(slot, None)
+    def mark_used(self, slots: Iterable[int], event: Any) -> None:
+        """A step that reads ``slots`` was queued; ``event`` (CUDA) completes after it."""
+        for s in slots:
+            self._read_by[s] = event
+
+    def _readers(self, slots: Iterable[int]) -> list:
+        """The events after which ``slots``' memory may be overwritten (each slot's last reading step)."""
+        return [self._read_by.pop(s) for s in dict.fromkeys(slots) if s in self._read_by]
+
+    def _clear_slot(self, slot: int, after: Optional[list] = None) -> None:
+        self.lora_model.set_slot(slot, None, self._readers([slot]) if after is None else after)
         old = self._slot[slot]
         if old is not None:
             self._slot_of_uid.pop(old.uid, None)
