@@ -226,14 +226,17 @@ def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -
     assert CompileWatch.compiles == before
 
 
-# ---- tensor parallelism on two GPUs (NCCL) ---------------------------------------------------------------
+# ---- tensor parallelism on 2 and 4 GPUs (NCCL) ------------------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("tp", [2, 4], ids=["tp2", "tp4"])
 @pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
-def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
-    """LLM(tensor_parallel_size=2) over NCCL on two GPUs, decode steps replaying CUDA graphs that hold the
-    all-reduces: float32 prompt logprobs, greedy tokens and their logprobs of a mixed batch (all-linear, lm_head
-    and embed_tokens adapters, a base request) equal to one GPU."""
+def test_tensor_parallel_on_gpus_equals_one(family, tp, tmp_path) -> None:
+    """LLM(tensor_parallel_size=2 and 4, as the host's GPUs allow) over NCCL, decode steps replaying CUDA graphs
+    that hold the all-reduces (4 ranks: more than the llama config's 2 kv heads, replicated): float32 prompt
+    logprobs, greedy tokens and their logprobs of a mixed batch (all-linear, lm_head and embed_tokens adapters,
+    a base request) equal to one GPU."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA devices, this host has {torch.cuda.device_count()}")
     from helpers import make_adapter
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -263,7 +266,7 @@ def test_tensor_parallel_on_two_gpus_equals_one(family, tmp_path) -> None:
         finally:
             llm.engine.shutdown()
 
-    want, got = run(1), run(2)
+    want, got = run(1), run(tp)
     for (wt, wl, wd), (gt, gl, gd) in zip(want, got):
         assert gt == wt
         assert max(abs(a - b) for a, b in zip(gl, wl)) < 5e-5
