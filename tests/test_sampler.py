@@ -268,3 +268,38 @@ def test_sample_device_does_not_synchronise() -> None:
     tokens, lps = unpack_step(packed.cpu().tolist(), layout)
     assert len(tokens) == n and all(0 <= t < 1000 for t in tokens)
     assert all((lp is None) == (p.logprobs is None) for lp, p in zip(lps, params))
+
+
+def test_results_wait_is_bounded_when_asked() -> None:
+    """Under tensor parallelism the engine reads a step's results with a timeout (collectives inside a replayed
+    CUDA graph have no watchdog): a step that never completes raises TimeoutError after about that time, one
+    that completes is read back; without a timeout the wait blocks on the event."""
+    import time
+
+    from loraplex.engine.sampler import PendingSample, Sampler
+
+    class Event:  # a CUDA event that completes after ``polls`` queries (None: never)
+        def __init__(self, polls):
+            self.polls, self.synced = polls, False
+
+        def query(self):
+            if self.polls is None:
+                return False
+            self.polls -= 1
+            return self.polls < 0
+
+        def synchronize(self):
+            self.synced = True
+
+    sampler = Sampler(16, 0)
+    packed = torch.tensor([7.0, 9.0])
+    layout = (2, [], [], 0)
+    stuck = PendingSample(sampler, packed, layout, packed, Event(None))
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish within 0.05 s"):
+        stuck.result(timeout=0.05)
+    assert 0.05 <= time.perf_counter() - t0 < 1.0
+    slow = PendingSample(sampler, packed, layout, packed, Event(3))
+    assert slow.result(timeout=5.0)[0] == [7, 9]
+    blocking = Event(None)
+    assert PendingSample(sampler, packed, layout, packed, blocking).result()[0] == [7, 9] and blocking.synced
