@@ -83,6 +83,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--lora-overlap", action="store_true",
                    help="LORAPLEX_LORA_OVERLAP=1: each LoRA shrink on a side stream beside its base GEMM (experimental)")
+    p.add_argument("--lora-fused", action="store_true",
+                   help="LORAPLEX_LORA_FUSED=1: LoRA shrink and expand in one kernel launch (experimental)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks the model is sharded over (one GPU each); the floor is then per GPU")
     p.add_argument("--skip-itl", action="store_true")
@@ -96,6 +98,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.lora_overlap:
         os.environ["LORAPLEX_LORA_OVERLAP"] = "1"  # read by the Triton LoRA backend (every rank's)
+    if a.lora_fused:
+        os.environ["LORAPLEX_LORA_FUSED"] = "1"
     preset = PRESETS[a.preset]
     for k, v in preset.items():
         if getattr(a, k, None) is None:

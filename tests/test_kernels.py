@@ -440,3 +440,36 @@ def test_a_starving_adapter_drains_only_the_slots_it_needs(tmp_path, monkeypatch
     assert any(admitted for _, admitted in drain_windows)  # ... while the other slots keep admitting
     while eng.has_unfinished_requests():
         eng.step()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_shrink_expand_equals_two_kernels(dtype) -> None:
+    """The fused kernel (LORAPLEX_LORA_FUSED=1) gives what shrink then expand give: every adapter mix, decode and
+    prefill tiles, ranks past one rank block, output blocks narrower than a slice, paged and padded slots, LoRA
+    bias and DoRA extras with a base bias; base rows and untargeted slices untouched."""
+    from loraplex.kernels.lora_fused import lora_shrink_expand
+
+    K = 48
+    for max_rank, ranks in ((16, SLOT_RANKS), (80, {1: [80, 70, 0], 3: [5, 65, 64], 4: [16, 1, 12]})):
+        w = _stack(dtype, K, max_rank, ranks)
+        p = _paged_copy(w)
+        ext = torch.randn(3, 2, sum(SLICES)).float().to(DEVICE)
+        ext_rows = torch.tensor([-1, 0, -1, 2, 1, -1], dtype=torch.int32).to(DEVICE)
+        bias = torch.randn(sum(SLICES)).to(dtype).to(DEVICE)
+        for shape, popularity in (("decode", "distinct"), ("decode", "identical"), ("prefill", "uniform"),
+                                  ("prefill", "skewed")):
+            batch = _batch(popularity, shape, seed=max_rank)
+            x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
+            y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
+            want = y0.clone()
+            parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m)
+            lora_expand(want, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles,
+                        batch.block_m, (ext, ext_rows), bias)
+            for stack, pages in ((w, None), (p, p.pages.table)):
+                for block_n in (None, 32):
+                    got = y0.clone()
+                    lora_shrink_expand(got, x, stack.a, stack.b, stack.ranks_t, stack.scales_t, stack.slice_meta,
+                                       max(SLICES), batch.tiles, batch.block_m, (ext, ext_rows), bias, pages=pages,
+                                       block_n=block_n)
+                    torch.testing.assert_close(got, want, **_tol(dtype))
+                    assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])

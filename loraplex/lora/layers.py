@@ -238,13 +238,19 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return self.base_layer(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        bias = getattr(self.base_layer, "bias", None)
+        if getattr(self.backend, "fused", False) and not (self.row_parallel and self.base_layer.tp_size > 1):
+            y = self.base_layer(x)
+            y2 = y.reshape(-1, y.shape[-1])
+            self.backend.shrink_expand(y2, x2, self.stack, batch, bias)  # one launch (experimental)
+            self._apply_eager_terms(y2, batch, bias)
+            return y2.view(*lead, y.shape[-1])
         shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
         y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
         buf = shrunk()
         if self.row_parallel and self.base_layer.tp_size > 1:
             buf = all_reduce(buf)
-        bias = getattr(self.base_layer, "bias", None)
         self.backend.expand(y2, buf, self.stack, batch, bias)
         self._apply_eager_terms(y2, batch, bias)
         return y2.view(*lead, y.shape[-1])

@@ -16,6 +16,7 @@ import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import lora_expand
+from loraplex.kernels.lora_fused import lora_shrink_expand
 from loraplex.kernels.lora_shrink import lora_shrink
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
@@ -39,6 +40,16 @@ class TritonLoRABackend:
         # and join are captured as graph edges).
         self.overlap = os.environ.get("LORAPLEX_LORA_OVERLAP") == "1"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
+        # Experimental too: shrink and expand in one launch (kernels/lora_fused.py) for the layers that can
+        # take it (not row-parallel layers under tensor parallelism, whose shrink is all-reduced first).
+        self.fused = os.environ.get("LORAPLEX_LORA_FUSED") == "1"
+
+    def shrink_expand(self, y: torch.Tensor, x: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+                      bias: Optional[torch.Tensor] = None) -> None:
+        """:meth:`shrink` then :meth:`expand`, in one launch (``fused``)."""
+        work = -(-batch.num_rows // batch.block_m) if batch.static else None
+        lora_shrink_expand(y, x, w.a, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.tiles,
+                           batch.block_m, _extras(w), bias, pages=w.pages.table, work_tiles=work)
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
         """Start :meth:`shrink` before the base layer runs; the returned call gives its result. With overlap on
