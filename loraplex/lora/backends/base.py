@@ -205,8 +205,9 @@ class LoRAStack:
         (slot's pages, ..., page_rank) with the rank part last or in place, as the stack stores it."""
         P = self.pages.page_rank
         n = len(self.pages.pages_of(slot))
-        pad = [0, 0] * (t.dim() - 1 - rank_dim) + [0, n * P - t.shape[rank_dim]]
-        t = torch.nn.functional.pad(t, pad)
+        if t.shape[rank_dim] != n * P:  # ranks that fill whole pages (8, 16, 32, 64) need no padded copy
+            pad = [0, 0] * (t.dim() - 1 - rank_dim) + [0, n * P - t.shape[rank_dim]]
+            t = torch.nn.functional.pad(t, pad)
         shape = list(t.shape)
         shape[rank_dim:rank_dim + 1] = [n, P]
         return t.reshape(shape).movedim(rank_dim, 0)
@@ -238,8 +239,10 @@ class LoRAStack:
         if self.pages.identity:
             self.b[slot, col:col + b.shape[0], :b.shape[1]].copy_(b)
             return
-        full = b.new_zeros(width, b.shape[1])
-        full[:b.shape[0]] = b
+        full = b
+        if b.shape[0] != width:  # rows below the adapter's: zero
+            full = b.new_zeros(width, b.shape[1])
+            full[:b.shape[0]] = b
         self.b[:, col:col + width].index_copy_(0, self.pages.index(slot), self._paged(full, 1, slot))
 
     def set(self, slot: int, i: int, rank: int, scale: float) -> None:
