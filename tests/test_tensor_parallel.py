@@ -7,6 +7,7 @@ compared with one rank: float32 prompt logprobs and greedy tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import pytest
@@ -420,7 +421,12 @@ def test_adapters_reach_the_other_ranks_packed(tmp_path) -> None:
               max_lora_rank=16)
     for name, path in (("dora", dora), ("bias", bias)):
         llm.add_lora(LoRARequest(name, path))
-        _check_packing(llm.engine.pool.get(name))
+        staged = llm.engine.pool.get(name)
+        assert staged.packed is not None  # registration staged it: its tensors are views of one buffer
+        assert staged.modules[next(iter(staged.modules))].A.untyped_storage().data_ptr() == \
+            staged.packed[1].untyped_storage().data_ptr()
+        _check_packing(staged)  # sends the staged buffer as it is
+        _check_packing(dataclasses.replace(staged, packed=None))  # packs anew
 
 
 def _check_packing(adapter) -> None:
@@ -428,7 +434,7 @@ def _check_packing(adapter) -> None:
 
     import torch
 
-    from loraplex.distributed.tp_engine import pack_adapter, unpack_adapter
+    from loraplex.lora.packing import pack_adapter, unpack_adapter
 
     meta, flat = pack_adapter(adapter)
     tensors = [t for w in adapter.modules.values() for t in (w.A, w.B, w.magnitude, w.bias) if t is not None]

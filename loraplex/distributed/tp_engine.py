@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from loraplex.errors import TensorParallelError
+from loraplex.lora.packing import pack_adapter, unpack_adapter
 
 logger = logging.getLogger("loraplex")
 
@@ -49,66 +49,6 @@ class SeqPlan:
     prompt_len: int
     prompt_logprobs: bool
     mm: Any = None  # MultiModalInputs, sent with the request's first step only
-
-
-class _Packed(NamedTuple):
-    """Where one tensor of a packed adapter lies in its flat byte buffer."""
-
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple
-
-
-_ALIGN = 64  # bytes: every packed tensor starts aligned, so its view keeps any dtype's alignment
-
-
-def pack_adapter(adapter: Any) -> tuple[Any, torch.Tensor]:
-    """(a copy of ``adapter`` whose tensors are :class:`_Packed` places, one flat uint8 tensor holding them all):
-    what rank 0 sends the other ranks when an adapter enters a slot. The copy (config, tokenizer, names) is
-    small and travels pickled in the step plan; the bytes go by one collective broadcast (NCCL on GPUs)."""
-    parts: list[tuple[int, torch.Tensor]] = []
-    size = 0
-
-    def place(t: Optional[torch.Tensor]) -> Optional[_Packed]:
-        nonlocal size
-        if t is None:
-            return None
-        t = t.detach().contiguous()
-        n = t.numel() * t.element_size()
-        parts.append((size, t))
-        packed = _Packed(size, n, t.dtype, tuple(t.shape))
-        size += -(-n // _ALIGN) * _ALIGN
-        return packed
-
-    modules = {k: dataclasses.replace(w, A=place(w.A), B=place(w.B), magnitude=place(w.magnitude),
-                                      bias=place(w.bias)) for k, w in adapter.modules.items()}
-    tokens = {k: (place(ids), place(rows)) for k, (ids, rows) in adapter.tokens.items()}
-    saved = {k: place(t) for k, t in adapter.saved.items()}
-    meta = dataclasses.replace(adapter, modules=modules, tokens=tokens, saved=saved)
-    flat = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-    for offset, t in parts:
-        if t.numel():
-            flat[offset:offset + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
-    return meta, flat
-
-
-def unpack_adapter(meta: Any, flat: torch.Tensor) -> Any:
-    """The adapter :func:`pack_adapter` packed, its tensors read from ``flat`` (on any device). LoRA A and B stay
-    views of ``flat`` (slot writes copy them); the rest is copied out, since a slot may keep it (tables, token
-    rows, DoRA magnitudes, biases), so that ``flat`` is freed once the slot is written."""
-
-    def view(p: Optional[_Packed], keep: bool = False) -> Optional[torch.Tensor]:
-        if p is None:
-            return None
-        t = flat[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape)
-        return t.clone() if keep else t
-
-    modules = {k: dataclasses.replace(w, A=view(w.A), B=view(w.B), magnitude=view(w.magnitude, True),
-                                      bias=view(w.bias, True)) for k, w in meta.modules.items()}
-    tokens = {k: (view(ids, True), view(rows, True)) for k, (ids, rows) in meta.tokens.items()}
-    saved = {k: view(t, True) for k, t in meta.saved.items()}
-    return dataclasses.replace(meta, modules=modules, tokens=tokens, saved=saved)
 
 
 @dataclass

@@ -119,6 +119,9 @@ class LoRAAdapter:
     tokenizer: Any = None
     # tensor keys present in the file but skipped because PEFT would not have adapted their module
     ignored_keys: tuple[str, ...] = ()
+    # (description, flat buffer) once LoRAModel.stage has packed the weights into one buffer (lora/packing.py),
+    # the tensors above being views of it; None before
+    packed: Any = field(default=None, repr=False, compare=False)
 
     @property
     def max_rank(self) -> int:

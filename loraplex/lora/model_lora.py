@@ -8,15 +8,18 @@ and v_proj are the three slices of qkv_proj).
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, LoRAWeights, ModuleTarget
+from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
 from loraplex.lora.backends.base import LoRABackend, PageTable
 from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
+from loraplex.lora.packing import pack_adapter, unpack_adapter
 
 
 @dataclass
@@ -107,22 +110,24 @@ class LoRAModel:
         return a.device, a.dtype
 
     def stage(self, adapter: LoRAAdapter) -> None:
-        """On CUDA, keep ``adapter``'s weights in pinned host memory in the slots' dtype, so that copying it
-        into a slot neither converts on the host nor waits for the device (in place; CPU: nothing)."""
-        device, dtype = self._device_and_dtype()
-        if device.type != "cuda":
+        """Keep ``adapter``'s weights in one buffer (:func:`~loraplex.lora.packing.pack_adapter`; its tensors
+        become views of it), on CUDA in pinned host memory and in the slots' dtype, so that copying it into a
+        slot neither converts on the host nor waits for the device, and one pinned allocation serves the whole
+        adapter (tensor parallelism also sends that buffer as it is). In place; once per adapter."""
+        if adapter.packed is not None:
             return
-        for name, table in list(adapter.saved.items()):
-            if not table.is_pinned():
-                adapter.saved[name] = table.to(dtype).contiguous().pin_memory()
-        for name, (ids, rows) in list(adapter.tokens.items()):
-            if not rows.is_pinned():
-                adapter.tokens[name] = (ids.pin_memory(), rows.to(dtype).contiguous().pin_memory())
-        for name, w in list(adapter.modules.items()):
-            if not w.A.is_pinned():
-                adapter.modules[name] = LoRAWeights(w.A.to(dtype).contiguous().pin_memory(),
-                                                    w.B.to(dtype).contiguous().pin_memory(), w.scaling,
-                                                    w.magnitude, w.bias)
+        device, dtype = self._device_and_dtype()
+        source = adapter
+        if device.type == "cuda":  # the slots' dtype (DoRA magnitudes, biases and token ids stay as they are)
+            source = dataclasses.replace(
+                adapter, modules={k: dataclasses.replace(w, A=w.A.to(dtype), B=w.B.to(dtype))
+                                  for k, w in adapter.modules.items()},
+                tokens={k: (ids, rows.to(dtype)) for k, (ids, rows) in adapter.tokens.items()},
+                saved={k: t.to(dtype) for k, t in adapter.saved.items()})
+        meta, flat = pack_adapter(source, pin=device.type == "cuda")
+        views = unpack_adapter(meta, flat, own_small=False)
+        adapter.modules, adapter.tokens, adapter.saved = views.modules, views.tokens, views.saved
+        adapter.packed = (meta, flat)
 
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter],
                  after: Optional[Sequence[torch.cuda.Event]] = None) -> Optional[torch.cuda.Event]:
