@@ -457,3 +457,28 @@ def _check_packing(adapter) -> None:
     for k, (ids, rows) in adapter.tokens.items():
         assert torch.equal(got.tokens[k][0], ids) and torch.equal(got.tokens[k][1], rows)
     assert got.saved.keys() == adapter.saved.keys() and all(torch.equal(got.saved[k], t) for k, t in adapter.saved.items())
+
+
+def test_chunked_prefill_under_tensor_parallelism_equals_one_rank(tmp_path) -> None:
+    """Prompts split into chunks of a few tokens (max_num_batched_tokens=6) that share steps with decodes, on 2
+    ranks: prompt logprobs gathered over the chunks and greedy tokens equal one rank's unchunked run."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    adapters = {"lin": make_adapter(model_dir, tmp_path / "lin", seed=1, r=8, target_modules="all-linear"),
+                "emb": make_adapter(model_dir, tmp_path / "emb", seed=3, r=4, target_modules=["embed_tokens", "lm_head"])}
+    names = [None, "lin", "emb", "lin"]
+    ((_, _, _, _, _), want), = run_ranks(generate, 1, model_dir, adapters, names)
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=64, block_size=4, max_loras=3,
+              max_lora_rank=16, seed=0, tensor_parallel_size=2, max_num_batched_tokens=6, max_num_seqs=4)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False,
+                            lora_request=[LoRARequest(n, adapters[n]) if n else None for n in names])
+        for o, (want_tokens, want_lps) in zip(outs, want):
+            assert list(o.outputs[0].token_ids) == want_tokens
+            lps = [None if lp is None else list(lp.values())[0] for lp in o.prompt_logprobs]
+            assert max(abs(a - b) for a, b in zip(lps[1:], want_lps[1:])) < 5e-5
+        assert max(len(p) for p in PROMPTS) > 6  # some prompt took several steps
+    finally:
+        llm.engine.shutdown()
