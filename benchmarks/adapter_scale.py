@@ -93,6 +93,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     peak_resident: list[int] = []
     step_s: list[float] = []  # wall time of each engine step
     running: list[int] = []  # requests running after each step (the batch the slots allow)
+    load_steps: list[float] = []  # wall time of the steps that started slot uploads
+    distinct: list[int] = []  # adapters among the running requests after each step
     nxt = 0
     while nxt < len(names) or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -104,9 +106,13 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, nxt / rate - now))
             continue
+        loads0 = eng.pool.num_slot_loads if eng.pool is not None else 0
         s0 = time.perf_counter()
         outs = eng.step()
         step_s.append(time.perf_counter() - s0)
+        if eng.pool is not None and eng.pool.num_slot_loads > loads0:
+            load_steps.append(step_s[-1])  # a step that started slot uploads (their host work is in it)
+        distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
         for o in outs:
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = time.perf_counter() - t0 - arrival[o.request_id]
@@ -131,7 +137,13 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
             "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads)),
             "peak_adapters_in_slots": peak, "mean_running": sum(running) / max(1, len(running)),
-            "steps": len(step_s), "step_seconds_total": sum(step_s)}
+            "steps": len(step_s), "step_seconds_total": sum(step_s),
+            # where long steps come from: the tail of all steps, the steps that started uploads, the adapter mix
+            "step_ms_p90": 1e3 * steps[int(0.9 * (len(steps) - 1))] if steps else 0.0,
+            "step_ms_p99": 1e3 * steps[int(0.99 * (len(steps) - 1))] if steps else 0.0,
+            "steps_with_loads": len(load_steps),
+            "load_step_ms_p50": 1e3 * sorted(load_steps)[len(load_steps) // 2] if load_steps else 0.0,
+            "mean_distinct_adapters": sum(distinct) / max(1, len(distinct))}
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
@@ -175,6 +187,10 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"{r['peak_adapters_in_slots']} adapters in slots  slot load p99 {r['slot_load_ms_p99']:.2f} ms = "
               f"{r['slot_load_p99_in_steps']:.2f} steps of {r['step_ms_p50']:.2f} ms; {r['mean_running']:.1f} running on "
               f"average over {r['steps']} steps ({r['step_seconds_total']:.1f} of {r['seconds']:.1f} s)", flush=True)
+        print(f"[{layout}] {name:>11}  steps p50/p90/p99 {r['step_ms_p50']:.2f} / {r['step_ms_p90']:.2f} / "
+              f"{r['step_ms_p99']:.2f} ms; {r['steps_with_loads']} steps started uploads (p50 "
+              f"{r['load_step_ms_p50']:.2f} ms); {r['mean_distinct_adapters']:.1f} adapters running on average",
+              flush=True)
     print(f"[{layout}] warm load at {rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's "
           "target: >= 0.90)", flush=True)
     out = {"backend": backend, "num_slots": pool.num_slots, "slot_bytes": slot_bytes, "register_seconds": register_s,
