@@ -482,3 +482,20 @@ def test_chunked_prefill_under_tensor_parallelism_equals_one_rank(tmp_path) -> N
         assert max(len(p) for p in PROMPTS) > 6  # some prompt took several steps
     finally:
         llm.engine.shutdown()
+
+
+def test_exit_handler_holds_the_engine_weakly(tmp_path) -> None:
+    """The interpreter-exit handler that stops the worker ranks holds the engine weakly: an engine the program
+    dropped is freed with its model (GPU memory), not kept until exit."""
+    import gc
+    import weakref
+
+    from loraplex import LLM
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_kv_blocks=16, block_size=4, tensor_parallel_size=2)
+    ref = weakref.ref(llm.engine)
+    llm.engine.shutdown()
+    del llm
+    gc.collect()
+    assert ref() is None

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -87,6 +88,16 @@ class _Launched:
     sync: bool  # apply at once (prompt logprobs read this step's logits)
 
 
+def _shutdown_at_exit(tp: Any, engine_ref: "weakref.ref") -> None:
+    """Interpreter exit: stop the tensor-parallel ranks of an engine that was not shut down (its graphs first,
+    when the engine still exists: NCCL keeps a communicator that captured graphs reference)."""
+    engine = engine_ref()
+    if engine is not None:
+        engine.shutdown()
+    elif not tp.closed:
+        tp.close()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -134,7 +145,8 @@ class LLMEngine:
                     os._exit(0)
             else:
                 self._tp.start(config)
-            atexit.register(self.shutdown)
+            # at exit: the worker ranks stop; the engine itself is held weakly (it may be freed long before)
+            atexit.register(_shutdown_at_exit, self._tp, weakref.ref(self))
         self._tp_finished: list[str] = []
         torch.manual_seed(mc.seed)
         model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
