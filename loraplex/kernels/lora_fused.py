@@ -107,15 +107,16 @@ _launch_fused = Launcher(_fused_kernel)
 def fused_config(max_rank: int, K: int, max_width: int, work_tiles: int, num_slices: int,
                  block_n: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
     """Output blocks wide enough that the programs doing work number about the SMs (each recomputes its
-    tile's shrink), 64 to 1024 columns; K steps of 128."""
+    tile's shrink), 64 to 512 columns (tiles of at most 16 rows: the accumulator stays at 8K floats); K steps
+    of 128."""
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     block_k = min(128, max(16, triton.next_power_of_2(K)))
     if block_n is None:
         per_program = triton.cdiv(work_tiles * num_slices * max_width, max(1, num_sms(device)))
-        block_n = min(1024, max(64, triton.next_power_of_2(per_program)))
+        block_n = min(512, max(64, triton.next_power_of_2(per_program)))
     block_n = min(block_n, max(16, triton.next_power_of_2(max_width)))
     return dict(block_r=block_r, block_k=block_k, block_n=block_n, n_blocks=triton.cdiv(max_width, block_n),
-                num_warps=4)
+                num_warps=8 if block_n >= 512 else 4)
 
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks_t: torch.Tensor,
@@ -143,6 +144,7 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     num_tiles = tiles.shape[0]
     if num_tiles == 0 or T == 0:
         return
+    assert block_m <= 16, "the fused kernel takes tiles of at most 16 rows (decode and graph steps)"
     max_rank = pages.shape[1] * page_rank
     cfg = fused_config(max_rank, K, max_width, work_tiles or num_tiles, num_slices, block_n, x.device)
     ext, ext_rows = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS

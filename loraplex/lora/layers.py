@@ -239,7 +239,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         bias = getattr(self.base_layer, "bias", None)
-        if getattr(self.backend, "fused", False) and not (self.row_parallel and self.base_layer.tp_size > 1):
+        fuses = getattr(self.backend, "fuses", None)
+        if fuses is not None and fuses(batch) and not (self.row_parallel and self.base_layer.tp_size > 1):
             y = self.base_layer(x)
             y2 = y.reshape(-1, y.shape[-1])
             self.backend.shrink_expand(y2, x2, self.stack, batch, bias)  # one launch (experimental)

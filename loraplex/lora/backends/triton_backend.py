@@ -44,9 +44,15 @@ class TritonLoRABackend:
         # take it (not row-parallel layers under tensor parallelism, whose shrink is all-reduced first).
         self.fused = os.environ.get("LORAPLEX_LORA_FUSED") == "1"
 
+    def fuses(self, batch: LoRABatch) -> bool:
+        """Whether :meth:`shrink_expand` serves ``batch``: with ``fused``, for tiles of at most 16 rows (decode
+        and graph steps), where launches, not bytes, set the cost; prompt tiles keep the two kernels, which do
+        not recompute the shrink per output block."""
+        return self.fused and batch.block_m <= 16
+
     def shrink_expand(self, y: torch.Tensor, x: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                       bias: Optional[torch.Tensor] = None) -> None:
-        """:meth:`shrink` then :meth:`expand`, in one launch (``fused``)."""
+        """:meth:`shrink` then :meth:`expand`, in one launch (``fused``; batches that :meth:`fuses`)."""
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         lora_shrink_expand(y, x, w.a, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.tiles,
                            batch.block_m, _extras(w), bias, pages=w.pages.table, work_tiles=work)
