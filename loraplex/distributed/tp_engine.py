@@ -132,8 +132,10 @@ class TensorParallelGroup:
         if world != self.world:
             raise ValueError(f"tensor_parallel_size={self.world} but the launcher started WORLD_SIZE={world} "
                              "processes")
-        dist.init_process_group(_backend(config.device_config.device), rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=self.timeout))
+        backend = _backend(config.device_config.device)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=self.timeout),
+                                **_device_id(backend, rank, config.device_config.device))
         self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
         init_tensor_parallel(rank, world)
         return rank
@@ -273,13 +275,28 @@ def broadcast_plan(plan: Optional[StepPlan], group: Any) -> StepPlan:
     return box[0]
 
 
+def _device_id(backend: str, rank: int, device: str) -> dict:
+    """NCCL: this rank's GPU (``LOCAL_RANK`` under a launcher, else the rank, modulo the GPUs; rank 0 of a group
+    the engine starts keeps the engine's device), made current and passed as ``device_id``, so that the
+    communicator is created at once, not lazily at a first collective (which a CUDA graph capture must never
+    be: a capture of all-reduces right after an init without ``device_id`` was seen to hang). Gloo: nothing."""
+    if backend != "nccl":
+        return {}
+    if "LOCAL_RANK" in os.environ or rank > 0:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    elif device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
+    return {"device_id": torch.device("cuda", torch.cuda.current_device())}
+
+
 def _init_group(rank: int, world: int, port: int, device: str, timeout: float) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(_backend(device), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
+    backend = _backend(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
+                            **_device_id(backend, rank, device))
 
 
 def serve_steps(config: Any, rank: int, control: Any) -> None:
