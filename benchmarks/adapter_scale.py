@@ -167,8 +167,14 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
         TritonLoRABackend.page_rank = page_rank
     pool = llm.engine.pool
     t0 = time.perf_counter()
-    for i, f in enumerate(folders):
-        llm.add_lora(LoRARequest(f"a{i}", str(f)))
+    # Folders are read, validated, hashed and staged on a thread pool (LoRAPool.read is safe off the engine
+    # thread, as the server's loads are), then registered in order; only the last max_cpu_loras stay in memory.
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [LoRARequest(f"a{i}", str(f)) for i, f in enumerate(folders)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        for req, adapter in zip(reqs, ex.map(pool.read, reqs)):
+            pool.register(req, adapter=adapter)
     register_s = time.perf_counter() - t0
     many = [f"a{i}" for i in picks]
     rows = {"cold": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
