@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms
+from loraplex.kernels.lora_expand import add_delta
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -82,22 +83,8 @@ def _fused_kernel(
             hb = h.to(bt.dtype)
         acc += tl.dot(hb, bt, input_precision=PRECISION)
 
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + cols[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    out = y.to(tl.float32) + acc * scale
-    if EXTRAS:
-        e = tl.load(ext_rows_ptr + slot).to(tl.int64)
-        if e >= 0:  # this slot's adapter has a LoRA bias or DoRA (see lora_expand)
-            extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=n_mask, other=0.0)
-            dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=n_mask, other=1.0)
-            out += extra[None, :]
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
-                out = (out - bias[None, :]) * dora[None, :] + bias[None, :]
-            else:
-                out = out * dora[None, :]
-    tl.store(y_ptrs, out.to(y.dtype), mask=mask)
+    add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr, bias_ptr,
+              n_total, EXTRAS, HAS_BIAS)
 
 
 _launch_fused = Launcher(_fused_kernel)
