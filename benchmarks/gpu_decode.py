@@ -349,6 +349,8 @@ def profile_decode(llm: Any, prompts: list[list[int]], loras: list[Optional[str]
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
                        row_limit=20), flush=True)
+    if device.type == "cuda":  # the host's side: where a step's CPU time goes
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     if kernels:
         busy = sum(e.device_time for e in kernels) / 1e3  # ms

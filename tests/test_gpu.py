@@ -336,7 +336,9 @@ def test_slot_reuse_while_steps_are_in_flight_equals_each_alone(graph_setup) -> 
     loras = [LoRARequest(n, adapters[n]) for n in names]
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                          lora_request=loras, use_tqdm=False)]
-    assert llm.engine.pool.num_slot_loads >= 4  # the slot changed hands while steps were queued
+    # the slot changed hands while steps were queued: at least once per adapter (the scheduler may run the two
+    # requests of a0, or of a1, together)
+    assert llm.engine.pool.num_slot_loads >= 3
     alone = LLM(model_dir, dtype="float32", **{**args, "max_loras": 3})  # every adapter keeps its own slot
     for p, lora, tokens in zip(prompts, loras, got):
         want = alone.generate([{"prompt_token_ids": p}], params, lora_request=lora, use_tqdm=False)

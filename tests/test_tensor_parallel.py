@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import pytest
+import torch
 
 from helpers import make_adapter, make_tiny_model
 from tp_helpers import run_ranks
@@ -499,3 +500,36 @@ def test_exit_handler_holds_the_engine_weakly(tmp_path) -> None:
     del llm
     gc.collect()
     assert ref() is None
+
+
+def test_collectives_captured_in_graphs_use_the_graph_group(monkeypatch) -> None:
+    """Under NCCL, collectives launched while a CUDA graph is being captured go over the graph group and every
+    other one over the default group: one communicator is only ever replayed in graphs, the other only ever
+    launched eagerly (what lets the engine turn off NCCL's graph mixing support, whose replays block the
+    host)."""
+    import torch.distributed as dist
+
+    from loraplex.distributed import parallel_state as ps
+
+    graph_group = object()
+    seen: list[tuple[str, object]] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: seen.append(("all_reduce", group)))
+    monkeypatch.setattr(dist, "broadcast", lambda x, src, group=None: seen.append(("broadcast", group)))
+    monkeypatch.setattr(dist, "all_gather", lambda parts, x, group=None: seen.append(("all_gather", group)))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    ps.init_tensor_parallel(0, 2, graph_group)
+    try:
+        x = torch.zeros(2, 3)
+        for capturing[0] in (False, True):
+            ps.all_reduce(x)
+            ps.broadcast_from_first(x)
+            ps.all_gather_last_dim(x)
+    finally:
+        ps.init_tensor_parallel(0, 1)
+    assert seen == [("all_reduce", None), ("broadcast", None), ("all_gather", None),
+                    ("all_reduce", graph_group), ("broadcast", graph_group), ("all_gather", graph_group)]
+    assert ps._GRAPH_GROUP is None  # one rank again: no graph group

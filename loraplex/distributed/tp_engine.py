@@ -124,36 +124,21 @@ class TensorParallelGroup:
     def join_env(self, config: Any) -> int:
         """Join a group whose processes were started by a launcher (torchrun's environment: RANK, WORLD_SIZE,
         MASTER_ADDR, MASTER_PORT); returns this process's rank. Rank 0 goes on as the engine."""
-        import torch.distributed as dist
-
-        from loraplex.distributed.parallel_state import init_tensor_parallel
-
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != self.world:
             raise ValueError(f"tensor_parallel_size={self.world} but the launcher started WORLD_SIZE={world} "
                              "processes")
-        backend = _backend(config.device_config.device)
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=self.timeout),
-                                **_device_id(backend, rank, config.device_config.device))
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
-        init_tensor_parallel(rank, world)
+        self.control = _init_group(rank, world, None, config.device_config.device, self.timeout)
         return rank
 
     def start(self, config: Any) -> None:
-        import torch.distributed as dist
-
-        from loraplex.distributed.parallel_state import init_tensor_parallel
-
         port = _free_port()
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=_worker_main, args=(config, r, self.world, port, self.timeout),
                                   name=f"loraplex-tp-rank{r}", daemon=True) for r in range(1, self.world)]
         for p in self.procs:
             p.start()
-        _init_group(0, self.world, port, config.device_config.device, self.timeout)
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
-        init_tensor_parallel(0, self.world)
+        self.control = _init_group(0, self.world, port, config.device_config.device, self.timeout)
 
     def record_slot(self, slot: int, adapter: Any) -> None:
         """An adapter slot changed on rank 0 (LoRAModel.set_slot): the other ranks follow before the next step."""
@@ -289,14 +274,35 @@ def _device_id(backend: str, rank: int, device: str) -> dict:
     return {"device_id": torch.device("cuda", torch.cuda.current_device())}
 
 
-def _init_group(rank: int, world: int, port: int, device: str, timeout: float) -> None:
+def _init_group(rank: int, world: int, port: Optional[int], device: str, timeout: float) -> Any:
+    """Join torch.distributed's default group as ``rank`` of ``world`` (``port``: of rank 0's rendezvous on this
+    host; None: the launcher's environment), then create the groups every rank creates in the same order: under
+    NCCL the one whose collectives CUDA graphs capture (parallel_state), then the gloo control group, which is
+    returned; this process is then that tensor-parallel rank."""
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+    from loraplex.distributed.parallel_state import init_tensor_parallel
+
+    if port is not None:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
     backend = _backend(device)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
-                            **_device_id(backend, rank, device))
+    span = datetime.timedelta(seconds=timeout)
+    graph_group = None
+    if backend == "nccl":
+        # graphs and eager launches never share a communicator here (parallel_state), so NCCL need not
+        # support mixing them, which would make every replay of a graph holding collectives block the host
+        if os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0") != "0":
+            logger.warning("loraplex: NCCL_GRAPH_MIXING_SUPPORT=%s: each CUDA graph replay under tensor "
+                           "parallelism will wait on the host for the previous one",
+                           os.environ["NCCL_GRAPH_MIXING_SUPPORT"])
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=span, **_device_id(backend, rank, device))
+    if backend == "nccl":
+        graph_group = dist.new_group(backend="nccl", timeout=span)
+        dist.all_reduce(torch.zeros(1, device="cuda"), group=graph_group)  # its communicator exists before capture
+    control = dist.new_group(backend="gloo", timeout=span)
+    init_tensor_parallel(rank, world, graph_group)
+    return control
 
 
 def serve_steps(config: Any, rank: int, control: Any) -> None:
@@ -358,13 +364,9 @@ def _worker_main(config: Any, rank: int, world: int, port: int, timeout: float) 
     """A worker process the engine spawned: join the group and serve steps."""
     import torch.distributed as dist
 
-    from loraplex.distributed.parallel_state import init_tensor_parallel
-
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
-        _init_group(rank, world, port, config.device_config.device, timeout)
-        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-        init_tensor_parallel(rank, world)
+        control = _init_group(rank, world, port, config.device_config.device, timeout)
         serve_steps(config, rank, control)
     except BaseException:  # noqa: BLE001 - the rank dies; rank 0 sees its exit code and the failed collective
         logger.error("loraplex tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())

@@ -95,6 +95,11 @@ def _shutdown_at_exit(tp: Any, engine_ref: "weakref.ref") -> None:
     if engine is not None:
         engine.shutdown()
     elif not tp.closed:
+        # the engine is unreachable, but its graphs may still exist in garbage that only the cycle collector
+        # frees (a program that dropped its LLM without shutting it down): free them before the group goes
+        import gc
+
+        gc.collect()
         tp.close()
 
 
