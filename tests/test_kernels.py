@@ -479,3 +479,33 @@ def test_fused_shrink_expand_equals_two_kernels(dtype) -> None:
                                    block_n=block_n)
                 torch.testing.assert_close(got, want, **_tol(dtype))
                 assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])
+
+
+def test_slot_writes_set_device_ranks_and_scales_once_without_host_buffers(monkeypatch) -> None:
+    """An adapter load (clear every slice, set the targeted ones) updates the kernels' ranks and scales once per
+    entry that changed, by scalar fills: no host tensor is built for them (on CUDA each would be a pinned
+    allocation and a copy per slice, which made slot loads cost tens of milliseconds of host time)."""
+    stack = LoRAStack.zeros(3, 4, 16, 16, 32, (8, 4, 4), torch.float32, torch.device("cpu"))
+    fills, built = [], []
+    real_fill, real_tensor = torch.Tensor.fill_, torch.tensor
+    monkeypatch.setattr(torch.Tensor, "fill_", lambda t, v: (fills.append(v), real_fill(t, v))[1])
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: (built.append(a), real_tensor(*a, **k))[1])
+
+    def load(slot: int, entries: dict[int, tuple[int, float]]) -> None:
+        with stack.writing(slot):
+            stack.clear(slot)
+            for i, (rank, scale) in entries.items():
+                stack.set(slot, i, rank, scale)
+
+    load(2, {0: (8, 0.5), 2: (4, 2.0)})
+    assert stack.ranks_t[:, 2].tolist() == [8, 0, 4] and stack.scales_t[:, 2].tolist() == [0.5, 0.0, 2.0]
+    assert len(fills) == 4 and not built  # two entries, a rank and a scale each
+    fills.clear()
+    load(2, {0: (8, 0.5), 2: (4, 2.0)})  # the same adapter again: nothing changes on the device
+    assert not fills
+    load(2, {1: (16, 1.0)})  # another adapter in the slot: the old entries cleared, the new one set
+    assert stack.ranks_t[:, 2].tolist() == [0, 16, 0] and stack.scales_t[:, 2].tolist() == [0.0, 1.0, 0.0]
+    assert len(fills) == 6 and not built
+    stack.clear(2)  # outside writing(): at once
+    assert stack.ranks_t.abs().sum() == 0 and stack.scales_t.abs().sum() == 0
+    assert stack.ranks_t[:, [0, 1, 3]].abs().sum() == 0  # other slots never touched

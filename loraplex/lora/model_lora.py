@@ -204,10 +204,11 @@ class LoRAModel:
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)
-                if any(w is not None for w in weights):
-                    wm.wrapper.set_lora(slot, weights)
-                elif slot in wm.wrapper.active or adapter is None:
-                    wm.wrapper.reset_lora(slot)
+                with wm.wrapper.stack.writing(slot):
+                    if any(w is not None for w in weights):
+                        wm.wrapper.set_lora(slot, weights)
+                    elif slot in wm.wrapper.active or adapter is None:
+                        wm.wrapper.reset_lora(slot)
                 if isinstance(wm.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
                     wm.wrapper.set_tokens(slot, self._tokens_for(wm, adapter))
                     wm.wrapper.set_saved(slot, adapter.saved.get(wm.slice_names[0]) if adapter else None)

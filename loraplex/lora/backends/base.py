@@ -14,8 +14,9 @@ the rows' contributions).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -159,6 +160,8 @@ class LoRAStack:
     ranks_t: torch.Tensor = field(init=False)
     scales_t: torch.Tensor = field(init=False)
     slice_meta: torch.Tensor = field(init=False)  # (slices, 2) int32: offset, width of each slice in y
+    _on_device: list[list[tuple[int, float]]] = field(init=False)  # (rank, scale) [slice][slot] ranks_t/scales_t hold
+    _held: int = field(init=False, default=0)  # writes inside writing(): the device mirrors wait for its end
 
     @classmethod
     def zeros(cls, num_slices: int, max_loras: int, max_rank: int, a_rows: int, a_cols: int,
@@ -192,6 +195,7 @@ class LoRAStack:
             self.a_slices = self.b_slices = []
         self.ranks = [[0] * n_slots for _ in range(n_slices)]
         self.scales = [[0.0] * n_slots for _ in range(n_slices)]
+        self._on_device = [[(0, 0.0)] * n_slots for _ in range(n_slices)]
         self.ranks_t = torch.zeros(n_slices, n_slots, dtype=torch.int32, device=dev)
         self.scales_t = torch.zeros(n_slices, n_slots, dtype=torch.float32, device=dev)
         self.slice_meta = torch.tensor([[o, n] for o, n in zip(offs, self.slices)], dtype=torch.int32).to(dev)
@@ -283,11 +287,31 @@ class LoRAStack:
         else:
             self.ext[row, 1].copy_(dora)
 
+    @contextlib.contextmanager
+    def writing(self, slot: int) -> Iterator[None]:
+        """Clears and writes of ``slot`` inside update the device ranks and scales once, at the end (an adapter
+        load clears every slice and then sets the targeted ones)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._sync(slot)
+
     def _sync(self, slot: int) -> None:
-        col = [self.ranks[i][slot] for i in range(self.num_slices)]
-        self.ranks_t[:, slot].copy_(upload(torch.tensor(col, dtype=torch.int32), self.ranks_t))
-        col_s = [self.scales[i][slot] for i in range(self.num_slices)]
-        self.scales_t[:, slot].copy_(upload(torch.tensor(col_s, dtype=torch.float32), self.scales_t))
+        """The device mirrors of ``slot``'s ranks and scales <- the host's, entry by entry where they differ: a
+        scalar fill each, so that an adapter load allocates no host buffers and makes no copies for them (a
+        pinned allocation per slice, as before, cost slot loads tens of milliseconds of host time)."""
+        if self._held:
+            return
+        for i in range(self.num_slices):
+            want = (self.ranks[i][slot], self.scales[i][slot])
+            have = self._on_device[i][slot]
+            if want[0] != have[0]:
+                self.ranks_t[i, slot].fill_(want[0])
+            if want[1] != have[1]:
+                self.scales_t[i, slot].fill_(want[1])
+            self._on_device[i][slot] = want
 
 
 def upload(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
