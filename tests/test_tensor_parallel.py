@@ -231,7 +231,7 @@ def _graph_run(model_dir: str, adapters: dict[str, str], names: list, tp: int, g
         loras = {n: LoRARequest(n, p) for n, p in adapters.items()}
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS * 2], params,
-                            lora_request=[loras[n] if n else None for n in names * 2], use_tqdm=False)
+                            lora_request=[loras[n] if n else None for n in names], use_tqdm=False)
         graphs_run = llm.engine.runner.graphs.replays if llm.engine.runner.graphs is not None else 0
         return [(list(o.outputs[0].token_ids), [list(lp.values())[0] for lp in o.outputs[0].logprobs])
                 for o in outs], graphs_run
@@ -244,8 +244,10 @@ def test_graph_steps_under_tensor_parallelism_equal_one_rank(tmp_path) -> None:
     """Graph steps on 2 ranks (decode and mixed; on a CPU their buffers and forward run eagerly, on GPUs they
     replay captures): every rank fills the same buffers from rank 0's plan (worker ranks learn which slots hold
     trained tables from the slot changes) and meets the same collectives; greedy tokens and decode logprobs equal
-    one rank's eager steps, for plain LoRA, embedding / lm_head LoRA, trained tables, and base requests."""
-    from test_peft_features import _perturb
+    one rank's eager steps, for plain LoRA, embedding / lm_head LoRA, trained tables, LoRA bias and DoRA (which
+    the expand kernel applies to each rank's partial sums of a row-parallel layer before its all-reduce), and
+    base requests."""
+    from test_peft_features import _perturb, redraw_magnitudes
 
     model_dir = make_tiny_model(tmp_path / "model", family="llama", num_key_value_heads=2)
     adapters = {
@@ -255,8 +257,13 @@ def test_graph_steps_under_tensor_parallelism_equal_one_rank(tmp_path) -> None:
         "saved": make_adapter(model_dir, tmp_path / "saved", seed=3, r=4, target_modules=["v_proj", "down_proj"],
                               modules_to_save=["lm_head", "embed_tokens"]),
     }
+    adapters["bias"] = make_adapter(model_dir, tmp_path / "bias", seed=4, r=8, lora_bias=True,
+                                    target_modules=["o_proj", "down_proj", "gate_proj"])
+    adapters["dora"] = make_adapter(model_dir, tmp_path / "dora", seed=5, r=8, lora_alpha=16, use_dora=True,
+                                    target_modules=["o_proj", "down_proj", "q_proj"])
+    redraw_magnitudes(adapters["dora"], 7)
     _perturb(adapters["saved"], ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"), 5)
-    names = [None, "lin", "head", "saved"]
+    names = [None, "lin", "head", "saved", "bias", "dora", "lin", "bias"]  # one per prompt of PROMPTS * 2
     want, eager_graphs = _graph_run(model_dir, adapters, names, 1, graphs=False)
     got, graph_steps = _graph_run(model_dir, adapters, names, 2, graphs=True)
     assert eager_graphs == 0 and graph_steps >= 6  # every step of the run but none took a graph otherwise

@@ -12,7 +12,7 @@ rows of the base model (slot -1) get exactly the base output.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,9 @@ class BaseLayerWithLoRA(nn.Module):
         """``slot``'s LoRA bias and DoRA scale vectors (either None): into the stack when the backend fuses
         them, else kept for the eager per-segment pass."""
         if self.fused_extras:
+            if bias is not None and getattr(self, "row_parallel", False) and self.base_layer.tp_rank > 0:
+                # the expand kernel adds it to this rank's partial sums, before the all-reduce: rank 0's alone
+                bias = torch.zeros_like(bias)
             self.stack.set_extras(slot, bias, dora)
             return
         if bias is not None:
@@ -247,14 +250,29 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self._apply_eager_terms(y2, batch, bias)
             return y2.view(*lead, y.shape[-1])
         shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
+        if self.row_parallel and self.base_layer.tp_size > 1:
+            return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
         y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
-        buf = shrunk()
-        if self.row_parallel and self.base_layer.tp_size > 1:
-            buf = all_reduce(buf)
-        self.backend.expand(y2, buf, self.stack, batch, bias)
+        self.backend.expand(y2, shrunk(), self.stack, batch, bias)
         self._apply_eager_terms(y2, batch, bias)
         return y2.view(*lead, y.shape[-1])
+
+    def _row_parallel_forward(self, x2: torch.Tensor, shrunk: Callable[[], torch.Tensor], batch) -> torch.Tensor:
+        """A row-parallel layer under tensor parallelism: this rank's delta, from the ``xA`` of its input shard,
+        goes into its partial output before the layer's all-reduce, which sums deltas and base outputs at once
+        (one collective per layer, not a second one for ``xA``). The sum is linear, so each term may be split
+        over the ranks: the expand kernel's DoRA scale (per output channel) applies to each partial, its LoRA
+        bias is rank 0's alone (``_set_extras``); the base bias and the eager per-segment terms (the torch
+        backend's LoRA bias and DoRA) follow the sum."""
+        base = self.base_layer
+        y2 = torch.nn.functional.linear(x2, base.weight)  # this rank's partial sums
+        self.backend.expand(y2, shrunk(), self.stack, batch, None)
+        y2 = all_reduce(y2)
+        if base.bias is not None:
+            y2 = y2 + base.bias
+        self._apply_eager_terms(y2, batch, base.bias)
+        return y2
 
 
 class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
