@@ -308,7 +308,7 @@ class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):
         base = self.base_layer
         vocab = lw.A.shape[1]  # (r, vocab): rows beyond org_vocab_size (and the zero row) stay zero
         start, end = base.vocab_start_index, min(base.vocab_end_index, vocab)  # this rank's shard
-        self.stack.write_a_t(slot, upload(lw.A[:, start:max(start, end)], self.lora_a_t).T)
+        self.stack.write_a_t(slot, lw.A[:, start:max(start, end)].T)
         self.stack.write_b(slot, 0, lw.B)
         self.stack.set(slot, 0, r, float(lw.scaling))
         self._update_active(slot, True)

@@ -9,6 +9,7 @@ and v_proj are the three slices of qkv_proj).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
-from loraplex.lora.backends.base import LoRABackend, PageTable
+from loraplex.lora.backends.base import LoRABackend, PageTable, SlotWriter
 from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
 from loraplex.lora.packing import pack_adapter, unpack_adapter
 
@@ -54,6 +55,10 @@ class LoRAModel:
         else:
             self.pages = PageTable.padded(max_loras, max_rank, device)
         self.fused_extras = bool(getattr(backend, "fuses_extras", False))
+        # Adapter loads into paged slots as one batched launch (kernels/slot_write.py; the Triton backend's);
+        # LORAPLEX_BATCHED_SLOT_WRITES=0 copies tensor by tensor instead.
+        self.batched_writes = (getattr(backend, "name", "") == "triton"
+                               and os.environ.get("LORAPLEX_BATCHED_SLOT_WRITES", "1") != "0")
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
             wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
@@ -154,12 +159,16 @@ class LoRAModel:
             for ev in after:
                 stream.wait_event(ev)
         with torch.cuda.stream(stream):
-            self._write_slot(slot, adapter)
+            keep = self._write_slot(slot, adapter)
         done = torch.cuda.Event()
         done.record(stream)
+        self._reading = [(ev, k) for ev, k in self._reading if not ev.query()]
+        if keep:  # the batched copies read these (the staged adapter in place): alive until they have run
+            self._reading.append((done, keep))
         return done
 
     _upload_stream: Optional[torch.cuda.Stream] = None
+    _reading: list = []  # (upload event, tensors its batched copies read); per instance once set_slot runs
     _dora_pending = False  # whether a slot write left DoRA partials for finish_pending
 
     def finish_pending(self) -> None:
@@ -196,11 +205,24 @@ class LoRAModel:
     def _needs_ext(self, adapter: LoRAAdapter) -> bool:
         return self.fused_extras and (adapter.has_dora or any(w.bias is not None for w in adapter.modules.values()))
 
-    def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
+    def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> list[torch.Tensor]:
+        """Write ``slot`` (on the current stream); returns the tensors that copies still queued read. A staged
+        adapter going into paged slots of the Triton backend is copied by one batched launch
+        (:class:`SlotWriter`, ``kernels/slot_write.py``) rather than two copies per tensor."""
         if adapter is None:
             self.pages.release(slot)
         else:
             self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
+        device, _ = self._device_and_dtype()
+        if adapter is not None and adapter.packed is not None and self.batched_writes and not self.pages.identity:
+            self.pages.writer = SlotWriter(adapter.packed[1], device)
+        try:
+            self._write_modules(slot, adapter)
+            return self.pages.writer.run() if self.pages.writer is not None else []
+        finally:
+            self.pages.writer = None
+
+    def _write_modules(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)

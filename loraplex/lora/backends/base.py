@@ -15,6 +15,7 @@ the rows' contributions).
 from __future__ import annotations
 
 import contextlib
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
@@ -60,6 +61,7 @@ class PageTable:
         self._free = [] if self.identity else list(range(num_pages))
         self._ext: dict[int, int] = {}
         self._free_ext = [] if self.identity else list(range(num_ext_rows))
+        self.writer: Optional["SlotWriter"] = None  # while an adapter load batches its copies (LoRAModel)
 
     @classmethod
     def padded(cls, num_slots: int, max_rank: int, device: torch.device) -> "PageTable":
@@ -126,6 +128,67 @@ class PageTable:
         if self.identity:
             raise AssertionError("the padded layout writes slots directly")
         return self._index[slot]
+
+
+class SlotWriter:
+    """The copies of one adapter load, batched: while a writer is set on the model's :class:`PageTable`, the
+    stacks record each page of A and B whose source is a view of the adapter's staged buffer ``flat``, and
+    each changed rank and scale, instead of copying; :meth:`run` then does them all in two launches
+    (``kernels/slot_write.py``). Sources that are not views of ``flat`` (or not of the stack's dtype) are
+    copied at once, as without a writer."""
+
+    def __init__(self, flat: torch.Tensor, device: torch.device) -> None:
+        self.flat = flat  # uint8, the staged adapter (pinned host memory on CUDA)
+        self.device = device
+        self.pieces: dict[int, list[list[int]]] = {}  # element size -> rows of kernels.slot_write.PIECE_FIELDS
+        self.words: list[tuple[int, int]] = []  # (address, 32 bits as a signed int)
+
+    def offset(self, t: torch.Tensor) -> Optional[int]:
+        """``t``'s offset in elements of its dtype within ``flat``, or None when ``t`` is not a view of it."""
+        if t.device != self.flat.device or t.untyped_storage().data_ptr() != self.flat.untyped_storage().data_ptr():
+            return None
+        delta = t.data_ptr() - self.flat.data_ptr()
+        if delta < 0 or delta % t.element_size() or self.flat.numel() % t.element_size():
+            return None
+        return delta // t.element_size()
+
+    def piece(self, dst: torch.Tensor, src: torch.Tensor, offset: int, src_rs: int, src_cs: int, rows_valid: int,
+              cols_valid: int) -> None:
+        """``dst`` (2-D, contiguous columns) <- the block of ``src``'s elements at ``offset + r * src_rs + c *
+        src_cs`` where r < rows_valid and c < cols_valid, zero elsewhere."""
+        assert dst.dim() == 2 and dst.stride(1) == 1 and dst.element_size() == src.element_size()
+        self.pieces.setdefault(src.element_size(), []).append(
+            [dst.data_ptr(), offset, src_rs, src_cs, max(0, rows_valid), max(0, cols_valid), dst.shape[0],
+             dst.shape[1], dst.stride(0)])
+
+    def word(self, dst: torch.Tensor, value: float) -> None:
+        """The one 32-bit element ``dst`` <- ``value`` (int32 or float32)."""
+        if dst.dtype == torch.float32:
+            bits = struct.unpack("<i", struct.pack("<f", value))[0]
+        else:
+            assert dst.dtype == torch.int32, f"a 32-bit word, not {dst.dtype}"
+            bits = int(value)
+        self.words.append((dst.data_ptr(), bits))
+
+    def run(self) -> list[torch.Tensor]:
+        """Launch the recorded copies on the current stream; returns what they read, to be kept alive until
+        they have run."""
+        from loraplex.kernels.slot_write import PIECE_FIELDS, as_words, copy_pieces, write_words
+
+        keep: list[torch.Tensor] = []
+        for size, rows in self.pieces.items():
+            src = as_words(self.flat[:self.flat.numel() // size * size].view(_words_dtype(size)))
+            keep += copy_pieces(src, torch.tensor(rows, dtype=torch.int64).view(-1, PIECE_FIELDS), self.device)
+        if self.words:
+            addrs, bits = zip(*self.words)
+            keep += write_words(torch.tensor(addrs, dtype=torch.int64), torch.tensor(bits, dtype=torch.int64),
+                                self.device)
+        self.pieces, self.words = {}, []
+        return keep
+
+
+def _words_dtype(size: int) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
 
 
 @dataclass
@@ -216,8 +279,23 @@ class LoRAStack:
         shape[rank_dim:rank_dim + 1] = [n, P]
         return t.reshape(shape).movedim(rank_dim, 0)
 
+    def _batched(self, src: torch.Tensor) -> tuple[Optional[SlotWriter], Optional[int]]:
+        """The model's slot writer and ``src``'s offset in its buffer, when ``src`` can go as pieces of one
+        batched launch (paged slots, a view of the staged adapter in this stack's dtype); else (writer, None)."""
+        writer = self.pages.writer
+        if writer is None or self.pages.identity or src.dtype != self.a.dtype or src.dim() != 2:
+            return writer, None
+        return writer, writer.offset(src)
+
     def write_a(self, slot: int, i: int, a: torch.Tensor) -> None:
         """Slice ``i`` of ``slot`` <- A (r, in) (a host or device tensor; rows past r become zero)."""
+        writer, off = self._batched(a)
+        if off is not None:  # one piece per page: its P rank rows of A, zero past r
+            P = self.pages.page_rank
+            for j, page in enumerate(self.pages.pages_of(slot)):
+                writer.piece(self.a[i, page], a, off + j * P * a.stride(0), a.stride(0), a.stride(1),
+                             a.shape[0] - j * P, a.shape[1])
+            return
         a = upload(a, self.a)
         if self.pages.identity:
             self.a[i, slot, :a.shape[0]].copy_(a)
@@ -227,6 +305,13 @@ class LoRAStack:
     def write_a_t(self, slot: int, a_t: torch.Tensor) -> None:
         """Embedding stacks: ``slot`` <- A transposed (vocab rows, r), from row 0; every other row of the slot's
         pages (padding vocabulary, the zero row of a vocabulary shard) becomes zero."""
+        writer, off = self._batched(a_t)
+        if off is not None:  # one piece per page: every vocabulary row, its P rank columns
+            P = self.pages.page_rank
+            for j, page in enumerate(self.pages.pages_of(slot)):
+                writer.piece(self.a[0, page], a_t, off + j * P * a_t.stride(1), a_t.stride(0), a_t.stride(1),
+                             a_t.shape[0], a_t.shape[1] - j * P)
+            return
         a_t = upload(a_t, self.a).to(self.a.dtype)
         if self.pages.identity:
             self.a[0, slot, :a_t.shape[0], :a_t.shape[1]].copy_(a_t)
@@ -238,8 +323,15 @@ class LoRAStack:
     def write_b(self, slot: int, col: int, b: torch.Tensor, width: Optional[int] = None) -> None:
         """Columns ``col..col + width`` of ``slot``'s B <- b (n, r) in its first n rows, zero below (``width``:
         default n)."""
-        b = upload(b, self.b).to(self.b.dtype)
         width = width or b.shape[0]
+        writer, off = self._batched(b)
+        if off is not None:  # one piece per page: the slice's columns of it, rows past n zero
+            P = self.pages.page_rank
+            for j, page in enumerate(self.pages.pages_of(slot)):
+                writer.piece(self.b[page, col:col + width], b, off + j * P * b.stride(1), b.stride(0), b.stride(1),
+                             b.shape[0], b.shape[1] - j * P)
+            return
+        b = upload(b, self.b).to(self.b.dtype)
         if self.pages.identity:
             self.b[slot, col:col + b.shape[0], :b.shape[1]].copy_(b)
             return
@@ -304,13 +396,16 @@ class LoRAStack:
         pinned allocation per slice, as before, cost slot loads tens of milliseconds of host time)."""
         if self._held:
             return
+        writer = self.pages.writer
         for i in range(self.num_slices):
             want = (self.ranks[i][slot], self.scales[i][slot])
             have = self._on_device[i][slot]
-            if want[0] != have[0]:
-                self.ranks_t[i, slot].fill_(want[0])
-            if want[1] != have[1]:
-                self.scales_t[i, slot].fill_(want[1])
+            for t, w, h in ((self.ranks_t, want[0], have[0]), (self.scales_t, want[1], have[1])):
+                if w != h:
+                    if writer is not None:  # with the adapter's pages, in one launch
+                        writer.word(t[i, slot], w)
+                    else:
+                        t[i, slot].fill_(w)
             self._on_device[i][slot] = want
 
 

@@ -1,0 +1,104 @@
+"""An adapter's slot load as one launch: block copies from its staged buffer into the slots' pages.
+
+    dst_k[r, c] = src[off_k + r * rs_k + c * cs_k]  if r < rows_valid_k and c < cols_valid_k
+                  0                                 otherwise,   for r < rows_k, c < cols_k
+
+for every piece k of a descriptor table (one row of nine int64 per piece: the destination's address, the
+source offset and strides in elements, the valid and the whole extents, the destination's row stride; the
+destination's columns are contiguous). The copy is bitwise: tensors of 2 (or 4) bytes go as int16 (int32),
+so the same kernel serves every dtype, and zero fill is +0.0. :func:`write_words` sets scattered 32-bit
+words (a slot's ranks and scales) in one launch.
+
+On CUDA the source is the adapter's staged buffer in pinned host memory, which the kernel reads in place
+(unified addressing): no device copy of the adapter is made. Where a Triton build refuses a host pointer, the
+buffer is first copied to the device in one transfer.
+
+Reference: the per-tensor writes of :class:`~loraplex.lora.backends.base.LoRAStack` (``write_a``,
+``write_b``, ``write_a_t``); ``tests/test_kernels.py`` loads adapters both ways and compares the slots bit
+for bit.
+Schedule: one program per piece, looping over blocks of ``BLOCK_R`` x ``BLOCK_C``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PIECE_FIELDS = 9  # dst address, src offset, src row stride, src col stride, rows valid, cols valid, rows, cols, dst row stride
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_host_reads = True  # whether kernels may read pinned host memory in place (cleared if Triton refuses it)
+
+
+@triton.jit
+def _copy_pieces_kernel(desc_ptr, src_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    d = desc_ptr + tl.program_id(0).to(tl.int64) * 9
+    dst = tl.load(d).to(tl.pointer_type(src_ptr.dtype.element_ty))
+    off = tl.load(d + 1)
+    src_rs = tl.load(d + 2)
+    src_cs = tl.load(d + 3)
+    rows_valid = tl.load(d + 4)
+    cols_valid = tl.load(d + 5)
+    rows = tl.load(d + 6)
+    cols = tl.load(d + 7)
+    dst_rs = tl.load(d + 8)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)[:, None].to(tl.int64)
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)[None, :].to(tl.int64)
+            inside = (r < rows) & (c < cols)
+            valid = inside & (r < rows_valid) & (c < cols_valid)
+            v = tl.load(src_ptr + off + r * src_rs + c * src_cs, mask=valid, other=0)
+            tl.store(dst + r * dst_rs + c, v, mask=inside)
+
+
+@triton.jit
+def _write_words_kernel(addr_ptr, val_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    addr = tl.load(addr_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.int32))
+    tl.store(addr, tl.load(val_ptr + offs, mask=mask, other=0).to(tl.int32), mask=mask)
+
+
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous) viewed as integers of its element size: what the copy moves, bit for bit."""
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def copy_pieces(src: torch.Tensor, desc: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Run every piece of ``desc`` ((pieces, 9) int64, host) from ``src`` (a flat integer view of the staged
+    buffer, see :func:`as_words`) on ``device``'s current stream. Returns the tensors the launch reads, which
+    must stay alive until it has run (the caller holds them until the slot's upload event)."""
+    global _host_reads
+    if desc.shape[0] == 0:
+        return []
+    desc_dev = _to_device(desc, device)
+    grid = (desc.shape[0],)
+    if src.device != device and device.type == "cuda" and _host_reads:
+        try:
+            _copy_pieces_kernel[grid](desc_dev, src, BLOCK_R=16, BLOCK_C=128)
+            return [src, desc_dev]
+        except (ValueError, RuntimeError):  # this Triton checks that pointers are device memory
+            _host_reads = False
+    if src.device != device:
+        src = src.to(device, non_blocking=True)
+    _copy_pieces_kernel[grid](desc_dev, src, BLOCK_R=16, BLOCK_C=128)
+    return [src, desc_dev]
+
+
+def write_words(addrs: torch.Tensor, values: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """``*addrs[i] = values[i]`` for 32-bit words (``addrs`` int64 addresses, ``values`` their bits as int64;
+    host tensors), on ``device``'s current stream; returns what the launch reads (see :func:`copy_pieces`)."""
+    n = addrs.shape[0]
+    if n == 0:
+        return []
+    both = _to_device(torch.cat([addrs, values]), device)
+    block = 256
+    _write_words_kernel[(triton.cdiv(n, block),)](both[:n], both[n:], n, BLOCK=block)
+    return [both]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
