@@ -209,6 +209,8 @@ class LLMEngine:
         if self.device.type == "cuda":
             t0 = time.perf_counter()
             self.runner.warm_up(lora=self.pool is not None)
+            if self.pool is not None:
+                self.pool.lora_model.warm_up()  # the kernels of batched adapter loads
             logger.info("loraplex: eager step kernels warmed up in %.1f s", time.perf_counter() - t0)
             CompileWatch.start()
         self.allocator = BlockAllocator(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)

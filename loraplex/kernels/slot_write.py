@@ -52,12 +52,13 @@ def _copy_pieces_kernel(desc_ptr, src_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
             tl.store(dst + r * dst_rs + c, v, mask=inside)
 
 
-@triton.jit
-def _write_words_kernel(addr_ptr, val_ptr, n, BLOCK: tl.constexpr):
+# n is never specialised: a load with another number of words must not compile a variant mid-serving
+@triton.jit(do_not_specialize=["n"])
+def _write_words_kernel(buf_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    addr = tl.load(addr_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.int32))
-    tl.store(addr, tl.load(val_ptr + offs, mask=mask, other=0).to(tl.int32), mask=mask)
+    addr = tl.load(buf_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.int32))  # n addresses, then n words
+    tl.store(addr, tl.load(buf_ptr + n + offs, mask=mask, other=0).to(tl.int32), mask=mask)
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,22 @@ def write_words(addrs: torch.Tensor, values: torch.Tensor, device: torch.device)
         return []
     both = _to_device(torch.cat([addrs, values]), device)
     block = 256
-    _write_words_kernel[(triton.cdiv(n, block),)](both[:n], both[n:], n, BLOCK=block)
+    _write_words_kernel[(triton.cdiv(n, block),)](both, n, BLOCK=block)
     return [both]
+
+
+def warm_up(element_size: int, device: torch.device) -> None:
+    """Compile both kernels for tensors of ``element_size`` bytes (start-up: no slot load waits for Triton)."""
+    dtype = _INT_OF_SIZE[element_size]
+    dst = torch.zeros(2, 4, dtype=dtype, device=device)
+    src = torch.zeros(64, dtype=torch.uint8, pin_memory=device.type == "cuda").view(dtype)
+    desc = torch.tensor([[dst.data_ptr(), 0, 4, 1, 1, 4, 2, 4, 4]], dtype=torch.int64)
+    copy_pieces(src, desc, device)
+    word = torch.zeros(1, dtype=torch.int32, device=device)
+    write_words(torch.tensor([word.data_ptr()], dtype=torch.int64), torch.tensor([7], dtype=torch.int64), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    assert word.item() == 7, "the slot-write kernels did not run"
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

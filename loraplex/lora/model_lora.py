@@ -222,6 +222,14 @@ class LoRAModel:
         finally:
             self.pages.writer = None
 
+    def warm_up(self) -> None:
+        """Compile the batched slot-write kernels now (CUDA start-up), not at the first adapter load."""
+        if self.batched_writes and not self.pages.identity and self.modules:
+            from loraplex.kernels.slot_write import warm_up
+
+            device, dtype = self._device_and_dtype()
+            warm_up(torch.empty(0, dtype=dtype).element_size(), device)
+
     def _write_modules(self, slot: int, adapter: Optional[LoRAAdapter]) -> None:
         with torch.no_grad():
             for wm in self.modules:
