@@ -92,6 +92,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="per-step token budgets of the inter-token latency case (0: the engine's "
                         "max_num_batched_tokens); a smaller budget prefills the long prompt in smaller chunks, "
                         "as --max-num-batched-tokens would")
+    p.add_argument("--itl-caps", type=int, nargs="*", default=[256],
+                   help="also run the inter-token latency case with the engine's budget and each of these "
+                        "long_prefill_token_threshold values (the most prompt tokens a request prefills a step)")
     p.add_argument("--out-dir", default="bench_out/gpu_decode")
     p.add_argument("--json", default="bench_out/gpu_decode.json")
     p.add_argument("--plot", default="bench_out/gpu_decode.png")
@@ -295,18 +298,21 @@ def prefill_case(llm: Any, a: argparse.Namespace, device: torch.device, n_params
 
 
 def itl_case(llm: Any, a: argparse.Namespace, batch: int, device: torch.device,
-             budget: int) -> Optional[dict[str, float]]:
+             budget: int, cap: int = 0) -> Optional[dict[str, float]]:
     """Step gaps of ``batch`` decoding requests while one long prompt is prefilled among them, in chunks of at
-    most ``budget`` tokens a step (0: the engine's own budget)."""
+    most ``budget`` tokens a step (0: the engine's own budget) and at most ``cap`` of the prompt's
+    (long_prefill_token_threshold; 0: none)."""
     eng = llm.engine
     if a.long_prompt + 8 >= eng.max_model_len:
         return None
-    own = eng.scheduler.max_num_batched_tokens
-    eng.scheduler.max_num_batched_tokens = budget or own  # the budget max_num_batched_tokens=budget would give
+    sched = eng.scheduler
+    own = sched.max_num_batched_tokens, sched.long_prefill_token_threshold
+    sched.max_num_batched_tokens = budget or own[0]  # what max_num_batched_tokens=budget would give
+    sched.long_prefill_token_threshold = cap
     try:
-        return _itl_steps(eng, a, batch, device) | {"budget": budget or own}
+        return _itl_steps(eng, a, batch, device) | {"budget": budget or own[0], "long_prefill_token_threshold": cap}
     finally:
-        eng.scheduler.max_num_batched_tokens = own
+        sched.max_num_batched_tokens, sched.long_prefill_token_threshold = own
 
 
 def _itl_steps(eng: Any, a: argparse.Namespace, batch: int, device: torch.device) -> dict[str, float]:
@@ -466,11 +472,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"prefill {a.prefill_batch} x {a.prefill_len}: {prefill['tokens_per_s']:.0f} tok/s, "
               f"{prefill['share_of_matmul']:.2f} of the matmul rate", flush=True)
     itl = []
-    for budget in [] if a.skip_itl else a.itl_budgets:
-        r = itl_case(llm, a, min(a.batches), device, budget)
+    runs = [] if a.skip_itl else [(b, 0) for b in a.itl_budgets] + [(0, c) for c in a.itl_caps]
+    for budget, cap in runs:
+        r = itl_case(llm, a, min(a.batches), device, budget, cap)
         if r:
             itl.append(r)
-            print(f"decode ITL while a {a.long_prompt}-token prompt arrives in chunks of {r['budget']} tokens: "
+            how = f"budget {r['budget']}" + (f", long_prefill_token_threshold {cap}" if cap else "")
+            print(f"decode ITL while a {a.long_prompt}-token prompt is prefilled ({how}): "
                   f"p50 {r['itl_ms_p50']:.1f} ms, p99 {r['itl_ms_p99']:.1f} ms ({r['steps']} steps)", flush=True)
     peft = None
     if a.peft:

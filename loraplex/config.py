@@ -132,9 +132,15 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = _doc(True, "split long prompts into chunks that share steps with running "
                                               "decodes, filling each step's token budget decodes first "
                                               "(--no-enable-chunked-prefill: every prompt in one step)")
+    long_prefill_token_threshold: int = _doc(0, "with chunked prefill, the most prompt tokens one request "
+                                                "prefills in a step (0: the step's budget): a smaller chunk "
+                                                "keeps the steps it shares with running decodes short, at the "
+                                                "cost of its own time to first token")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(self.long_prefill_token_threshold >= 0,
+                 f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                  f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         # Every running sequence decodes one token each step, within the step's token budget.

@@ -306,6 +306,29 @@ def test_chunk_len_moves_before_or_extends_over_an_image() -> None:
     assert full._chunk_len(req(0), 4) == 4
 
 
+def test_long_prefill_token_threshold_caps_each_chunk(model_dir, adapters) -> None:
+    """vLLM's ``long_prefill_token_threshold``: with a budget of 64 tokens a step, a 70-token prompt still
+    prefills at most 7 tokens a step (first-come prompts included), beside decodes that advance every step;
+    every output equals the unchunked run's."""
+    llm = make_llm(model_dir, chunked=True, max_num_batched_tokens=64, long_prefill_token_threshold=7)
+    assert llm.engine.scheduler.long_prefill_token_threshold == 7
+    prompts = [{"prompt_token_ids": prompt(n, i)} for i, n in enumerate([70, 5, 20])]
+    names = [None, "qv", "mlp"]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    steps = record_steps(llm)
+    got = llm.generate(prompts, params, lora_request=[adapters[n] if n else None for n in names],
+                       use_tqdm=False)
+    chunks = [(rid, n) for st in steps for rid, start, n in st if start < (70, 5, 20)[int(rid)]]
+    assert max(n for _, n in chunks) == 7  # capped, though the budget had room for more
+    assert [n for rid, n in chunks if rid == "0"] == [7] * 10
+    want = make_llm(model_dir, chunked=False).generate(prompts, params,
+                                                       lora_request=[adapters[n] if n else None for n in names],
+                                                       use_tqdm=False)
+    assert_same_outputs(got, want)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0, got -1"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+
+
 # ---- configuration ---------------------------------------------------------------------------------------
 
 def test_config_validation_and_defaults(model_dir) -> None:

@@ -215,7 +215,7 @@ class LLMEngine:
             CompileWatch.start()
         self.allocator = BlockAllocator(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, self.pool, sc.max_num_seqs, self.max_num_batched_tokens,
-                                   sc.enable_chunked_prefill)
+                                   sc.enable_chunked_prefill, sc.long_prefill_token_threshold)
         self.sampler = Sampler(self.vocab_size, mc.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -68,12 +68,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, pool: Optional[LoRAPool], max_num_seqs: int,
-                 max_num_batched_tokens: int, chunked_prefill: bool = False) -> None:
+                 max_num_batched_tokens: int, chunked_prefill: bool = False,
+                 long_prefill_token_threshold: int = 0) -> None:
         self.allocator = allocator
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: a chunk may take the whole budget
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._drain: Optional[tuple[int, set[int]]] = None  # (starving adapter's uid, the slots draining for it)
@@ -256,7 +258,10 @@ class Scheduler:
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens of the next prefill chunk of ``req``: at most ``budget``, and no more than the free KV blocks
-        (plus those it holds) can take; an image block is never split (see the module docstring). 0: none fits."""
+        (plus those it holds) can take, and no more than ``long_prefill_token_threshold`` when set; an image
+        block is never split (see the module docstring). 0: none fits."""
+        if self.long_prefill_token_threshold:
+            budget = min(budget, self.long_prefill_token_threshold)
         start = req.num_computed_tokens
         room = (len(req.block_table) + self.allocator.num_free) * self.allocator.block_size
         end = min(req.num_tokens, start + budget, room)
