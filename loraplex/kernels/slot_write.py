@@ -16,7 +16,7 @@ buffer is first copied to the device in one transfer.
 Reference: the per-tensor writes of :class:`~loraplex.lora.backends.base.LoRAStack` (``write_a``,
 ``write_b``, ``write_a_t``); ``tests/test_kernels.py`` loads adapters both ways and compares the slots bit
 for bit.
-Schedule: one program per piece, looping over blocks of ``BLOCK_R`` x ``BLOCK_C``.
+Schedule: ``PARTS`` programs per piece, taking turns over its elements in row-major blocks of ``BLOCK``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import triton.language as tl
 
 PIECE_FIELDS = 9  # dst address, src offset, src row stride, src col stride, rows valid, cols valid, rows, cols, dst row stride
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+PARTS, BLOCK = 8, 1024  # programs per piece, elements per step of each
 _host_reads = True  # whether kernels may read pinned host memory in place (cleared if Triton refuses it)
 
 
 @triton.jit
-def _copy_pieces_kernel(desc_ptr, src_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _copy_pieces_kernel(desc_ptr, src_ptr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     d = desc_ptr + tl.program_id(0).to(tl.int64) * 9
     dst = tl.load(d).to(tl.pointer_type(src_ptr.dtype.element_ty))
     off = tl.load(d + 1)
@@ -42,14 +43,18 @@ def _copy_pieces_kernel(desc_ptr, src_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
     rows = tl.load(d + 6)
     cols = tl.load(d + 7)
     dst_rs = tl.load(d + 8)
-    for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)[:, None].to(tl.int64)
-        for c0 in range(0, cols, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)[None, :].to(tl.int64)
-            inside = (r < rows) & (c < cols)
-            valid = inside & (r < rows_valid) & (c < cols_valid)
-            v = tl.load(src_ptr + off + r * src_rs + c * src_cs, mask=valid, other=0)
-            tl.store(dst + r * dst_rs + c, v, mask=inside)
+    n = rows * cols
+    # the piece's elements in row-major order, BLOCK at a time, PARTS programs taking turns: every shape (a
+    # page of A is 8 x 4096, of B 4096 x 8) keeps the lanes busy, and consecutive lanes touch consecutive
+    # destination (and, for A and B, source) addresses
+    for e0 in range(tl.program_id(1) * BLOCK, n, PARTS * BLOCK):
+        e = e0 + tl.arange(0, BLOCK).to(tl.int64)
+        inside = e < n
+        r = e // cols
+        c = e % cols
+        valid = inside & (r < rows_valid) & (c < cols_valid)
+        v = tl.load(src_ptr + off + r * src_rs + c * src_cs, mask=valid, other=0)
+        tl.store(dst + r * dst_rs + c, v, mask=inside)
 
 
 # n is never specialised: a load with another number of words must not compile a variant mid-serving
@@ -74,16 +79,16 @@ def copy_pieces(src: torch.Tensor, desc: torch.Tensor, device: torch.device) -> 
     if desc.shape[0] == 0:
         return []
     desc_dev = _to_device(desc, device)
-    grid = (desc.shape[0],)
+    grid = (desc.shape[0], PARTS)
     if src.device != device and device.type == "cuda" and _host_reads:
         try:
-            _copy_pieces_kernel[grid](desc_dev, src, BLOCK_R=16, BLOCK_C=128)
+            _copy_pieces_kernel[grid](desc_dev, src, PARTS=PARTS, BLOCK=BLOCK)
             return [src, desc_dev]
         except (ValueError, RuntimeError):  # this Triton checks that pointers are device memory
             _host_reads = False
     if src.device != device:
         src = src.to(device, non_blocking=True)
-    _copy_pieces_kernel[grid](desc_dev, src, BLOCK_R=16, BLOCK_C=128)
+    _copy_pieces_kernel[grid](desc_dev, src, PARTS=PARTS, BLOCK=BLOCK)
     return [src, desc_dev]
 
 
