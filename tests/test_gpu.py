@@ -236,10 +236,12 @@ def test_tensor_parallel_on_gpus_equals_one(family, tp, tmp_path) -> None:
     """LLM(tensor_parallel_size=2 and 4, as the host's GPUs allow) over NCCL, decode steps replaying CUDA graphs
     that hold the all-reduces (4 ranks: more than the llama config's 2 kv heads, replicated): float32 prompt
     logprobs, greedy tokens and their logprobs of a mixed batch (all-linear, lm_head and embed_tokens adapters,
-    a base request) equal to one GPU."""
+    LoRA bias and DoRA on row-parallel layers, whose expand kernel works on each rank's partial sums before
+    the all-reduce, a base request) equal to one GPU."""
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} CUDA devices, this host has {torch.cuda.device_count()}")
     from helpers import make_adapter
+    from test_peft_features import redraw_magnitudes
 
     torch.backends.cuda.matmul.allow_tf32 = False
     if family == "llama":
@@ -250,13 +252,19 @@ def test_tensor_parallel_on_gpus_equals_one(family, tp, tmp_path) -> None:
         "lin": make_adapter(model_dir, tmp_path / "lin", seed=1, r=8, target_modules="all-linear"),
         "head": make_adapter(model_dir, tmp_path / "head", seed=2, r=4, target_modules=["q_proj", "lm_head", "down_proj"]),
         "emb": make_adapter(model_dir, tmp_path / "emb", seed=3, r=4, target_modules=["embed_tokens", "v_proj"]),
+        "bias": make_adapter(model_dir, tmp_path / "bias", seed=4, r=8, lora_bias=True,
+                             target_modules=["o_proj", "down_proj", "gate_proj"]),
+        "dora": make_adapter(model_dir, tmp_path / "dora", seed=5, r=8, lora_alpha=16, use_dora=True,
+                             target_modules=["o_proj", "down_proj", "q_proj"]),
     }
-    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46]]
-    names = [None, "lin", "head", "emb"]
+    redraw_magnitudes(adapters["dora"], 7)
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5, 6], [100, 101, 102, 103, 104, 105], [42, 43, 44, 45, 46],
+               [9, 8, 7, 6, 5], [60, 61, 62]]
+    names = [None, "lin", "head", "emb", "bias", "dora"]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=0)
 
     def run(tp: int) -> list:
-        llm = LLM(model_dir, dtype="float32", device="cuda", num_kv_blocks=64, block_size=4, max_loras=3,
+        llm = LLM(model_dir, dtype="float32", device="cuda", num_kv_blocks=64, block_size=4, max_loras=5,
                   max_lora_rank=16, seed=0, tensor_parallel_size=tp)
         try:
             loras = [LoRARequest(n, adapters[n]) if n else None for n in names]
