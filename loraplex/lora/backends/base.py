@@ -152,14 +152,14 @@ class SlotWriter:
             return None
         return delta // t.element_size()
 
-    def piece(self, dst: torch.Tensor, src: torch.Tensor, offset: int, src_rs: int, src_cs: int, rows_valid: int,
-              cols_valid: int) -> None:
-        """``dst`` (2-D, contiguous columns) <- the block of ``src``'s elements at ``offset + r * src_rs + c *
-        src_cs`` where r < rows_valid and c < cols_valid, zero elsewhere."""
-        assert dst.dim() == 2 and dst.stride(1) == 1 and dst.element_size() == src.element_size()
-        self.pieces.setdefault(src.element_size(), []).append(
-            [dst.data_ptr(), offset, src_rs, src_cs, max(0, rows_valid), max(0, cols_valid), dst.shape[0],
-             dst.shape[1], dst.stride(0)])
+    def piece(self, size: int, dst: int, offset: int, src_rs: int, src_cs: int, rows_valid: int, cols_valid: int,
+              rows: int, cols: int, dst_rs: int) -> None:
+        """The ``rows`` x ``cols`` block of ``size``-byte elements at address ``dst`` (row stride ``dst_rs``,
+        contiguous columns) <- the staged elements at ``offset + r * src_rs + c * src_cs`` where r < rows_valid
+        and c < cols_valid, zero elsewhere. Plain ints: a load of an all-linear rank-64 adapter of the
+        Llama-3-8B shape records 3,584 of them on the engine thread."""
+        self.pieces.setdefault(size, []).append([dst, offset, src_rs, src_cs, max(0, rows_valid), max(0, cols_valid),
+                                                 rows, cols, dst_rs])
 
     def word(self, dst: torch.Tensor, value: float) -> None:
         """The one 32-bit element ``dst`` <- ``value`` (int32 or float32)."""
@@ -290,11 +290,12 @@ class LoRAStack:
     def write_a(self, slot: int, i: int, a: torch.Tensor) -> None:
         """Slice ``i`` of ``slot`` <- A (r, in) (a host or device tensor; rows past r become zero)."""
         writer, off = self._batched(a)
-        if off is not None:  # one piece per page: its P rank rows of A, zero past r
-            P = self.pages.page_rank
+        if off is not None:  # one piece per page: its P rank rows of A (a[i, page], (P, K)), zero past r
+            P, K, es = self.pages.page_rank, self.a.shape[3], self.a.element_size()
+            base, rs, cs = self.a.data_ptr() + i * self.a.stride(0) * es, a.stride(0), a.stride(1)
             for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(self.a[i, page], a, off + j * P * a.stride(0), a.stride(0), a.stride(1),
-                             a.shape[0] - j * P, a.shape[1])
+                writer.piece(es, base + page * P * K * es, off + j * P * rs, rs, cs, a.shape[0] - j * P, a.shape[1],
+                             P, K, K)
             return
         a = upload(a, self.a)
         if self.pages.identity:
@@ -306,11 +307,12 @@ class LoRAStack:
         """Embedding stacks: ``slot`` <- A transposed (vocab rows, r), from row 0; every other row of the slot's
         pages (padding vocabulary, the zero row of a vocabulary shard) becomes zero."""
         writer, off = self._batched(a_t)
-        if off is not None:  # one piece per page: every vocabulary row, its P rank columns
-            P = self.pages.page_rank
+        if off is not None:  # one piece per page: every vocabulary row, its P rank columns (a[0, page], (V, P))
+            P, V, es = self.pages.page_rank, self.a.shape[2], self.a.element_size()
+            rs, cs = a_t.stride(0), a_t.stride(1)
             for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(self.a[0, page], a_t, off + j * P * a_t.stride(1), a_t.stride(0), a_t.stride(1),
-                             a_t.shape[0], a_t.shape[1] - j * P)
+                writer.piece(es, self.a.data_ptr() + page * V * P * es, off + j * P * cs, rs, cs, a_t.shape[0],
+                             a_t.shape[1] - j * P, V, P, P)
             return
         a_t = upload(a_t, self.a).to(self.a.dtype)
         if self.pages.identity:
@@ -325,11 +327,12 @@ class LoRAStack:
         default n)."""
         width = width or b.shape[0]
         writer, off = self._batched(b)
-        if off is not None:  # one piece per page: the slice's columns of it, rows past n zero
-            P = self.pages.page_rank
+        if off is not None:  # one piece per page: the slice's rows of it (b[page, col:col + width], (width, P))
+            P, N, es = self.pages.page_rank, self.b.shape[1], self.b.element_size()
+            rs, cs = b.stride(0), b.stride(1)
             for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(self.b[page, col:col + width], b, off + j * P * b.stride(1), b.stride(0), b.stride(1),
-                             b.shape[0], b.shape[1] - j * P)
+                writer.piece(es, self.b.data_ptr() + (page * N + col) * P * es, off + j * P * cs, rs, cs, b.shape[0],
+                             b.shape[1] - j * P, width, P, P)
             return
         b = upload(b, self.b).to(self.b.dtype)
         if self.pages.identity:
