@@ -11,7 +11,9 @@ one rounding into ``y``). The shrink is recomputed by every output block of a ti
 chosen large enough that the programs number about the SMs: on a decode step the work is a few hundred
 kilobytes of A per program read from L2, where the two-kernel path pays two launches' latency chains
 (measured on an H200 at batch 32: 5.9 us shrink + 7.9 us expand per layer module). Not for row-parallel layers
-under tensor parallelism, whose shrink is all-reduced before the expand.
+under tensor parallelism, whose delta goes into each rank's partial sums before the layer's all-reduce
+(``LinearWithLoRA._row_parallel_forward``). Measured slower than the two kernels on an H200 (9.42 against 7.39
+ms a step with one adapter, 24.65 against 9.79 with 32: docs/benchmarks.md), so it stays off by default.
 """
 
 from __future__ import annotations

@@ -66,9 +66,10 @@ def _write_words_kernel(buf_ptr, n, BLOCK: tl.constexpr):
     tl.store(addr, tl.load(buf_ptr + n + offs, mask=mask, other=0).to(tl.int32), mask=mask)
 
 
-def as_words(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (contiguous) viewed as integers of its element size: what the copy moves, bit for bit."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
+def as_words(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """The byte buffer ``flat`` viewed as integers of ``size`` bytes (its whole ones): what the copy of
+    elements of that size moves, bit for bit."""
+    return flat[:flat.numel() // size * size].view(_INT_OF_SIZE[size])
 
 
 def copy_pieces(src: torch.Tensor, desc: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

@@ -59,6 +59,7 @@ class LoRAModel:
         # LORAPLEX_BATCHED_SLOT_WRITES=0 copies tensor by tensor instead.
         self.batched_writes = (getattr(backend, "name", "") == "triton"
                                and os.environ.get("LORAPLEX_BATCHED_SLOT_WRITES", "1") != "0")
+        self._reading: list = []  # (upload event, tensors its batched copies read until it completes)
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
             wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
@@ -168,7 +169,6 @@ class LoRAModel:
         return done
 
     _upload_stream: Optional[torch.cuda.Stream] = None
-    _reading: list = []  # (upload event, tensors its batched copies read); per instance once set_slot runs
     _dora_pending = False  # whether a slot write left DoRA partials for finish_pending
 
     def finish_pending(self) -> None:

@@ -161,14 +161,10 @@ class SlotWriter:
         self.pieces.setdefault(size, []).append([dst, offset, src_rs, src_cs, max(0, rows_valid), max(0, cols_valid),
                                                  rows, cols, dst_rs])
 
-    def word(self, dst: torch.Tensor, value: float) -> None:
-        """The one 32-bit element ``dst`` <- ``value`` (int32 or float32)."""
-        if dst.dtype == torch.float32:
-            bits = struct.unpack("<i", struct.pack("<f", value))[0]
-        else:
-            assert dst.dtype == torch.int32, f"a 32-bit word, not {dst.dtype}"
-            bits = int(value)
-        self.words.append((dst.data_ptr(), bits))
+    def word(self, dst: int, value: float, is_float: bool) -> None:
+        """The 32-bit element at address ``dst`` <- ``value`` (float32 when ``is_float``, else int32)."""
+        bits = struct.unpack("<i", struct.pack("<f", value))[0] if is_float else int(value)
+        self.words.append((dst, bits))
 
     def run(self) -> list[torch.Tensor]:
         """Launch the recorded copies on the current stream; returns what they read, to be kept alive until
@@ -177,7 +173,7 @@ class SlotWriter:
 
         keep: list[torch.Tensor] = []
         for size, rows in self.pieces.items():
-            src = as_words(self.flat[:self.flat.numel() // size * size].view(_words_dtype(size)))
+            src = as_words(self.flat, size)
             keep += copy_pieces(src, torch.tensor(rows, dtype=torch.int64).view(-1, PIECE_FIELDS), self.device)
         if self.words:
             addrs, bits = zip(*self.words)
@@ -185,10 +181,6 @@ class SlotWriter:
                                 self.device)
         self.pieces, self.words = {}, []
         return keep
-
-
-def _words_dtype(size: int) -> torch.dtype:
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
 
 
 @dataclass
@@ -405,8 +397,8 @@ class LoRAStack:
             have = self._on_device[i][slot]
             for t, w, h in ((self.ranks_t, want[0], have[0]), (self.scales_t, want[1], have[1])):
                 if w != h:
-                    if writer is not None:  # with the adapter's pages, in one launch
-                        writer.word(t[i, slot], w)
+                    if writer is not None:  # with the adapter's pages, in one launch ((slices, slots), 4 bytes)
+                        writer.word(t.data_ptr() + (i * t.stride(0) + slot) * 4, w, t.dtype == torch.float32)
                     else:
                         t[i, slot].fill_(w)
             self._on_device[i][slot] = want

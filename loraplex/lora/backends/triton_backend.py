@@ -41,7 +41,7 @@ class TritonLoRABackend:
         self.overlap = os.environ.get("LORAPLEX_LORA_OVERLAP") == "1"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         # Experimental too: shrink and expand in one launch (kernels/lora_fused.py) for the layers that can
-        # take it (not row-parallel layers under tensor parallelism, whose shrink is all-reduced first).
+        # take it (not row-parallel layers under tensor parallelism, whose delta joins the partial sums).
         self.fused = os.environ.get("LORAPLEX_LORA_FUSED") == "1"
 
     def fuses(self, batch: LoRABatch) -> bool:
