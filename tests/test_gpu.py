@@ -164,6 +164,28 @@ def test_enforce_eager_captures_nothing(graph_setup) -> None:
     assert LLM(model_dir, dtype="bfloat16", enforce_eager=True, **GRAPH_ARGS).engine.runner.graphs is None
 
 
+def test_capture_survives_an_engine_collected_during_it(graph_setup) -> None:
+    """An engine dropped inside a reference cycle is garbage that only the cycle collector frees; if the
+    collector ran during a later engine's graph capture, the dropped engine's graphs would be destroyed mid-
+    capture, which CUDA forbids, and the capture fail (seen on an H200 when a test left its engine behind).
+    The capture collects first and keeps the collector off until it is done."""
+    import gc
+
+    model_dir, _ = graph_setup
+    old = LLM(model_dir, dtype="bfloat16", **GRAPH_ARGS)
+    old.engine.cycle = old  # only the cycle collector can free it now
+    del old
+    saved = gc.get_threshold()
+    gc.set_threshold(1)  # without the fix, a collection would start within the first capture
+    try:
+        new = LLM(model_dir, dtype="bfloat16", **GRAPH_ARGS)
+    finally:
+        gc.set_threshold(*saved)
+    out = new.generate([{"prompt_token_ids": [5, 17, 33]}], SamplingParams(max_tokens=4, temperature=0.0),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and new.engine.runner.graphs.replays > 0
+
+
 def test_decode_step_does_not_synchronise(graph_setup) -> None:
     """A decode step (graph replay with adapters, greedy and seeded top-p sampling, logprobs) makes no
     synchronising call but the wait on its one result copy."""

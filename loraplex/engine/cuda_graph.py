@@ -32,6 +32,7 @@ out): they write only there, and their logits are dropped.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -371,6 +372,27 @@ class StepGraphs:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         families = [(False, self.mixed_sizes), (True, self.sizes)] if self.mixed is not None else [(True, self.sizes)]
+        # No garbage collection inside a capture: a collected object's finaliser (an engine dropped earlier in
+        # the process, with its pinned buffers and events) may call into CUDA in ways a capture forbids, which
+        # invalidates it ("operation failed due to a previous error during capture", seen on an H200). Collect
+        # once now, then not until every graph is captured.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_all(dev, pool, families)
+        finally:
+            if was_enabled:
+                gc.enable()
+        torch.cuda.synchronize(dev)
+        self.capture_seconds = time.perf_counter() - t0
+        self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info(dev)[0])
+        logger.info("loraplex: captured %d CUDA graphs (decode batch sizes %s; mixed steps of %s tokens%s) in "
+                    "%.1f s, %.0f MiB", len(self._graphs), self.sizes, self.mixed_sizes,
+                    "; with and without adapters" if self.lora else "", self.capture_seconds,
+                    self.memory_bytes / 2**20)
+
+    def _capture_all(self, dev: torch.device, pool, families: list) -> None:
         for lora in ((False, True) if self.lora else (False,)):
             for decode, sizes in families:
                 for n in reversed(sizes):  # largest first: the smaller graphs reuse its pool memory
@@ -382,13 +404,6 @@ class StepGraphs:
                     with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                         out = self._captured(decode, n, lora)
                     self._graphs[(decode, n, lora)] = _Graph(g, out)
-        torch.cuda.synchronize(dev)
-        self.capture_seconds = time.perf_counter() - t0
-        self.memory_bytes = max(0, free0 - torch.cuda.mem_get_info(dev)[0])
-        logger.info("loraplex: captured %d CUDA graphs (decode batch sizes %s; mixed steps of %s tokens%s) in "
-                    "%.1f s, %.0f MiB", len(self._graphs), self.sizes, self.mixed_sizes,
-                    "; with and without adapters" if self.lora else "", self.capture_seconds,
-                    self.memory_bytes / 2**20)
 
     def release(self) -> None:
         """Destroy every captured graph now (not when garbage collection gets to them)."""
