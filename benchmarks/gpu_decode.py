@@ -81,8 +81,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="profile this many decode steps of the first batch and case (torch.profiler): print the "
                         "kernels by GPU time and write a Chrome trace beside the JSON")
     p.add_argument("--skip-prefill", action="store_true")
-    p.add_argument("--lora-overlap", action="store_true",
-                   help="LORAPLEX_LORA_OVERLAP=1: each LoRA shrink on a side stream beside its base GEMM (experimental)")
+    p.add_argument("--lora-overlap", choices=["auto", "on", "off"], default="auto",
+                   help="each LoRA shrink on a side stream beside its base GEMM (LORAPLEX_LORA_OVERLAP; auto: the "
+                        "engine's default, on with one rank, off under tensor parallelism)")
     p.add_argument("--lora-fused", action="store_true",
                    help="LORAPLEX_LORA_FUSED=1: LoRA shrink and expand in one kernel launch (experimental)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -99,8 +100,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default="bench_out/gpu_decode.json")
     p.add_argument("--plot", default="bench_out/gpu_decode.png")
     a = p.parse_args(argv)
-    if a.lora_overlap:
-        os.environ["LORAPLEX_LORA_OVERLAP"] = "1"  # read by the Triton LoRA backend (every rank's)
+    if a.lora_overlap != "auto":
+        os.environ["LORAPLEX_LORA_OVERLAP"] = "1" if a.lora_overlap == "on" else "0"  # every rank's backend reads it
     if a.lora_fused:
         os.environ["LORAPLEX_LORA_FUSED"] = "1"
     preset = PRESETS[a.preset]

@@ -563,3 +563,21 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_lora_overlap_default_follows_tensor_parallelism(monkeypatch) -> None:
+    """The shrink runs beside the base GEMM by default with one rank, not under tensor parallelism (not yet run
+    on GPUs there); LORAPLEX_LORA_OVERLAP=0 or 1 decides either way."""
+    from loraplex.distributed import parallel_state as ps
+    from loraplex.lora.backends.triton_backend import TritonLoRABackend
+
+    monkeypatch.delenv("LORAPLEX_LORA_OVERLAP", raising=False)
+    assert TritonLoRABackend().overlap
+    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "0")
+    assert not TritonLoRABackend().overlap
+    monkeypatch.setattr(ps, "_TP_SIZE", 2)
+    assert not TritonLoRABackend().overlap
+    monkeypatch.delenv("LORAPLEX_LORA_OVERLAP")
+    assert not TritonLoRABackend().overlap
+    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "1")
+    assert TritonLoRABackend().overlap
