@@ -152,10 +152,7 @@ class LoRAModel:
             self._write_slot(slot, adapter)
             return None
         if self._upload_stream is None:
-            # high priority: the copy's blocks are scheduled ahead of queued step kernels, so a load is not
-            # held back behind every step replayed after it (its request waits for it; the others barely notice
-            # a copy of a few MB)
-            self._upload_stream = torch.cuda.Stream(device, priority=-1)
+            self._upload_stream = torch.cuda.Stream(device)
         stream = self._upload_stream
         if after is None:
             stream.wait_stream(torch.cuda.current_stream(device))
