@@ -2,7 +2,8 @@
 ``--num-adapters`` registered adapters of ranks 8 to 64, against the same load on one adapter.
 
 Requests arrive at ``--rate`` per second (deterministic gaps) into one engine, stepped here; each takes a
-random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. Reports output tokens/s, TTFT
+random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. As in the server, a request whose
+adapter was evicted from host memory joins once an I/O thread has re-read the adapter's folder. Reports output tokens/s, TTFT
 p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk to host after
 eviction), the most adapters resident in device slots at once, and the slots' device memory. A cold start
 registers the adapters just before the load; a warm start has run the load once already.
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -95,16 +97,36 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     running: list[int] = []  # requests running after each step (the batch the slots allow)
     load_steps: list[float] = []  # wall time of the steps that started slot uploads
     distinct: list[int] = []  # adapters among the running requests after each step
+    # As the server does (server/engine_core.py): a request whose adapter was evicted from host memory waits
+    # while an I/O thread re-reads the adapter's folder, then joins; the step loop never waits for a disk.
+    # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
+    rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
+
+    def add(rid: str, i: int) -> None:
+        eng.add_request({"prompt_token_ids": prompts[i]}, params, names[i], rid)
+
     nxt = 0
-    while nxt < len(names) or eng.has_unfinished_requests():
+    while nxt < len(names) or eng.has_unfinished_requests() or rereads:
         now = time.perf_counter() - t0
         while nxt < len(names) and nxt / rate <= now:
             rid = f"r{nxt}-{time.monotonic_ns()}"
-            eng.add_request({"prompt_token_ids": prompts[nxt]}, params, names[nxt], rid)
             arrival[rid] = nxt / rate
+            name = names[nxt]
+            if name is not None and (name in rereads or eng.pool.needs_read(name)):
+                if name not in rereads:
+                    rereads[name] = (io.submit(eng.pool.read_current, name), [])
+                rereads[name][1].append((rid, nxt))
+            else:
+                add(rid, nxt)
             nxt += 1
+        for name in [n for n, (f, _) in rereads.items() if f.done()]:
+            f, waiting = rereads.pop(name)
+            eng.pool.adopt(*f.result())  # a failed read raises here: the benchmark's adapters never fail
+            for rid, i in waiting:
+                add(rid, i)
         if not eng.has_unfinished_requests():
-            time.sleep(max(0.0, nxt / rate - now))
+            time.sleep(0.0005 if rereads else max(0.0, nxt / rate - now))
             continue
         loads0 = eng.pool.num_slot_loads if eng.pool is not None else 0
         s0 = time.perf_counter()
@@ -120,6 +142,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         if eng.pool is not None:
             peak_resident.append(sum(n is not None for n in eng.pool.device_resident))
     wall = time.perf_counter() - t0
+    io.shutdown()
     ttft = sorted(first.values())
     peak = max(peak_resident) if peak_resident else 0
     events = eng.pool.drain_events() if eng.pool is not None else []
@@ -169,8 +192,6 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
     t0 = time.perf_counter()
     # Folders are read, validated, hashed and staged on a thread pool (LoRAPool.read is safe off the engine
     # thread, as the server's loads are), then registered in order; only the last max_cpu_loras stay in memory.
-    from concurrent.futures import ThreadPoolExecutor
-
     reqs = [LoRARequest(f"a{i}", str(f)) for i, f in enumerate(folders)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
         for req, adapter in zip(reqs, ex.map(pool.read, reqs)):
