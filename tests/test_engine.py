@@ -519,3 +519,48 @@ def test_slot_uploads_wait_only_for_the_steps_that_read_the_slot(model_dir, adap
     pool.mark_used({0}, "step-9")
     llm.remove_lora("a1")  # frees the slot: the clear waits for its last reader too
     assert calls[2:] == [(0, None, ["step-9"])]
+
+
+def test_admit_loading_hands_out_a_slot_whose_copy_is_in_flight(monkeypatch) -> None:
+    """By default a request waits until the host sees its adapter's copy into a slot done; with
+    LORAPLEX_ADMIT_LOADING=1 it gets the slot at once, with the copy's event (``load_event``) for its step to
+    wait on, on the device. The load is counted once and its completion noted when the event is done."""
+    from types import SimpleNamespace
+
+    from loraplex.lora.pool import LoRAPool
+
+    class Event:  # a CUDA event the test completes by hand
+        def __init__(self) -> None:
+            self.done = False
+
+        def query(self) -> bool:
+            return self.done
+
+    events: list[Event] = []
+
+    def set_slot(slot, adapter, after=None):
+        events.append(Event())
+        return events[-1]
+
+    model = SimpleNamespace(num_slots=2, fits=lambda adapter, freed: True, set_slot=set_slot)
+    a, b = SimpleNamespace(uid=1, name="a"), SimpleNamespace(uid=2, name="b")
+
+    monkeypatch.delenv("LORAPLEX_ADMIT_LOADING", raising=False)
+    pool = LoRAPool(model, 2, 8, 4)
+    assert pool.acquire(a) is None and pool.acquire(a) is None  # copying: the request waits
+    assert len(events) == 1 and pool.num_slot_loads == 1
+    events[0].done = True
+    slot = pool.acquire(a)
+    assert slot is not None and pool.load_event(slot) is None and pool.slot_refcount(slot) == 1
+
+    monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "1")
+    pool = LoRAPool(model, 2, 8, 4)
+    slot = pool.acquire(b)
+    assert slot is not None and pool.load_event(slot) is events[-1] and pool.slot_refcount(slot) == 1
+    assert pool.acquire(b) == slot and pool.num_slot_loads == 1  # a second request: the same copy
+    pool.poll()
+    assert pool.load_event(slot) is events[-1]
+    events[-1].done = True
+    pool.poll()
+    assert pool.load_event(slot) is None
+    assert [e[:2] for e in pool.drain_events()] == [("b", "load")]

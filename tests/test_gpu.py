@@ -307,10 +307,14 @@ def test_tensor_parallel_on_gpus_equals_one(family, tp, tmp_path) -> None:
         assert max(abs(a - b) for a, b in zip(gd, wd)) < 5e-5
 
 
-def test_adapter_upload_overlaps_running_steps(graph_setup) -> None:
+@pytest.mark.parametrize("admit", [False, True], ids=["host-gate", "admit-loading"])
+def test_adapter_upload_overlaps_running_steps(graph_setup, monkeypatch, admit) -> None:
     """An adapter copied into a slot while requests decode (item 8 of issue 9): the copy runs on a side stream
-    from pinned memory (no synchronising call on the host), its request waits until the copy is done, the
-    running requests go on; tokens equal a run where the adapter was in its slot from the start."""
+    from pinned memory (no synchronising call on the host), its request waits until the copy is done (by
+    default on the host; with LORAPLEX_ADMIT_LOADING=1 it joins the next step, which waits for the copy on the
+    device), the running requests go on; tokens equal a run where the adapter was in its slot from the start."""
+    if admit:
+        monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "1")
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, adapters = graph_setup
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -337,10 +341,14 @@ def test_adapter_upload_overlaps_running_steps(graph_setup) -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            outs = [o for _ in range(3) for o in eng.step()]
+            outs = list(eng.step())
+            joined = "r2" in {r.request_id for r in eng.scheduler.running}
+            outs += [o for _ in range(2) for o in eng.step()]
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert {o.request_id for o in outs} >= {"r0", "r1"}  # the running requests went on
+        if late and admit:
+            assert joined  # admitted by the step that started its copy
         if late:
             assert eng.pool.num_slot_loads == loads + 1
         done = {}

@@ -507,6 +507,11 @@ class LLMEngine:
             self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared))
             self._tp_finished = []
         batch = self.runner.prepare(seqs)
+        if self.pool is not None and self.pool.admit_loading:  # slots still being copied: wait on the device
+            for slot in {s.req.slot for s in seqs if s.req.slot >= 0}:
+                done = self.pool.load_event(slot)
+                if done is not None:
+                    torch.cuda.current_stream(self.device).wait_event(done)
         try:
             logits = self.runner.execute(batch, fix)  # (R, padded vocab) float32
         except Exception as e:

@@ -27,6 +27,7 @@ first and every re-read after host eviction, must find each file resolving insid
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import time
 from collections import OrderedDict, deque
@@ -96,6 +97,12 @@ class LoRAPool:
         # the slot's memory waits for that step only, not for every step queued
         self._read_by: dict[int, Any] = {}
         self._load_started: dict[int, float] = {}  # slot -> when its upload started (time.monotonic)
+        # Admit a request whose adapter is still being copied into its slot: the step that runs it makes the
+        # compute stream wait for the copy on the device (``load_event``; the host never waits), where by
+        # default the request waits until the host sees the copy done, two or more steps later. That step,
+        # and the requests sharing it, then wait for the copy (a few MB over PCIe). Experimental until
+        # measured on a GPU: LORAPLEX_ADMIT_LOADING=1.
+        self.admit_loading = os.environ.get("LORAPLEX_ADMIT_LOADING") == "1"
         # (adapter, event, seconds) since the last drain_events(): "hit" (admitted with its adapter in a slot),
         # "load" (an upload into a slot completed, seconds since it started), "read" (re-read from disk after
         # host eviction, seconds). The server turns them into per-adapter metrics; bounded for engines that
@@ -404,13 +411,18 @@ class LoRAPool:
                 self._loads[slot] = done
             else:
                 self._loaded(slot)
-        if not self._ready(slot):
+        if not self._ready(slot) and not self.admit_loading:
             return None
         if hit:
             self._events.append((adapter.name, "hit", 0.0))  # admitted without a copy
         self._refs[slot] += 1
         self._last_use[slot] = next(self._tick)
         return slot
+
+    def load_event(self, slot: int) -> Optional[Any]:
+        """The CUDA event of ``slot``'s upload while it may still be in flight (None once it was seen done): a
+        step that reads the slot waits for it on the device (``admit_loading``)."""
+        return self._loads.get(slot)
 
     def drain_set(self, adapter: LoRAAdapter) -> set[int]:
         """Busy slots that, once their running requests finish, free the memory ``adapter`` needs: the fewest
