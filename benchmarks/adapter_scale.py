@@ -240,9 +240,14 @@ def main() -> int:
     p.add_argument("--layouts", nargs="+", choices=["paged", "padded"],
                    help="slot layouts to run (default: both on a GPU; padded, with the torch backend, on a CPU, where "
                         "the Triton kernels would run in the interpreter)")
+    p.add_argument("--admit-loading", action="store_true",
+                   help="LORAPLEX_ADMIT_LOADING=1: a request whose adapter is being copied into its slot joins the "
+                        "next step, which waits for the copy on the device (experimental)")
     p.add_argument("--out-dir", default="bench_out/adapter_scale")
     p.add_argument("--json", default="bench_out/adapter_scale.json")
     a = p.parse_args()
+    if a.admit_loading:
+        os.environ["LORAPLEX_ADMIT_LOADING"] = "1"  # read by the adapter pool when the engine starts
     cfg = SimpleNamespace(**PRESETS[a.preset])
     for key in ("num_adapters", "num_requests", "rate"):
         if getattr(a, key) is not None:
