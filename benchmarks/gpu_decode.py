@@ -84,8 +84,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lora-overlap", choices=["auto", "on", "off"], default="auto",
                    help="each LoRA shrink on a side stream beside its base GEMM (LORAPLEX_LORA_OVERLAP; auto: the "
                         "engine's default, on with one rank, off under tensor parallelism)")
-    p.add_argument("--lora-fused", action="store_true",
-                   help="LORAPLEX_LORA_FUSED=1: LoRA shrink and expand in one kernel launch (experimental)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks the model is sharded over (one GPU each); the floor is then per GPU")
     p.add_argument("--skip-itl", action="store_true")
@@ -102,8 +100,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.lora_overlap != "auto":
         os.environ["LORAPLEX_LORA_OVERLAP"] = "1" if a.lora_overlap == "on" else "0"  # every rank's backend reads it
-    if a.lora_fused:
-        os.environ["LORAPLEX_LORA_FUSED"] = "1"
     preset = PRESETS[a.preset]
     for k, v in preset.items():
         if getattr(a, k, None) is None:

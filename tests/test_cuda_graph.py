@@ -206,21 +206,6 @@ def test_graph_steps_equal_eager_steps(tmp_path) -> None:
     assert_same(got, want, sizes)
 
 
-def test_fused_lora_kernel_in_graph_and_eager_steps(tmp_path, monkeypatch) -> None:
-    """LORAPLEX_LORA_FUSED=1 (shrink and expand in one kernel launch): graph steps over changing adapter mixes
-    (DoRA and LoRA bias in its epilogue, trained tables around the graphs) equal eager steps of the torch
-    backend."""
-    model, adapters = build_graph_case(tmp_path)
-    common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
-                  seed=0, max_num_seqs=8, attention_backend="triton")
-    want, _ = run_mixes(LLM(model, lora_backend="torch", **common), adapters, use_graphs=False)
-    monkeypatch.setenv("LORAPLEX_LORA_FUSED", "1")
-    llm = LLM(model, lora_backend="triton", **common)
-    assert llm.engine.pool.lora_model.modules[0].wrapper.backend.fused
-    got, sizes = run_mixes(llm, adapters, use_graphs=True)
-    assert_same(got, want, sizes)
-
-
 def assert_same(got: list, want: list, sizes: list[int]) -> None:
     # many batch sizes and adapter mixes went through decode graphs, and steps with prompt chunks through
     # mixed graphs

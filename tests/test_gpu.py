@@ -140,23 +140,19 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     assert_same(got, want, sizes)
 
 
-@pytest.mark.parametrize("option", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_LORA_FUSED=1"])
-def test_lora_launch_options_equal_eager(graph_setup, monkeypatch, option) -> None:
-    """The launch options other than the default (which runs each shrink on a side stream beside the base
-    GEMM, forked and joined inside the CUDA graphs too): LORAPLEX_LORA_OVERLAP=0 (the shrink after the GEMM on
-    one stream) and LORAPLEX_LORA_FUSED=1 (shrink and expand in one launch) give the same logprobs as eager
-    steps of the torch backend, over changing adapter mixes in decode and mixed graphs."""
+def test_lora_shrink_in_sequence_equals_eager(graph_setup, monkeypatch) -> None:
+    """LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one stream, where the default runs it on a
+    side stream beside the GEMM, forked and joined inside the CUDA graphs too) gives the same logprobs as
+    eager steps of the torch backend, over changing adapter mixes in decode and mixed graphs."""
     from test_cuda_graph import assert_same, run_mixes
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, adapters = graph_setup
     want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, lora_backend="torch", **GRAPH_ARGS),
                         adapters, use_graphs=False)
-    name, value = option.split("=")
-    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "0")
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
-    backend = llm.engine.pool.lora_model.modules[0].wrapper.backend
-    assert (not backend.overlap) if name == "LORAPLEX_LORA_OVERLAP" else backend.fused
+    assert not llm.engine.pool.lora_model.modules[0].wrapper.backend.overlap
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 

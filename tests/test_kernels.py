@@ -442,45 +442,6 @@ def test_a_starving_adapter_drains_only_the_slots_it_needs(tmp_path, monkeypatch
         eng.step()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_shrink_expand_equals_two_kernels(dtype) -> None:
-    """The fused kernel (LORAPLEX_LORA_FUSED=1) gives what shrink then expand give: every adapter mix, decode
-    tiles and the 16-row tiles of mixed graph steps over prompt chunks, ranks past one rank block, output
-    blocks narrower than a slice, paged and padded slots, LoRA bias and DoRA extras with a base bias; base rows
-    and untargeted slices untouched."""
-    import numpy as np
-
-    from loraplex.engine.cuda_graph import TILE_ROWS, _runs_to_tiles
-    from loraplex.kernels.lora_fused import lora_shrink_expand
-
-    K = 48
-    for max_rank, ranks in ((16, SLOT_RANKS), (80, {1: [80, 70, 0], 3: [5, 65, 64], 4: [16, 1, 12]})):
-        w = _stack(dtype, K, max_rank, ranks)
-        p = _paged_copy(w)
-        ext = torch.randn(3, 2, sum(SLICES)).float().to(DEVICE)
-        ext_rows = torch.tensor([-1, 0, -1, 2, 1, -1], dtype=torch.int32).to(DEVICE)
-        bias = torch.randn(sum(SLICES)).to(dtype).to(DEVICE)
-        for shape, popularity in (("decode", "distinct"), ("decode", "identical"), ("prefill", "skewed")):
-            batch = _batch(popularity, shape, seed=max_rank)
-            slots = batch.token_slots.cpu().numpy()
-            tiles_np = np.zeros((len(slots), 3), dtype=np.int64)
-            _runs_to_tiles(slots, tiles_np)  # tiles of at most 16 rows, as graph steps have them
-            tiles = torch.from_numpy(tiles_np).to(DEVICE)
-            x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
-            y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
-            want = y0.clone()
-            parts = lora_shrink(x, w.a, w.ranks_t, tiles, TILE_ROWS)
-            lora_expand(want, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), tiles, TILE_ROWS,
-                        (ext, ext_rows), bias)
-            for stack, pages, block_n in ((w, None, None), (w, None, 32), (p, p.pages.table, None)):
-                got = y0.clone()
-                lora_shrink_expand(got, x, stack.a, stack.b, stack.ranks_t, stack.scales_t, stack.slice_meta,
-                                   max(SLICES), tiles, TILE_ROWS, (ext, ext_rows), bias, pages=pages,
-                                   block_n=block_n)
-                torch.testing.assert_close(got, want, **_tol(dtype))
-                assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])
-
-
 def test_slot_writes_set_device_ranks_and_scales_once_without_host_buffers(monkeypatch) -> None:
     """An adapter load (clear every slice, set the targeted ones) updates the kernels' ranks and scales once per
     entry that changed, by scalar fills: no host tensor is built for them (on CUDA each would be a pinned

@@ -242,13 +242,6 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         bias = getattr(self.base_layer, "bias", None)
-        fuses = getattr(self.backend, "fuses", None)
-        if fuses is not None and fuses(batch) and not (self.row_parallel and self.base_layer.tp_size > 1):
-            y = self.base_layer(x)
-            y2 = y.reshape(-1, y.shape[-1])
-            self.backend.shrink_expand(y2, x2, self.stack, batch, bias)  # one launch (experimental)
-            self._apply_eager_terms(y2, batch, bias)
-            return y2.view(*lead, y.shape[-1])
         shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
         if self.row_parallel and self.base_layer.tp_size > 1:
             return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)

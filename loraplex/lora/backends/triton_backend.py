@@ -16,7 +16,6 @@ import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import lora_expand
-from loraplex.kernels.lora_fused import lora_shrink_expand
 from loraplex.kernels.lora_shrink import lora_shrink
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
@@ -45,22 +44,6 @@ class TritonLoRABackend:
         env = os.environ.get("LORAPLEX_LORA_OVERLAP")
         self.overlap = env == "1" if env is not None else get_tp_size() == 1
         self._side: dict[torch.device, torch.cuda.Stream] = {}
-        # Experimental too: shrink and expand in one launch (kernels/lora_fused.py) for the layers that can
-        # take it (not row-parallel layers under tensor parallelism, whose delta joins the partial sums).
-        self.fused = os.environ.get("LORAPLEX_LORA_FUSED") == "1"
-
-    def fuses(self, batch: LoRABatch) -> bool:
-        """Whether :meth:`shrink_expand` serves ``batch``: with ``fused``, for tiles of at most 16 rows (decode
-        and graph steps), where launches, not bytes, set the cost; prompt tiles keep the two kernels, which do
-        not recompute the shrink per output block."""
-        return self.fused and batch.block_m <= 16
-
-    def shrink_expand(self, y: torch.Tensor, x: torch.Tensor, w: LoRAStack, batch: LoRABatch,
-                      bias: Optional[torch.Tensor] = None) -> None:
-        """:meth:`shrink` then :meth:`expand`, in one launch (``fused``; batches that :meth:`fuses`)."""
-        work = -(-batch.num_rows // batch.block_m) if batch.static else None
-        lora_shrink_expand(y, x, w.a, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.tiles,
-                           batch.block_m, _extras(w), bias, pages=w.pages.table, work_tiles=work)
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
         """Start :meth:`shrink` before the base layer runs; the returned call gives its result. With overlap on
