@@ -65,6 +65,8 @@ class _Current:
     uid: int
     version: str
     vocab_size: Optional[int]  # when it adds tokens
+    content_hash: bytes = b""
+    source_stat: tuple = ()  # its files as read (a re-read of the same files keeps the hash: load_adapter)
 
 
 KEEP_VERSIONS = 2  # earlier versions of a name kept in memory after a reload, for name@version requests
@@ -128,11 +130,14 @@ class LoRAPool:
         raise AdapterError(f"unknown adapter {name!r}: not registered, and no resolver has it "
                            f"({', '.join(r.uri for r in self.resolvers)})")
 
-    def read(self, req: LoRARequest, root: Optional[str] = None) -> LoRAAdapter:
+    def read(self, req: LoRARequest, root: Optional[str] = None,
+             known: Optional[tuple[tuple, bytes]] = None) -> LoRAAdapter:
         """Read and validate ``req``'s folder without registering it (safe off the engine thread).
-        ``root``: every file read must resolve inside it (``AdapterError`` otherwise)."""
+        ``root``: every file read must resolve inside it (``AdapterError`` otherwise). ``known``: what an
+        earlier read of the same folder saw (see ``load_adapter``)."""
         validate_adapter_name(req.name)
-        adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root)
+        kw = {"known": known} if known is not None else {}  # a custom loader need not take it
+        adapter = self._load(req.name, req.path, self.lora_model.spec, self.max_lora_rank, root=root, **kw)
         if adapter.vocab_size is not None:
             from loraplex.multimodal.processing import PLACEHOLDER_BASE
 
@@ -212,7 +217,8 @@ class LoRAPool:
         return adapter
 
     def _set_current(self, adapter: LoRAAdapter) -> None:
-        self._current[adapter.name] = _Current(adapter.uid, adapter.version, adapter.vocab_size)
+        self._current[adapter.name] = _Current(adapter.uid, adapter.version, adapter.vocab_size,
+                                               adapter.content_hash, adapter.source_stat)
 
     def needs_read(self, name: str) -> bool:
         """Whether a request for registered ``name`` would have to re-read its folder (evicted from host memory
@@ -222,8 +228,10 @@ class LoRAPool:
     def read_current(self, name: str) -> tuple[LoRARequest, LoRAAdapter, float]:
         """Re-read ``name``'s folder (safe off the engine thread): (its registration, the adapter, seconds)."""
         req, root = self.registered[name], self._root[name]
+        current = self._current.get(name)
+        known = (current.source_stat, current.content_hash) if current is not None and current.source_stat else None
         t0 = time.monotonic()
-        return req, self.read(req, root=root), time.monotonic() - t0
+        return req, self.read(req, root=root, known=known), time.monotonic() - t0
 
     def adopt(self, req: LoRARequest, adapter: LoRAAdapter, seconds: float) -> None:
         """Take a re-read of :meth:`read_current` as ``req.name``'s current version, unless the name was
