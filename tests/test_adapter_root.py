@@ -205,13 +205,15 @@ def test_register_enforces_the_name_rule(model_dir, source):
 def test_reread_keeps_the_hash_of_unchanged_files_and_hashes_rewritten_ones(model_dir, source, tmp_path,
                                                                           monkeypatch):
     """A re-read after host eviction finds the same files unmodified (device, inode, size, mtime): it keeps the
-    content hash instead of hashing the weights again, and serves what the first read served. Weights rewritten
-    in place (same size, new content) are hashed: a new version."""
+    content hash instead of hashing the weights again, skips the finiteness check they passed, and serves what
+    the first read served. Weights rewritten in place (same size, new content) are checked and hashed: a new
+    version."""
     from loraplex.lora import adapter as adapter_mod
 
-    hashed = []
-    real = adapter_mod._content_hash
-    monkeypatch.setattr(adapter_mod, "_content_hash", lambda cfg, tensors: hashed.append(1) or real(cfg, tensors))
+    hashed, checked = [], []
+    real_hash, real_check = adapter_mod._content_hash, adapter_mod._check_finite
+    monkeypatch.setattr(adapter_mod, "_content_hash", lambda cfg, t: hashed.append(1) or real_hash(cfg, t))
+    monkeypatch.setattr(adapter_mod, "_check_finite", lambda w, t: checked.append(1) or real_check(w, t))
     ad = tmp_path / "ad"
     shutil.copytree(source["a"], ad)
     llm = make_llm(model_dir, max_loras=1, max_cpu_loras=1)
@@ -224,10 +226,12 @@ def test_reread_keeps_the_hash_of_unchanged_files_and_hashes_rewritten_ones(mode
     assert eng.pool.needs_read("ad") and len(hashed) == 2
     again = llm.generate(PROMPT, greedy(4), lora_request="ad", use_tqdm=False)[0].outputs[0].token_ids
     assert again == first and eng.pool.version_of("ad") == version
-    assert len(hashed) == 2 and [e[1] for e in eng.pool.drain_events() if e[0] == "ad"].count("read") == 1
+    assert len(hashed) == len(checked) == 2
+    assert [e[1] for e in eng.pool.drain_events() if e[0] == "ad"].count("read") == 1
 
     llm.generate(PROMPT, greedy(2), lora_request="other", use_tqdm=False)  # "ad" out of memory again
     assert eng.pool.needs_read("ad")
     shutil.copy(Path(source["c"]) / WEIGHTS, ad / WEIGHTS)  # in place: same shapes and size, other values
     llm.generate(PROMPT, greedy(2), lora_request="ad", use_tqdm=False)
-    assert eng.pool.version_of("ad") != version and len(hashed) == 3  # "other" kept its hash; "ad" was hashed
+    assert eng.pool.version_of("ad") != version
+    assert len(hashed) == len(checked) == 3  # "other" was re-read as it was; "ad" was checked and hashed

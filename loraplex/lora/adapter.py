@@ -151,8 +151,9 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
 
     ``known``: (``source_stat``, ``content_hash``) of an earlier read of this folder. When the files are the
     same ones, unmodified (device, inode, size and modification time, taken after reading them), the content
-    hash is kept rather than computed again: a re-read after host-memory eviction then skips hashing the
-    weights, about half its cost for a q/v adapter of an 8B model. A file rewritten in place gets a new
+    hash is kept rather than computed again, and the finiteness check is not repeated: a re-read after
+    host-memory eviction then costs a tenth of a first read (8B shape, q/v at rank 64, 52 MB: 3.4 ms against
+    42 ms on a 2-core VM). Shapes and the config are validated again. A file rewritten in place gets a new
     modification time, and a replaced one a new inode, so its content is hashed.
 
     Raises ``AdapterError`` naming the adapter, file, tensor key and expected vs actual shape on any problem.
@@ -163,6 +164,9 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
     weights_path = _confined(where, os.path.join(path, WEIGHTS_FILE), root)
     tensors = _read_tensors(wfile, weights_path)
     source_stat = _stat_key(_confined(where, os.path.join(path, CONFIG_FILE), root), weights_path)
+    unchanged = known is not None and bool(source_stat) and known[0] == source_stat
+    if not unchanged:  # the same files, unmodified, passed this check when they were first read
+        _check_finite(wfile, tensors)
     candidates = _candidates(spec)
     missing = cfg.unmatched_targets(list(candidates))
     if missing:
@@ -200,10 +204,7 @@ def load_adapter(name: str, path: str, spec: AdapterTargetSpec, max_lora_rank: i
     if ignored:
         logger.warning("%s: ignoring %d tensor(s) of modules PEFT would not adapt (exclude_modules, "
                        "layers_to_transform, modules_to_save or not targeted): %s", where, len(ignored), ignored[:4])
-    if known is not None and source_stat and known[0] == source_stat:
-        content_hash = known[1]  # the same files, unmodified since that read
-    else:
-        content_hash = _content_hash(cfg.raw, tensors)
+    content_hash = known[1] if unchanged else _content_hash(cfg.raw, tensors)
     return LoRAAdapter(name=name, path=path, modules=modules, config=cfg.raw, ignored_keys=tuple(ignored),
                        tokens=tokens, saved=saved, content_hash=content_hash, vocab_size=vocab_size,
                        source_stat=source_stat)
@@ -273,10 +274,14 @@ def _read_tensors(wfile: str, file: str) -> dict[str, torch.Tensor]:
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterError(f"{wfile}: tensor {key!r} has dtype {tensor.dtype}; expected a floating-point dtype")
+    return tensors
+
+
+def _check_finite(wfile: str, tensors: dict[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
         # one float32 reduction: NaN and Inf reach the sum; only a sum that overflows needs the elementwise check
         if not math.isfinite(float(tensor.sum(dtype=torch.float32))) and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"{wfile}: tensor {key!r} contains NaN or Inf values")
-    return tensors
 
 
 def _group_lora_tensors(wfile: str, tensors: dict[str, torch.Tensor], spec: AdapterTargetSpec,
