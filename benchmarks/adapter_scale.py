@@ -97,6 +97,9 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     running: list[int] = []  # requests running after each step (the batch the slots allow)
     load_steps: list[float] = []  # wall time of the steps that started slot uploads
     distinct: list[int] = []  # adapters among the running requests after each step
+    # scheduling rounds (steps) each request was passed over for want of its adapter's slot: a copy in flight
+    # or no slot free (issue 13: a miss served from host memory may add at most one step to its request)
+    slot_waits: dict[str, int] = {}
     # As the server does (server/engine_core.py): a request whose adapter was evicted from host memory waits
     # while an I/O thread re-reads the adapter's folder, then joins; the step loop never waits for a disk.
     # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
@@ -135,6 +138,9 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         if eng.pool is not None and eng.pool.num_slot_loads > loads0:
             load_steps.append(step_s[-1])  # a step that started slot uploads (their host work is in it)
         distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
+        for r in eng.scheduler.running:
+            if r.slot_waits and r.request_id not in slot_waits:
+                slot_waits[r.request_id] = r.slot_waits
         for o in outs:
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = time.perf_counter() - t0 - arrival[o.request_id]
@@ -150,6 +156,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     reads = [s for _, kind, s in events if kind == "read"]
     steps = sorted(step_s)
     step_p50 = steps[len(steps) // 2] if steps else 0.0
+    waits = sorted(slot_waits.get(rid, 0) for rid in arrival)  # every request of the load, 0 if it never waited
     load_p99 = loads[int(0.99 * (len(loads) - 1))] if loads else 0.0
     return {"output_tokens_per_s": len(names) * max_tokens / wall, "seconds": wall,
             "ttft_ms_p50": 1e3 * ttft[len(ttft) // 2], "ttft_ms_p99": 1e3 * ttft[int(0.99 * (len(ttft) - 1))],
@@ -166,7 +173,11 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "step_ms_p99": 1e3 * steps[int(0.99 * (len(steps) - 1))] if steps else 0.0,
             "steps_with_loads": len(load_steps),
             "load_step_ms_p50": 1e3 * sorted(load_steps)[len(load_steps) // 2] if load_steps else 0.0,
-            "mean_distinct_adapters": sum(distinct) / max(1, len(distinct))}
+            "mean_distinct_adapters": sum(distinct) / max(1, len(distinct)),
+            "slot_wait_steps_p50": waits[len(waits) // 2] if waits else 0,
+            "slot_wait_steps_p99": waits[int(0.99 * (len(waits) - 1))] if waits else 0,
+            "slot_wait_steps_max": waits[-1] if waits else 0,
+            "requests_waiting_over_one_step": sum(w > 1 for w in waits) / max(1, len(waits))}
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
@@ -218,6 +229,9 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"{r['step_ms_p99']:.2f} ms; {r['steps_with_loads']} steps started uploads (p50 "
               f"{r['load_step_ms_p50']:.2f} ms); {r['mean_distinct_adapters']:.1f} adapters running on average",
               flush=True)
+        print(f"[{layout}] {name:>11}  steps a request waited for its slot: p50 {r['slot_wait_steps_p50']}, p99 "
+              f"{r['slot_wait_steps_p99']}, max {r['slot_wait_steps_max']}; "
+              f"{100 * r['requests_waiting_over_one_step']:.1f}% of requests waited more than one step", flush=True)
     print(f"[{layout}] warm load at {rows['warm']['vs_one_adapter']:.2f} of one adapter's throughput (issue 13's "
           "target: >= 0.90)", flush=True)
     out = {"backend": backend, "num_slots": pool.num_slots, "slot_bytes": slot_bytes, "register_seconds": register_s,
