@@ -3,10 +3,11 @@
 
 Requests arrive at ``--rate`` per second (deterministic gaps) into one engine, stepped here; each takes a
 random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. As in the server, a request whose
-adapter was evicted from host memory joins once an I/O thread has re-read the adapter's folder. Reports output tokens/s, TTFT
-p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk to host after
-eviction), the most adapters resident in device slots at once, and the slots' device memory. A cold start
-registers the adapters just before the load; a warm start has run the load once already.
+adapter was evicted from host memory joins once an I/O thread has re-read the adapter's folder. Reports
+output tokens/s, TTFT p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk
+to host after eviction), the steps each request waited for its adapter's slot, the most adapters resident in
+device slots at once, and the slots' device memory. A cold start registers the adapters just before the
+load; a warm start has run the load once already.
 
 Two slot layouts, side by side in one run (``--layouts``), each in its own engine with the same memory (that of
 ``max_loras`` adapters of the largest rank): ``paged``, the Triton backend's rank-aware slots (each adapter takes

@@ -7,9 +7,10 @@ start-up, when one is large enough for it. Two families of graphs:
   up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
-  these). One graph per token count (powers of two from 16 to 512, and 192 and 384; at most ``max_num_batched_tokens``), with
-  ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token sequence per padding token, then
-  empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets logits.
+  these). One graph per token count (powers of two from 16 to 512, and 192 and 384; at most
+  ``max_num_batched_tokens``), with ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token
+  sequence per padding token, then empty ones; and ``max_num_seqs`` logits rows: only the last token of each
+  sequence gets logits.
 
 Each size has two graphs:
 
