@@ -19,11 +19,17 @@ run() {  # preset tp extra-args...
   local preset=$1 tp=$2; shift 2
   if [ "$tp" -gt "$GPUS" ]; then echo "skip $preset tp=$tp: $GPUS GPUs"; return; fi
   local name="${preset}_tp${tp}"
-  timeout -s ABRT -k 15 "$LIMIT" python benchmarks/gpu_decode.py --preset "$preset" --tensor-parallel-size "$tp" $A "$@" \
-    --out-dir "/tmp/tp_scaling_$name" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  # its own process group (setsid), so that the worker ranks it spawned can be found and stopped afterwards
+  setsid timeout -s ABRT -k 15 "$LIMIT" python benchmarks/gpu_decode.py --preset "$preset" \
+    --tensor-parallel-size "$tp" $A "$@" --out-dir "/tmp/tp_scaling_$name" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1 &
+  local pid=$!
+  wait $pid
   echo "rc=$?" >> "$OUT/$name.log"
-  pkill -ABRT -f multiprocessing.spawn 2>/dev/null && sleep 3  # stacks of workers left behind, then kill them
-  pkill -9 -f multiprocessing.spawn 2>/dev/null
+  if pkill -ABRT -g "$pid" 2>/dev/null; then  # workers left behind: their stacks, then kill them
+    sleep 3
+    pkill -9 -g "$pid" 2>/dev/null
+  fi
   grep -E "^(start-up|per GPU|batch +32 )" "$OUT/$name.log" | sed "s/^/$name: /"
   tail -n 1 "$OUT/$name.log" | sed "s/^/$name: /"
 }
