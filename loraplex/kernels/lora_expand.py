@@ -96,7 +96,7 @@ def _expand_kernel(
 @triton.jit
 def add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr, bias_ptr,
               n_total, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The expand's epilogue (also the fused kernel's): ``y[offs_m, cols] += acc * scale`` in float32, then the
+    """The expand's epilogue: ``y[offs_m, cols] += acc * scale`` in float32, then the
     slot's extras row (LoRA bias, DoRA scale) when it has one, and one rounding into ``y``."""
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + cols[None, :]
     mask = m_mask[:, None] & n_mask[None, :]

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.transfer import to_device
+
 PIECE_FIELDS = 9  # dst address, src offset, src row stride, src col stride, rows valid, cols valid, rows, cols, dst row stride
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 PARTS, BLOCK = 8, 1024  # programs per piece, elements per step of each
@@ -79,7 +81,7 @@ def copy_pieces(src: torch.Tensor, desc: torch.Tensor, device: torch.device) -> 
     global _host_reads
     if desc.shape[0] == 0:
         return []
-    desc_dev = _to_device(desc, device)
+    desc_dev = to_device(desc, device)
     grid = (desc.shape[0], PARTS)
     if src.device != device and device.type == "cuda" and _host_reads:
         try:
@@ -99,7 +101,7 @@ def write_words(addrs: torch.Tensor, values: torch.Tensor, device: torch.device)
     n = addrs.shape[0]
     if n == 0:
         return []
-    both = _to_device(torch.cat([addrs, values]), device)
+    both = to_device(torch.cat([addrs, values]), device)
     block = 256
     _write_words_kernel[(triton.cdiv(n, block),)](both, n, BLOCK=block)
     return [both]
@@ -117,9 +119,3 @@ def warm_up(element_size: int, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     assert word.item() == 7, "the slot-write kernels did not run"
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
