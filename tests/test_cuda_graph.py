@@ -26,8 +26,7 @@ def test_capture_sizes() -> None:
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert mixed_sizes(2048) == [16, 32, 64, 128, 192, 256, 384, 512]
-    assert mixed_sizes(300) == [16, 32, 64, 128, 192, 256]
+    assert mixed_sizes(2048) == [16, 32, 64, 128, 256, 512]
     assert mixed_sizes(100) == [16, 32, 64] and mixed_sizes(8) == [8]
 
 

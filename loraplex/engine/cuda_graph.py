@@ -7,10 +7,9 @@ start-up, when one is large enough for it. Two families of graphs:
   up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
-  these). One graph per token count (powers of two from 16 to 512, and 192 and 384; at most
-  ``max_num_batched_tokens``), with ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token
-  sequence per padding token, then empty ones; and ``max_num_seqs`` logits rows: only the last token of each
-  sequence gets logits.
+  these). One graph per token count (powers of two from 16 to 512, at most ``max_num_batched_tokens``), with
+  ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token sequence per padding token, then
+  empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets logits.
 
 Each size has two graphs:
 
@@ -61,12 +60,10 @@ def capture_sizes(largest: int) -> list[int]:
 
 
 def mixed_sizes(max_tokens: int) -> list[int]:
-    """Token counts of the mixed graphs: powers of two from 16 to ``min(512, max_tokens)``, and 192 and 384
-    between the largest: a step pads to the next size, and from a few hundred tokens the padding's GEMM rows
-    cost real time (on an H200, steps of 288 tokens padded to 512 took 21.8 ms at p99, steps of 256 tokens
-    16.3 ms). ``max_tokens`` itself when it is smaller than 16."""
+    """Token counts of the mixed graphs: powers of two from 16 to ``min(512, max_tokens)`` (``max_tokens``
+    itself when it is smaller than 16)."""
     top = min(MAX_MIXED_TOKENS, max_tokens)
-    sizes = [s for s in (16, 32, 64, 128, 192, 256, 384, 512) if s <= top]
+    sizes = [s for s in (16, 32, 64, 128, 256, 512) if s <= top]
     return sizes or [top]
 
 
