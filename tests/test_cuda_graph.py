@@ -82,15 +82,15 @@ def test_decode_inputs_layout_padding_and_tiles() -> None:
     assert d["slot_mapping"][B:].tolist() == [50 * bs] * (size - B)
     assert d["block_tables"][B:, 0].tolist() == [50] * (size - B)
     assert d["token_slots"][B:].tolist() == [-1] * (size - B)
-    want = [[0, 2, -1], [2, 19, 1], [2 + TILE_ROWS, 19, 1]]  # row_end: the run's end (kernels mask past it)
-    assert d["tiles"][:3].tolist() == want
-    assert d["tiles"][3:].tolist() == [[0, 0, -1]] * (size - 3)  # padding rows are in no tile
+    want = [[2, 19, 1], [2 + TILE_ROWS, 19, 1]]  # row_end: the run's end (kernels mask past it)
+    assert d["tiles"][:2].tolist() == want and d["tile_count"].tolist() == [2]  # base rows: no tile
+    assert d["tiles"][2:].tolist() == [[0, 0, -1]] * (size - 2)  # padding rows are in no tile
 
     # the next step reuses the other host twin: a smaller batch leaves no stale rows behind
     inp.fill(seqs[:3], size)
     assert inp.dev["token_slots"].tolist() == [-1, -1, 1] + [-1] * (size - 3)
-    assert inp.dev["tiles"][:2].tolist() == [[0, 2, -1], [2, 3, 1]]
-    assert inp.dev["tiles"][2:].tolist() == [[0, 0, -1]] * (size - 2)
+    assert inp.dev["tiles"][:1].tolist() == [[2, 3, 1]] and inp.dev["tile_count"].tolist() == [1]
+    assert inp.dev["tiles"][1:].tolist() == [[0, 0, -1]] * (size - 1)
     assert inp.dev["seq_lens"][3:].tolist() == [1] * (size - 3)
 
     assert not is_decode_step([_seq(reqs[0], 3, n=2)]) and is_graph_step([_seq(reqs[0], 3, n=2)])
@@ -123,12 +123,13 @@ def test_mixed_inputs_layout_padding_sequences_and_logits_rows() -> None:
     assert d["positions"][T:].tolist() == [0] * pad
     assert d["slot_mapping"][T:].tolist() == [50 * bs] * pad
     assert d["token_slots"].tolist() == [-1] + [2] * 9 + [-1] * pad
-    assert d["tiles"][:2].tolist() == [[0, 1, -1], [1, 10, 2]]
-    assert d["tiles"][2:].tolist() == [[0, 0, -1]] * (tokens - 2)  # padding rows are in no tile
+    assert d["tiles"][:1].tolist() == [[1, 10, 2]] and d["tile_count"].tolist() == [1]
+    assert d["tiles"][1:].tolist() == [[0, 0, -1]] * (tokens - 1)  # base and padding rows are in no tile
     # logits rows: each sequence's last token; padding rows read row 0 and have no adapter
     assert d["logits_indices"].tolist() == [0, 6, 9, 0]
     assert d["logits_slots"].tolist() == [-1, 2, 2, -1]
-    assert d["logits_tiles"].tolist() == [[0, 1, -1], [1, 3, 2], [0, 0, -1], [0, 0, -1]]
+    assert d["logits_tiles"].tolist() == [[1, 3, 2], [0, 0, -1], [0, 0, -1], [0, 0, -1]]
+    assert d["logits_tile_count"].tolist() == [1]
     inp.fill(steps, 12)  # the graph of 12 tokens: two padding sequences, then empty ones
     assert inp.dev["query_start_loc"][:7].tolist() == [0, 1, 7, 10, 11, 12, 12]
     assert inp.dev["seq_lens"][:6].tolist() == [7, 14, 3, 1, 1, 0]

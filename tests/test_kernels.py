@@ -221,6 +221,37 @@ def test_padded_work_list_changes_nothing() -> None:
     assert torch.equal(got, want)
 
 
+def test_tiles_past_the_device_count_are_not_read(monkeypatch) -> None:
+    """With ``tile_count`` (a CUDA graph's real tiles, on the device) the kernels stop at that many tiles: tiles
+    after them that would change rows (here copies of real tiles) change nothing. A grid of one program per SM
+    strides over every item (the interpreter's grid is that small anyway)."""
+    import loraplex.kernels.lora_expand as expand_mod
+    import loraplex.kernels.lora_shrink as shrink_mod
+
+    for mod in (expand_mod, shrink_mod):
+        monkeypatch.setattr(mod, "programs_per_sm", lambda: 1)
+    w = _stack(torch.float32, 48)
+    batch = _batch("uniform", "decode")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch.num_rows, 48, generator=g).to(DEVICE)
+    n = batch.tiles.shape[0]
+    tiles = torch.cat([batch.tiles, batch.tiles])  # the copies would add every delta twice
+    count = torch.tensor([n], dtype=torch.int64, device=DEVICE)
+    parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=2)
+    got_parts = lora_shrink(x, w.a, w.ranks_t, tiles, batch.block_m, split_k=2, tile_count=count)
+    rows = batch.token_slots >= 0  # rows past the count are never written: compare the real ones
+    assert torch.equal(got_parts[:, rows], parts[:, rows])
+    y0 = torch.randn(batch.num_rows, sum(SLICES), generator=g).to(DEVICE)
+    want, got = y0.clone(), y0.clone()
+    lora_expand(want, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), batch.tiles, batch.block_m)
+    lora_expand(got, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), tiles, batch.block_m,
+                tile_count=count)
+    assert torch.equal(got, want) and not torch.equal(got, y0)
+    twice = y0.clone()  # without the count the copies are read: the test would see them
+    lora_expand(twice, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(SLICES), tiles, batch.block_m)
+    assert not torch.equal(twice, want)
+
+
 def test_batch_segments_and_tiles() -> None:
     b = LoRABatch.from_row_slots([3, 3, -1, 0, 0, 0] + [2] * 40, DEVICE)
     assert (b.seg_starts, b.seg_ends, b.seg_slots) == ([0, 2, 3, 6], [2, 3, 6, 46], [3, -1, 0, 2])

@@ -86,9 +86,10 @@ def is_decode_step(seqs: Sequence, lora: bool = True) -> bool:
     return all(s.num_new_tokens == 1 for s in seqs) and is_graph_step(seqs, lora)
 
 
-def _runs_to_tiles(slots: np.ndarray, out: np.ndarray) -> None:
-    """``out`` (>= rows, 3) <- each run of equal ``slots`` cut into pieces of TILE_ROWS rows, as
-    ``(row_start, run_end, slot)`` (kernels mask rows past the run's end); the rest empty tiles."""
+def _runs_to_tiles(slots: np.ndarray, out: np.ndarray) -> int:
+    """``out`` (>= rows, 3) <- each run of equal adapter ``slots`` cut into pieces of TILE_ROWS rows, as
+    ``(row_start, run_end, slot)`` (kernels mask rows past the run's end); the rest empty tiles. Runs of base
+    rows (slot -1) get no tile: no LoRA kernel has work there. Returns the number of real tiles."""
     n_rows = slots.shape[0]
     rows = np.arange(n_rows)
     new_run = np.ones(n_rows, dtype=bool)
@@ -96,12 +97,13 @@ def _runs_to_tiles(slots: np.ndarray, out: np.ndarray) -> None:
     run_start = np.maximum.accumulate(np.where(new_run, rows, 0))
     run_id = np.cumsum(new_run) - 1
     run_end = np.append(rows[new_run][1:], n_rows)[run_id]
-    first = rows[(rows - run_start) % TILE_ROWS == 0]
+    first = rows[((rows - run_start) % TILE_ROWS == 0) & (slots >= 0)]
     n = first.shape[0]
     out[:n, 0] = first
     out[:n, 1] = run_end[first]
     out[:n, 2] = slots[first]
     out[n:] = (0, 0, -1)
+    return n
 
 
 class StepInputs:
@@ -124,7 +126,8 @@ class StepInputs:
         layout = [("input_ids", np.int64, (T,)), ("positions", np.int64, (3, T) if mrope else (T,)),
                   ("slot_mapping", np.int64, (T,)), ("token_slots", np.int64, (T,)), ("tiles", np.int64, (T, 3)),
                   ("logits_indices", np.int64, (R,)), ("logits_slots", np.int64, (R,)),
-                  ("logits_tiles", np.int64, (R, 3)),
+                  ("logits_tiles", np.int64, (R, 3)), ("tile_count", np.int64, (1,)),
+                  ("logits_tile_count", np.int64, (1,)),
                   ("seq_lens", np.int32, (S,)), ("query_start_loc", np.int32, (S + 1,)),
                   ("block_tables", np.int32, (S, max_blocks))]
         self._fields: list[tuple[str, np.dtype, tuple, int]] = []
@@ -232,8 +235,8 @@ class StepInputs:
         self._write_padding(h, T, B, size)
         # tiles over the real rows only: a tile may reach its run's end, which must lie inside every graph
         # that holds the step (padding rows belong to no tile, so no kernel writes them)
-        _runs_to_tiles(token_slots, h["tiles"])
-        _runs_to_tiles(slots, h["logits_tiles"])
+        h["tile_count"][0] = _runs_to_tiles(token_slots, h["tiles"])
+        h["logits_tile_count"][0] = _runs_to_tiles(slots, h["logits_tiles"])
         self._copy(turn)
         self.last_slots = (token_slots, slots)  # the eager embedding and head of an adapter step read them
 
@@ -249,17 +252,18 @@ class StepInputs:
                                  num_decodes=S if self.decode else 0)
         batch = logits_batch = None
         if lora:
-            batch = _static_batch(d["token_slots"][:n], d["tiles"][:n])
-            logits_batch = batch if self.decode else _static_batch(d["logits_slots"][:R], d["logits_tiles"][:R])
+            batch = _static_batch(d["token_slots"][:n], d["tiles"][:n], d["tile_count"])
+            logits_batch = batch if self.decode else _static_batch(d["logits_slots"][:R], d["logits_tiles"][:R],
+                                                                   d["logits_tile_count"])
         positions = d["positions"][:, :n] if self.mrope else d["positions"][:n]
         return ForwardContext(positions=positions, attn=attn, lora=batch, lora_logits=logits_batch)
 
 
-def _static_batch(token_slots: torch.Tensor, tiles: torch.Tensor) -> LoRABatch:
+def _static_batch(token_slots: torch.Tensor, tiles: torch.Tensor, tile_count: torch.Tensor) -> LoRABatch:
     zero = token_slots[:0]
     return LoRABatch(seg_starts=[], seg_ends=[], seg_slots=[], token_slots=token_slots, seg_indptr=zero,
                      seg_slot_t=zero, num_rows=token_slots.shape[0], block_m=TILE_ROWS, tiles=tiles,
-                     expand_block_m=TILE_ROWS, expand_tiles=tiles, static=True)
+                     expand_block_m=TILE_ROWS, expand_tiles=tiles, static=True, tile_count=tile_count)
 
 
 def _with_segments(batch: LoRABatch, slots: np.ndarray) -> LoRABatch:

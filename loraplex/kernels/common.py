@@ -34,6 +34,13 @@ def num_sms(device: Optional[torch.device] = None) -> int:
     return _sms(index)
 
 
+def programs_per_sm() -> int:
+    """Programs per SM of the LoRA kernels' grids, which stride over their work items
+    (``LORAPLEX_LORA_PROGRAMS_PER_SM``, for tuning). 32 measured best of 4 to 32 on an H200 (8B shapes, batch
+    32 and 128, one adapter and distinct ones: docs/benchmarks.md)."""
+    return int(os.environ.get("LORAPLEX_LORA_PROGRAMS_PER_SM", "32"))
+
+
 def _spec(arg) -> tuple:
     """Everything about one argument that Triton may specialise a compiled kernel on (a superset: pointer
     alignment and dtype; an int's width, divisibility by 16 and equality to 1)."""

@@ -18,11 +18,17 @@ extras row ``e`` then becomes
 and fit in CUDA graphs. The slices sit side by side along B's dim 1. Reference:
 :func:`loraplex.lora.backends.torch_backend.expand_reference`.
 
-Schedule: one program per (tile, slice x output block). A tile is at most
-``block_m`` rows of one segment (``LoRABatch.tiles``); output blocks past a
-slice's width exit at once. ``buf`` is rounded to B's dtype before the dot (as
-the reference, whose ``buf`` is in the input dtype), the product is accumulated
-in float32, scaled, and added to ``y`` in float32 before one rounding.
+Schedule: the work items are (tile, slice, output block); a tile is at most
+``block_m`` rows of one segment (``LoRABatch.tiles``). A grid of at most
+``PROGRAMS_PER_SM`` programs per SM strides over the items of the first
+``count`` tiles, where ``count`` may be read on the device (``tile_count``): a
+CUDA graph's work list is padded to its batch size, and its padding tiles then
+cost no program at all, where one program per item made a one-adapter decode
+step launch thousands of programs that only exited. Items of base rows (slot
+-1), of rank-0 slices and past a slice's width do nothing. ``buf`` is rounded
+to B's dtype before the dot (as the reference, whose ``buf`` is in the input
+dtype), the product is accumulated in float32, scaled, and added to ``y`` in
+float32 before one rounding.
 """
 
 from __future__ import annotations
@@ -34,63 +40,65 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
-@triton.jit(do_not_specialize=["num_splits", "T"])
+@triton.jit(do_not_specialize=["num_splits", "T", "num_tiles"])
 def _expand_kernel(
-    y_ptr, parts_ptr, b_ptr, tiles_ptr, ranks_ptr, scales_ptr, slice_ptr, pages_ptr, ext_ptr, ext_rows_ptr,
-    bias_ptr, num_splits, T, stride_ym, n_total, num_slots,
+    y_ptr, parts_ptr, b_ptr, tiles_ptr, count_ptr, ranks_ptr, scales_ptr, slice_ptr, pages_ptr, ext_ptr,
+    ext_rows_ptr, bias_ptr, num_splits, T, num_tiles, stride_ym, n_total, num_slots,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
     # launches cheap.
-    tile = tl.program_id(0)
-    i = tl.program_id(1) // N_BLOCKS  # slice
-    nb = tl.program_id(1) % N_BLOCKS  # output block within the slice
-
-    slot = tl.load(tiles_ptr + tile * 3 + 2)
-    rank = tl.load(ranks_ptr + i * num_slots + tl.maximum(slot, 0))
-    width = tl.load(slice_ptr + i * 2 + 1)
-    if (slot < 0) | (rank == 0) | (nb * BLOCK_N >= width):
-        return
-    row0 = tl.load(tiles_ptr + tile * 3)
-    row_end = tl.load(tiles_ptr + tile * 3 + 1)
-    offset = tl.load(slice_ptr + i * 2)
-    scale = tl.load(scales_ptr + i * num_slots + slot)
-
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < row_end
-    n_mask = offs_n < width
-    cols = offset + offs_n  # columns of y (and of B's last dim)
+    if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
+        num_tiles = tl.load(count_ptr).to(tl.int32)
+    per_tile = NUM_SLICES * N_BLOCKS
     split_stride = T * NUM_SLICES * MAX_RANK
+    for item in range(tl.program_id(0), num_tiles * per_tile, tl.num_programs(0)):
+        tile = item // per_tile
+        i = (item % per_tile) // N_BLOCKS  # slice
+        nb = item % N_BLOCKS  # output block within the slice
+        slot = tl.load(tiles_ptr + tile * 3 + 2)
+        rank = tl.load(ranks_ptr + i * num_slots + tl.maximum(slot, 0))
+        width = tl.load(slice_ptr + i * 2 + 1)
+        if (slot >= 0) & (rank > 0) & (nb * BLOCK_N < width):
+            row0 = tl.load(tiles_ptr + tile * 3)
+            row_end = tl.load(tiles_ptr + tile * 3 + 1)
+            offset = tl.load(slice_ptr + i * 2)
+            scale = tl.load(scales_ptr + i * num_slots + slot)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        p_ptrs = parts_ptr + (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in range(0, num_splits):
-            h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
-        bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
-        if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
-            hb = h.to(bt.dtype).to(tl.float32)
-            bt = bt.to(tl.float32)
-        else:
-            hb = h.to(bt.dtype)
-        acc += tl.dot(hb, bt, input_precision=PRECISION)
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_mask = offs_m < row_end
+            n_mask = offs_n < width
+            cols = offset + offs_n  # columns of y (and of B's last dim)
 
-    add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr, bias_ptr,
-              n_total, EXTRAS, HAS_BIAS)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                p_ptrs = parts_ptr + (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
+                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for s in range(0, num_splits):
+                    h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+                bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
+                if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
+                    hb = h.to(bt.dtype).to(tl.float32)
+                    bt = bt.to(tl.float32)
+                else:
+                    hb = h.to(bt.dtype)
+                acc += tl.dot(hb, bt, input_precision=PRECISION)
+
+            add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr,
+                      bias_ptr, n_total, EXTRAS, HAS_BIAS)
 
 
 @triton.jit
@@ -136,7 +144,8 @@ def expand_config(block_m: int, max_rank: int, max_width: int, num_tiles: int, n
 def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: torch.Tensor,
                 scales_t: torch.Tensor, slice_meta: torch.Tensor, max_width: int, tiles: torch.Tensor,
                 block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None) -> None:
+                bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
+                tile_count: Optional[torch.Tensor] = None) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -145,7 +154,8 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     tile height: ``LoRABatch.expand_tiles``); ``pages`` (slots, max_pages) int32 (default: the padded
     layout, b (slots, sum(n_i), max_rank)). ``extras``: (ext (rows, 2, sum(n_i)) float32, ext_rows (slots,)
     int32), the per-slot LoRA bias and DoRA scale applied after the delta (see the module docstring);
-    ``bias`` (sum(n_i),): the base layer's bias, which DoRA's rescaling leaves out."""
+    ``bias`` (sum(n_i),): the base layer's bias, which DoRA's rescaling leaves out. ``tile_count`` (1,) int64 on
+    the device: how many of the first tiles are real (a CUDA graph's padded list; default: all of them)."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     parts = parts if parts.is_contiguous() else parts.contiguous()
@@ -160,18 +170,20 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         return
     max_rank = parts.shape[3]
     cfg = expand_config(block_m, max_rank, max_width, num_tiles, num_slices, y.device)
-    grid = (num_tiles, num_slices * cfg["n_blocks"])
+    grid = (min(num_tiles * num_slices * cfg["n_blocks"], programs_per_sm() * num_sms(y.device)),)
     ext, ext_rows = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS
     if extras is not None:
         assert ext.shape[1:] == (2, b.shape[1]) and ext.dtype == torch.float32 and ext.is_contiguous() \
             and ext_rows.shape == (ranks_t.shape[1],), "extras: (rows, 2, sum(slices)) float32 and (slots,) rows"
     _launch_expand(
         grid,
-        (y, parts, b, tiles, ranks_t, scales_t, slice_meta, pages, ext, ext_rows, y if bias is None else bias,
-         parts.shape[0], parts.shape[1], y.stride(0), b.shape[1], ranks_t.shape[1]),
+        (y, parts, b, tiles, tiles if tile_count is None else tile_count, ranks_t, scales_t, slice_meta, pages, ext,
+         ext_rows, y if bias is None else bias, parts.shape[0], parts.shape[1], num_tiles, y.stride(0), b.shape[1],
+         ranks_t.shape[1]),
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, N_BLOCKS=cfg["n_blocks"], BLOCK_M=block_m,
              BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
-             EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None),
+             EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None,
+             HAS_COUNT=tile_count is not None),
         num_warps=cfg["num_warps"],
     )

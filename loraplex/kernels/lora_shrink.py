@@ -11,10 +11,12 @@ product; the expand kernel does that sum). ``r = ranks[i, slot]``; rank 0 (an
 untargeted slice) and base rows (slot -1) get zeros. Reference:
 :func:`loraplex.lora.backends.torch_backend.shrink_reference`.
 
-Schedule: one program per (tile, slice x rank block, split). A tile is at most
-``block_m`` rows of one segment (``LoRABatch.tiles``: row_start, row_end, slot),
-so every program reads one adapter's A; rows of the tile past the segment end
-are masked. Loads of A rows beyond the slot's rank are masked, so a rank-8
+Schedule: the work items are (tile, slice x rank block, split); a tile is at
+most ``block_m`` rows of one segment (``LoRABatch.tiles``: row_start, row_end,
+slot), so every item reads one adapter's A; rows of the tile past the segment
+end are masked. A grid of at most ``PROGRAMS_PER_SM`` programs per SM strides
+over the items of the first ``count`` tiles (``count`` may be read on the device:
+a CUDA graph's padded list then launches no program for its padding). Loads of A rows beyond the slot's rank are masked, so a rank-8
 adapter in a rank-64 pool reads only its 8 rows. Accumulation is in float32
 (``ieee`` dot for float32 inputs, tensor cores for bf16/fp16). Every element of
 ``out`` is written exactly once, so it needs no zero fill and no atomics, and the
@@ -30,57 +32,62 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
-@triton.jit(do_not_specialize=["T", "k_per_split"])
+@triton.jit(do_not_specialize=["T", "k_per_split", "num_tiles", "splits"])
 def _shrink_kernel(
-    x_ptr, a_ptr, out_ptr, tiles_ptr, ranks_ptr, pages_ptr,
-    T, K, k_per_split, stride_xm, num_slots, num_pages,
+    x_ptr, a_ptr, out_ptr, tiles_ptr, count_ptr, ranks_ptr, pages_ptr,
+    T, K, k_per_split, num_tiles, splits, stride_xm, num_slots, num_pages,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
-    tile = tl.program_id(0)
-    i = (tl.program_id(1) // R_BLOCKS).to(tl.int64)  # slice
-    rb = tl.program_id(1) % R_BLOCKS  # rank block
-    split = tl.program_id(2).to(tl.int64)
+    if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
+        num_tiles = tl.load(count_ptr).to(tl.int32)
+    per_tile = NUM_SLICES * R_BLOCKS * splits
+    for item in range(tl.program_id(0), num_tiles * per_tile, tl.num_programs(0)):
+        tile = item // per_tile
+        i = ((item % per_tile) // (R_BLOCKS * splits)).to(tl.int64)  # slice
+        rb = (item // splits) % R_BLOCKS  # rank block
+        split = (item % splits).to(tl.int64)
 
-    row0 = tl.load(tiles_ptr + tile * 3)
-    row_end = tl.load(tiles_ptr + tile * 3 + 1)
-    slot = tl.load(tiles_ptr + tile * 3 + 2)
-    slot0 = tl.maximum(slot, 0)
-    rank = tl.load(ranks_ptr + i * num_slots + slot0)
-    rank = tl.where(slot >= 0, rank, 0)
+        row0 = tl.load(tiles_ptr + tile * 3)
+        row_end = tl.load(tiles_ptr + tile * 3 + 1)
+        slot = tl.load(tiles_ptr + tile * 3 + 2)
+        slot0 = tl.maximum(slot, 0)
+        rank = tl.load(ranks_ptr + i * num_slots + slot0)
+        rank = tl.where(slot >= 0, rank, 0)
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_mask = offs_m < row_end
-    r_mask = offs_r < rank
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_mask = offs_m < row_end
+        r_mask = offs_r < rank
 
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
 
-    x_base = x_ptr + offs_m[:, None] * stride_xm
-    page = tl.load(pages_ptr + slot0 * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
-    a_base = a_ptr + ((i * num_pages + page[None, :]) * PAGE + offs_r[None, :] % PAGE) * K
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        xs = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot cannot take bf16; products are exact in float32 anyway
-            xs = xs.to(tl.float32)
-            at = at.to(tl.float32)
-        acc += tl.dot(xs, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
+        x_base = x_ptr + offs_m[:, None] * stride_xm
+        page = tl.load(pages_ptr + slot0 * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+        a_base = a_ptr + ((i * num_pages + page[None, :]) * PAGE + offs_r[None, :] % PAGE) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xs = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if UPCAST:  # the interpreter's tl.dot cannot take bf16; products are exact in float32 anyway
+                xs = xs.to(tl.float32)
+                at = at.to(tl.float32)
+            acc += tl.dot(xs, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
 
-    out = out_ptr + ((split * T + offs_m[:, None]) * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
+        out = out_ptr + ((split * T + offs_m[:, None]) * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
+        tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
 
 _launch_shrink = Launcher(_shrink_kernel)
@@ -110,7 +117,7 @@ def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slice
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
                 split_k: Optional[int] = None, block_k: Optional[int] = None,
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
-                max_rank: Optional[int] = None) -> torch.Tensor:
+                max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -119,7 +126,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     max_pages) int32, the page of each rank block of each slot, and ``max_rank`` (default: the padded layout, a
     page of ``max_rank`` rows per slot: ``a`` (slices, slots, max_rank, K)). ``split_k`` / ``block_k`` override
     the heuristic (tests, tuning). ``work_tiles``: how many tiles carry rows, when the list is padded with empty
-    ones (CUDA graphs), so that split-K is sized for the real work."""
+    ones (CUDA graphs), so that split-K is sized for the real work; ``tile_count`` (1,) int64 on the device: how
+    many of the first tiles are real (the padding tiles then cost nothing; default: all of them)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -134,13 +142,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
     if num_tiles == 0 or T == 0:
         return out.zero_()
-    grid = (num_tiles, num_slices * cfg["r_blocks"], cfg["split_k"])
+    items = num_tiles * num_slices * cfg["r_blocks"] * cfg["split_k"]
+    grid = (min(items, programs_per_sm() * num_sms(x.device)),)
     _launch_shrink(
         grid,
-        (x, a, out, tiles, ranks_t, pages, T, K, cfg["k_per_split"], x.stride(0), ranks_t.shape[1], num_pages),
-        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
-             BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
-             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET),
+        (x, a, out, tiles, tiles if tile_count is None else tile_count, ranks_t, pages, T, K, cfg["k_per_split"],
+         num_tiles, cfg["split_k"], x.stride(0), ranks_t.shape[1], num_pages),
+        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank,
+             MAX_PAGES=pages.shape[1], PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

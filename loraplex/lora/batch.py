@@ -60,6 +60,9 @@ class LoRABatch:
     # A batch of a captured CUDA graph: persistent device buffers, work lists padded with empty tiles (slot -1),
     # host fields empty. Every LoRA layer runs its kernels, whatever the adapter mix of the replayed step.
     static: bool = False
+    # Static batches: (1,) int64 on the device, how many of the first tiles (of ``tiles``, which is then also
+    # ``expand_tiles``) are real; the kernels read no tile past it. None: all of them.
+    tile_count: Optional[torch.Tensor] = None
 
     def runs(self, active: frozenset[int]) -> bool:
         """Whether a layer holding weights in the slots ``active`` has work in this batch."""

@@ -31,7 +31,7 @@ class TritonLoRABackend:
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
-                           max_rank=w.max_rank)
+                           max_rank=w.max_rank, tile_count=batch.tile_count)
 
     def __init__(self) -> None:
         # Run each shrink on a side stream beside the base layer's GEMM, which reads the same input, instead of
@@ -70,12 +70,13 @@ class TritonLoRABackend:
     def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, _extras(w), bias, pages=w.pages.table)
+                    batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
-                    batch.expand_tiles, batch.expand_block_m, _extras(w), pages=w.pages.table)
+                    batch.expand_tiles, batch.expand_block_m, _extras(w), pages=w.pages.table,
+                    tile_count=batch.tile_count)
 
 
 def _extras(w: LoRAStack) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
