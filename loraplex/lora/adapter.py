@@ -126,9 +126,13 @@ class LoRAAdapter:
     # the tensors above being views of it; None before
     packed: Any = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def max_rank(self) -> int:
         return max((w.rank for w in self.modules.values()), default=0)
+
+    @functools.cached_property
+    def has_lora_bias(self) -> bool:
+        return any(w.bias is not None for w in self.modules.values())
 
     @property
     def version(self) -> str:

@@ -93,7 +93,8 @@ class BaseLayerWithLoRA(nn.Module):
             self.dora[slot] = dora
 
     def _update_active(self, slot: int, has_weights: bool) -> None:
-        self.active = self.active | {slot} if has_weights else self.active - {slot}
+        # a plain attribute: nn.Module's __setattr__ costs a slot load microseconds per wrapper
+        object.__setattr__(self, "active", self.active | {slot} if has_weights else self.active - {slot})
         if not has_weights:
             self.dora.pop(slot, None)
             self.lora_bias.pop(slot, None)

@@ -203,7 +203,7 @@ class LoRAModel:
         return self.pages.fits(adapter.max_rank, self._needs_ext(adapter), freed)
 
     def _needs_ext(self, adapter: LoRAAdapter) -> bool:
-        return self.fused_extras and (adapter.has_dora or any(w.bias is not None for w in adapter.modules.values()))
+        return self.fused_extras and (adapter.has_dora or adapter.has_lora_bias)
 
     def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> list[torch.Tensor]:
         """Write ``slot`` (on the current stream); returns the tensors that copies still queued read. A staged
@@ -234,10 +234,11 @@ class LoRAModel:
         with torch.no_grad():
             for wm in self.modules:
                 weights = [adapter.modules.get(n) for n in wm.slice_names] if adapter else [None] * len(wm.slice_names)
-                with wm.wrapper.stack.writing(slot):
-                    if any(w is not None for w in weights):
+                if any(w is not None for w in weights):
+                    with wm.wrapper.stack.writing(slot):
                         wm.wrapper.set_lora(slot, weights)
-                    elif slot in wm.wrapper.active or adapter is None:
+                elif slot in wm.wrapper.active:  # a wrapper without weights in the slot has nothing to clear
+                    with wm.wrapper.stack.writing(slot):
                         wm.wrapper.reset_lora(slot)
                 if isinstance(wm.wrapper, (VocabEmbeddingWithLoRA, LMHeadWithLoRA)):
                     wm.wrapper.set_tokens(slot, self._tokens_for(wm, adapter))

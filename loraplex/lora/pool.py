@@ -396,10 +396,11 @@ class LoRAPool:
             # evict in that order until the adapter's rank fits in the freed memory (pages); none if it cannot
             freed = [s for s in order[:1] if self._slot[s] is not None]
             for s in order[1:]:
+                if self._slot[s] is None:  # empty: frees nothing (hundreds of them in paged pools)
+                    continue
                 if self.lora_model.fits(adapter, freed):
                     break
-                if self._slot[s] is not None:
-                    freed.append(s)
+                freed.append(s)
             if not self.lora_model.fits(adapter, freed):
                 return None
             after = self._readers(freed + [slot])  # before the clears: they take the same events
