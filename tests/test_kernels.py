@@ -371,22 +371,35 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_engine_triton_matches_torch(tmp_path) -> None:
-    """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'."""
+@pytest.mark.parametrize("fused_act", [False, True], ids=["expand", "delta-in-silu"])
+def test_engine_triton_matches_torch(tmp_path, monkeypatch, fused_act) -> None:
+    """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'. With
+    ``delta-in-silu`` the activation runs its Triton kernel (interpreted on a CPU), which then adds the gate/up
+    projection's LoRA delta (LoRA, DoRA, LoRA bias and base rows in one batch), as it does on CUDA."""
+    if fused_act:
+        import loraplex.layers.activation as activation
+        from loraplex.kernels import layer_ops
+
+        monkeypatch.setattr(activation, "fused_ops", lambda x: layer_ops)
     model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
     paths = {
         "emb": make_adapter(model_dir, tmp_path / "emb", seed=1, r=8, lora_alpha=16,
                             target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
         "all": make_adapter(model_dir, tmp_path / "all", seed=2, r=4, lora_alpha=8, target_modules="all-linear",
                             rank_pattern={"down_proj": 2}),
+        "dora": make_adapter(model_dir, tmp_path / "dora", seed=3, r=4, lora_alpha=8,
+                             target_modules=["gate_proj", "up_proj"], use_dora=True),
+        "bias": make_adapter(model_dir, tmp_path / "bias", seed=4, r=4, lora_alpha=8,
+                             target_modules=["gate_proj", "up_proj"], lora_bias=True),
     }
-    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5], [100, 101, 102, 103, 104, 105], [42, 43], [9, 8, 7, 6, 5]]
-    adapters = ["emb", "all", None, "all", "emb"]
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5], [100, 101, 102, 103, 104, 105], [42, 43], [9, 8, 7, 6, 5],
+               [11, 12, 13], [14, 15, 16, 17]]
+    adapters = ["emb", "all", None, "all", "emb", "dora", "bias"]
     params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, prompt_logprobs=1)
     results = {}
     for backend in ("torch", "triton"):
-        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=8, seed=0,
-                  num_kv_blocks=32, block_size=4, lora_backend=backend)
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=4, max_lora_rank=8, seed=0,
+                  num_kv_blocks=48, block_size=4, lora_backend=backend)
         loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]
         results[backend] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
                                         use_tqdm=False)
@@ -573,3 +586,41 @@ def test_lora_overlap_default_follows_tensor_parallelism(monkeypatch) -> None:
     assert not TritonLoRABackend().overlap
     monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "1")
     assert TritonLoRABackend().overlap
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["padded", "paged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_and_mul_adds_the_gate_up_delta_as_the_expand_does(dtype, paged) -> None:
+    """``layer_ops.silu_and_mul(x, lora)`` (the gate_up projection's delta left to the activation kernel) equals
+    the expand kernel's update of x followed by the plain activation: slots of different ranks per slice (an
+    untargeted one), base rows, a slot with LoRA bias and DoRA extras, split-K partials, several column
+    blocks, padded and paged B."""
+    from loraplex.kernels import layer_ops
+
+    N = 600  # two column blocks of 512
+    ranks = {0: [8, 16], 1: [16, 0], 2: [5, 12], 3: [0, 0]}
+    w = random_lora_stack(dtype, 4, 16, 32, (N, N), ranks, DEVICE, b_over_sqrt_rank=True)
+    w = _paged_copy(w) if paged else w
+    rows = [0, 0, -1, 1, 2, 2, 3, 1]
+    batch = LoRABatch.from_row_slots(rows, DEVICE)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(len(rows), 2 * N, generator=g) * 2).to(dtype).to(DEVICE)
+    parts = torch.randn(3, len(rows), 2, 16, generator=g).to(DEVICE)  # three split-K partials
+    ext = torch.zeros(4, 2, 2 * N)
+    ext[:, 1] = 1.0
+    ext[1, 0] = torch.randn(2 * N, generator=g)  # slot 1: LoRA bias and DoRA scales
+    ext[1, 1] = 0.5 + torch.rand(2 * N, generator=g)
+    ext_rows = torch.tensor([-1, 1, -1, -1], dtype=torch.int32)
+    ext, ext_rows = ext.to(DEVICE), ext_rows.to(DEVICE)
+    pages = w.pages.table
+    for bias in (None, torch.randn(2 * N, generator=g).to(dtype).to(DEVICE)):
+        y = x.clone()
+        lora_expand(y, parts, w.b, w.ranks_t, w.scales_t, w.slice_meta, N, batch.expand_tiles, batch.expand_block_m,
+                    (ext, ext_rows), bias, pages=pages)
+        want = layer_ops.silu_and_mul(y)
+        delta = layer_ops.LoRADelta(parts, w.b, pages, w.ranks_t, w.scales_t, batch.token_slots, ext, ext_rows, bias)
+        got = layer_ops.silu_and_mul(x, delta)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+        base = batch.token_slots < 0
+        assert torch.equal(got[base], layer_ops.silu_and_mul(x[base]))  # base rows: the plain activation
+        assert not torch.equal(got[~base], layer_ops.silu_and_mul(x[~base]))

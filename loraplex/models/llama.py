@@ -71,7 +71,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = GatedActivation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        deferred = getattr(self.gate_up_proj, "forward_deferred", None)  # a LoRA wrapper
+        if deferred is None or self.gate_up_proj.num_slices != 2:
+            return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        h, lora = deferred(x)  # the gate/up LoRA delta is added inside the activation's kernel (CUDA)
+        return self.down_proj(self.act_fn(h, lora))
 
 
 class LlamaDecoderLayer(nn.Module):
