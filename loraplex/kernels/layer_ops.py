@@ -6,7 +6,8 @@ rounds where its PyTorch reference (the eager code in :mod:`loraplex.layers`, wh
 so results equal the reference up to float32 reduction order:
 
 * :func:`rms_norm`: ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, optionally after ``x = x + residual``
-  (rounded to the dtype, as the model's residual addition is) with the sum written back to ``residual``;
+  (rounded to the dtype, as the model's residual addition is) with the sum written back to ``residual``, and
+  before that optionally the pending LoRA delta of the one-slice projection (o_proj, down_proj) that made ``x``;
 * :func:`rotary`: ``x * cos + rotate_half(x) * sin`` on the first ``rotary_dim`` features of q and k, in place;
 * :func:`silu_and_mul`: ``silu(gate) * up`` of a fused ``[gate | up]`` input; optionally after the LoRA delta
   of the ``gate_up`` projection that produced it (``lora``: :class:`LoRADelta`), which the projection then
@@ -24,55 +25,6 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.common import Launcher
-
-
-@triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stride_o, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / N
-    h = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, HALF_PAD)
-    d_ok = d < HALF
-    dt = q_ptr.dtype.element_ty
-    # cos / sin rows hold [f | f]: the first half serves both halves, rounded to q's dtype as the reference
-    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
-    heads = tl.arange(0, H_PAD)
-    for which in tl.static_range(2):
-        if which == 0:
-            base = q_ptr + t * stride_qt
-            n_heads = HQ
-            stride_h = stride_qh
-        else:
-            base = k_ptr + t * stride_kt
-            n_heads = HK
-            stride_h = stride_kh
-        m = (heads < n_heads)[:, None] & d_ok[None, :]
-        p1 = base + heads[:, None] * stride_h + d[None, :]
-        x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-        o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
-        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-        tl.store(p1, o1.to(dt), mask=m)
-        tl.store(p1 + HALF, o2.to(dt), mask=m)
 
 
 @triton.jit
@@ -114,6 +66,66 @@ def _row_delta(x, row, cols, mask, off, i, slot, parts_ptr, b_ptr, ranks_ptr, sc
                     out = out * dora
         res = out.to(x.dtype)
     return res
+
+
+# per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
+@triton.jit(do_not_specialize=["num_splits", "T"])
+def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stride_o, eps,
+                     slots_ptr, parts_ptr, b_ptr, ranks_ptr, scales_ptr, pages_ptr, ext_ptr, ext_rows_ptr,
+                     bias_ptr, num_splits, T, num_slots,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, LORA: tl.constexpr, MAX_RANK: tl.constexpr,
+                     BLOCK_R: tl.constexpr, PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, EXTRAS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if LORA:  # x is a one-slice LoRA projection's output whose delta is pending
+        slot = tl.load(slots_ptr + row)
+        if slot >= 0:
+            x = _row_delta(x, row, cols, mask, 0, 0, slot, parts_ptr, b_ptr, ranks_ptr, scales_ptr, pages_ptr,
+                           ext_ptr, ext_rows_ptr, bias_ptr, num_splits, T * MAX_RANK, N, num_slots, 1, MAX_RANK,
+                           BLOCK_R, PAGE, MAX_PAGES, EXTRAS, HAS_BIAS)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    h = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)
+    d_ok = d < HALF
+    dt = q_ptr.dtype.element_ty
+    # cos / sin rows hold [f | f]: the first half serves both halves, rounded to q's dtype as the reference
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
+    heads = tl.arange(0, H_PAD)
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q_ptr + t * stride_qt
+            n_heads = HQ
+            stride_h = stride_qh
+        else:
+            base = k_ptr + t * stride_kt
+            n_heads = HK
+            stride_h = stride_kh
+        m = (heads < n_heads)[:, None] & d_ok[None, :]
+        p1 = base + heads[:, None] * stride_h + d[None, :]
+        x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+        o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
+        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+        tl.store(p1, o1.to(dt), mask=m)
+        tl.store(p1 + HALF, o2.to(dt), mask=m)
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -168,9 +180,11 @@ _launch_silu = Launcher(_silu_and_mul_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
-             ) -> torch.Tensor:
+             lora: Optional["LoRADelta"] = None) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (..., N); with ``residual`` (same shape), of ``x + residual``,
-    which is also written into ``residual``. Returns a new tensor in ``x``'s dtype."""
+    which is also written into ``residual``. Returns a new tensor in ``x``'s dtype. With ``lora``, ``x`` is first
+    the output of the one-slice LoRA projection that made it plus that projection's pending delta (``x`` itself
+    is not written)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -184,8 +198,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
         r2 = residual.view(-1, N)
         assert r2.stride(-1) == 1 and r2.shape == x2.shape, "residual must match x and be contiguous by row"
     block = triton.next_power_of_2(N)
-    _launch_rms((rows,), (x2, r2, out, weight, N, x2.stride(0), r2.stride(0), out.stride(0), float(eps)),
-                dict(HAS_RES=residual is not None, BLOCK=block), num_warps=min(16, max(1, block // 256)))
+    common = (x2, r2, out, weight, N, x2.stride(0), r2.stride(0), out.stride(0), float(eps))
+    warps = min(16, max(1, block // 256))
+    if lora is None:
+        _launch_rms((rows,), common + (x2, x2, x2, x2, x2, x2, x2, x2, x2, 0, 0, 0),
+                    dict(HAS_RES=residual is not None, BLOCK=block, LORA=False, MAX_RANK=1, BLOCK_R=1, PAGE=1,
+                         MAX_PAGES=1, EXTRAS=False, HAS_BIAS=False), num_warps=warps)
+        return out.view(x.shape)
+    parts, b = lora.parts, lora.b
+    assert parts.is_contiguous() and parts.shape[1:3] == (rows, 1) and b.shape[1] == N \
+        and lora.token_slots.shape == (rows,), "a one-slice delta of x's rows and width"
+    extras = lora.ext is not None
+    _launch_rms((rows,), common + (lora.token_slots, parts, b, lora.ranks, lora.scales, lora.pages,
+                                   lora.ext if extras else x2, lora.ext_rows if extras else x2,
+                                   lora.bias if lora.bias is not None else x2, parts.shape[0], rows, lora.ranks.shape[1]),
+                dict(HAS_RES=residual is not None, BLOCK=block, LORA=True, MAX_RANK=parts.shape[3],
+                     BLOCK_R=8, PAGE=b.shape[2], MAX_PAGES=lora.pages.shape[1], EXTRAS=extras,
+                     HAS_BIAS=extras and lora.bias is not None), num_warps=warps)
     return out.view(x.shape)
 
 

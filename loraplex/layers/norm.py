@@ -18,15 +18,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, lora=None,
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. ``lora``: the pending LoRA delta
+        of the one-slice projection that made ``x`` (a ``PendingDelta``), added to ``x`` first (on CUDA inside
+        the kernel)."""
         ops = fused_ops(x)
         if ops is not None:
+            delta = lora.kernel_args() if lora is not None else None
             if residual is None:
-                return ops.rms_norm(x, self.weight, self.eps)
+                return ops.rms_norm(x, self.weight, self.eps, lora=delta)
             residual = residual if residual.is_contiguous() else residual.contiguous()
-            return ops.rms_norm(x, self.weight, self.eps, residual), residual
+            return ops.rms_norm(x, self.weight, self.eps, residual, lora=delta), residual
+        if lora is not None:
+            x = lora.apply(x)
         if residual is not None:
             residual = x + residual
             x = residual
