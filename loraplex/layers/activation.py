@@ -51,13 +51,9 @@ class GatedActivation(nn.Module):
         self.act = _ACTS[name]
         self.silu = _ACTS[name] is F.silu
 
-    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:  # (tokens, 2 * inter) -> (tokens, inter)
-        """``lora``: the pending LoRA delta of the projection that made ``x`` (a ``PendingDelta``, two slices), added
-        inside the SiLU kernel on CUDA, else first applied to ``x``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, 2 * inter) -> (tokens, inter)
         ops = fused_ops(x) if self.silu else None
         if ops is not None:
-            return ops.silu_and_mul(x, lora.kernel_args() if lora is not None else None)
-        if lora is not None:
-            x = lora.apply(x)
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -18,20 +18,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, lora=None,
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. ``lora``: the pending LoRA delta
-        of the one-slice projection that made ``x`` (a ``PendingDelta``), added to ``x`` first (on CUDA inside
-        the kernel)."""
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
         ops = fused_ops(x)
         if ops is not None:
-            delta = lora.kernel_args() if lora is not None else None
             if residual is None:
-                return ops.rms_norm(x, self.weight, self.eps, lora=delta)
+                return ops.rms_norm(x, self.weight, self.eps)
             residual = residual if residual.is_contiguous() else residual.contiguous()
-            return ops.rms_norm(x, self.weight, self.eps, residual, lora=delta), residual
-        if lora is not None:
-            x = lora.apply(x)
+            return ops.rms_norm(x, self.weight, self.eps, residual), residual
         if residual is not None:
             residual = x + residual
             x = residual

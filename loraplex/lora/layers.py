@@ -12,7 +12,6 @@ rows of the base model (slot -1) get exactly the base output.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,11 +24,6 @@ from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColu
                                     QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
 from loraplex.lora.adapter import LoRAWeights
 from loraplex.lora.backends.base import LoRABackend, LoRAStack, PageTable, upload
-
-
-# Whether a consumer kernel may add a layer's delta (forward_deferred); LORAPLEX_LORA_DEFER=0 keeps every expand
-# its own launch (for comparison in benchmarks)
-_DEFER = os.environ.get("LORAPLEX_LORA_DEFER", "1") != "0"
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -258,21 +252,6 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         self._apply_eager_terms(y2, batch, bias)
         return y2.view(*lead, y.shape[-1])
 
-    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional["PendingDelta"]]:
-        """``(base output, its pending LoRA delta)``: the layer without its expand, for a consumer that adds the
-        delta inside its own kernel (``PendingDelta.kernel_args``) or else applies it (``PendingDelta.apply``)
-        before using the output. ``(output with the delta, None)`` where nothing is pending: no LoRA work in
-        this batch, a backend that cannot hand the delta over, a row-parallel layer under tensor parallelism
-        (its delta joins the partial sums before the all-reduce)."""
-        batch = current_lora_batch()
-        if (batch is None or not batch.runs(self.active) or not _DEFER or not hasattr(self.backend, "delta")
-                or (self.row_parallel and self.base_layer.tp_size > 1)):
-            return self(x), None
-        x2 = x.reshape(-1, x.shape[-1])
-        shrunk = self.backend.start_shrink(x2, self.stack, batch)
-        y = self.base_layer(x)
-        return y, PendingDelta(self, shrunk, batch, getattr(self.base_layer, "bias", None))
-
     def _row_parallel_forward(self, x2: torch.Tensor, shrunk: Callable[[], torch.Tensor], batch) -> torch.Tensor:
         """A row-parallel layer under tensor parallelism: this rank's delta, from the ``xA`` of its input shard,
         goes into its partial output before the layer's all-reduce, which sums deltas and base outputs at once
@@ -288,29 +267,6 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             y2 = y2 + base.bias
         self._apply_eager_terms(y2, batch, base.bias)
         return y2
-
-
-class PendingDelta:
-    """A linear LoRA layer's delta not yet added to its output (:meth:`LinearWithLoRA.forward_deferred`). The
-    consumer either passes :meth:`kernel_args` to a kernel that adds it (once), or calls :meth:`apply`."""
-
-    def __init__(self, layer: LinearWithLoRA, shrunk: Callable[[], torch.Tensor], batch, bias) -> None:
-        self.layer = layer
-        self.shrunk = shrunk
-        self.batch = batch
-        self.bias = bias
-        self.num_slices = layer.num_slices
-
-    def kernel_args(self):
-        """The delta as a kernel takes it (:class:`~loraplex.kernels.layer_ops.LoRADelta`); joins the shrink."""
-        return self.layer.backend.delta(self.shrunk(), self.layer.stack, self.batch, self.bias)
-
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` (the layer's output) with the delta added, in place, as the layer's own forward adds it."""
-        y2 = y.reshape(-1, y.shape[-1])
-        self.layer.backend.expand(y2, self.shrunk(), self.layer.stack, self.batch, self.bias)
-        self.layer._apply_eager_terms(y2, self.batch, self.bias)
-        return y
 
 
 class VocabEmbeddingWithLoRA(BaseLayerWithLoRA):

@@ -19,16 +19,6 @@ from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import get_rope, rope_parameters
 
 
-def _deferred(layer: nn.Module, x: torch.Tensor, slices: int) -> tuple[torch.Tensor, Optional[Any]]:
-    """``(layer(x) without its LoRA delta, the pending delta)`` when ``layer`` is a LoRA wrapper of ``slices``
-    output slices that can defer it, for the next kernel (the activation, a norm) to add; else ``(layer(x),
-    None)``."""
-    deferred = getattr(layer, "forward_deferred", None)
-    if deferred is None or layer.num_slices != slices:
-        return layer(x), None
-    return deferred(x)
-
-
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -60,11 +50,6 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, hd ** -0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h, lora = self.forward_deferred(positions, x)
-        return h if lora is None else lora.apply(h)
-
-    def forward_deferred(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
-        """``(o_proj output, its pending LoRA delta or None)``: see :func:`_deferred`."""
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # (tokens, heads, dim)
@@ -74,7 +59,7 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return _deferred(self.o_proj, self.attn(q, k, v), 1)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -86,14 +71,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = GatedActivation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, lora = self.forward_deferred(x)
-        return h if lora is None else lora.apply(h)
-
-    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
-        """``(down_proj output, its pending LoRA delta or None)``; the gate/up delta is added inside the
-        activation's kernel (see :func:`_deferred`)."""
-        h, lora = _deferred(self.gate_up_proj, x, 2)
-        return _deferred(self.down_proj, self.act_fn(h, lora), 1)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,20 +83,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: Optional[torch.Tensor],
-                lora: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[Any]]:
-        """``(h, residual, lora)`` -> ``(mlp output, residual stream before it, the mlp's pending LoRA delta)``; the
-        stream is ``h + residual`` (``h`` alone in the first layer), added inside the fused norms, which also add
-        the pending LoRA delta of the projection before them (``lora``: that of the previous layer's
-        ``down_proj``; see :func:`_deferred`)."""
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, residual)`` -> ``(mlp output, residual stream before it)``; the stream is ``h + residual``
+        (``h`` alone in the first layer), added inside the fused norms."""
         if residual is None:
-            residual = h if lora is None else lora.apply(h)
-            x = self.input_layernorm(residual)
+            residual = h
+            x = self.input_layernorm(h)
         else:
-            x, residual = self.input_layernorm(h, residual, lora=lora)
-        h, lora = self.self_attn.forward_deferred(positions, x)
-        x, residual = self.post_attention_layernorm(h, residual, lora=lora)
-        h, lora = self.mlp.forward_deferred(x)
-        return h, residual, lora
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -135,12 +110,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (tokens, hidden)
-        residual = lora = None
+        residual = None
         for layer in self.layers:
-            h, residual, lora = layer(positions, h, residual, lora)
-        if residual is None:  # no layers
-            return self.norm(h)
-        return self.norm(h, residual, lora=lora)[0]
+            h, residual = layer(positions, h, residual)
+        return self.norm(h, residual)[0] if residual is not None else self.norm(h)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -72,15 +72,6 @@ class TritonLoRABackend:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
                     batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count)
 
-    def delta(self, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch, bias: Optional[torch.Tensor] = None):
-        """The expand of ``buf`` as data (:class:`~loraplex.kernels.layer_ops.LoRADelta`), for a kernel that
-        consumes the layer's output to add it itself instead of this backend's expand launch."""
-        from loraplex.kernels.layer_ops import LoRADelta
-
-        ext, ext_rows = _extras(w) or (None, None)
-        return LoRADelta(buf, w.b, w.pages.table, w.ranks_t, w.scales_t, batch.token_slots, ext, ext_rows,
-                         bias if ext is not None else None)
-
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
