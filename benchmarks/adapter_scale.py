@@ -110,6 +110,21 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     def add(rid: str, i: int) -> None:
         eng.add_request({"prompt_token_ids": prompts[i]}, params, names[i], rid)
 
+    # host time the engine thread spends in the pool's acquire (slot choice, eviction, recording the copies)
+    acquire_s = [0.0]
+    load_acquire: list[float] = []  # that time in each step that started slot uploads
+    if eng.pool is not None:
+        acquire = type(eng.pool).acquire
+
+        def timed_acquire(adapter: Any) -> Optional[int]:
+            t = time.perf_counter()
+            try:
+                return acquire(eng.pool, adapter)
+            finally:
+                acquire_s[0] += time.perf_counter() - t
+
+        eng.pool.acquire = timed_acquire  # an instance attribute: removed when the load ends
+
     nxt = 0
     while nxt < len(names) or eng.has_unfinished_requests() or rereads:
         now = time.perf_counter() - t0
@@ -133,11 +148,13 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             time.sleep(0.0005 if rereads else max(0.0, nxt / rate - now))
             continue
         loads0 = eng.pool.num_slot_loads if eng.pool is not None else 0
+        a0 = acquire_s[0]
         s0 = time.perf_counter()
         outs = eng.step()
         step_s.append(time.perf_counter() - s0)
         if eng.pool is not None and eng.pool.num_slot_loads > loads0:
             load_steps.append(step_s[-1])  # a step that started slot uploads (their host work is in it)
+            load_acquire.append(acquire_s[0] - a0)
         distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
         for r in eng.scheduler.running:
             if r.slot_waits and r.request_id not in slot_waits:
@@ -150,6 +167,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             peak_resident.append(sum(n is not None for n in eng.pool.device_resident))
     wall = time.perf_counter() - t0
     io.shutdown()
+    if eng.pool is not None:
+        del eng.pool.acquire
     ttft = sorted(first.values())
     peak = max(peak_resident) if peak_resident else 0
     events = eng.pool.drain_events() if eng.pool is not None else []
@@ -174,6 +193,9 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "step_ms_p99": 1e3 * steps[int(0.99 * (len(steps) - 1))] if steps else 0.0,
             "steps_with_loads": len(load_steps),
             "load_step_ms_p50": 1e3 * sorted(load_steps)[len(load_steps) // 2] if load_steps else 0.0,
+            "load_step_acquire_ms_mean": 1e3 * sum(load_acquire) / max(1, len(load_acquire)),
+            "slot_loads_per_load_step": (sum(1 for _, kind, _ in events if kind == "load")
+                                         / max(1, len(load_steps))),
             "mean_distinct_adapters": sum(distinct) / max(1, len(distinct)),
             "slot_wait_steps_p50": waits[len(waits) // 2] if waits else 0,
             "slot_wait_steps_p99": waits[int(0.99 * (len(waits) - 1))] if waits else 0,
@@ -228,7 +250,9 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"average over {r['steps']} steps ({r['step_seconds_total']:.1f} of {r['seconds']:.1f} s)", flush=True)
         print(f"[{layout}] {name:>11}  steps p50/p90/p99 {r['step_ms_p50']:.2f} / {r['step_ms_p90']:.2f} / "
               f"{r['step_ms_p99']:.2f} ms; {r['steps_with_loads']} steps started uploads (p50 "
-              f"{r['load_step_ms_p50']:.2f} ms); {r['mean_distinct_adapters']:.1f} adapters running on average",
+              f"{r['load_step_ms_p50']:.2f} ms, {r['load_step_acquire_ms_mean']:.2f} ms of it on average in the pool's "
+              f"acquire for {r['slot_loads_per_load_step']:.1f} loads); {r['mean_distinct_adapters']:.1f} adapters "
+              "running on average",
               flush=True)
         print(f"[{layout}] {name:>11}  steps a request waited for its slot: p50 {r['slot_wait_steps_p50']}, p99 "
               f"{r['slot_wait_steps_p99']}, max {r['slot_wait_steps_max']}; "
