@@ -11,6 +11,11 @@ time of one shrink+expand in microseconds:
 The base GEMM of the module (x @ W.T) is timed the same way for scale. Run on a CUDA machine:
 
     python benchmarks/kernel_bench.py --json bench_out/kernel_bench.json
+
+``--layer``: instead, the Triton shrink and expand of one decoder layer of the Llama-3-8B shape (qkv, o,
+gate_up, down) as a CUDA graph step runs them: paged B (pages of 8 rank rows), the work list padded to the
+batch with the real tile count on the device, batches 32 and 128, one adapter (all rows) or a distinct adapter
+per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds per module and per layer.
 """
 
 from __future__ import annotations
@@ -112,6 +117,61 @@ def run_case(name: str, backend_names: list[str], slices: tuple[int, ...], hidde
     return row
 
 
+LAYER_MODULES = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4096, (14336, 14336)),
+                 ("down", 14336, (4096,))]
+
+
+def padded_tiles(T: int, distinct: bool, slots: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A graph step's work list for T rows: one adapter's runs in tiles of 16 rows, or one row per tile with
+    slot ``row % slots``; padded to T tiles with empty ones, and the real count as a device tensor."""
+    if distinct:
+        tiles = [(r, r + 1, r % slots) for r in range(T)]
+    else:
+        tiles = [(r, T, 0) for r in range(0, T, 16)]
+    n = len(tiles)
+    tiles += [(0, 0, -1)] * (T - n)
+    return (torch.tensor(tiles, dtype=torch.int64, device=dev),
+            torch.tensor([n], dtype=torch.int64, device=dev))
+
+
+def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callable[[], None], int], float]) -> list[dict]:
+    """The ``--layer`` rows: see the module docstring."""
+    from loraplex.kernels.lora_expand import lora_expand
+    from loraplex.kernels.lora_shrink import lora_shrink
+
+    dtype = getattr(torch, a.dtype)
+    page, rank, slots = 8, a.rank, a.slots
+    per_slot = -(-rank // page)
+    pages = torch.arange(slots * per_slot, dtype=torch.int32, device=dev).view(slots, per_slot)
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for name, K, slices in LAYER_MODULES:
+        N = sum(slices)
+        A = (torch.randn(len(slices), slots * per_slot, page, K, generator=g, device=dev) / K ** 0.5).to(dtype)
+        B = (torch.randn(slots * per_slot, N, page, generator=g, device=dev) / rank ** 0.5).to(dtype)
+        ranks = torch.full((len(slices), slots), rank, dtype=torch.int32, device=dev)
+        scales = torch.ones(len(slices), slots, dtype=torch.float32, device=dev)
+        meta = torch.tensor([[sum(slices[:i]), n] for i, n in enumerate(slices)], dtype=torch.int32, device=dev)
+        for T in a.layer_batches:
+            x = torch.randn(T, K, generator=g, device=dev).to(dtype)
+            y = torch.zeros(T, N, device=dev, dtype=dtype)
+            for distinct in (False, True):
+                tiles, count = padded_tiles(T, distinct, slots, dev)
+                kw = dict(work_tiles=T // 16, pages=pages, max_rank=rank, tile_count=count)
+                parts = lora_shrink(x, A, ranks, tiles, 16, **kw)
+
+                def shrink() -> None:
+                    lora_shrink(x, A, ranks, tiles, 16, **kw)
+
+                def expand() -> None:
+                    lora_expand(y, parts, B, ranks, scales, meta, max(slices), tiles, 16, pages=pages,
+                                tile_count=count)
+
+                rows.append({"module": name, "tokens": T, "case": f"{min(T, slots)} distinct" if distinct else "1 adapter",
+                             "shrink_us": timer(shrink, a.iters), "expand_us": timer(expand, a.iters)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -121,11 +181,32 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--backends", default="torch,triton")
     ap.add_argument("--prefill", action="store_true", help="also a prefill-shaped batch and a qkv-shaped module")
+    ap.add_argument("--layer", action="store_true", help="one 8B decoder layer's kernels as graph steps run them")
+    ap.add_argument("--layer-batches", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA device")
     dev = torch.device("cuda")
+    if a.layer:
+        rows = run_layer(a, dev, time_graph)
+        print(f"LoRA kernels of one Llama-3-8B decoder layer, rank {a.rank}, {a.dtype}, graph-replayed, microseconds")
+        print(f"{'module':<9}{'tokens':>7}{'case':>14}{'shrink':>9}{'expand':>9}")
+        sums: dict = {}
+        for r in rows:
+            print(f"{r['module']:<9}{r['tokens']:>7}{r['case']:>14}{r['shrink_us']:>9.1f}{r['expand_us']:>9.1f}")
+            key = (r["tokens"], r["case"])
+            sums[key] = [v + w for v, w in zip(sums.get(key, [0.0, 0.0]), (r["shrink_us"], r["expand_us"]))]
+        for (T, case), (sh, ex) in sums.items():
+            print(f"{'layer':<9}{T:>7}{case:>14}{sh:>9.1f}{ex:>9.1f}")
+        device = torch.cuda.get_device_name()
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"config": vars(a), "results": rows, "device": device,
+                                            "torch": torch.__version__, "triton": _triton_version(),
+                                            "date": time.strftime("%Y-%m-%d")}, indent=2))
+        print(f"wrote {a.json} ({device})")
+        return
     backends = a.backends.split(",")
     H, T = a.hidden, a.tokens
     cases = [
