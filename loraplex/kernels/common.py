@@ -34,11 +34,15 @@ def num_sms(device: Optional[torch.device] = None) -> int:
     return _sms(index)
 
 
+# Read once, when the kernels are imported: every LoRA launch asks (eager steps make hundreds a step).
+_PROGRAMS_PER_SM = int(os.environ.get("LORAPLEX_LORA_PROGRAMS_PER_SM", "32"))
+
+
 def programs_per_sm() -> int:
     """Programs per SM of the LoRA kernels' grids, which stride over their work items
     (``LORAPLEX_LORA_PROGRAMS_PER_SM``, for tuning). 32 measured best of 4 to 32 on an H200 (8B shapes, batch
     32 and 128, one adapter and distinct ones: docs/benchmarks.md)."""
-    return int(os.environ.get("LORAPLEX_LORA_PROGRAMS_PER_SM", "32"))
+    return _PROGRAMS_PER_SM
 
 
 def _spec(arg) -> tuple:

@@ -63,10 +63,13 @@ class _Current:
     """What identifies a registered name's current version while its weights may be out of memory."""
 
     uid: int
-    version: str
     vocab_size: Optional[int]  # when it adds tokens
-    content_hash: bytes = b""
+    content_hash: bytes
     source_stat: tuple = ()  # its files as read (a re-read of the same files keeps the hash: load_adapter)
+
+    @property
+    def version(self) -> str:
+        return self.content_hash.hex()[:12]  # as LoRAAdapter.version
 
 
 KEEP_VERSIONS = 2  # earlier versions of a name kept in memory after a reload, for name@version requests
@@ -217,8 +220,8 @@ class LoRAPool:
         return adapter
 
     def _set_current(self, adapter: LoRAAdapter) -> None:
-        self._current[adapter.name] = _Current(adapter.uid, adapter.version, adapter.vocab_size,
-                                               adapter.content_hash, adapter.source_stat)
+        self._current[adapter.name] = _Current(adapter.uid, adapter.vocab_size, adapter.content_hash,
+                                               adapter.source_stat)
 
     def needs_read(self, name: str) -> bool:
         """Whether a request for registered ``name`` would have to re-read its folder (evicted from host memory

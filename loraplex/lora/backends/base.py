@@ -94,13 +94,8 @@ class PageTable:
         assert n <= len(self._free) and (not ext or self._free_ext), "not enough free pages / extras rows"
         pages, self._free = self._free[:n], self._free[n:]
         self._pages[slot] = pages
-        if self.writer is not None:  # with the load's other words, in its one launch
-            for j in range(self.max_pages):
-                self._set_word(self.table, slot * self.max_pages + j, pages[j] if j < n else 0)
-        else:
-            row = torch.zeros(self.max_pages, dtype=torch.int32)
-            row[:n] = torch.tensor(pages, dtype=torch.int32)
-            self.table[slot].copy_(upload(row, self.table))
+        for j in range(self.max_pages):  # words of the load's writer (its one launch), else scalar fills
+            self._set_word(self.table, slot * self.max_pages + j, pages[j] if j < n else 0)
         self._index.pop(slot, None)  # made when first asked for (the per-tensor writes)
         if ext:
             self._ext[slot] = self._free_ext.pop(0)
