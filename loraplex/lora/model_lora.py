@@ -36,6 +36,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+_NO_BUFFER = torch.empty(0, dtype=torch.uint8)  # a slot writer's staged buffer when nothing is copied from one
+
+
 class LoRAModel:
     """The wrapped layers of one model, and its :class:`AdapterTargetSpec`."""
 
@@ -208,15 +211,19 @@ class LoRAModel:
     def _write_slot(self, slot: int, adapter: Optional[LoRAAdapter]) -> list[torch.Tensor]:
         """Write ``slot`` (on the current stream); returns the tensors that copies still queued read. A staged
         adapter going into paged slots of the Triton backend is copied by one batched launch
-        (:class:`SlotWriter`, ``kernels/slot_write.py``) rather than two copies per tensor."""
-        if adapter is None:
-            self.pages.release(slot)
-        else:
-            self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
+        (:class:`SlotWriter`, ``kernels/slot_write.py``) rather than two copies per tensor, and every word a load
+        or a clear changes (ranks, scales, page-table entries, extras rows) by one more."""
         device, _ = self._device_and_dtype()
-        if adapter is not None and adapter.packed is not None and self.batched_writes and not self.pages.identity:
-            self.pages.writer = SlotWriter(adapter.packed[1], device)
+        if self.batched_writes and not self.pages.identity:
+            # clears too: their rank and scale zeros, like a load's page-table entries, go as words of one launch
+            # (a scalar fill each cost a clear of an 8B-shaped slot some 200 launches of host time)
+            flat = adapter.packed[1] if adapter is not None and adapter.packed is not None else _NO_BUFFER
+            self.pages.writer = SlotWriter(flat, device)
         try:
+            if adapter is None:
+                self.pages.release(slot)
+            else:
+                self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
             self._write_modules(slot, adapter)
             return self.pages.writer.run() if self.pages.writer is not None else []
         finally:

@@ -94,20 +94,19 @@ class PageTable:
         assert n <= len(self._free) and (not ext or self._free_ext), "not enough free pages / extras rows"
         pages, self._free = self._free[:n], self._free[n:]
         self._pages[slot] = pages
-        row = torch.zeros(self.max_pages, dtype=torch.int32)
-        row[:n] = torch.tensor(pages, dtype=torch.int32)
-        self.table[slot].copy_(upload(row, self.table))
-        self._index[slot] = upload(torch.tensor(pages, dtype=torch.int64), self.table)
+        for j in range(self.max_pages):  # words of the load's writer (its one launch), else scalar fills
+            self._set_word(self.table, slot * self.max_pages + j, pages[j] if j < n else 0)
+        self._index.pop(slot, None)  # made when first asked for (the per-tensor writes)
         if ext:
             self._ext[slot] = self._free_ext.pop(0)
-            self.ext_rows[slot].fill_(self._ext[slot])
+            self._set_word(self.ext_rows, slot, self._ext[slot])
 
     def release(self, slot: int) -> None:
         """Return ``slot``'s pages and extras row (its table entries keep pointing at them: nothing reads a slot
         without weights)."""
         row = self._ext.pop(slot, None)
         if row is not None:
-            self.ext_rows[slot].fill_(-1)
+            self._set_word(self.ext_rows, slot, -1)
         if self.identity:
             return
         self._free = sorted(self._free + self._pages.pop(slot, []))
@@ -127,7 +126,18 @@ class PageTable:
         """``slot``'s pages, a device int64 tensor (index_copy_ targets)."""
         if self.identity:
             raise AssertionError("the padded layout writes slots directly")
-        return self._index[slot]
+        index = self._index.get(slot)
+        if index is None:
+            index = self._index[slot] = upload(torch.tensor(self._pages[slot], dtype=torch.int64), self.table)
+        return index
+
+    def _set_word(self, t: torch.Tensor, i: int, value: int) -> None:
+        """Element ``i`` of the int32 device tensor ``t`` (contiguous) <- ``value``: a word of the slot writer's
+        launch while a load batches its writes, else a scalar fill."""
+        if self.writer is not None:
+            self.writer.word(t.data_ptr() + i * 4, value, False)
+        else:
+            t.view(-1)[i].fill_(value)
 
 
 class SlotWriter:
