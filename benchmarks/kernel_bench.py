@@ -15,7 +15,8 @@ The base GEMM of the module (x @ W.T) is timed the same way for scale. Run on a 
 ``--layer``: instead, the Triton shrink and expand of one decoder layer of the Llama-3-8B shape (qkv, o,
 gate_up, down) as a CUDA graph step runs them: paged B (pages of 8 rank rows), the work list padded to the
 batch with the real tile count on the device, batches 32 and 128, one adapter (all rows) or a distinct adapter
-per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds per module and per layer.
+per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds per module and per layer, with
+the shrink summing its split-K partials (the default) and with the expand summing them.
 """
 
 from __future__ import annotations
@@ -157,18 +158,22 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
             y = torch.zeros(T, N, device=dev, dtype=dtype)
             for distinct in (False, True):
                 tiles, count = padded_tiles(T, distinct, slots, dev)
-                kw = dict(work_tiles=T // 16, pages=pages, max_rank=rank, tile_count=count)
-                parts = lora_shrink(x, A, ranks, tiles, 16, **kw)
+                row = {"module": name, "tokens": T, "case": f"{min(T, slots)} distinct" if distinct else "1 adapter"}
+                for reduce in (True, False):  # the shrink sums its split-K partials (the default), or the expand
+                    kw = dict(work_tiles=T // 16, pages=pages, max_rank=rank, tile_count=count, reduce=reduce)
+                    parts = lora_shrink(x, A, ranks, tiles, 16, **kw)
 
-                def shrink() -> None:
-                    lora_shrink(x, A, ranks, tiles, 16, **kw)
+                    def shrink() -> None:
+                        lora_shrink(x, A, ranks, tiles, 16, **kw)
 
-                def expand() -> None:
-                    lora_expand(y, parts, B, ranks, scales, meta, max(slices), tiles, 16, pages=pages,
-                                tile_count=count)
+                    def expand() -> None:
+                        lora_expand(y, parts, B, ranks, scales, meta, max(slices), tiles, 16, pages=pages,
+                                    tile_count=count)
 
-                rows.append({"module": name, "tokens": T, "case": f"{min(T, slots)} distinct" if distinct else "1 adapter",
-                             "shrink_us": timer(shrink, a.iters), "expand_us": timer(expand, a.iters)})
+                    tag = "" if reduce else "_unreduced"
+                    row.update({f"shrink_us{tag}": timer(shrink, a.iters), f"expand_us{tag}": timer(expand, a.iters),
+                                f"splits{tag}": parts.shape[0]})
+                rows.append(row)
     return rows
 
 
@@ -192,14 +197,17 @@ def main() -> None:
     if a.layer:
         rows = run_layer(a, dev, time_graph)
         print(f"LoRA kernels of one Llama-3-8B decoder layer, rank {a.rank}, {a.dtype}, graph-replayed, microseconds")
-        print(f"{'module':<9}{'tokens':>7}{'case':>14}{'shrink':>9}{'expand':>9}")
+        print("(the shrink summing its split-K partials, the default; then the expand summing them)")
+        cols = ("shrink_us", "expand_us", "shrink_us_unreduced", "expand_us_unreduced")
+        print(f"{'module':<9}{'tokens':>7}{'case':>14}{'splits':>7}{'shrink':>9}{'expand':>9}{'shrink':>9}{'expand':>9}")
         sums: dict = {}
         for r in rows:
-            print(f"{r['module']:<9}{r['tokens']:>7}{r['case']:>14}{r['shrink_us']:>9.1f}{r['expand_us']:>9.1f}")
+            print(f"{r['module']:<9}{r['tokens']:>7}{r['case']:>14}{r['splits_unreduced']:>7}"
+                  + "".join(f"{r[c]:>9.1f}" for c in cols))
             key = (r["tokens"], r["case"])
-            sums[key] = [v + w for v, w in zip(sums.get(key, [0.0, 0.0]), (r["shrink_us"], r["expand_us"]))]
-        for (T, case), (sh, ex) in sums.items():
-            print(f"{'layer':<9}{T:>7}{case:>14}{sh:>9.1f}{ex:>9.1f}")
+            sums[key] = [v + r[c] for v, c in zip(sums.get(key, [0.0] * 4), cols)]
+        for (T, case), v in sums.items():
+            print(f"{'layer':<9}{T:>7}{case:>14}{'':>7}" + "".join(f"{x:>9.1f}" for x in v))
         device = torch.cuda.get_device_name()
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"config": vars(a), "results": rows, "device": device,

@@ -126,10 +126,21 @@ def test_split_k_and_wide_rank(dtype) -> None:
         w = _stack(dtype, K, max_rank, ranks)
         batch = _batch("uniform", "prefill", seed=K)
         x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
-        parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=split_k, block_k=block_k)
+        parts = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=split_k, block_k=block_k,
+                            reduce=False)
         assert parts.shape[0] == split_k
         want_buf = shrink_reference(x, w, batch)
         torch.testing.assert_close(parts.sum(0), want_buf.float(), **_tol(dtype))
+        # reduced in the kernel (the default): one split, the partials summed in split order, bit for bit
+        summed = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=split_k, block_k=block_k)
+        want_sum = parts[0].clone()
+        for s in range(1, split_k):
+            want_sum += parts[s]
+        rows = batch.token_slots >= -1  # every row lies in a tile here (base segments too)
+        assert summed.shape == (1, *parts.shape[1:]) and torch.equal(summed[0][rows], want_sum[rows])
+        # and the counters are left at zero: a second launch sums the same
+        again = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, split_k=split_k, block_k=block_k)
+        assert torch.equal(again, summed)
         y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
         want, got = y0.clone(), y0.clone()
         expand_reference(want, want_buf, w, batch)

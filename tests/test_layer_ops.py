@@ -72,6 +72,45 @@ def test_rotary_equals_reference_in_place(dtype, head_dim, rotary_dim) -> None:
     assert torch.equal(qkv_d[:, (HQ + HK) * head_dim:].cpu(), qkv[:, (HQ + HK) * head_dim:])  # v untouched
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(16, 16), (24, 16)])
+def test_rotary_writes_the_cache_as_index_copy_would(dtype, cache_dtype, head_dim, rotary_dim) -> None:
+    """The fused rotary with caches: q and k rotated in place as without them, the rotated k (features past
+    rotary_dim unrotated) and v written at the slot mapping in the cache's dtype, a negative slot skipped,
+    every other cache row untouched."""
+    g = torch.Generator().manual_seed(7 * head_dim + rotary_dim)
+    rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}, rotary_dim)
+    T, HQ, HK, slots = 5, 4, 2, 12
+    qkv = torch.randn(T, (HQ + 2 * HK) * head_dim, generator=g).to(dtype)
+    views = lambda t: (t[:, :HQ * head_dim].view(T, HQ, head_dim),  # noqa: E731
+                       t[:, HQ * head_dim:(HQ + HK) * head_dim].view(T, HK, head_dim),
+                       t[:, (HQ + HK) * head_dim:].view(T, HK, head_dim))
+    q, k, v = views(qkv)
+    positions = torch.tensor([0, 3, 17, 63, 5])
+    slot_mapping = torch.tensor([9, 2, -1, 11, 0])
+    kc0 = torch.randn(slots, HK, head_dim, generator=g).to(cache_dtype)
+    vc0 = torch.randn(slots, HK, head_dim, generator=g).to(cache_dtype)
+    want_q, want_k = rope(positions, q, k)
+    ok = slot_mapping >= 0
+    want_kc, want_vc = kc0.clone(), vc0.clone()
+    want_kc.index_copy_(0, slot_mapping[ok], want_k[ok].to(cache_dtype))
+    want_vc.index_copy_(0, slot_mapping[ok], v[ok].to(cache_dtype))
+    qkv_d = qkv.to(DEVICE)
+    q_d, k_d, v_d = views(qkv_d)
+    kc, vc = kc0.to(DEVICE), vc0.to(DEVICE)
+    layer_ops.rotary(positions.to(DEVICE), q_d, k_d, rope.cos.to(DEVICE), rope.sin.to(DEVICE), rotary_dim,
+                     v_d, kc, vc, slot_mapping.to(DEVICE))
+    torch.testing.assert_close(q_d.cpu(), want_q, **_tol(dtype))
+    torch.testing.assert_close(k_d.cpu(), want_k, **_tol(dtype))
+    torch.testing.assert_close(kc.cpu(), want_kc, **_tol(cache_dtype))
+    if dtype == cache_dtype or DEVICE != "cpu":
+        assert torch.equal(vc.cpu(), want_vc)  # copied, converted once
+    else:  # Triton's interpreter truncates float32 to bfloat16 rather than rounding to nearest
+        torch.testing.assert_close(vc.cpu(), want_vc, atol=0, rtol=torch.finfo(cache_dtype).eps)
+    assert torch.equal(kc.cpu()[[1, 3, 4, 5, 6, 7, 8, 10]], kc0[[1, 3, 4, 5, 6, 7, 8, 10]])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [48, 1500])
 def test_silu_and_mul_equals_reference(dtype, n) -> None:

@@ -11,8 +11,8 @@ Reference: :func:`loraplex.attention.reference.paged_attention_ref`. Two kernels
   its sequence by binary search over ``query_start_loc`` and exits if it lies past that sequence's tokens.
   It loops over key tiles of ``TILE_N`` positions up to its last query's position (causal) and from its
   first query's window start, looking up each position's physical block, with an online softmax in float32.
-* ``_decode_split_kernel`` + ``_reduce_kernel`` (decodes with long contexts and few sequences): one program
-  per (decode, kv head, split); split s covers an equal share of the keys and writes its unnormalised
+* ``_decode_split_kernel`` + ``_reduce_kernel`` (decodes too few to fill the GPU: :func:`decode_splits`): one
+  program per (decode, kv head, split); split s covers an equal share of the keys and writes its unnormalised
   output, max and sum; the reduction rescales and sums the splits.
 
 Grids come from host ints (``T``, ``max_query_len``, ``num_decodes``): nothing syncs. Head dims that are not
@@ -211,36 +211,35 @@ _launch_decode_split = Launcher(_decode_split_kernel)
 _launch_reduce = Launcher(_reduce_kernel)
 
 
+# Key tile, warps and pipeline stages of every step (decodes, prompt chunks, both): within 4% of the best tiling
+# of each step shape timed in CUDA graphs on an H200 (docs/results/attention_graph_sweep_h200_2026-11-30h.json),
+# where key tiles of 32 in three stages took 1.3x as long for 32 decodes at context 192.
+TILE_N, NUM_WARPS, NUM_STAGES = 64, 4, 2
+
+
 def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
                   device: Optional[torch.device] = None) -> int:
-    """Splits of the context for the decode kernel (1: the unified kernel takes the decodes): enough
-    programs for about two per SM when the decodes alone are too few, each split at least 256 keys."""
-    programs = num_decodes * num_kv_heads
-    sms = num_sms(device)
-    if num_decodes == 0 or programs >= sms or max_seq_len < 512:
+    """Splits of the context for the decode kernel (1: the unified kernel takes the decodes): about four
+    programs per SM over the decodes' (sequence, kv head) pairs, at most 16 splits, each at least a key tile.
+    Timed in CUDA graphs on an H200 (8 kv heads, the 8B shape): 32 decodes at 192 keys 10.5 us with 2 splits
+    against 13.8 us with none; 8 at 4,096 keys 40 us with 8 (50 with 4); one at 8,000, 18 us with 16; 128 decodes
+    are fastest unsplit. A graph captures it at the model's longest context, so it depends on the batch there."""
+    if num_decodes == 0:
         return 1
-    want = min(triton.cdiv(2 * sms, programs), max_seq_len // 256, 16)
+    want = min(4 * num_sms(device) // (num_decodes * num_kv_heads), max_seq_len // TILE_N, 16)
     return max(1, triton.next_power_of_2(want + 1) // 2)  # largest power of two <= want
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
-                    tile_n: Optional[int] = None, out: Optional[torch.Tensor] = None, rows: int = 64,
-                    num_warps: int = 4, num_stages: Optional[int] = None) -> torch.Tensor:
+                    tile_n: int = TILE_N, out: Optional[torch.Tensor] = None, rows: int = 64,
+                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
     (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
-    ``tile_n``, ``num_warps`` and ``num_stages`` its tiling (tuning; by default key tiles of 32 for decode-only
-    steps and of 64 in two pipeline stages for steps with prompt chunks: 1.43x faster on a 480-token chunk at
-    8k context and 1.05x on 4 x 2048 prompts than tiles of 32 on an H200, benchmarks/attention_bench.py)."""
+    ``tile_n``, ``num_warps`` and ``num_stages`` the tiling of both kernels (tuning; one tiling for every step,
+    so the decodes of an eager step with prompt chunks reuse the kernel variants the decode graphs compiled)."""
     T, H, D = q.shape
-    # The split-K decode kernel keeps tiles of 32 whatever else the step holds: the decodes of an eager step with
-    # prompt chunks then reuse the variants the decode graphs compiled (a 64 there compiled one mid-serving).
-    split_tile = tile_n or 32
-    if tile_n is None:
-        tile_n = 32 if meta.max_query_len == 1 else 64
-        if num_stages is None and meta.max_query_len > 1:
-            num_stages = 2
     _, block_size, KVH, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
     assert H % KVH == 0, f"{H} query heads are not a multiple of {KVH} kv heads"
@@ -273,10 +272,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
              qk_scale, window, H,
              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
-            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=split_tile,
+            dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
                  BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
                  UPCAST=INTERPRET),
-            num_warps=4)
+            num_warps=num_warps, num_stages=num_stages)
         _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
                        dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
         seq_begin = nd
@@ -297,7 +296,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
         dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
              BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET),
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -7,7 +7,8 @@ so results equal the reference up to float32 reduction order:
 
 * :func:`rms_norm`: ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, optionally after ``x = x + residual``
   (rounded to the dtype, as the model's residual addition is) with the sum written back to ``residual``;
-* :func:`rotary`: ``x * cos + rotate_half(x) * sin`` on the first ``rotary_dim`` features of q and k, in place;
+* :func:`rotary`: ``x * cos + rotate_half(x) * sin`` on the first ``rotary_dim`` features of q and k, in place,
+  and optionally the rotated k and the v written into the paged KV cache at the step's slot mapping;
 * :func:`silu_and_mul`: ``silu(gate) * up`` of a fused ``[gate | up]`` input.
 """
 
@@ -41,8 +42,10 @@ def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stri
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr):
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                   CACHE: tl.constexpr, HEAD_DIM: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF_PAD)
@@ -52,6 +55,12 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
     heads = tl.arange(0, H_PAD)
+    if CACHE:  # this token's cache slot, once per head row (negative: none, as a padding row may have)
+        slot = tl.load(slot_ptr + t + heads * 0).to(tl.int64)[:, None]
+        keep = slot >= 0
+        cdt = kc_ptr.dtype.element_ty
+        k_row = kc_ptr + slot * stride_cs
+        v_row = vc_ptr + slot * stride_cs
     for which in tl.static_range(2):
         if which == 0:
             base = q_ptr + t * stride_qt
@@ -69,6 +78,20 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh
         o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
         tl.store(p1, o1.to(dt), mask=m)
         tl.store(p1 + HALF, o2.to(dt), mask=m)
+        if CACHE:
+            if which == 1:  # the rotated keys, the features past rotary_dim as they are, and the values
+                c1 = k_row + heads[:, None] * stride_ch + d[None, :]
+                tl.store(c1, o1.to(dt).to(cdt), mask=m & keep)
+                tl.store(c1 + HALF, o2.to(dt).to(cdt), mask=m & keep)
+                if REST_PAD > 0:
+                    r = 2 * HALF + tl.arange(0, REST_PAD)
+                    mr = (heads < HK)[:, None] & (r < HEAD_DIM)[None, :]
+                    rest = tl.load(base + heads[:, None] * stride_h + r[None, :], mask=mr, other=0.0)
+                    tl.store(k_row + heads[:, None] * stride_ch + r[None, :], rest.to(cdt), mask=mr & keep)
+                dv = tl.arange(0, D_PAD)
+                mv = (heads < HK)[:, None] & (dv < HEAD_DIM)[None, :]
+                vv = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dv[None, :], mask=mv, other=0.0)
+                tl.store(v_row + heads[:, None] * stride_ch + dv[None, :], vv.to(cdt), mask=mv & keep)
 
 
 @triton.jit
@@ -111,18 +134,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           rotary_dim: int) -> None:
+           rotary_dim: int, v: Optional[torch.Tensor] = None, k_cache: Optional[torch.Tensor] = None,
+           v_cache: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None) -> None:
     """Rotate the first ``rotary_dim`` features of every head of ``q`` (T, HQ, D) and ``k`` (T, HK, D) in
-    place by the angles of ``positions`` (T,), from the tables ``cos`` / ``sin`` (max_position, rotary_dim)."""
+    place by the angles of ``positions`` (T,), from the tables ``cos`` / ``sin`` (max_position, rotary_dim).
+    With the caches (slots, HK, D), also ``k_cache[slot_mapping] = k`` (rotated) and ``v_cache[slot_mapping] =
+    v`` in the caches' dtype, in the same launch (rows whose slot is negative are not written)."""
     T = q.shape[0]
     if T == 0:
         return
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
     half = rotary_dim // 2
-    _launch_rotary((T,), (q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          cos.stride(0), q.shape[1], k.shape[1]),
+    D = q.shape[2]
+    cache = k_cache is not None
+    if cache:
+        assert v is not None and v_cache is not None and slot_mapping is not None and v.stride(2) == 1
+        assert k_cache.shape[1:] == (k.shape[1], D) and v_cache.stride() == k_cache.stride() \
+            and k_cache.stride(2) == 1, f"caches (slots, {k.shape[1]}, {D}) alike, got {tuple(k_cache.shape)}"
+    else:
+        v = k_cache = v_cache = k
+        slot_mapping = positions
+    _launch_rotary((T,), (q, k, positions, cos, sin, v, k_cache, v_cache, slot_mapping,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          k_cache.stride(0), k_cache.stride(1), cos.stride(0), q.shape[1], k.shape[1]),
                    dict(HALF=half, HALF_PAD=triton.next_power_of_2(half),
-                        H_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1]))), num_warps=4)
+                        H_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1])), CACHE=cache, HEAD_DIM=D,
+                        REST_PAD=triton.next_power_of_2(D - 2 * half) if cache and D > 2 * half else 0,
+                        D_PAD=triton.next_power_of_2(D)), num_warps=4)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

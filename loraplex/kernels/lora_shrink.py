@@ -38,12 +38,12 @@ from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
 @triton.jit(do_not_specialize=["T", "k_per_split", "num_tiles", "splits"])
 def _shrink_kernel(
-    x_ptr, a_ptr, out_ptr, tiles_ptr, count_ptr, ranks_ptr, pages_ptr,
+    x_ptr, a_ptr, out_ptr, tiles_ptr, count_ptr, ranks_ptr, pages_ptr, buf_ptr, sem_ptr,
     T, K, k_per_split, num_tiles, splits, stride_xm, num_slots, num_pages,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
+    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr,
 ):
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
@@ -86,8 +86,21 @@ def _shrink_kernel(
                 at = at.to(tl.float32)
             acc += tl.dot(xs, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
 
-        out = out_ptr + ((split * T + offs_m[:, None]) * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
-        tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
+        cell = (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
+        mask = m_mask[:, None] & (offs_r[None, :] < MAX_RANK)
+        tl.store(out_ptr + split * T * NUM_SLICES * MAX_RANK + cell, acc, mask=mask)
+        if REDUCE:
+            # The last of this (tile, slice, rank block)'s splits to finish sums them all, in split order (the
+            # same sum whatever order they finished in), into buf; then resets the counter for the next launch.
+            # acq_rel orders the partials' stores before the count and the loads after it.
+            counter = sem_ptr + (tile * NUM_SLICES + i) * R_BLOCKS + rb
+            if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for s in range(0, splits):
+                    total += tl.load(out_ptr + s * T * NUM_SLICES * MAX_RANK + cell, mask=mask, other=0.0,
+                                     cache_modifier=".cg")  # from L2: other SMs wrote them
+                tl.store(buf_ptr + cell, total, mask=mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 _launch_shrink = Launcher(_shrink_kernel)
@@ -117,7 +130,8 @@ def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slice
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: torch.Tensor, block_m: int,
                 split_k: Optional[int] = None, block_k: Optional[int] = None,
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
-                max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+                max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None,
+                reduce: bool = True) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -127,7 +141,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     page of ``max_rank`` rows per slot: ``a`` (slices, slots, max_rank, K)). ``split_k`` / ``block_k`` override
     the heuristic (tests, tuning). ``work_tiles``: how many tiles carry rows, when the list is padded with empty
     ones (CUDA graphs), so that split-K is sized for the real work; ``tile_count`` (1,) int64 on the device: how
-    many of the first tiles are real (the padding tiles then cost nothing; default: all of them)."""
+    many of the first tiles are real (the padding tiles then cost nothing; default: all of them). With
+    ``reduce`` and more than one split, the kernel also sums the partials (the last split of each work cell to
+    finish, in split order: deterministic) and returns that sum as one split ``(1, T, slices, max_rank)``, so
+    the expand reads one value per element rather than one per split."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -142,14 +159,36 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
     if num_tiles == 0 or T == 0:
         return out.zero_()
+    reduce = reduce and cfg["split_k"] > 1
+    buf, sem = out, out  # placeholders: never read without REDUCE
+    if reduce:
+        buf = torch.empty(1, T, num_slices, max_rank, dtype=torch.float32, device=x.device)
+        sem = _counters(num_tiles * num_slices * cfg["r_blocks"], x.device)
     items = num_tiles * num_slices * cfg["r_blocks"] * cfg["split_k"]
     grid = (min(items, programs_per_sm() * num_sms(x.device)),)
     _launch_shrink(
         grid,
-        (x, a, out, tiles, tiles if tile_count is None else tile_count, ranks_t, pages, T, K, cfg["k_per_split"],
-         num_tiles, cfg["split_k"], x.stride(0), ranks_t.shape[1], num_pages),
-        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank,
-             MAX_PAGES=pages.shape[1], PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None),
+        (x, a, out, tiles, tiles if tile_count is None else tile_count, ranks_t, pages, buf, sem, T, K,
+         cfg["k_per_split"], num_tiles, cfg["split_k"], x.stride(0), ranks_t.shape[1], num_pages),
+        dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
+             BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
+             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return buf if reduce else out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` int32 zeros on ``device``, shared by every shrink launch (each leaves them zero). Made at
+    the first eager launch, before any graph capture, at a size that covers every step's tiles (65,536 counters:
+    4,096 tiles of 16 rows x 4 slices x 4 rank blocks); a larger need outside a capture makes a larger set."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"LoRA shrink: {n} split-K counters needed inside a CUDA graph capture, "
+                               f"{0 if have is None else have.numel()} made before it")
+        have = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return have

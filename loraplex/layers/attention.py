@@ -15,6 +15,7 @@ from torch import nn
 
 from loraplex.attention.registry import AttentionBackend, get_attention_backend
 from loraplex.engine.context import get_forward_context
+from loraplex.layers.rotary import RotaryEmbedding
 
 
 class PagedAttention(nn.Module):
@@ -31,8 +32,10 @@ class PagedAttention(nn.Module):
         self.v_cache: Optional[torch.Tensor] = None
         self.backend: Optional[AttentionBackend] = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: (T, heads, dim); k, v: (T, kv_heads, dim) -> (T, heads * dim)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                rope: Optional[RotaryEmbedding] = None) -> torch.Tensor:
+        """q: (T, heads, dim); k, v: (T, kv_heads, dim) -> (T, heads * dim). With ``rope`` (and ``positions``),
+        q and k are rotated first, on CUDA by the kernel that also writes the cache."""
         meta = get_forward_context().attn
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache not allocated; the model runner binds it before the first forward")
@@ -40,7 +43,10 @@ class PagedAttention(nn.Module):
             self.backend = get_attention_backend("torch")
         kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)  # (slots, kv_heads, dim)
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+        if rope is None or not rope.rotate_into_cache(positions, q, k, v, kc, vc, meta.slot_mapping):
+            if rope is not None:
+                q, k = rope(positions, q, k)
+            kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+            vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
         out = self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

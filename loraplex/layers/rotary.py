@@ -80,6 +80,18 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
+    def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        """Where one kernel can (CUDA): rotate ``q`` and ``k`` in place and write the rotated ``k`` and ``v``
+        into the caches (slots, kv_heads, dim) at ``slot_mapping``, and return True; else do nothing and return
+        False (the caller rotates, then writes the cache). Saves a decoder layer two launches a step."""
+        ops = fused_ops(q)
+        if ops is None or positions.dim() != 1 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 \
+                or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+            return False
+        ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim, v, k_cache, v_cache, slot_mapping)
+        return True
+
 
 class MRotaryEmbedding(RotaryEmbedding):
     """Multimodal rotary embedding (M-RoPE, Qwen2-VL): positions are ``(3, tokens)``

@@ -31,7 +31,7 @@ class TritonLoRABackend:
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
-                           max_rank=w.max_rank, tile_count=batch.tile_count)
+                           max_rank=w.max_rank, tile_count=batch.tile_count, reduce=self.reduce)
 
     def __init__(self) -> None:
         # Run each shrink on a side stream beside the base layer's GEMM, which reads the same input, instead of
@@ -43,6 +43,10 @@ class TritonLoRABackend:
 
         env = os.environ.get("LORAPLEX_LORA_OVERLAP")
         self.overlap = env == "1" if env is not None else get_tp_size() == 1
+        # The shrink sums its split-K partials itself (its last split per work cell), so that each expand
+        # program reads one value per element instead of one per split; LORAPLEX_LORA_REDUCE=0 leaves the sum
+        # to the expand (for comparison).
+        self.reduce = os.environ.get("LORAPLEX_LORA_REDUCE", "1") != "0"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
