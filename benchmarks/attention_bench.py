@@ -1,16 +1,20 @@
 """Paged attention kernel: time and rate of the Triton kernels on step shapes of the Llama-3-8B attention
-(32 query heads, 8 kv heads, head dim 128, bf16, blocks of 16), one layer, over a sweep of the unified
-kernel's tiling (query rows per program, key tile, warps, pipeline stages).
+(32 query heads, 8 kv heads, head dim 128, bf16, blocks of 16), one layer, over a sweep of the tiling (query
+rows per program, key tile, warps, pipeline stages; for decodes, the split count of the context).
 
 Shapes (each a whole step of one layer):
 
-- ``decode32``: 32 decodes at context 192; ``decode128``: 128 at 192 (bytes: the KV read);
+- ``decode32``: 32 decodes at context 192; ``decode128``: 128 at 192; ``decode32x1k``: 32 at 1,024;
+  ``decode8x4k``: 8 at 4,096; ``decode1x8k``: one at 8,000 (bytes: the KV read). Their split count is chosen
+  as a CUDA graph captures it, for the model's longest context (``--max-model-len``);
 - ``mixed480x8k``: a 480-token prompt chunk at context 7,520..8,000 plus 32 decodes at 192 (the chunk
   of a long prompt that shares a step with a decode batch, as chunked prefill makes it);
 - ``prefill4x2k``: 4 prompts of 2,048 tokens (causal).
 
-Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per query: QK and PV), bytes/s
-(K and V read once per kv head) for the decodes. Run on a CUDA machine:
+Each time is a call's share of 20 calls replayed from a CUDA graph, as the engine's decode steps run (the
+median of 5 replays): timed from Python instead (``--eager``), a small step measures the host's launch (about
+33 us whatever the tiling). Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per
+query: QK and PV), bytes/s (K and V read once per kv head) for the decodes. Run on a CUDA machine:
 
     python benchmarks/attention_bench.py [--sweep] [--json bench_out/attention_bench.json]
 """
@@ -18,6 +22,7 @@ Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per que
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -55,12 +60,16 @@ def make_step(query_lens: list[int], seq_lens: list[int], dev: torch.device, dty
 SHAPES = {
     "decode32": ([1] * 32, [192] * 32),
     "decode128": ([1] * 128, [192] * 128),
+    "decode32x1k": ([1] * 32, [1024] * 32),
+    "decode8x4k": ([1] * 8, [4096] * 8),
+    "decode1x8k": ([1], [8000]),
     "mixed480x8k": ([1] * 32 + [480], [192] * 32 + [8000]),
     "prefill4x2k": ([2048] * 4, [2048] * 4),
 }
 
 
 def bench(fn, iters: int = 20) -> float:
+    """ms per call of ``fn`` launched from Python (host launch cost included)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -76,27 +85,59 @@ def bench(fn, iters: int = 20) -> float:
     return min(times)  # ms
 
 
+def bench_graph(fn, iters: int = 20) -> float:
+    """ms per call of ``fn``: ``iters`` calls captured in one CUDA graph, the median of 5 replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(iters):
+                fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[2]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", action="store_true", help="time every tiling of the unified kernel")
+    p.add_argument("--sweep", action="store_true", help="time every tiling (and, for decodes, split count)")
+    p.add_argument("--eager", action="store_true", help="time launches from Python rather than graph replays")
+    p.add_argument("--max-model-len", type=int, default=8192,
+                   help="the context a decode graph is captured for (it sets the split count)")
     p.add_argument("--json", default="bench_out/attention_bench.json")
     a = p.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     scale = D ** -0.5
-    configs = [dict()]  # the defaults
+    timer = bench if a.eager else bench_graph
+    prompt_configs, decode_configs = [dict()], [dict()]  # the defaults first
     if a.sweep:
-        configs += [dict(rows=r, tile_n=t, num_warps=w, num_stages=s)
-                    for r, t, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
-                    if not (r == 128 and t == 128 and w == 4)]
+        prompt_configs += [dict(rows=r, tile_n=t, num_warps=w, num_stages=s)
+                           for r, t, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
+                           if not (r == 128 and t == 128 and w == 4)]
+        decode_configs += [dict(num_splits=n, tile_n=t, num_warps=w, num_stages=s)
+                           for n, t, w, s in itertools.product((1, 2, 4, 8, 16), (16, 32, 64), (2, 4), (1, 2, 3))]
     results = []
     for name, (ql, sl) in SHAPES.items():
         q, k, v, meta, flops, kv_bytes = make_step(ql, sl, dev, dtype)
-        want = paged_attention(q, k, v, meta, scale)
-        for cfg in configs if not name.startswith("decode") else [dict()]:
+        decode = name.startswith("decode")
+        if decode:  # as a decode graph holds it: split for the longest context the model serves
+            meta = dataclasses.replace(meta, max_seq_len=max(a.max_model_len, meta.max_seq_len))
+        want = paged_attention(q, k, v, meta, scale, num_splits=1)
+        out = torch.empty_like(q)
+        for cfg in decode_configs if decode else prompt_configs:
             try:
                 got = paged_attention(q, k, v, meta, scale, **cfg)
                 err = (got.float() - want.float()).abs().max().item()
-                ms = bench(lambda: paged_attention(q, k, v, meta, scale, **cfg))
+                ms = timer(lambda: paged_attention(q, k, v, meta, scale, out=out, **cfg))
             except Exception as e:  # a tiling this card cannot run (shared memory): skip it
                 print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                 continue

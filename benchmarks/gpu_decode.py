@@ -362,6 +362,40 @@ def profile_decode(llm: Any, prompts: list[list[int]], loras: list[Optional[str]
               f"({busy / wall:.2f})", flush=True)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
+    if device.type == "cuda":
+        summarize_trace(trace, steps)
+
+
+def summarize_trace(trace: Path, steps: int, top: int = 25) -> None:
+    """From the chrome trace: GPU time per step by kernel (launches per step, mean time), and the GPU's idle
+    time per step with the kernel pairs whose gaps add up to most of it."""
+    events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not ks:
+        return
+    by_name: dict[str, list[float]] = {}
+    for e in ks:
+        t = by_name.setdefault(e["name"][:70], [0.0, 0])
+        t[0] += e["dur"]
+        t[1] += 1
+    print(f"trace: {len(ks) / steps:.0f} GPU operations a step; per step, by kernel:")
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {us / steps:9.1f} us {n / steps:7.1f} launches {us / n:8.2f} us each  {name}")
+    gaps: dict[str, list[float]] = {}
+    end, prev, idle = ks[0]["ts"] + ks[0]["dur"], ks[0]["name"][:40], 0.0
+    for e in ks[1:]:
+        gap = e["ts"] - end
+        if gap > 0:
+            g = gaps.setdefault(f"{prev} -> {e['name'][:40]}", [0.0, 0])
+            g[0] += gap
+            g[1] += 1
+            idle += gap
+        if e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e["name"][:40]
+    print(f"trace: GPU idle {idle / steps:.1f} us a step; the largest gaps by the kernels around them:")
+    for pair, (us, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"  {us / steps:9.1f} us {n / steps:7.1f} gaps {us / n:8.2f} us each  {pair}")
 
 
 def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], steps: int, device: torch.device,
