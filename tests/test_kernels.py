@@ -29,7 +29,7 @@ from loraplex.lora.adapter import LoRAWeights  # noqa: E402
 from loraplex.lora.backends.base import LoRAStack, PageTable, get_backend, resolve_backend_name  # noqa: E402
 from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, shrink_reference  # noqa: E402
 from loraplex.lora.batch import LoRABatch  # noqa: E402
-from loraplex.lora.layers import wrapper_for  # noqa: E402
+from loraplex.lora.layers import LinearWithLoRA, wrapper_for  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -344,9 +344,12 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
     is_emb = base_cls.__name__ == "VocabParallelEmbedding"
     in_f = base.embedding_dim if base_name == "ParallelLMHead" else getattr(base, "input_size", None)
     x = (torch.randint(0, base.org_vocab_size, (n,)) if is_emb else torch.randn(n, in_f)).to(DEVICE)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "triton_side"):
         wrapper = wrapper_for(base)(base)
-        wrapper.create_lora_weights(3, 8, get_backend(backend, DEVICE))
+        be = get_backend(backend.removesuffix("_side"), DEVICE)
+        if backend == "triton_side":  # the expand into a float32 delta, added after the base layer's output
+            be.side_expand = True
+        wrapper.create_lora_weights(3, 8, be)
         g = torch.Generator().manual_seed(4)
         for slot, ranks in ((1, [4, 2, 8]), (2, [8, 8, 3])):
             if is_emb:
@@ -369,21 +372,27 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
                         lw.bias = torch.randn(lw.B.shape[0], generator=g)
             wrapper.set_lora(slot, weights)
             if extras:  # where the terms live: fused into the stack (Triton) or kept for the eager pass (torch)
-                fused, has = backend == "triton", slot == 2 or not is_emb
+                fused, has = backend != "torch", slot == 2 or not is_emb
                 assert wrapper.fused_extras == fused and bool(wrapper.dora or wrapper.lora_bias) == (has and not fused)
                 if fused:
                     assert wrapper.stack.pages.ext_rows.tolist() == [-1, 1 if not is_emb else -1, 2 if slot == 2 else -1]
         with torch.no_grad(), forward_context(ctx):
             outs.append(wrapper(x))
-    want, got = outs
+    want, got, side = outs
     plain = base(x)
     for row in (0, 3, 4):
         assert torch.equal(got[row], plain[row])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if DEVICE.type == "cpu":  # the same float32 operations in the same order (a GPU may fuse a multiply-add)
+        assert torch.equal(side, got)
+    else:
+        torch.testing.assert_close(side, got, rtol=1e-6, atol=1e-6)
 
 
-def test_engine_triton_matches_torch(tmp_path) -> None:
-    """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'."""
+def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
+    """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'; and
+    with the expand into a delta added after the base output (LORAPLEX_LORA_SIDE_EXPAND=1), the same as the
+    in-place expand (bit for bit on the CPU)."""
     model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
     paths = {
         "emb": make_adapter(model_dir, tmp_path / "emb", seed=1, r=8, lora_alpha=16,
@@ -395,9 +404,12 @@ def test_engine_triton_matches_torch(tmp_path) -> None:
     adapters = ["emb", "all", None, "all", "emb"]
     params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, prompt_logprobs=1)
     results = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "triton_side"):
+        monkeypatch.setenv("LORAPLEX_LORA_SIDE_EXPAND", "1" if backend == "triton_side" else "0")
         llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=8, seed=0,
-                  num_kv_blocks=32, block_size=4, lora_backend=backend)
+                  num_kv_blocks=32, block_size=4, lora_backend=backend.removesuffix("_side"))
+        be = next(m.backend for m in llm.engine.model.modules() if isinstance(m, LinearWithLoRA))
+        assert getattr(be, "side_expand", False) == (backend == "triton_side")
         loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]
         results[backend] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
                                         use_tqdm=False)
@@ -405,6 +417,12 @@ def test_engine_triton_matches_torch(tmp_path) -> None:
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for i in range(1, len(prompt)):
             assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-4)
+    for ref, out, prompt in zip(results["triton"], results["triton_side"], prompts):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for i in range(1, len(prompt)):
+            same = out.prompt_logprobs[i][prompt[i]] == ref.prompt_logprobs[i][prompt[i]]
+            assert same or (DEVICE.type != "cpu" and out.prompt_logprobs[i][prompt[i]] == pytest.approx(
+                ref.prompt_logprobs[i][prompt[i]], abs=1e-5))
 
 
 def test_rank_aware_slots_hold_more_adapters(tmp_path) -> None:

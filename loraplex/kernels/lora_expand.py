@@ -51,7 +51,7 @@ def _expand_kernel(
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
@@ -97,8 +97,12 @@ def _expand_kernel(
                     hb = h.to(bt.dtype)
                 acc += tl.dot(hb, bt, input_precision=PRECISION)
 
-            add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr,
-                      bias_ptr, n_total, EXTRAS, HAS_BIAS)
+            if DELTA:  # y is a float32 buffer of deltas, which lora_add_delta adds later
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :], acc * scale,
+                         mask=m_mask[:, None] & n_mask[None, :])
+            else:
+                add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr,
+                          bias_ptr, n_total, EXTRAS, HAS_BIAS)
 
 
 @triton.jit
@@ -124,7 +128,28 @@ def add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, 
     tl.store(y_ptrs, out.to(y.dtype), mask=mask)
 
 
+@triton.jit
+def _add_kernel(y_ptr, d_ptr, slots_ptr, ranks_ptr, slice_ptr, ext_ptr, ext_rows_ptr, bias_ptr, stride_ym, stride_dm,
+                n_total, num_slots, BLOCK_N: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # one program per (row, slice, output block): the rows and slices the expand would have touched
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1)
+    nb = tl.program_id(2)
+    slot = tl.load(slots_ptr + t).to(tl.int32)
+    offset = tl.load(slice_ptr + i * 2)
+    width = tl.load(slice_ptr + i * 2 + 1)
+    rank = tl.load(ranks_ptr + i * num_slots + tl.maximum(slot, 0))
+    if (slot >= 0) & (rank > 0) & (nb * BLOCK_N < width):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < width
+        cols = offset + offs_n
+        d = tl.load(d_ptr + t * stride_dm + cols, mask=n_mask, other=0.0)
+        add_delta(y_ptr + t * stride_ym, d[None, :], 1.0, tl.arange(0, 1), cols, tl.arange(0, 1) < 1, n_mask, 0,
+                  slot, ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS, HAS_BIAS)
+
+
 _launch_expand = Launcher(_expand_kernel)
+_launch_add = Launcher(_add_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -145,7 +170,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
                 scales_t: torch.Tensor, slice_meta: torch.Tensor, max_width: int, tiles: torch.Tensor,
                 block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
-                tile_count: Optional[torch.Tensor] = None) -> None:
+                tile_count: Optional[torch.Tensor] = None, delta: bool = False) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -155,9 +180,13 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     layout, b (slots, sum(n_i), max_rank)). ``extras``: (ext (rows, 2, sum(n_i)) float32, ext_rows (slots,)
     int32), the per-slot LoRA bias and DoRA scale applied after the delta (see the module docstring);
     ``bias`` (sum(n_i),): the base layer's bias, which DoRA's rescaling leaves out. ``tile_count`` (1,) int64 on
-    the device: how many of the first tiles are real (a CUDA graph's padded list; default: all of them)."""
+    the device: how many of the first tiles are real (a CUDA graph's padded list; default: all of them).
+    ``delta``: y is instead a float32 buffer that receives the scaled products alone (``= acc * scale``,
+    no extras), for :func:`lora_add_delta` to add later: the expand may then run beside the base GEMM that
+    writes the layer's output (the Triton backend's side stream)."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
+    assert not delta or y.dtype == torch.float32, "a delta buffer is float32"
     parts = parts if parts.is_contiguous() else parts.contiguous()
     if pages is None:
         pages = identity_pages(b.shape[0], b.device)
@@ -183,7 +212,28 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, N_BLOCKS=cfg["n_blocks"], BLOCK_M=block_m,
              BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
-             EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None,
-             HAS_COUNT=tile_count is not None),
+             EXTRAS=extras is not None and not delta, HAS_BIAS=extras is not None and bias is not None and not delta,
+             HAS_COUNT=tile_count is not None, DELTA=delta),
         num_warps=cfg["num_warps"],
     )
+
+
+def lora_add_delta(y: torch.Tensor, delta: torch.Tensor, token_slots: torch.Tensor, ranks_t: torch.Tensor,
+                   slice_meta: torch.Tensor, max_width: int,
+                   extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   bias: Optional[torch.Tensor] = None) -> None:
+    """The second half of an expand made with ``delta=True``: ``y[t, cols of slice i] += delta[t, those cols]``
+    in float32, then the slot's extras, one rounding, for the rows and slices the expand writes (slot of row
+    ``t`` = ``token_slots[t]`` >= 0, rank > 0); every other element of ``y`` is left as it is. Equal bit for bit
+    to the in-place :func:`lora_expand`. y (T, sum(n_i)); delta (T, sum(n_i)) float32; the rest as there."""
+    T = y.shape[0]
+    if T == 0:
+        return
+    assert y.stride(1) == 1 and delta.stride(1) == 1 and delta.dtype == torch.float32 and delta.shape == y.shape
+    block_n = min(1024, max(16, triton.next_power_of_2(max_width)))
+    ext, ext_rows = extras if extras is not None else (y, y)
+    _launch_add((T, slice_meta.shape[0], triton.cdiv(max_width, block_n)),
+                (y, delta, token_slots, ranks_t, slice_meta, ext, ext_rows, y if bias is None else bias, y.stride(0),
+                 delta.stride(0), y.shape[1], ranks_t.shape[1]),
+                dict(BLOCK_N=block_n, EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None),
+                num_warps=4)

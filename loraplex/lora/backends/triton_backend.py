@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
-from loraplex.kernels.lora_expand import lora_expand
+from loraplex.kernels.lora_expand import lora_add_delta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
@@ -47,6 +47,11 @@ class TritonLoRABackend:
         # program reads one value per element instead of one per split; LORAPLEX_LORA_REDUCE=0 leaves the sum
         # to the expand (for comparison).
         self.reduce = os.environ.get("LORAPLEX_LORA_REDUCE", "1") != "0"
+        # LORAPLEX_LORA_SIDE_EXPAND=1: batches of at most SIDE_EXPAND_ROWS rows run the expand too beside the
+        # base GEMM, into a float32 delta buffer, and the layer's output gets the delta by one small add
+        # (lora_add_delta) after the join, so that only that add waits on the critical path. Off until measured
+        # on a GPU.
+        self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0") == "1"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
@@ -55,7 +60,7 @@ class TritonLoRABackend:
         the result is taken; its buffers are allocated on the side stream, which next waits for the current one
         (the next layer's fork) before reusing them, so no block is reused while the other stream reads it."""
         if not (self.overlap and x.is_cuda):
-            buf = self.shrink(x, w, batch)
+            buf = self._lora(x, w, batch)
             return lambda: buf
         main = torch.cuda.current_stream(x.device)
         side = self._side.get(x.device)
@@ -63,7 +68,7 @@ class TritonLoRABackend:
             side = self._side[x.device] = torch.cuda.Stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            buf = self.shrink(x, w, batch)
+            buf = self._lora(x, w, batch)
 
         def join() -> torch.Tensor:
             main.wait_stream(side)
@@ -71,8 +76,21 @@ class TritonLoRABackend:
 
         return join
 
-    def expand(self, y: torch.Tensor, buf: torch.Tensor, w: LoRAStack, batch: LoRABatch,
+    def _lora(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch):
+        """What :meth:`start_shrink` starts: the shrink, and with ``side_expand`` the expand into a delta."""
+        buf = self.shrink(x, w, batch)
+        if not self.side_expand or x.shape[0] > SIDE_EXPAND_ROWS:
+            return buf
+        delta = torch.empty(x.shape[0], w.b.shape[1], dtype=torch.float32, device=x.device)
+        lora_expand(delta, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
+                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True)
+        return _Delta(delta)
+
+    def expand(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
+        if isinstance(buf, _Delta):  # expanded beside the GEMM: add it
+            lora_add_delta(y, buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
+            return
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
                     batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count)
 
@@ -81,6 +99,18 @@ class TritonLoRABackend:
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
                     batch.expand_tiles, batch.expand_block_m, _extras(w), pages=w.pages.table,
                     tile_count=batch.tile_count)
+
+
+SIDE_EXPAND_ROWS = 512  # a gate_up delta of 512 rows of the 8B shape: 59 MB of float32
+
+
+class _Delta:
+    """A layer's LoRA delta (rows, sum(slices)) float32, expanded beside its base GEMM (see ``side_expand``)."""
+
+    __slots__ = ("delta",)
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.delta = delta
 
 
 def _extras(w: LoRAStack) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
