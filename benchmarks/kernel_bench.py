@@ -22,6 +22,7 @@ the shrink summing its split-K partials (the default) and with the expand summin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -173,6 +174,13 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
                     tag = "" if reduce else "_unreduced"
                     row.update({f"shrink_us{tag}": timer(shrink, a.iters), f"expand_us{tag}": timer(expand, a.iters),
                                 f"splits{tag}": parts.shape[0]})
+                    if a.sweep and reduce:  # the expand's output block and warps, on the shrink's sums
+                        row["expand_sweep"] = {}
+                        for bn, nw in itertools.product((64, 128, 256, 512), (2, 4, 8)):
+                            def tuned(bn=bn, nw=nw) -> None:
+                                lora_expand(y, parts, B, ranks, scales, meta, max(slices), tiles, 16, pages=pages,
+                                            tile_count=count, block_n=bn, num_warps=nw)
+                            row["expand_sweep"][f"{bn}x{nw}"] = timer(tuned, a.iters)
                 rows.append(row)
     return rows
 
@@ -189,6 +197,8 @@ def main() -> None:
     ap.add_argument("--layer", action="store_true", help="one 8B decoder layer's kernels as graph steps run them")
     ap.add_argument("--layer-batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
+    ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
+                    "columns) and warps (2, 4, 8)")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -208,6 +218,16 @@ def main() -> None:
             sums[key] = [v + r[c] for v, c in zip(sums.get(key, [0.0] * 4), cols)]
         for (T, case), v in sums.items():
             print(f"{'layer':<9}{T:>7}{case:>14}{'':>7}" + "".join(f"{x:>9.1f}" for x in v))
+        if a.sweep:  # per layer: the sum over modules of each expand tiling, against the default's
+            tilings: dict = {}
+            for r in rows:
+                for k, us in r["expand_sweep"].items():
+                    key = (r["tokens"], r["case"], k)
+                    tilings[key] = tilings.get(key, 0.0) + us
+            for (T, case), v in sums.items():
+                best = sorted((us, k) for (t, c, k), us in tilings.items() if (t, c) == (T, case))[:3]
+                print(f"expand sweep, layer, {T} tokens, {case}: default {v[1]:.1f} us; best "
+                      + ", ".join(f"{k} (columns x warps) {us:.1f}" for us, k in best))
         device = torch.cuda.get_device_name()
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"config": vars(a), "results": rows, "device": device,

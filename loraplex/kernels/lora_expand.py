@@ -170,7 +170,8 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
                 scales_t: torch.Tensor, slice_meta: torch.Tensor, max_width: int, tiles: torch.Tensor,
                 block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
-                tile_count: Optional[torch.Tensor] = None, delta: bool = False) -> None:
+                tile_count: Optional[torch.Tensor] = None, delta: bool = False,
+                block_n: Optional[int] = None, num_warps: Optional[int] = None) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -183,7 +184,8 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     the device: how many of the first tiles are real (a CUDA graph's padded list; default: all of them).
     ``delta``: y is instead a float32 buffer that receives the scaled products alone (``= acc * scale``,
     no extras), for :func:`lora_add_delta` to add later: the expand may then run beside the base GEMM that
-    writes the layer's output (the Triton backend's side stream)."""
+    writes the layer's output (the Triton backend's side stream). ``block_n`` / ``num_warps`` override the
+    tiling (tuning: ``benchmarks/kernel_bench.py --layer --sweep``)."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     assert not delta or y.dtype == torch.float32, "a delta buffer is float32"
@@ -199,6 +201,10 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         return
     max_rank = parts.shape[3]
     cfg = expand_config(block_m, max_rank, max_width, num_tiles, num_slices, y.device)
+    if block_n is not None or num_warps is not None:
+        cfg = dict(cfg, num_warps=num_warps or cfg["num_warps"])
+        if block_n is not None:
+            cfg.update(block_n=block_n, n_blocks=triton.cdiv(max_width, block_n))
     grid = (min(num_tiles * num_slices * cfg["n_blocks"], programs_per_sm() * num_sms(y.device)),)
     ext, ext_rows = extras if extras is not None else (y, y)  # placeholders: never read without EXTRAS
     if extras is not None:
