@@ -22,8 +22,10 @@ them; on a CPU the torch backend itself).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import sys
 import time
@@ -83,6 +85,9 @@ def build_adapters(out: Path, cfg: SimpleNamespace) -> list[Path]:
     return folders
 
 
+PROFILE: Optional[cProfile.Profile] = None  # --profile-acquire: cProfile around every acquire of the runs
+
+
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
              max_tokens: int) -> dict[str, float]:
     from loraplex import SamplingParams
@@ -118,9 +123,13 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
 
         def timed_acquire(adapter: Any) -> Optional[int]:
             t = time.perf_counter()
+            if PROFILE is not None:
+                PROFILE.enable()
             try:
                 return acquire(eng.pool, adapter)
             finally:
+                if PROFILE is not None:
+                    PROFILE.disable()
                 acquire_s[0] += time.perf_counter() - t
 
         eng.pool.acquire = timed_acquire  # an instance attribute: removed when the load ends
@@ -282,9 +291,15 @@ def main() -> int:
     p.add_argument("--admit-loading", action="store_true",
                    help="LORAPLEX_ADMIT_LOADING=1: a request whose adapter is being copied into its slot joins the "
                         "next step, which waits for the copy on the device (experimental)")
+    p.add_argument("--profile-acquire", action="store_true",
+                   help="cProfile the engine thread's time in the pool's acquire (slot choice, eviction, the slot "
+                        "writes' host work) over every run, and print where it goes (the profile slows it)")
     p.add_argument("--out-dir", default="bench_out/adapter_scale")
     p.add_argument("--json", default="bench_out/adapter_scale.json")
     a = p.parse_args()
+    global PROFILE
+    if a.profile_acquire:
+        PROFILE = cProfile.Profile()
     if a.admit_loading:
         os.environ["LORAPLEX_ADMIT_LOADING"] = "1"  # read by the adapter pool when the engine starts
     cfg = SimpleNamespace(**PRESETS[a.preset])
@@ -311,6 +326,10 @@ def main() -> int:
     Path(a.json).write_text(json.dumps({"config": vars(a), "preset": vars(cfg), "device": name,
                                         "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
     print(f"wrote {a.json} ({name})")
+    if PROFILE is not None:  # where the engine thread's acquire time went, over every run and layout
+        stats = pstats.Stats(PROFILE).sort_stats("cumulative")
+        stats.print_stats(30)
+        stats.sort_stats("tottime").print_stats(25)
     return 0
 
 
