@@ -150,7 +150,7 @@ class SlotWriter:
     def __init__(self, flat: torch.Tensor, device: torch.device) -> None:
         self.flat = flat  # uint8, the staged adapter (pinned host memory on CUDA)
         self.device = device
-        self.pieces: dict[int, list[list[int]]] = {}  # element size -> rows of kernels.slot_write.PIECE_FIELDS
+        self.pieces: dict[int, list[int]] = {}  # element size -> rows of kernels.slot_write.PIECE_FIELDS, flat
         self.words: list[tuple[int, int]] = []  # (address, 32 bits as a signed int)
 
     def offset(self, t: torch.Tensor) -> Optional[int]:
@@ -168,8 +168,11 @@ class SlotWriter:
         contiguous columns) <- the staged elements at ``offset + r * src_rs + c * src_cs`` where r < rows_valid
         and c < cols_valid, zero elsewhere. Plain ints: a load of an all-linear rank-64 adapter of the
         Llama-3-8B shape records 3,584 of them on the engine thread."""
-        self.pieces.setdefault(size, []).append([dst, offset, src_rs, src_cs, max(0, rows_valid), max(0, cols_valid),
-                                                 rows, cols, dst_rs])
+        flat = self.pieces.get(size)
+        if flat is None:
+            flat = self.pieces[size] = []
+        flat += (dst, offset, src_rs, src_cs, rows_valid if rows_valid > 0 else 0, cols_valid if cols_valid > 0 else 0,
+                 rows, cols, dst_rs)
 
     def word(self, dst: int, value: float, is_float: bool) -> None:
         """The 32-bit element at address ``dst`` <- ``value`` (float32 when ``is_float``, else int32)."""
@@ -182,9 +185,9 @@ class SlotWriter:
         from loraplex.kernels.slot_write import PIECE_FIELDS, as_words, copy_pieces, write_words
 
         keep: list[torch.Tensor] = []
-        for size, rows in self.pieces.items():
+        for size, flat in self.pieces.items():
             src = as_words(self.flat, size)
-            keep += copy_pieces(src, torch.tensor(rows, dtype=torch.int64).view(-1, PIECE_FIELDS), self.device)
+            keep += copy_pieces(src, torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS), self.device)
         if self.words:
             addrs, bits = zip(*self.words)
             keep += write_words(torch.tensor(addrs, dtype=torch.int64), torch.tensor(bits, dtype=torch.int64),
