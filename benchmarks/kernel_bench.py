@@ -175,6 +175,10 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
                     row.update({f"shrink_us{tag}": timer(shrink, a.iters), f"expand_us{tag}": timer(expand, a.iters),
                                 f"splits{tag}": parts.shape[0]})
                     if a.sweep and reduce:  # the expand's output block and warps, on the shrink's sums
+                        def shrink_dev() -> None:  # split-K sized on the device from the real tile count
+                            lora_shrink(x, A, ranks, tiles, 16, **kw, device_splits=True)
+
+                        row["shrink_us_device_splits"] = timer(shrink_dev, a.iters)
                         row["expand_sweep"] = {}
                         for bn, nw in itertools.product((64, 128, 256, 512), (2, 4, 8)):
                             def tuned(bn=bn, nw=nw) -> None:
@@ -198,7 +202,7 @@ def main() -> None:
     ap.add_argument("--layer-batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
     ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
-                    "columns) and warps (2, 4, 8)")
+                    "columns) and warps (2, 4, 8), and the shrink with its split count chosen on the device")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -225,6 +229,8 @@ def main() -> None:
                     key = (r["tokens"], r["case"], k)
                     tilings[key] = tilings.get(key, 0.0) + us
             for (T, case), v in sums.items():
+                dev = sum(r["shrink_us_device_splits"] for r in rows if (r["tokens"], r["case"]) == (T, case))
+                print(f"shrink, layer, {T} tokens, {case}: {v[0]:.1f} us, split on the device {dev:.1f} us")
                 best = sorted((us, k) for (t, c, k), us in tilings.items() if (t, c) == (T, case))[:3]
                 print(f"expand sweep, layer, {T} tokens, {case}: default {v[1]:.1f} us; best "
                       + ", ".join(f"{k} (columns x warps) {us:.1f}" for us, k in best))

@@ -263,6 +263,34 @@ def test_tiles_past_the_device_count_are_not_read(monkeypatch) -> None:
     assert not torch.equal(twice, want)
 
 
+def test_device_split_count_follows_the_real_tiles() -> None:
+    """``device_splits``: the shrink picks its split-K count on the device from the real tile count (about
+    ``split_target`` items, at most the host's count). For each target, the result is bit for bit the
+    sequential sum of the partials of a launch with that many splits chosen on the host, and it is the
+    product."""
+    w = _stack(torch.float32, 160)
+    batch = _batch("uniform", "decode")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch.num_rows, 160, generator=g).to(DEVICE)
+    n = batch.tiles.shape[0]
+    tiles = torch.cat([batch.tiles, torch.tensor([[0, 0, -1]] * 5, dtype=torch.int64, device=DEVICE)])
+    count = torch.tensor([n], dtype=torch.int64, device=DEVICE)
+    want = shrink_reference(x, w, batch).float()
+    rows = batch.token_slots >= 0  # rows outside the tiles are never written
+    items = n * len(SLICES)  # one rank block
+    for target, splits in ((1, 1), (2 * items, 2), (3 * items, 3), (10 ** 6, 5)):  # 5: the host's count
+        got = lora_shrink(x, w.a, w.ranks_t, tiles, batch.block_m, split_k=5, block_k=32, tile_count=count,
+                          device_splits=True, split_target=target)
+        parts = lora_shrink(x, w.a, w.ranks_t, tiles, batch.block_m, split_k=splits, block_k=32, tile_count=count,
+                            reduce=False)
+        assert got.shape[0] == 1 and parts.shape[0] == splits
+        seq = parts[0].clone()
+        for p in parts[1:]:
+            seq += p
+        assert torch.equal(got[0][rows], seq[rows]), (target, splits)
+        torch.testing.assert_close(got[0][rows], want[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_batch_segments_and_tiles() -> None:
     b = LoRABatch.from_row_slots([3, 3, -1, 0, 0, 0] + [2] * 40, DEVICE)
     assert (b.seg_starts, b.seg_ends, b.seg_slots) == ([0, 2, 3, 6], [2, 3, 6, 46], [3, -1, 0, 2])

@@ -36,19 +36,24 @@ from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
-@triton.jit(do_not_specialize=["T", "k_per_split", "num_tiles", "splits"])
+@triton.jit(do_not_specialize=["T", "k_per_split", "num_tiles", "splits", "target"])
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, tiles_ptr, count_ptr, ranks_ptr, pages_ptr, buf_ptr, sem_ptr,
-    T, K, k_per_split, num_tiles, splits, stride_xm, num_slots, num_pages,
+    T, K, k_per_split, num_tiles, splits, stride_xm, num_slots, num_pages, target,
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr,
+    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr,
 ):
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
         num_tiles = tl.load(count_ptr).to(tl.int32)
+    if DEVICE_SPLITS:  # split K for the real tiles (about `target` items), at most `splits` ways (REDUCE only)
+        want = tl.cdiv(target, tl.maximum(num_tiles, 1) * NUM_SLICES * R_BLOCKS)
+        want = tl.minimum(tl.maximum(want, 1), splits)
+        k_per_split = tl.cdiv(tl.cdiv(K, want), BLOCK_K) * BLOCK_K
+        splits = tl.cdiv(K, k_per_split)
     per_tile = NUM_SLICES * R_BLOCKS * splits
     for item in range(tl.program_id(0), num_tiles * per_tile, tl.num_programs(0)):
         tile = item // per_tile
@@ -131,7 +136,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
                 split_k: Optional[int] = None, block_k: Optional[int] = None,
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
                 max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None,
-                reduce: bool = True) -> torch.Tensor:
+                reduce: bool = True, device_splits: bool = False, split_target: Optional[int] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -144,7 +149,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     many of the first tiles are real (the padding tiles then cost nothing; default: all of them). With
     ``reduce`` and more than one split, the kernel also sums the partials (the last split of each work cell to
     finish, in split order: deterministic) and returns that sum as one split ``(1, T, slices, max_rank)``, so
-    the expand reads one value per element rather than one per split."""
+    the expand reads one value per element rather than one per split. ``device_splits`` (with ``reduce`` and
+    ``tile_count``): the kernel picks the split count itself from the real tile count, for about
+    ``split_target`` work items (default: two per SM), at most the host's; a CUDA graph sized for one adapter
+    then splits less when its batch holds many."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -160,6 +168,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     if num_tiles == 0 or T == 0:
         return out.zero_()
     reduce = reduce and cfg["split_k"] > 1
+    device_splits = device_splits and reduce and tile_count is not None
     buf, sem = out, out  # placeholders: never read without REDUCE
     if reduce:
         buf = torch.empty(1, T, num_slices, max_rank, dtype=torch.float32, device=x.device)
@@ -169,10 +178,12 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     _launch_shrink(
         grid,
         (x, a, out, tiles, tiles if tile_count is None else tile_count, ranks_t, pages, buf, sem, T, K,
-         cfg["k_per_split"], num_tiles, cfg["split_k"], x.stride(0), ranks_t.shape[1], num_pages),
+         cfg["k_per_split"], num_tiles, cfg["split_k"], x.stride(0), ranks_t.shape[1], num_pages,
+         split_target or 2 * num_sms(x.device)),
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
              BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
-             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce),
+             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce,
+             DEVICE_SPLITS=device_splits),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return buf if reduce else out

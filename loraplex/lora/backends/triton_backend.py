@@ -31,7 +31,8 @@ class TritonLoRABackend:
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
-                           max_rank=w.max_rank, tile_count=batch.tile_count, reduce=self.reduce)
+                           max_rank=w.max_rank, tile_count=batch.tile_count, reduce=self.reduce,
+                           device_splits=self.device_splits)
 
     def __init__(self) -> None:
         # Run each shrink on a side stream beside the base layer's GEMM, which reads the same input, instead of
@@ -47,6 +48,10 @@ class TritonLoRABackend:
         # program reads one value per element instead of one per split; LORAPLEX_LORA_REDUCE=0 leaves the sum
         # to the expand (for comparison).
         self.reduce = os.environ.get("LORAPLEX_LORA_REDUCE", "1") != "0"
+        # LORAPLEX_LORA_DEVICE_SPLITS=1: in CUDA graph steps the shrink sizes its split-K on the device from the
+        # real tile count (a graph is sized for one adapter, 16 splits at batch 32; 32 distinct adapters then
+        # make 16 times the items they need). Off until measured on a GPU.
+        self.device_splits = os.environ.get("LORAPLEX_LORA_DEVICE_SPLITS", "0") == "1"
         # LORAPLEX_LORA_SIDE_EXPAND=1: batches of at most SIDE_EXPAND_ROWS rows run the expand too beside the
         # base GEMM, into a float32 delta buffer, and the layer's output gets the delta by one small add
         # (lora_add_delta) after the join, so that only that add waits on the critical path. Off until measured
