@@ -204,3 +204,17 @@ def test_engine_with_triton_backend_matches_torch(tmp_path, family: str, overrid
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+
+
+def test_decode_split_rule(monkeypatch) -> None:
+    """Decode splits aim at about four programs per SM over (decodes x kv heads), a power of two up to 16, each
+    split at least a key tile, none for no decodes (figures of an H200's 132 SMs and the 8B shape's 8 kv heads,
+    at a graph's capture context of 8,192 and at short contexts)."""
+    import loraplex.attention.triton_attention as ta
+
+    monkeypatch.setattr(ta, "num_sms", lambda device=None: 132)
+    at = {n: ta.decode_splits(n, 8, 8192) for n in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)}
+    assert at == {0: 1, 1: 16, 2: 16, 4: 16, 8: 8, 16: 4, 32: 2, 64: 1, 128: 1, 256: 1}
+    assert ta.decode_splits(1, 8, 100) == 1  # one key tile: nothing to split
+    assert ta.decode_splits(1, 8, 192) == 2  # three key tiles
+    assert ta.decode_splits(32, 8, 192) == 2
