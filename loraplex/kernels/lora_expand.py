@@ -29,6 +29,10 @@ step launch thousands of programs that only exited. Items of base rows (slot
 to B's dtype before the dot (as the reference, whose ``buf`` is in the input
 dtype), the product is accumulated in float32, scaled, and added to ``y`` in
 float32 before one rounding.
+
+Split in two (``delta=True``, then :func:`lora_add_delta`): the expand writes the scaled products alone
+into a float32 buffer, and a second kernel adds them with the extras epilogue, so that the first half can
+run beside the GEMM that writes ``y`` (the Triton backend's side stream).
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ over the items of the first ``count`` tiles (``count`` may be read on the device
 a CUDA graph's padded list then launches no program for its padding). Loads of A rows beyond the slot's rank are masked, so a rank-8
 adapter in a rank-64 pool reads only its 8 rows. Accumulation is in float32
 (``ieee`` dot for float32 inputs, tensor cores for bf16/fp16). Every element of
-``out`` is written exactly once, so it needs no zero fill and no atomics, and the
-result is deterministic.
+``out`` is written exactly once, so it needs no zero fill, and the result is
+deterministic. With ``REDUCE``, the last split of each (tile, slice, rank block)
+to finish (a counter per cell, atomically incremented) also sums that cell's
+partials in split order into ``buf``: still deterministic, whatever order the
+splits finished in, and the expand then reads one split.
 """
 
 from __future__ import annotations
