@@ -12,8 +12,8 @@ Shapes (each a whole step of one layer):
 - ``prefill4x2k``: 4 prompts of 2,048 tokens (causal).
 
 Each time is a call's share of 20 calls replayed from a CUDA graph, as the engine's decode steps run (the
-median of 5 replays): timed from Python instead (``--eager``), a small step measures the host's launch (about
-33 us whatever the tiling). Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per
+median over replays, ``kernel_bench.time_graph``): timed from Python instead (``--eager``), a small step
+measures the host's launch (about 33 us whatever the tiling). Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per
 query: QK and PV), bytes/s (K and V read once per kv head) for the decodes. Run on a CUDA machine:
 
     python benchmarks/attention_bench.py [--sweep] [--json bench_out/attention_bench.json]
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from loraplex.attention.metadata import AttentionMetadata  # noqa: E402
 from loraplex.attention.triton_attention import paged_attention  # noqa: E402
+from kernel_bench import time_eager, time_graph  # noqa: E402  (benchmarks/, this script's folder)
 
 H, KVH, D, BS = 32, 8, 128, 16
 
@@ -68,45 +69,6 @@ SHAPES = {
 }
 
 
-def bench(fn, iters: int = 20) -> float:
-    """ms per call of ``fn`` launched from Python (host launch cost included)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return min(times)  # ms
-
-
-def bench_graph(fn, iters: int = 20) -> float:
-    """ms per call of ``fn``: ``iters`` calls captured in one CUDA graph, the median of 5 replays."""
-    fn()
-    torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(iters):
-                fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[2]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="time every tiling (and, for decodes, split count)")
@@ -117,7 +79,7 @@ def main() -> int:
     a = p.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     scale = D ** -0.5
-    timer = bench if a.eager else bench_graph
+    timer = time_eager if a.eager else time_graph  # microseconds per call, median
     prompt_configs, decode_configs = [dict()], [dict()]  # the defaults first
     if a.sweep:
         prompt_configs += [dict(rows=r, tile_n=t, num_warps=w, num_stages=s)
@@ -137,7 +99,7 @@ def main() -> int:
             try:
                 got = paged_attention(q, k, v, meta, scale, **cfg)
                 err = (got.float() - want.float()).abs().max().item()
-                ms = timer(lambda: paged_attention(q, k, v, meta, scale, out=out, **cfg))
+                ms = timer(lambda: paged_attention(q, k, v, meta, scale, out=out, **cfg), 20) / 1e3
             except Exception as e:  # a tiling this card cannot run (shared memory): skip it
                 print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                 continue

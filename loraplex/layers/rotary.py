@@ -72,22 +72,30 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (tokens, heads, dim), k: (tokens, kv_heads, dim)
-        ops = fused_ops(q)
-        if ops is not None and positions.dim() == 1 and q.stride(2) == 1 and k.stride(2) == 1:
+        ops = self._kernel(positions, q, k)
+        if ops is not None:
             ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim)  # in place: q, k are fresh views
             return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (tokens, 1, rotary_dim)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
+    @staticmethod
+    def _kernel(positions: torch.Tensor, *heads: torch.Tensor):
+        """The fused kernels' module when they can take this call (CUDA, one position per token, head dims
+        contiguous), else None."""
+        ops = fused_ops(heads[0])
+        if ops is None or positions.dim() != 1 or any(t.stride(2) != 1 for t in heads):
+            return None
+        return ops
+
     def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
         """Where one kernel can (CUDA): rotate ``q`` and ``k`` in place and write the rotated ``k`` and ``v``
         into the caches (slots, kv_heads, dim) at ``slot_mapping``, and return True; else do nothing and return
         False (the caller rotates, then writes the cache). Saves a decoder layer two launches a step."""
-        ops = fused_ops(q)
-        if ops is None or positions.dim() != 1 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 \
-                or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        ops = self._kernel(positions, q, k, v)
+        if ops is None or not k_cache.is_contiguous() or not v_cache.is_contiguous():
             return False
         ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim, v, k_cache, v_cache, slot_mapping)
         return True
