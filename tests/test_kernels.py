@@ -419,8 +419,8 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
 
 def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
     """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'; and
-    with the expand into a delta added after the base output (LORAPLEX_LORA_SIDE_EXPAND=1), the same as the
-    in-place expand (bit for bit on the CPU)."""
+    with the expand into a delta added after the base output (the default; LORAPLEX_LORA_SIDE_EXPAND=0 turns it
+    off), the same as the in-place expand (bit for bit on the CPU)."""
     model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
     paths = {
         "emb": make_adapter(model_dir, tmp_path / "emb", seed=1, r=8, lora_alpha=16,

@@ -48,15 +48,16 @@ class TritonLoRABackend:
         # program reads one value per element instead of one per split; LORAPLEX_LORA_REDUCE=0 leaves the sum
         # to the expand (for comparison).
         self.reduce = os.environ.get("LORAPLEX_LORA_REDUCE", "1") != "0"
-        # LORAPLEX_LORA_DEVICE_SPLITS=1: in CUDA graph steps the shrink sizes its split-K on the device from the
-        # real tile count (a graph is sized for one adapter, 16 splits at batch 32; 32 distinct adapters then
-        # make 16 times the items they need). Off until measured on a GPU.
-        self.device_splits = os.environ.get("LORAPLEX_LORA_DEVICE_SPLITS", "0") == "1"
-        # LORAPLEX_LORA_SIDE_EXPAND=1: batches of at most SIDE_EXPAND_ROWS rows run the expand too beside the
-        # base GEMM, into a float32 delta buffer, and the layer's output gets the delta by one small add
-        # (lora_add_delta) after the join, so that only that add waits on the critical path. Off until measured
-        # on a GPU.
-        self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0") == "1"
+        # In CUDA graph steps the shrink sizes its split-K on the device from the real tile count: a graph is
+        # sized for one adapter (16 splits at batch 32), and 32 distinct adapters would otherwise make 16 times
+        # the items they need. Measured on an H200 (docs/benchmarks.md, 2026-12-01): with the side expand below,
+        # 7.52 against 8.93 ms a step for 32 distinct adapters at batch 32. LORAPLEX_LORA_DEVICE_SPLITS=0: off.
+        self.device_splits = os.environ.get("LORAPLEX_LORA_DEVICE_SPLITS", "1") != "0"
+        # Batches of at most SIDE_EXPAND_ROWS rows run the expand too beside the base GEMM (with the shrink, when
+        # overlap is on), into a float32 delta buffer, and the layer's output gets the delta by one small add
+        # (lora_add_delta) after the join, so that only that add waits on the critical path. Measured on an
+        # H200: 5.92 against 6.30 ms a step with one adapter at batch 32. LORAPLEX_LORA_SIDE_EXPAND=0: off.
+        self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "1") != "0"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
