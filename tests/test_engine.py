@@ -521,6 +521,32 @@ def test_slot_uploads_wait_only_for_the_steps_that_read_the_slot(model_dir, adap
     assert calls[2:] == [(0, None, ["step-9"])]
 
 
+def test_a_copy_that_completes_while_nothing_runs_admits_its_request(model_dir, adapters) -> None:
+    """A request passed over because its adapter's copy was in flight, in a step where nothing else runs, is
+    admitted the next step when the copy completes before the engine checks for loads (fast copies on an idle
+    GPU): not failed as 'no progress'. A CPU engine copies at once, so the copy's event here is one whose first
+    query says 'in flight' and every later one 'done'."""
+    llm = make_llm(model_dir, max_loras=1)
+    pool = llm.engine.pool
+    real = pool.lora_model.set_slot
+
+    class Event:
+        queries = 0
+
+        def query(self) -> bool:
+            self.queries += 1
+            return self.queries > 1
+
+        def synchronize(self) -> None:
+            pass
+
+    pool.lora_model.set_slot = lambda slot, adapter, after=None: (real(slot, adapter, after), Event())[1]
+    llm.add_lora(LoRARequest("a0", adapters["a0"]))
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], greedy(3), lora_request=LoRARequest("a0", adapters["a0"]),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3 and pool.num_slot_loads == 1
+
+
 def test_admit_loading_hands_out_a_slot_whose_copy_is_in_flight(monkeypatch) -> None:
     """By default a request waits until the host sees its adapter's copy into a slot done; with
     LORAPLEX_ADMIT_LOADING=1 it gets the slot at once, with the copy's event (``load_event``) for its step to

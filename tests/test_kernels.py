@@ -565,7 +565,9 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     staged adapter in place) leaves every stack, rank, scale and extras row bit for bit as the per-tensor
     writes do: ranks that fill pages and ranks that do not (12: a half-empty second page, zero-filled),
     embedding and head LoRA (A transposed, padded vocabulary rows zero), LoRA bias and DoRA extras, and
-    adapters overwriting pages that other adapters held."""
+    adapters overwriting pages that other adapters held; the plain all-linear adapters by their slot plans
+    (lora/slot_plan.py: built once, replayed by every load and clear), the others through set_lora, each
+    overwriting the other's slots, with the same host entries (ranks, scales, active slots) as well."""
     from loraplex.kernels import slot_write
 
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
@@ -575,11 +577,14 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
         "bias": dict(seed=3, r=8, lora_bias=True, target_modules=["o_proj", "gate_proj"]),
         "dora": dict(seed=4, r=16, use_dora=True, target_modules=["k_proj", "down_proj"]),
         "big": dict(seed=5, r=24, target_modules="all-linear"),
+        "q8": dict(seed=6, r=8, target_modules=["q_proj"]),
     }
     paths = {n: make_adapter(model_dir, tmp_path / n, **kw) for n, kw in specs.items()}
-    launches = []
-    real = slot_write.copy_pieces
+    launches, word_addrs = [], []
+    real, real_words = slot_write.copy_pieces, slot_write.write_words
     monkeypatch.setattr(slot_write, "copy_pieces", lambda *a: (launches.append(a[1].shape[0]), real(*a))[1])
+    # each launch sets an address once (its lanes' stores to one address would land in no set order on a GPU)
+    monkeypatch.setattr(slot_write, "write_words", lambda *a: (word_addrs.append(a[0].tolist()), real_words(*a))[1])
 
     def slots(batched: bool) -> list[torch.Tensor]:
         monkeypatch.setenv("LORAPLEX_BATCHED_SLOT_WRITES", "1" if batched else "0")
@@ -588,7 +593,9 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
         pool = llm.engine.pool
         for name, path in paths.items():
             llm.add_lora(LoRARequest(name, path))
-        for group in (["a12", "e8"], ["bias", "dora"], ["big"], ["e8", "a12"]):  # later loads evict earlier
+        # later loads evict earlier ones, planned and not, and take their pages
+        for group in (["a12", "e8"], ["bias", "dora"], ["big"], ["e8", "a12"], ["big"], ["a12", "bias"],
+                      ["q8", "dora", "e8"], ["big", "q8"]):
             held = []
             for name in group:
                 slot = pool.acquire(pool.get(name))
@@ -597,10 +604,13 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
             for slot in held:
                 pool.release(slot)
         lm = pool.lora_model
+        planned = {n for n in paths if pool.get(n).slot_plan and pool.get(n).slot_plan[1] is not None}
+        assert planned == ({"a12", "big", "q8"} if batched else set()), planned
         out = [lm.pages.table.clone(), lm.pages.ext_rows.clone()]
         for wm in lm.modules:
             st = wm.wrapper.stack
-            out += [st.a.clone(), st.b.clone(), st.ranks_t.clone(), st.scales_t.clone()]
+            out += [st.a.clone(), st.b.clone(), st.ranks_t.clone(), st.scales_t.clone(),
+                    torch.tensor(st.ranks), torch.tensor(st.scales), torch.tensor(sorted(wm.wrapper.active))]
             if st.ext is not None:
                 out.append(st.ext.clone())
         return out
@@ -609,7 +619,47 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     assert not launches
     got = slots(batched=True)
     assert launches and sum(launches) > len(launches)  # pieces went through the batched kernel
+    assert word_addrs and all(len(set(addrs)) == len(addrs) for addrs in word_addrs)
     assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_slot_plan_overwriting_a_slot_sets_each_word_once(tmp_path, monkeypatch) -> None:
+    """With every slot full (two pages, two rank-8 adapters), a rank-16 adapter overwrites one slot and clears the
+    other: one words launch clears the old adapter's ranks and scales and sets the new one's at the same
+    addresses, so it must hold each address once, with the load's value (on a GPU the kernel's stores to one
+    address land in no set order); the slots then equal the per-tensor writes'."""
+    from loraplex.kernels import slot_write
+
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    paths = {n: make_adapter(model_dir, tmp_path / n, seed=i, r=r, target_modules="all-linear")
+             for i, (n, r) in enumerate([("x8", 8), ("y8", 8), ("z16", 16)])}
+    launches: list[list[int]] = []
+    real_words = slot_write.write_words
+    monkeypatch.setattr(slot_write, "write_words", lambda *a: (launches.append(a[0].tolist()), real_words(*a))[1])
+
+    def slots(batched: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("LORAPLEX_BATCHED_SLOT_WRITES", "1" if batched else "0")
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=1, max_lora_rank=16, seed=0,
+                  num_kv_blocks=64, block_size=4, lora_backend="triton")
+        pool = llm.engine.pool
+        for name, path in paths.items():
+            llm.add_lora(LoRARequest(name, path))
+        for name in paths:
+            pool.release(pool.acquire(pool.get(name)))
+        assert pool.device_resident.count("z16") == 1 and pool.num_slot_loads == 3
+        out = [pool.lora_model.pages.table.clone()]
+        for wm in pool.lora_model.modules:
+            out += [wm.wrapper.stack.a.clone(), wm.wrapper.stack.b.clone(), wm.wrapper.stack.ranks_t.clone(),
+                    wm.wrapper.stack.scales_t.clone()]
+        return out
+
+    want = slots(batched=False)
+    launches.clear()
+    got = slots(batched=True)
+    assert len(launches) == 4  # the two loads; then the clear of one slot, and the overwrite of the other
+    assert all(len(set(addrs)) == len(addrs) for addrs in launches)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 

@@ -466,11 +466,14 @@ class LLMEngine:
         """Schedule and launch this step; then read back and apply the previous step's results (async
         scheduling: the host does that, and the next step's scheduling, while the device runs this one) or
         this step's own (synchronous)."""
+        progress = self.pool.load_progress if self.pool is not None else 0
         sched = self.scheduler.schedule()
         prev, self._in_flight = self._in_flight, None
         if not sched.seqs:
-            if prev is None and self.pool is not None and self.pool.loading:
-                self.pool.wait_for_loads()  # nothing runs: wait for the adapter copies the waiting requests need
+            # nothing runs: wait for the adapter copies the waiting requests need, and admit them next step; also
+            # when the copies they were passed over for completed since (the check below would see none left)
+            if prev is None and self.pool is not None and (self.pool.loading or self.pool.load_progress != progress):
+                self.pool.wait_for_loads()
                 return []
             if prev is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: waiting requests cannot be admitted")

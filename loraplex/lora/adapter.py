@@ -125,6 +125,8 @@ class LoRAAdapter:
     # (description, flat buffer) once LoRAModel.stage has packed the weights into one buffer (lora/packing.py),
     # the tensors above being views of it; None before
     packed: Any = field(default=None, repr=False, compare=False)
+    # (LoRAModel, its SlotPlan or None) once that model has planned the adapter's slot loads (lora/slot_plan.py)
+    slot_plan: Any = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def max_rank(self) -> int:

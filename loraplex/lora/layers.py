@@ -162,30 +162,37 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         self.stack.clear(slot)
         self._update_active(slot, False)
 
-    def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
-        """Copy one adapter's weights (one entry per slice, None = not targeted) into ``slot``."""
-        self.reset_lora(slot)
+    def shards(self, weights: Sequence[Optional[LoRAWeights]]):
+        """(slice, its weights, this rank's A, this rank's B, start and rows of B's shard or None) of each slice
+        with weights: row-parallel layers cut A along the input, column-parallel ones B along the output with the
+        base weight's rule."""
         base = self.base_layer
-        dora_parts: list = []
-        bias_parts: list = []
         for i, lw in enumerate(weights):
             if lw is None:
                 continue
-            a, b = lw.A, lw.B  # (r, in), (out_slice_full, r)
+            a, b, start, n = lw.A, lw.B, None, None  # (r, in), (out_slice_full, r)
             if self.row_parallel and base.tp_size > 1:
-                n = base.input_size_per_partition
-                a = a[:, base.tp_rank * n:(base.tp_rank + 1) * n]
-            elif base.tp_size > 1 and base.tp_dim == 0:  # B sharded by output rows with the base weight's rule
+                k = base.input_size_per_partition
+                a = a[:, base.tp_rank * k:(base.tp_rank + 1) * k]
+            elif base.tp_size > 1 and base.tp_dim == 0:
                 if hasattr(base, "shard_rows"):
                     start, n = base.shard_rows(i)
                 else:
                     n = self.output_slices[i]
                     start = base.tp_rank * n
                 b = b[start:start + n]
-            r = lw.rank
+            yield i, lw, a, b, start, n
+
+    def set_lora(self, slot: int, weights: Sequence[Optional[LoRAWeights]]) -> None:
+        """Copy one adapter's weights (one entry per slice, None = not targeted) into ``slot``."""
+        self.reset_lora(slot)
+        base = self.base_layer
+        dora_parts: list = []
+        bias_parts: list = []
+        for i, lw, a, b, start, n in self.shards(weights):
             self.stack.write_a(slot, i, a)
             self.stack.write_b(slot, sum(self.output_slices[:i]), b)
-            self.stack.set(slot, i, r, float(lw.scaling))
+            self.stack.set(slot, i, lw.rank, float(lw.scaling))
             sharded = b.shape[0] != lw.B.shape[0]
             if lw.magnitude is not None:
                 mag = lw.magnitude[start:start + n] if sharded else lw.magnitude

@@ -21,6 +21,7 @@ from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
 from loraplex.lora.backends.base import LoRABackend, PageTable, SlotWriter
 from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
 from loraplex.lora.packing import pack_adapter, unpack_adapter
+from loraplex.lora.slot_plan import SlotPlan, build_plan
 
 
 @dataclass
@@ -63,6 +64,10 @@ class LoRAModel:
         self.batched_writes = (getattr(backend, "name", "") == "triton"
                                and os.environ.get("LORAPLEX_BATCHED_SLOT_WRITES", "1") != "0")
         self._reading: list = []  # (upload event, tensors its batched copies read until it completes)
+        self._planned: dict[int, SlotPlan] = {}  # slot -> the plan that loaded its adapter
+        # slot plans (lora/slot_plan.py) for the adapters they cover; LORAPLEX_SLOT_PLANS=0: set_lora for all
+        self.slot_plans = self.batched_writes and os.environ.get("LORAPLEX_SLOT_PLANS", "1") != "0"
+        self._set_by_wrappers: set[int] = set()  # slots holding an adapter that set_lora wrote (batched writes)
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
             wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
@@ -137,6 +142,8 @@ class LoRAModel:
         views = unpack_adapter(meta, flat, own_small=False)
         adapter.modules, adapter.tokens, adapter.saved = views.modules, views.tokens, views.saved
         adapter.packed = (meta, flat)
+        if self.batched_writes and not self.pages.identity:  # here, off the engine thread when the pool reads
+            self.plan(adapter)
 
     def set_slot(self, slot: int, adapter: Optional[LoRAAdapter],
                  after: Optional[Sequence[torch.cuda.Event]] = None) -> Optional[torch.cuda.Event]:
@@ -212,22 +219,54 @@ class LoRAModel:
         """Write ``slot`` (on the current stream); returns the tensors that copies still queued read. A staged
         adapter going into paged slots of the Triton backend is copied by one batched launch
         (:class:`SlotWriter`, ``kernels/slot_write.py``) rather than two copies per tensor, and every word a load
-        or a clear changes (ranks, scales, page-table entries, extras rows) by one more."""
+        or a clear changes (ranks, scales, page-table entries, extras rows) by one more. An adapter with a
+        :class:`~loraplex.lora.slot_plan.SlotPlan` loads (and later clears) by replaying it, without walking
+        the wrappers; the others through each wrapper's ``set_lora``."""
         device, _ = self._device_and_dtype()
-        if self.batched_writes and not self.pages.identity:
-            # clears too: their rank and scale zeros, like a load's page-table entries, go as words of one launch
-            # (a scalar fill each cost a clear of an 8B-shaped slot some 200 launches of host time)
-            flat = adapter.packed[1] if adapter is not None and adapter.packed is not None else _NO_BUFFER
-            self.pages.writer = SlotWriter(flat, device)
-        try:
+        if not self.batched_writes or self.pages.identity:
             if adapter is None:
                 self.pages.release(slot)
             else:
                 self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
             self._write_modules(slot, adapter)
-            return self.pages.writer.run() if self.pages.writer is not None else []
+            return []
+        # clears too: their rank and scale zeros, like a load's page-table entries, go as words of one launch
+        # (a scalar fill each cost a clear of an 8B-shaped slot some 200 launches of host time)
+        flat = adapter.packed[1] if adapter is not None and adapter.packed is not None else _NO_BUFFER
+        writer = self.pages.writer = SlotWriter(flat, device)
+        try:
+            plan = self.plan(adapter) if adapter is not None else None
+            if adapter is None:
+                self.pages.release(slot)
+            else:
+                self.pages.assign(slot, adapter.max_rank, self._needs_ext(adapter))
+            old = self._planned.pop(slot, None)  # the plan that loaded what the slot holds
+            if old is not None:
+                old.undo(slot)
+                writer.add_plan(old, slot, load=False)
+            elif slot in self._set_by_wrappers and (adapter is None or plan is not None):
+                self._write_modules(slot, None)
+            self._set_by_wrappers.discard(slot)
+            if plan is not None:
+                plan.apply(slot)
+                writer.add_plan(plan, slot, load=True)
+                self._planned[slot] = plan
+            elif adapter is not None:
+                self._write_modules(slot, adapter)
+                self._set_by_wrappers.add(slot)
+            return writer.run(self.pages.table, slot * self.pages.max_pages)
         finally:
             self.pages.writer = None
+
+    def plan(self, adapter: LoRAAdapter) -> Optional[SlotPlan]:
+        """``adapter``'s slot plan for this model, built on first use and kept with the adapter (None: it loads
+        through the wrappers; see ``lora/slot_plan.py``)."""
+        if not self.slot_plans:
+            return None
+        cached = adapter.slot_plan
+        if cached is None or cached[0] is not self:
+            cached = adapter.slot_plan = (self, build_plan(self, adapter))
+        return cached[1]
 
     def warm_up(self) -> None:
         """Compile the batched slot-write kernels now (CUDA start-up), not at the first adapter load."""

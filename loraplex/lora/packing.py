@@ -43,7 +43,7 @@ def _map_tensors(adapter: Any, fn: Callable[[Any, bool], Any]) -> Any:
                                       bias=f(w.bias)) for k, w in adapter.modules.items()}
     tokens = {k: (f(ids), f(rows)) for k, (ids, rows) in adapter.tokens.items()}
     saved = {k: f(t) for k, t in adapter.saved.items()}
-    return dataclasses.replace(adapter, modules=modules, tokens=tokens, saved=saved, packed=None)
+    return dataclasses.replace(adapter, modules=modules, tokens=tokens, saved=saved, packed=None, slot_plan=None)
 
 
 def pack_adapter(adapter: Any, pin: Optional[bool] = None) -> tuple[Any, torch.Tensor]:

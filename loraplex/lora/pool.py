@@ -97,6 +97,8 @@ class LoRAPool:
         self._last_use: list[int] = [0] * self.num_slots
         self._tick = itertools.count(1)
         self.num_slot_loads = 0  # how many times an adapter was copied into a slot (metrics, tests)
+        # slot loads started plus those seen completed: a step that admitted nothing retries while it moves
+        self.load_progress = 0
         self._loads: dict[int, Any] = {}  # slot -> CUDA event of its upload still in flight (side stream)
         # slot -> CUDA event recorded after the last step that read it (mark_used): an upload that overwrites
         # the slot's memory waits for that step only, not for every step queued
@@ -359,6 +361,7 @@ class LoRAPool:
         return True
 
     def _loaded(self, slot: int) -> None:
+        self.load_progress += 1
         started = self._load_started.pop(slot, None)
         adapter = self._slot[slot]
         if started is not None and adapter is not None:
@@ -418,6 +421,7 @@ class LoRAPool:
             self._slot_of_uid[adapter.uid] = slot
             self._last_use[slot] = next(self._tick)
             self.num_slot_loads += 1
+            self.load_progress += 1
             self._load_started[slot] = t0
             if done is not None:
                 self._loads[slot] = done

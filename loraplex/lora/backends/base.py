@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -143,15 +143,19 @@ class PageTable:
 class SlotWriter:
     """The copies of one adapter load, batched: while a writer is set on the model's :class:`PageTable`, the
     stacks record each page of A and B whose source is a view of the adapter's staged buffer ``flat``, and
-    each changed rank and scale, instead of copying; :meth:`run` then does them all in two launches
-    (``kernels/slot_write.py``). Sources that are not views of ``flat`` (or not of the stack's dtype) are
-    copied at once, as without a writer."""
+    each changed rank, scale and table entry, instead of copying; :meth:`run` then does them all in two
+    launches (``kernels/slot_write.py``). A piece names its page by its index in the slot (the kernel reads
+    the page from the table), so what an adapter records does not depend on the slot it goes to: a
+    :class:`~loraplex.lora.slot_plan.SlotPlan` keeps it, and later loads add it whole (:meth:`add_plan`).
+    Sources that are not views of ``flat`` (or not of the stack's dtype) are copied at once, as without a
+    writer."""
 
     def __init__(self, flat: torch.Tensor, device: torch.device) -> None:
         self.flat = flat  # uint8, the staged adapter (pinned host memory on CUDA)
         self.device = device
         self.pieces: dict[int, list[int]] = {}  # element size -> rows of kernels.slot_write.PIECE_FIELDS, flat
         self.words: list[tuple[int, int]] = []  # (address, 32 bits as a signed int)
+        self.plans: list[tuple[Any, int, bool]] = []  # (SlotPlan, slot, load: else clear)
 
     def offset(self, t: torch.Tensor) -> Optional[int]:
         """``t``'s offset in elements of its dtype within ``flat``, or None when ``t`` is not a view of it."""
@@ -162,37 +166,54 @@ class SlotWriter:
             return None
         return delta // t.element_size()
 
-    def piece(self, size: int, dst: int, offset: int, src_rs: int, src_cs: int, rows_valid: int, cols_valid: int,
-              rows: int, cols: int, dst_rs: int) -> None:
-        """The ``rows`` x ``cols`` block of ``size``-byte elements at address ``dst`` (row stride ``dst_rs``,
-        contiguous columns) <- the staged elements at ``offset + r * src_rs + c * src_cs`` where r < rows_valid
-        and c < cols_valid, zero elsewhere. Plain ints: a load of an all-linear rank-64 adapter of the
-        Llama-3-8B shape records 3,584 of them on the engine thread."""
+    def piece(self, size: int, dst: int, page: int, page_bytes: int, offset: int, src_rs: int, src_cs: int,
+              rows_valid: int, cols_valid: int, rows: int, cols: int, dst_rs: int) -> None:
+        """The ``rows`` x ``cols`` block of ``size``-byte elements at address ``dst + table[slot, page] *
+        page_bytes`` (row stride ``dst_rs``, contiguous columns) <- the staged elements at ``offset + r * src_rs +
+        c * src_cs`` where r < rows_valid and c < cols_valid, zero elsewhere. Plain ints: a load of an all-linear
+        rank-64 adapter of the Llama-3-8B shape records 3,584 of them."""
         flat = self.pieces.get(size)
         if flat is None:
             flat = self.pieces[size] = []
-        flat += (dst, offset, src_rs, src_cs, rows_valid if rows_valid > 0 else 0, cols_valid if cols_valid > 0 else 0,
-                 rows, cols, dst_rs)
+        flat += (dst, page, page_bytes, offset, src_rs, src_cs, rows_valid if rows_valid > 0 else 0,
+                 cols_valid if cols_valid > 0 else 0, rows, cols, dst_rs)
 
     def word(self, dst: int, value: float, is_float: bool) -> None:
         """The 32-bit element at address ``dst`` <- ``value`` (float32 when ``is_float``, else int32)."""
         bits = struct.unpack("<i", struct.pack("<f", value))[0] if is_float else int(value)
         self.words.append((dst, bits))
 
-    def run(self) -> list[torch.Tensor]:
-        """Launch the recorded copies on the current stream; returns what they read, to be kept alive until
-        they have run."""
+    def add_plan(self, plan: Any, slot: int, load: bool) -> None:
+        """Write ``plan``'s ranks and scales at ``slot`` (and, for a load, copy its pieces), or zero them (a
+        clear)."""
+        self.plans.append((plan, slot, load))
+
+    def run(self, table: torch.Tensor, row: int) -> list[torch.Tensor]:
+        """Launch the recorded writes on the current stream, the words first, then the copies into the pages
+        ``table[row + page index]``; returns what they read, to be kept alive until they have run."""
+        import numpy as np
+
         from loraplex.kernels.slot_write import PIECE_FIELDS, as_words, copy_pieces, write_words
 
         keep: list[torch.Tensor] = []
+        words = [np.array(self.words, dtype=np.int64).reshape(-1, 2)] if self.words else []
+        for plan, slot, load in self.plans:
+            words.append(plan.words_at(slot, load))
+        if words:
+            both = np.concatenate(words)
+            # one value per address, the last recorded (a clear's zero, then a load's rank): the kernel's stores
+            # to one address from several lanes land in no set order
+            _, last = np.unique(both[::-1, 0], return_index=True)
+            both = both[len(both) - 1 - last]
+            keep += write_words(torch.from_numpy(both[:, 0].copy()), torch.from_numpy(both[:, 1].copy()), self.device)
         for size, flat in self.pieces.items():
-            src = as_words(self.flat, size)
-            keep += copy_pieces(src, torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS), self.device)
-        if self.words:
-            addrs, bits = zip(*self.words)
-            keep += write_words(torch.tensor(addrs, dtype=torch.int64), torch.tensor(bits, dtype=torch.int64),
-                                self.device)
-        self.pieces, self.words = {}, []
+            keep += copy_pieces(as_words(self.flat, size), torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS),
+                                self.device, table, row)
+        for plan, slot, load in self.plans:
+            if load:
+                for size, desc in plan.pieces.items():
+                    keep += copy_pieces(as_words(self.flat, size), desc, self.device, table, row)
+        self.pieces, self.words, self.plans = {}, [], []
         return keep
 
 
@@ -295,18 +316,22 @@ class LoRAStack:
     def write_a(self, slot: int, i: int, a: torch.Tensor) -> None:
         """Slice ``i`` of ``slot`` <- A (r, in) (a host or device tensor; rows past r become zero)."""
         writer, off = self._batched(a)
-        if off is not None:  # one piece per page: its P rank rows of A (a[i, page], (P, K)), zero past r
-            P, K, es = self.pages.page_rank, self.a.shape[3], self.a.element_size()
-            base, rs, cs = self.a.data_ptr() + i * self.a.stride(0) * es, a.stride(0), a.stride(1)
-            for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(es, base + page * P * K * es, off + j * P * rs, rs, cs, a.shape[0] - j * P, a.shape[1],
-                             P, K, K)
+        if off is not None:
+            self.record_a(writer, off, len(self.pages.pages_of(slot)), i, a)
             return
         a = upload(a, self.a)
         if self.pages.identity:
             self.a[i, slot, :a.shape[0]].copy_(a)
             return
         self.a[i].index_copy_(0, self.pages.index(slot), self._paged(a.to(self.a.dtype), 0, slot))
+
+    def record_a(self, writer: SlotWriter, off: int, n: int, i: int, a: torch.Tensor) -> None:
+        """:meth:`write_a` as ``writer``'s pieces, one per page of the ``n`` a slot of the adapter takes: its P rank
+        rows of A (a[i, page], (P, K)), zero past r; ``off``: A's offset in the staged buffer."""
+        P, K, es = self.pages.page_rank, self.a.shape[3], self.a.element_size()
+        base, rs, cs = self.a.data_ptr() + i * self.a.stride(0) * es, a.stride(0), a.stride(1)
+        for j in range(n):
+            writer.piece(es, base, j, P * K * es, off + j * P * rs, rs, cs, a.shape[0] - j * P, a.shape[1], P, K, K)
 
     def write_a_t(self, slot: int, a_t: torch.Tensor) -> None:
         """Embedding stacks: ``slot`` <- A transposed (vocab rows, r), from row 0; every other row of the slot's
@@ -315,8 +340,8 @@ class LoRAStack:
         if off is not None:  # one piece per page: every vocabulary row, its P rank columns (a[0, page], (V, P))
             P, V, es = self.pages.page_rank, self.a.shape[2], self.a.element_size()
             rs, cs = a_t.stride(0), a_t.stride(1)
-            for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(es, self.a.data_ptr() + page * V * P * es, off + j * P * cs, rs, cs, a_t.shape[0],
+            for j in range(len(self.pages.pages_of(slot))):
+                writer.piece(es, self.a.data_ptr(), j, V * P * es, off + j * P * cs, rs, cs, a_t.shape[0],
                              a_t.shape[1] - j * P, V, P, P)
             return
         a_t = upload(a_t, self.a).to(self.a.dtype)
@@ -332,12 +357,8 @@ class LoRAStack:
         default n)."""
         width = width or b.shape[0]
         writer, off = self._batched(b)
-        if off is not None:  # one piece per page: the slice's rows of it (b[page, col:col + width], (width, P))
-            P, N, es = self.pages.page_rank, self.b.shape[1], self.b.element_size()
-            rs, cs = b.stride(0), b.stride(1)
-            for j, page in enumerate(self.pages.pages_of(slot)):
-                writer.piece(es, self.b.data_ptr() + (page * N + col) * P * es, off + j * P * cs, rs, cs, b.shape[0],
-                             b.shape[1] - j * P, width, P, P)
+        if off is not None:
+            self.record_b(writer, off, len(self.pages.pages_of(slot)), col, b, width)
             return
         b = upload(b, self.b).to(self.b.dtype)
         if self.pages.identity:
@@ -348,6 +369,15 @@ class LoRAStack:
             full = b.new_zeros(width, b.shape[1])
             full[:b.shape[0]] = b
         self.b[:, col:col + width].index_copy_(0, self.pages.index(slot), self._paged(full, 1, slot))
+
+    def record_b(self, writer: SlotWriter, off: int, n: int, col: int, b: torch.Tensor, width: int) -> None:
+        """:meth:`write_b` as ``writer``'s pieces, one per page of the ``n`` a slot of the adapter takes: the
+        slice's rows of it (b[page, col:col + width], (width, P)); ``off``: B's offset in the staged buffer."""
+        P, N, es = self.pages.page_rank, self.b.shape[1], self.b.element_size()
+        rs, cs = b.stride(0), b.stride(1)
+        for j in range(n):
+            writer.piece(es, self.b.data_ptr() + col * P * es, j, N * P * es, off + j * P * cs, rs, cs, b.shape[0],
+                         b.shape[1] - j * P, width, P, P)
 
     def set(self, slot: int, i: int, rank: int, scale: float) -> None:
         """Record slice ``i`` of ``slot`` (its weights already written)."""
