@@ -174,6 +174,14 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
                     tag = "" if reduce else "_unreduced"
                     row.update({f"shrink_us{tag}": timer(shrink, a.iters), f"expand_us{tag}": timer(expand, a.iters),
                                 f"splits{tag}": parts.shape[0]})
+                    if reduce:  # the expand into a float32 delta (the side stream's), B's loads element-wise or
+                        delta = torch.zeros(T, N, device=dev, dtype=torch.float32)  # a page at a time
+
+                        for vec in (False, True):
+                            def expand_delta(vec=vec) -> None:
+                                lora_expand(delta, parts, B, ranks, scales, meta, max(slices), tiles, 16,
+                                            pages=pages, tile_count=count, delta=True, vector_b=vec)
+                            row["delta_us_vector_b" if vec else "delta_us"] = timer(expand_delta, a.iters)
                     if a.sweep and reduce:  # the expand's output block and warps, on the shrink's sums
                         def shrink_dev() -> None:  # split-K sized on the device from the real tile count
                             lora_shrink(x, A, ranks, tiles, 16, **kw, device_splits=True)
@@ -222,6 +230,10 @@ def main() -> None:
             sums[key] = [v + r[c] for v, c in zip(sums.get(key, [0.0] * 4), cols)]
         for (T, case), v in sums.items():
             print(f"{'layer':<9}{T:>7}{case:>14}{'':>7}" + "".join(f"{x:>9.1f}" for x in v))
+        for (T, case) in sums:  # the side stream's expand (into a float32 delta): B element-wise or a page at a time
+            mine = [r for r in rows if (r["tokens"], r["case"]) == (T, case)]
+            plain, vec = sum(r["delta_us"] for r in mine), sum(r["delta_us_vector_b"] for r in mine)
+            print(f"expand into a delta, layer, {T} tokens, {case}: {plain:.1f} us; B a page at a time {vec:.1f} us")
         if a.sweep:  # per layer: the sum over modules of each expand tiling, against the default's
             tilings: dict = {}
             for r in rows:

@@ -215,6 +215,38 @@ def test_paged_slots_equal_padded_slots(dtype) -> None:
     assert torch.equal(yb, ya) and not torch.equal(ya, y0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expand_with_b_a_page_at_a_time(dtype) -> None:
+    """``vector_b`` (B loaded a page at a time, scalar page indices, so that a column's rank values are one
+    vector load on a GPU) gives the reference's result: padded slots (rank blocks inside one page) and pages of
+    8 rank rows scattered over the pool (rank blocks of two pages, the second one absent past the rank), ranks
+    that end inside a page, decode and prefill tiles; bit for bit the element-wise load's result where the
+    rank blocks are the same (padded, max_rank 16), and never a row or slice the adapters do not touch."""
+    K = 48
+    for max_rank, ranks in [(16, SLOT_RANKS), (24, {0: [4, 8, 0], 1: [24, 16, 24], 2: [8, 0, 2], 4: [17, 1, 12]}),
+                            (64, {1: [64, 40, 9], 3: [33, 0, 64]}), (128, {1: [128, 70, 0], 2: [5, 0, 100]})]:
+        w = _stack(dtype, K, max_rank, ranks)
+        for stack in (w, _paged_copy(w)):  # padded: rank blocks of 64 inside pages of 128 at max_rank 128
+            pages = None if stack is w else stack.pages.table
+            for shape in ("decode", "prefill"):
+                batch = _batch("uniform", shape, seed=max_rank)
+                x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
+                buf = shrink_reference(x, w, batch)
+                y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
+                want, plain, got = y0.clone(), y0.clone(), y0.clone()
+                expand_reference(want, buf, w, batch)
+                parts = buf.float()[None]
+                for y, vec in ((plain, False), (got, True)):
+                    lora_expand(y, parts, stack.b, stack.ranks_t, stack.scales_t, stack.slice_meta, max(SLICES),
+                                batch.expand_tiles, batch.expand_block_m, pages=pages, vector_b=vec)
+                torch.testing.assert_close(got, want, **_tol(dtype))
+                assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])
+                if stack is w and max_rank == 16:
+                    assert torch.equal(got, plain)
+                else:
+                    torch.testing.assert_close(got, plain, **_tol(dtype))
+
+
 def test_padded_work_list_changes_nothing() -> None:
     """Tiles (0, 0, -1) are no-ops, so a work list padded to a fixed length (a CUDA graph's fixed grid, whatever
     the number of segments this step) gives the same result."""
@@ -420,7 +452,8 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
 def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
     """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'; and
     with the expand into a delta added after the base output (the default; LORAPLEX_LORA_SIDE_EXPAND=0 turns it
-    off), the same as the in-place expand (bit for bit on the CPU)."""
+    off), the same as the in-place expand (bit for bit on the CPU); and with B loaded a page at a time
+    (LORAPLEX_LORA_VECTOR_B), within 1e-4 of the torch backend too."""
     model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
     paths = {
         "emb": make_adapter(model_dir, tmp_path / "emb", seed=1, r=8, lora_alpha=16,
@@ -432,15 +465,22 @@ def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
     adapters = ["emb", "all", None, "all", "emb"]
     params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, prompt_logprobs=1)
     results = {}
-    for backend in ("torch", "triton", "triton_side"):
+    from loraplex.kernels import lora_expand as expand_mod
+
+    for backend in ("torch", "triton", "triton_side", "triton_vector_b"):
         monkeypatch.setenv("LORAPLEX_LORA_SIDE_EXPAND", "1" if backend == "triton_side" else "0")
+        monkeypatch.setattr(expand_mod, "VECTOR_B", backend == "triton_vector_b")
         llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=8, seed=0,
-                  num_kv_blocks=32, block_size=4, lora_backend=backend.removesuffix("_side"))
+                  num_kv_blocks=32, block_size=4, lora_backend=backend.split("_")[0])
         be = next(m.backend for m in llm.engine.model.modules() if isinstance(m, LinearWithLoRA))
         assert getattr(be, "side_expand", False) == (backend == "triton_side")
         loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]
         results[backend] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
                                         use_tqdm=False)
+    for ref, out, prompt in zip(results["torch"], results["triton_vector_b"], prompts):  # B a page at a time
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for i in range(1, len(prompt)):
+            assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-4)
     for ref, out, prompt in zip(results["torch"], results["triton"], prompts):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for i in range(1, len(prompt)):

@@ -38,6 +38,7 @@ run beside the GEMM that writes ``y`` (the Triton backend's side stream).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -55,7 +56,7 @@ def _expand_kernel(
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, N_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr, B_LOAD: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
@@ -91,9 +92,13 @@ def _expand_kernel(
                 h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for s in range(0, num_splits):
                     h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
-                bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
+                if B_LOAD == 0:  # a page index per rank value: every element a load of its own
+                    page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+                    bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
+                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
+                else:
+                    bt = _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES, PAGE, BLOCK_R,
+                                 B_LOAD)
                 if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
                     hb = h.to(bt.dtype).to(tl.float32)
                     bt = bt.to(tl.float32)
@@ -107,6 +112,35 @@ def _expand_kernel(
             else:
                 add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr,
                           bias_ptr, n_total, EXTRAS, HAS_BIAS)
+
+
+@triton.jit
+def _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES: tl.constexpr, PAGE: tl.constexpr,
+            BLOCK_R: tl.constexpr, B_LOAD: tl.constexpr):
+    """B's rank rows r0..r0 + BLOCK_R of ``slot`` at columns ``cols``, as (BLOCK_R, BLOCK_N), zero past ``rank``.
+    B is (pages, n_total, PAGE): a page's PAGE rank values of one column are contiguous. Each page index is
+    loaded as a scalar and the loads are masked by column (and whole page) only, so the compiler loads a
+    column's rank values as one vector; a tensor of loaded page indices, or a mask that changes along the
+    rank, would make every element a load of its own. Rank values past ``rank`` are zeroed after the load
+    (within an adapter's pages they hold zeros anyway). A block lies in one page (``B_LOAD`` 1: BLOCK_R divides
+    PAGE) or spans two whole pages (2: BLOCK_R == 2 * PAGE)."""
+    if B_LOAD == 1:
+        page = tl.load(pages_ptr + slot * MAX_PAGES + r0 // PAGE).to(tl.int64)
+        offs = r0 % PAGE + tl.arange(0, BLOCK_R)
+        bt = tl.load(b_ptr + (page * n_total + cols[:, None]) * PAGE + offs[None, :], mask=n_mask[:, None],
+                     other=0.0)
+    else:
+        tl.static_assert(BLOCK_R == 2 * PAGE, "B_LOAD 2: a rank block spans two pages")
+        offs = tl.arange(0, PAGE)
+        p0 = tl.load(pages_ptr + slot * MAX_PAGES + r0 // PAGE).to(tl.int64)
+        lo = tl.load(b_ptr + (p0 * n_total + cols[:, None]) * PAGE + offs[None, :], mask=n_mask[:, None], other=0.0)
+        # the second page, or past the slot's pages any page of the pool (the table holds valid page numbers
+        # only): read in bounds, then zeroed below with every rank value past the rank
+        p1 = tl.load(pages_ptr + slot * MAX_PAGES + tl.minimum(r0 // PAGE + 1, MAX_PAGES - 1)).to(tl.int64)
+        hi = tl.load(b_ptr + (p1 * n_total + cols[:, None]) * PAGE + offs[None, :], mask=n_mask[:, None], other=0.0)
+        bt = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (lo.shape[0], BLOCK_R))
+    bt = tl.where((r0 + tl.arange(0, BLOCK_R) < rank)[None, :], bt, 0.0)
+    return tl.trans(bt)  # (BLOCK_R, BLOCK_N)
 
 
 @triton.jit
@@ -153,6 +187,9 @@ def _add_kernel(y_ptr, d_ptr, slots_ptr, ranks_ptr, slice_ptr, ext_ptr, ext_rows
 
 
 _launch_expand = Launcher(_expand_kernel)
+# B loaded a page at a time (see _load_b): compiled for sm_90, 2 vector loads per thread for a 16 x 128 block
+# of B in place of 16 two-byte loads; not yet run on a GPU, so off unless LORAPLEX_LORA_VECTOR_B=1
+VECTOR_B = os.environ.get("LORAPLEX_LORA_VECTOR_B", "0") == "1"
 _launch_add = Launcher(_add_kernel)
 
 
@@ -175,7 +212,8 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
                 block_m: int, extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
                 tile_count: Optional[torch.Tensor] = None, delta: bool = False,
-                block_n: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+                block_n: Optional[int] = None, num_warps: Optional[int] = None,
+                vector_b: Optional[bool] = None) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -189,7 +227,9 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     ``delta``: y is instead a float32 buffer that receives the scaled products alone (``= acc * scale``,
     no extras), for :func:`lora_add_delta` to add later: the expand may then run beside the base GEMM that
     writes the layer's output (the Triton backend's side stream). ``block_n`` / ``num_warps`` override the
-    tiling (tuning: ``benchmarks/kernel_bench.py --layer --sweep``)."""
+    tiling (tuning: ``benchmarks/kernel_bench.py --layer --sweep``). ``vector_b``: load B a page at a time
+    with scalar page indices, so that a column's rank values go as one vector load (default:
+    ``LORAPLEX_LORA_VECTOR_B=1``; off until measured on a GPU)."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     assert not delta or y.dtype == torch.float32, "a delta buffer is float32"
@@ -205,6 +245,13 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
         return
     max_rank = parts.shape[3]
     cfg = expand_config(block_m, max_rank, max_width, num_tiles, num_slices, y.device)
+    page = b.shape[2]
+    b_load = 0
+    if VECTOR_B if vector_b is None else vector_b:
+        if page % cfg["block_r"] == 0:
+            b_load = 1
+        elif 2 * page >= 16 and (2 * page) & (2 * page - 1) == 0:  # rank blocks of two whole pages
+            b_load, cfg = 2, dict(cfg, block_r=2 * page)
     if block_n is not None or num_warps is not None:
         cfg = dict(cfg, num_warps=num_warps or cfg["num_warps"])
         if block_n is not None:
@@ -223,7 +270,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
              BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
              EXTRAS=extras is not None and not delta, HAS_BIAS=extras is not None and bias is not None and not delta,
-             HAS_COUNT=tile_count is not None, DELTA=delta),
+             HAS_COUNT=tile_count is not None, DELTA=delta, B_LOAD=b_load),
         num_warps=cfg["num_warps"],
     )
 
