@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,25 @@ def test_paged_slots_equal_padded_slots(dtype) -> None:
     get_backend("triton", DEVICE).embed(ya, ids, e, batch)
     get_backend("triton", DEVICE).embed(yb, ids, pe, batch)
     assert torch.equal(yb, ya) and not torch.equal(ya, y0)
+
+
+def test_expand_loads_b_as_vectors_a_page_at_a_time() -> None:
+    """Compiled for sm_90 (scripts/ptx_loads.py, in a process without the interpreter), the expand that loads B
+    a page at a time reads it with 16-byte vector loads and no 2-byte ones; the element-wise load it replaces
+    makes a load per element."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ptx_loads.py"
+    run = subprocess.run([sys.executable, str(script), "expand", "expand_vector_b"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode != 0 and "ptxas" in run.stderr:
+        pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ops = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in run.stdout.splitlines() if ":" in line}
+    assert "ld.global.v4.b32" in ops["expand_vector_b"] and "ld.global.b16" not in ops["expand_vector_b"]
+    assert "ld.global.b16" in ops["expand"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
