@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -620,6 +621,39 @@ def test_slot_writes_set_device_ranks_and_scales_once_without_host_buffers(monke
     assert stack.ranks_t[:, [0, 1, 3]].abs().sum() == 0  # other slots never touched
 
 
+def _spy_slot_writes(monkeypatch, name: str, record: Callable) -> None:
+    """Wrap ``kernels.slot_write.<name>`` (the copy or the words launch): ``record`` sees each call's arguments."""
+    from loraplex.kernels import slot_write
+
+    real = getattr(slot_write, name)
+    monkeypatch.setattr(slot_write, name, lambda *a: (record(*a), real(*a))[1])
+
+
+def _engine_with(model_dir, paths: dict, batched: bool, monkeypatch, **kw) -> LLM:
+    """A Triton-backend engine on the tiny model with ``paths`` registered, its slot loads batched (one launch)
+    or tensor by tensor."""
+    monkeypatch.setenv("LORAPLEX_BATCHED_SLOT_WRITES", "1" if batched else "0")
+    llm = LLM(model_dir, dtype="float32", device=DEVICE.type, seed=0, num_kv_blocks=64, block_size=4,
+              lora_backend="triton", **kw)
+    for name, path in paths.items():
+        llm.add_lora(LoRARequest(name, path))
+    return llm
+
+
+def _slot_state(lm, host: bool = True) -> list[torch.Tensor]:
+    """Every slot-dependent tensor of a LoRAModel (page table, extras rows, each stack's weights, ranks, scales,
+    extras), and with ``host`` the wrappers' host entries (ranks, scales, active slots)."""
+    out = [lm.pages.table.clone(), lm.pages.ext_rows.clone()]
+    for wm in lm.modules:
+        st = wm.wrapper.stack
+        out += [st.a.clone(), st.b.clone(), st.ranks_t.clone(), st.scales_t.clone()]
+        if host:
+            out += [torch.tensor(st.ranks), torch.tensor(st.scales), torch.tensor(sorted(wm.wrapper.active))]
+        if st.ext is not None:
+            out.append(st.ext.clone())
+    return out
+
+
 def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> None:
     """An adapter load into paged slots as one batched launch (kernels/slot_write.py: pieces read from the
     staged adapter in place) leaves every stack, rank, scale and extras row bit for bit as the per-tensor
@@ -628,8 +662,6 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     adapters overwriting pages that other adapters held; the plain all-linear adapters by their slot plans
     (lora/slot_plan.py: built once, replayed by every load and clear), the others through set_lora, each
     overwriting the other's slots, with the same host entries (ranks, scales, active slots) as well."""
-    from loraplex.kernels import slot_write
-
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     specs = {
         "a12": dict(seed=1, r=12, target_modules="all-linear"),
@@ -641,18 +673,12 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     }
     paths = {n: make_adapter(model_dir, tmp_path / n, **kw) for n, kw in specs.items()}
     launches, word_addrs = [], []
-    real, real_words = slot_write.copy_pieces, slot_write.write_words
-    monkeypatch.setattr(slot_write, "copy_pieces", lambda *a: (launches.append(a[1].shape[0]), real(*a))[1])
+    _spy_slot_writes(monkeypatch, "copy_pieces", lambda *a: launches.append(a[1].shape[0]))
     # each launch sets an address once (its lanes' stores to one address would land in no set order on a GPU)
-    monkeypatch.setattr(slot_write, "write_words", lambda *a: (word_addrs.append(a[0].tolist()), real_words(*a))[1])
+    _spy_slot_writes(monkeypatch, "write_words", lambda *a: word_addrs.append(a[0].tolist()))
 
     def slots(batched: bool) -> list[torch.Tensor]:
-        monkeypatch.setenv("LORAPLEX_BATCHED_SLOT_WRITES", "1" if batched else "0")
-        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=2, max_lora_rank=24, seed=0,
-                  num_kv_blocks=64, block_size=4, lora_backend="triton")
-        pool = llm.engine.pool
-        for name, path in paths.items():
-            llm.add_lora(LoRARequest(name, path))
+        pool = _engine_with(model_dir, paths, batched, monkeypatch, max_loras=2, max_lora_rank=24).engine.pool
         # later loads evict earlier ones, planned and not, and take their pages
         for group in (["a12", "e8"], ["bias", "dora"], ["big"], ["e8", "a12"], ["big"], ["a12", "bias"],
                       ["q8", "dora", "e8"], ["big", "q8"]):
@@ -663,17 +689,9 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
                 held.append(slot)
             for slot in held:
                 pool.release(slot)
-        lm = pool.lora_model
         planned = {n for n in paths if pool.get(n).slot_plan and pool.get(n).slot_plan[1] is not None}
         assert planned == ({"a12", "big", "q8"} if batched else set()), planned
-        out = [lm.pages.table.clone(), lm.pages.ext_rows.clone()]
-        for wm in lm.modules:
-            st = wm.wrapper.stack
-            out += [st.a.clone(), st.b.clone(), st.ranks_t.clone(), st.scales_t.clone(),
-                    torch.tensor(st.ranks), torch.tensor(st.scales), torch.tensor(sorted(wm.wrapper.active))]
-            if st.ext is not None:
-                out.append(st.ext.clone())
-        return out
+        return _slot_state(pool.lora_model)
 
     want = slots(batched=False)
     assert not launches
@@ -690,30 +708,18 @@ def test_slot_plan_overwriting_a_slot_sets_each_word_once(tmp_path, monkeypatch)
     other: one words launch clears the old adapter's ranks and scales and sets the new one's at the same
     addresses, so it must hold each address once, with the load's value (on a GPU the kernel's stores to one
     address land in no set order); the slots then equal the per-tensor writes'."""
-    from loraplex.kernels import slot_write
-
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     paths = {n: make_adapter(model_dir, tmp_path / n, seed=i, r=r, target_modules="all-linear")
              for i, (n, r) in enumerate([("x8", 8), ("y8", 8), ("z16", 16)])}
     launches: list[list[int]] = []
-    real_words = slot_write.write_words
-    monkeypatch.setattr(slot_write, "write_words", lambda *a: (launches.append(a[0].tolist()), real_words(*a))[1])
+    _spy_slot_writes(monkeypatch, "write_words", lambda *a: launches.append(a[0].tolist()))
 
     def slots(batched: bool) -> list[torch.Tensor]:
-        monkeypatch.setenv("LORAPLEX_BATCHED_SLOT_WRITES", "1" if batched else "0")
-        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=1, max_lora_rank=16, seed=0,
-                  num_kv_blocks=64, block_size=4, lora_backend="triton")
-        pool = llm.engine.pool
-        for name, path in paths.items():
-            llm.add_lora(LoRARequest(name, path))
+        pool = _engine_with(model_dir, paths, batched, monkeypatch, max_loras=1, max_lora_rank=16).engine.pool
         for name in paths:
             pool.release(pool.acquire(pool.get(name)))
         assert pool.device_resident.count("z16") == 1 and pool.num_slot_loads == 3
-        out = [pool.lora_model.pages.table.clone()]
-        for wm in pool.lora_model.modules:
-            out += [wm.wrapper.stack.a.clone(), wm.wrapper.stack.b.clone(), wm.wrapper.stack.ranks_t.clone(),
-                    wm.wrapper.stack.scales_t.clone()]
-        return out
+        return _slot_state(pool.lora_model, host=False)
 
     want = slots(batched=False)
     launches.clear()
