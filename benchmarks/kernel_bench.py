@@ -17,6 +17,11 @@ gate_up, down) as a CUDA graph step runs them: paged B (pages of 8 rank rows), t
 batch with the real tile count on the device, batches 32 and 128, one adapter (all rows) or a distinct adapter
 per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds per module and per layer, with
 the shrink summing its split-K partials (the default) and with the expand summing them.
+
+``--gemm``: instead, the base projections of one Llama-3-8B decoder layer (qkv, o, gate_up, down) at the
+``--layer-batches`` rows, cuBLAS (``F.linear``) against loraplex's split-K Triton GEMM
+(``kernels/skinny_gemm.py``, ``LORAPLEX_SKINNY_GEMM=1``), graph-replayed, microseconds, with the bandwidth each
+reaches reading the weight.
 """
 
 from __future__ import annotations
@@ -197,6 +202,35 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
     return rows
 
 
+def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
+    """The ``--gemm`` rows: see the module docstring."""
+    from loraplex.kernels.skinny_gemm import skinny_config, skinny_linear
+
+    dtype = getattr(torch, a.dtype)
+    rows = []
+    for name, K, slices in LAYER_MODULES:
+        w = torch.randn(sum(slices), K, device=dev).to(dtype)
+        gb = w.numel() * w.element_size() / 1e9
+        for T in a.layer_batches:
+            x = torch.randn(T, K, device=dev).to(dtype)
+            want = torch.nn.functional.linear(x, w)
+            got = skinny_linear(x, w)
+            row = {"module": name, "tokens": T, "splits": skinny_config(T, w.shape[0], K, dev)["splits"],
+                   "max_abs_diff": (got.float() - want.float()).abs().max().item(),
+                   "cublas_us": time_graph(lambda: torch.nn.functional.linear(x, w), a.iters),
+                   "skinny_us": time_graph(lambda: skinny_linear(x, w), a.iters)}
+            row.update(cublas_tbs=gb / row["cublas_us"] * 1e3, skinny_tbs=gb / row["skinny_us"] * 1e3)
+            rows.append(row)
+            print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s)  skinny "
+                  f"{row['skinny_us']:7.1f} us ({row['skinny_tbs']:.2f} TB/s, {row['splits']} splits)  max diff "
+                  f"{row['max_abs_diff']:.3g}", flush=True)
+    for T in a.layer_batches:
+        c = sum(r["cublas_us"] for r in rows if r["tokens"] == T)
+        k = sum(r["skinny_us"] for r in rows if r["tokens"] == T)
+        print(f"layer   {T:>6} rows: cuBLAS {c:7.1f} us  skinny {k:7.1f} us")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -211,11 +245,20 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
     ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
                     "columns) and warps (2, 4, 8), and the shrink with its split count chosen on the device")
+    ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections: cuBLAS against the "
+                    "skinny Triton GEMM")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA device")
     dev = torch.device("cuda")
+    if a.gemm:
+        rows = run_gemm(a, dev)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"config": vars(a), "gemm": rows, "device": torch.cuda.get_device_name(),
+                                            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=2))
+        print(f"wrote {a.json}")
+        return
     if a.layer:
         rows = run_layer(a, dev, time_graph)
         print(f"LoRA kernels of one Llama-3-8B decoder layer, rank {a.rank}, {a.dtype}, graph-replayed, microseconds")

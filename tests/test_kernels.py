@@ -217,23 +217,50 @@ def test_paged_slots_equal_padded_slots(dtype) -> None:
     assert torch.equal(yb, ya) and not torch.equal(ya, y0)
 
 
-def test_expand_loads_b_as_vectors_a_page_at_a_time() -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_skinny_gemm_matches_linear(dtype) -> None:
+    """The decode GEMM (kernels/skinny_gemm.py) equals F.linear: rows 1 to 128 (padded to the tile), output
+    widths that are not a multiple of the column block, K in one split and in several (the last split shorter,
+    summed by the last to finish), with and without bias; a second launch gives the same bits (the split
+    counters are left at zero); shapes it does not take are refused by name."""
+    from loraplex.kernels.skinny_gemm import skinny_fits, skinny_linear
+
+    g = torch.Generator().manual_seed(0)
+    for M, N, K, split_k in [(1, 48, 128, None), (5, 200, 384, 3), (32, 64, 1024, 3), (128, 130, 256, 2)]:
+        x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(DEVICE)
+        b = torch.randn(N, generator=g).to(dtype).to(DEVICE)
+        for bias in (None, b):
+            got = skinny_linear(x, w, bias, split_k=split_k)
+            want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+            assert got.dtype == dtype and got.shape == (M, N)
+            torch.testing.assert_close(got.float(), want, **_tol(dtype))
+            assert torch.equal(skinny_linear(x, w, bias, split_k=split_k), got)
+    assert not skinny_fits(torch.zeros(129, 128), torch.zeros(8, 128))  # more rows than a decode step
+    assert not skinny_fits(torch.zeros(4, 96), torch.zeros(8, 96))  # K not a multiple of 128
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        skinny_linear(torch.zeros(4, 96), torch.zeros(8, 96))
+
+
+def test_kernels_load_as_vectors_on_sm90() -> None:
     """Compiled for sm_90 (scripts/ptx_loads.py, in a process without the interpreter), the expand that loads B
-    a page at a time reads it with 16-byte vector loads and no 2-byte ones; the element-wise load it replaces
-    makes a load per element."""
+    a page at a time reads it with 16-byte vector loads and no 2-byte ones (the element-wise load it replaces
+    makes a load per element), and the decode GEMM streams its operands with 16-byte asynchronous copies."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "scripts" / "ptx_loads.py"
-    run = subprocess.run([sys.executable, str(script), "expand", "expand_vector_b"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(script), "expand", "expand_vector_b", "skinny_gemm"], env=env,
+                         capture_output=True, text=True, timeout=300)
     if run.returncode != 0 and "ptxas" in run.stderr:
         pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
     assert run.returncode == 0, run.stderr[-2000:]
     ops = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in run.stdout.splitlines() if ":" in line}
     assert "ld.global.v4.b32" in ops["expand_vector_b"] and "ld.global.b16" not in ops["expand_vector_b"]
     assert "ld.global.b16" in ops["expand"]
+    # the decode GEMM streams x and W with 16-byte asynchronous copies, no element-wise loads
+    assert "cp.async.cg.shared.global" in ops["skinny_gemm"] and "ld.global.b16" not in ops["skinny_gemm"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
