@@ -100,8 +100,12 @@ def skinny_config(M: int, N: int, K: int, device: Optional[torch.device] = None,
     k_blocks = K // block_k
     splits = max(1, min(k_blocks, split_k or triton.cdiv(2 * num_sms(device), n_blocks)))
     k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    return dict(block_m=max(16, triton.next_power_of_2(M)), block_n=block_n, block_k=block_k, n_blocks=n_blocks,
-                splits=triton.cdiv(K, k_per_split), k_per_split=k_per_split, num_warps=4, num_stages=4)
+    block_m = max(16, triton.next_power_of_2(M))
+    # pipeline stages of (W block + x block) in shared memory: at most about 96 KB (sm_90 compiles 192 KB for
+    # 128 rows in 4 stages, more than an A100 has)
+    stages = {16: 4, 32: 4, 64: 3}.get(block_m, 2)
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, n_blocks=n_blocks,
+                splits=triton.cdiv(K, k_per_split), k_per_split=k_per_split, num_warps=4, num_stages=stages)
 
 
 def skinny_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
