@@ -61,8 +61,10 @@ def _kernels() -> dict:
     return {
         "skinny_gemm": (_skinny_kernel, skinny_sig, skinny_const, ["N", "K", "stride_xm", "stride_ym"],
                         dict(num_warps=4, num_stages=4)),
-        "expand": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=0), expand_hint, dict(num_warps=4)),
-        "expand_vector_b": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=2), expand_hint, dict(num_warps=4)),
+        "expand": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=0, ALIGNED=False), expand_hint,
+                   dict(num_warps=4)),
+        "expand_vector_b": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=2, ALIGNED=True), expand_hint,
+                            dict(num_warps=4)),
         "shrink": (_shrink_kernel, shrink_sig, shrink_const, ["K", "stride_xm", "num_slots", "num_pages"],
                    dict(num_warps=4, num_stages=3)),
         "decode_attention": (_decode_split_kernel, attn_sig, attn_const,

@@ -258,6 +258,7 @@ def test_kernels_load_as_vectors_on_sm90() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     ops = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in run.stdout.splitlines() if ":" in line}
     assert "ld.global.v4.b32" in ops["expand_vector_b"] and "ld.global.b16" not in ops["expand_vector_b"]
+    assert "st.global.v4.b32" in ops["expand_vector_b"]  # rows of the delta, slices aligned to 8
     assert "ld.global.b16" in ops["expand"]
     # the decode GEMM streams x and W with 16-byte asynchronous copies, no element-wise loads
     assert "cp.async.cg.shared.global" in ops["skinny_gemm"] and "ld.global.b16" not in ops["skinny_gemm"]
@@ -281,13 +282,15 @@ def test_expand_with_b_a_page_at_a_time(dtype) -> None:
                 x = torch.randn(batch.num_rows, K).to(dtype).to(DEVICE)
                 buf = shrink_reference(x, w, batch)
                 y0 = torch.randn(batch.num_rows, sum(SLICES)).to(dtype).to(DEVICE)
-                want, plain, got = y0.clone(), y0.clone(), y0.clone()
+                want, plain, got, unaligned = y0.clone(), y0.clone(), y0.clone(), y0.clone()
                 expand_reference(want, buf, w, batch)
                 parts = buf.float()[None]
-                for y, vec in ((plain, False), (got, True)):
+                assert stack.aligned  # SLICES are multiples of 8: rows of y as vector stores
+                for y, vec, aligned in ((plain, False, False), (got, True, True), (unaligned, True, False)):
                     lora_expand(y, parts, stack.b, stack.ranks_t, stack.scales_t, stack.slice_meta, max(SLICES),
-                                batch.expand_tiles, batch.expand_block_m, pages=pages, vector_b=vec)
+                                batch.expand_tiles, batch.expand_block_m, pages=pages, vector_b=vec, aligned=aligned)
                 torch.testing.assert_close(got, want, **_tol(dtype))
+                assert torch.equal(unaligned, got)
                 assert torch.equal(got[_base_rows(batch)], y0[_base_rows(batch)])
                 if stack is w and max_rank == 16:
                     assert torch.equal(got, plain)

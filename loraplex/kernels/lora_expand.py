@@ -57,6 +57,7 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr, B_LOAD: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
@@ -77,6 +78,9 @@ def _expand_kernel(
             row_end = tl.load(tiles_ptr + tile * 3 + 1)
             offset = tl.load(slice_ptr + i * 2)
             scale = tl.load(scales_ptr + i * num_slots + slot)
+            if ALIGNED:  # every slice's offset and width a multiple of 8: rows of y go as vector stores
+                offset = tl.multiple_of(offset, 8)
+                width = tl.multiple_of(width, 8)
 
             offs_m = row0 + tl.arange(0, BLOCK_M)
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,8 +94,15 @@ def _expand_kernel(
                 r_mask = offs_r < rank
                 p_ptrs = parts_ptr + (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
                 h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for s in range(0, num_splits):
-                    h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                if B_LOAD == 0:
+                    for s in range(0, num_splits):
+                        h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                else:  # masked by row (and the buffer's width) only, so a row's rank values load as vectors; the
+                    # shrink wrote zeros past the rank, and those are dropped here anyway
+                    for s in range(0, num_splits):
+                        h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & (offs_r < MAX_RANK)[None, :],
+                                     other=0.0)
+                    h = tl.where(r_mask[None, :], h, 0.0)
                 if B_LOAD == 0:  # a page index per rank value: every element a load of its own
                     page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
                     bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
@@ -213,7 +224,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
                 bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
                 tile_count: Optional[torch.Tensor] = None, delta: bool = False,
                 block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                vector_b: Optional[bool] = None) -> None:
+                vector_b: Optional[bool] = None, aligned: bool = False) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -229,7 +240,9 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     writes the layer's output (the Triton backend's side stream). ``block_n`` / ``num_warps`` override the
     tiling (tuning: ``benchmarks/kernel_bench.py --layer --sweep``). ``vector_b``: load B a page at a time
     with scalar page indices, so that a column's rank values go as one vector load (default:
-    ``LORAPLEX_LORA_VECTOR_B=1``; off until measured on a GPU)."""
+    ``LORAPLEX_LORA_VECTOR_B=1``; off until measured on a GPU); with it, ``aligned`` (every slice's offset and
+    width a multiple of 8, :attr:`LoRAStack.aligned`) lets rows of ``y`` and of the partials go as vector
+    accesses too."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     assert not delta or y.dtype == torch.float32, "a delta buffer is float32"
@@ -270,7 +283,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
              BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
              EXTRAS=extras is not None and not delta, HAS_BIAS=extras is not None and bias is not None and not delta,
-             HAS_COUNT=tile_count is not None, DELTA=delta, B_LOAD=b_load),
+             HAS_COUNT=tile_count is not None, DELTA=delta, B_LOAD=b_load, ALIGNED=aligned and b_load != 0),
         num_warps=cfg["num_warps"],
     )
 

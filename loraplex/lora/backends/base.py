@@ -249,6 +249,7 @@ class LoRAStack:
     ranks_t: torch.Tensor = field(init=False)
     scales_t: torch.Tensor = field(init=False)
     slice_meta: torch.Tensor = field(init=False)  # (slices, 2) int32: offset, width of each slice in y
+    aligned: bool = field(init=False)  # every slice's offset and width a multiple of 8 (the kernels' vector access)
     _on_device: list[list[tuple[int, float]]] = field(init=False)  # (rank, scale) [slice][slot] ranks_t/scales_t hold
     _held: int = field(init=False, default=0)  # writes inside writing(): the device mirrors wait for its end
 
@@ -288,6 +289,7 @@ class LoRAStack:
         self.ranks_t = torch.zeros(n_slices, n_slots, dtype=torch.int32, device=dev)
         self.scales_t = torch.zeros(n_slices, n_slots, dtype=torch.float32, device=dev)
         self.slice_meta = torch.tensor([[o, n] for o, n in zip(offs, self.slices)], dtype=torch.int32).to(dev)
+        self.aligned = all(n % 8 == 0 for n in self.slices)
 
     @property
     def num_slices(self) -> int:

@@ -89,7 +89,7 @@ class TritonLoRABackend:
             return buf
         delta = torch.empty(x.shape[0], w.b.shape[1], dtype=torch.float32, device=x.device)
         lora_expand(delta, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True)
+                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True, aligned=w.aligned)
         return _Delta(delta)
 
     def expand(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
@@ -98,13 +98,14 @@ class TritonLoRABackend:
             lora_add_delta(y, buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
             return
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count)
+                    batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count,
+                    aligned=w.aligned)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
         lora_expand(y.view(-1, y.shape[-1]), buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, w.slices[0],
                     batch.expand_tiles, batch.expand_block_m, _extras(w), pages=w.pages.table,
-                    tile_count=batch.tile_count)
+                    tile_count=batch.tile_count, aligned=w.aligned)
 
 
 SIDE_EXPAND_ROWS = 512  # a gate_up delta of 512 rows of the 8B shape: 59 MB of float32
