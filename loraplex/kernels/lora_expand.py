@@ -94,20 +94,18 @@ def _expand_kernel(
                 r_mask = offs_r < rank
                 p_ptrs = parts_ptr + (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
                 h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                if B_LOAD == 0:
+                if B_LOAD == 0:  # masked by rank, and a page index per rank value: every element a load of its own
                     for s in range(0, num_splits):
                         h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                else:  # masked by row (and the buffer's width) only, so a row's rank values load as vectors; the
-                    # shrink wrote zeros past the rank, and those are dropped here anyway
+                    page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+                    bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
+                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
+                else:  # the partials masked by row (and the buffer's width) only, so a row's rank values load as
+                    # vectors (the shrink wrote zeros past the rank, dropped here anyway); B a page at a time
                     for s in range(0, num_splits):
                         h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & (offs_r < MAX_RANK)[None, :],
                                      other=0.0)
                     h = tl.where(r_mask[None, :], h, 0.0)
-                if B_LOAD == 0:  # a page index per rank value: every element a load of its own
-                    page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
-                    bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
-                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
-                else:
                     bt = _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES, PAGE, BLOCK_R,
                                  B_LOAD)
                 if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
@@ -198,10 +196,10 @@ def _add_kernel(y_ptr, d_ptr, slots_ptr, ranks_ptr, slice_ptr, ext_ptr, ext_rows
 
 
 _launch_expand = Launcher(_expand_kernel)
+_launch_add = Launcher(_add_kernel)
 # B loaded a page at a time (see _load_b): compiled for sm_90, 2 vector loads per thread for a 16 x 128 block
 # of B in place of 16 two-byte loads; not yet run on a GPU, so off unless LORAPLEX_LORA_VECTOR_B=1
 VECTOR_B = os.environ.get("LORAPLEX_LORA_VECTOR_B", "0") == "1"
-_launch_add = Launcher(_add_kernel)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -40,6 +40,7 @@ PARTS, BLOCK = 8, 1024  # programs per piece, elements per step of each
 _host_reads = True  # whether kernels may read pinned host memory in place (cleared if Triton refuses it)
 
 
+# row (the slot's first page-table entry) is never specialised: nor must a load into another slot compile one
 @triton.jit(do_not_specialize=["row"])
 def _copy_pieces_kernel(desc_ptr, src_ptr, table_ptr, row, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     d = desc_ptr + tl.program_id(0).to(tl.int64) * 11
@@ -67,7 +68,7 @@ def _copy_pieces_kernel(desc_ptr, src_ptr, table_ptr, row, PARTS: tl.constexpr, 
         tl.store(dst + r * dst_rs + c, v, mask=inside)
 
 
-# n and row are never specialised: a load with another number of words must not compile a variant mid-serving
+# n is never specialised: a load with another number of words must not compile a variant mid-serving
 @triton.jit(do_not_specialize=["n"])
 def _write_words_kernel(buf_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -17,14 +17,13 @@ which writes the same slots (``tests/test_kernels.py`` compares both ways bit fo
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
-from loraplex.lora.backends.base import SlotWriter
+from loraplex.lora.backends.base import SlotWriter, float_bits
 from loraplex.lora.layers import LinearWithLoRA
 
 if TYPE_CHECKING:
@@ -50,21 +49,15 @@ class SlotPlan:
     def apply(self, slot: int) -> None:
         """The wrappers' host entries of ``slot`` <- the adapter's (its device words go through a SlotWriter)."""
         for wrapper, entries in self.entries:
-            st = wrapper.stack
             for i, rank, scale in entries:
-                st.ranks[i][slot] = rank
-                st.scales[i][slot] = scale
-                st._on_device[i][slot] = (rank, scale)
+                wrapper.stack.written(slot, i, rank, scale)
             wrapper._update_active(slot, True)
 
     def undo(self, slot: int) -> None:
         """The wrappers' host entries of ``slot`` <- empty (a clear)."""
         for wrapper, entries in self.entries:
-            st = wrapper.stack
             for i, _, _ in entries:
-                st.ranks[i][slot] = 0
-                st.scales[i][slot] = 0.0
-                st._on_device[i][slot] = (0, 0.0)
+                wrapper.stack.written(slot, i, 0, 0.0)
             wrapper._update_active(slot, False)
 
 
@@ -100,9 +93,8 @@ def build_plan(lora_model: Any, adapter: "LoRAAdapter") -> Optional[SlotPlan]:
             st.record_b(recorder, off_b, n, sum(wrapper.output_slices[:i]), b, b.shape[0])
             scale = float(lw.scaling)
             done.append((i, lw.rank, scale))
-            addr += [st.ranks_t.data_ptr() + i * st.ranks_t.stride(0) * 4,
-                     st.scales_t.data_ptr() + i * st.scales_t.stride(0) * 4]
-            bits += [int(lw.rank), struct.unpack("<i", struct.pack("<f", scale))[0]]
+            addr += [st.word_addr(st.ranks_t, i, 0), st.word_addr(st.scales_t, i, 0)]
+            bits += [int(lw.rank), float_bits(scale)]
         entries.append((wrapper, tuple(done)))
     from loraplex.kernels.slot_write import PIECE_FIELDS
 

@@ -140,6 +140,11 @@ class PageTable:
             t.view(-1)[i].fill_(value)
 
 
+def float_bits(value: float) -> int:
+    """``value`` as float32, its 32 bits read as a signed int (a word of a slot write)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
 class SlotWriter:
     """The copies of one adapter load, batched: while a writer is set on the model's :class:`PageTable`, the
     stacks record each page of A and B whose source is a view of the adapter's staged buffer ``flat``, and
@@ -180,7 +185,7 @@ class SlotWriter:
 
     def word(self, dst: int, value: float, is_float: bool) -> None:
         """The 32-bit element at address ``dst`` <- ``value`` (float32 when ``is_float``, else int32)."""
-        bits = struct.unpack("<i", struct.pack("<f", value))[0] if is_float else int(value)
+        bits = float_bits(value) if is_float else int(value)
         self.words.append((dst, bits))
 
     def add_plan(self, plan: Any, slot: int, load: bool) -> None:
@@ -430,6 +435,18 @@ class LoRAStack:
             self._held -= 1
             self._sync(slot)
 
+    def written(self, slot: int, i: int, rank: int, scale: float) -> None:
+        """Slice ``i`` of ``slot`` holds ``rank`` and ``scale``, on the host and, once the words a slot writer
+        records for them have run, on the device (a slot plan's load, or with zeros its clear)."""
+        self.ranks[i][slot] = rank
+        self.scales[i][slot] = scale
+        self._on_device[i][slot] = (rank, scale)
+
+    @staticmethod
+    def word_addr(t: torch.Tensor, i: int, slot: int) -> int:
+        """The address of ``t[i, slot]`` in ``ranks_t`` or ``scales_t`` ((slices, slots), 4-byte elements)."""
+        return t.data_ptr() + (i * t.stride(0) + slot) * 4
+
     def _sync(self, slot: int) -> None:
         """The device mirrors of ``slot``'s ranks and scales <- the host's, entry by entry where they differ: a
         scalar fill each, so that an adapter load allocates no host buffers and makes no copies for them (a
@@ -442,8 +459,8 @@ class LoRAStack:
             have = self._on_device[i][slot]
             for t, w, h in ((self.ranks_t, want[0], have[0]), (self.scales_t, want[1], have[1])):
                 if w != h:
-                    if writer is not None:  # with the adapter's pages, in one launch ((slices, slots), 4 bytes)
-                        writer.word(t.data_ptr() + (i * t.stride(0) + slot) * 4, w, t.dtype == torch.float32)
+                    if writer is not None:  # with the adapter's pages, in one launch
+                        writer.word(self.word_addr(t, i, slot), w, t.dtype == torch.float32)
                     else:
                         t[i, slot].fill_(w)
             self._on_device[i][slot] = want
