@@ -19,9 +19,9 @@ per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds p
 the shrink summing its split-K partials (the default) and with the expand summing them.
 
 ``--gemm``: instead, the base projections of one Llama-3-8B decoder layer (qkv, o, gate_up, down) at the
-``--layer-batches`` rows, cuBLAS (``F.linear``) against loraplex's split-K Triton GEMM
-(``kernels/skinny_gemm.py``, ``LORAPLEX_SKINNY_GEMM=1``), graph-replayed, microseconds, with the bandwidth each
-reaches reading the weight.
+``--layer-batches`` rows through cuBLAS (``F.linear``), graph-replayed, microseconds, with the bandwidth each
+reaches reading its weight: the bound of the no-adapter decode step. (A split-K Triton GEMM of our own was
+slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -204,8 +204,6 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
 
 def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
     """The ``--gemm`` rows: see the module docstring."""
-    from loraplex.kernels.skinny_gemm import skinny_config, skinny_linear
-
     dtype = getattr(torch, a.dtype)
     rows = []
     for name, K, slices in LAYER_MODULES:
@@ -213,21 +211,13 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
         gb = w.numel() * w.element_size() / 1e9
         for T in a.layer_batches:
             x = torch.randn(T, K, device=dev).to(dtype)
-            want = torch.nn.functional.linear(x, w)
-            got = skinny_linear(x, w)
-            row = {"module": name, "tokens": T, "splits": skinny_config(T, w.shape[0], K, dev)["splits"],
-                   "max_abs_diff": (got.float() - want.float()).abs().max().item(),
-                   "cublas_us": time_graph(lambda: torch.nn.functional.linear(x, w), a.iters),
-                   "skinny_us": time_graph(lambda: skinny_linear(x, w), a.iters)}
-            row.update(cublas_tbs=gb / row["cublas_us"] * 1e3, skinny_tbs=gb / row["skinny_us"] * 1e3)
+            row = {"module": name, "tokens": T,
+                   "cublas_us": time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)}
+            row["cublas_tbs"] = gb / row["cublas_us"] * 1e3
             rows.append(row)
-            print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s)  skinny "
-                  f"{row['skinny_us']:7.1f} us ({row['skinny_tbs']:.2f} TB/s, {row['splits']} splits)  max diff "
-                  f"{row['max_abs_diff']:.3g}", flush=True)
+            print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s)", flush=True)
     for T in a.layer_batches:
-        c = sum(r["cublas_us"] for r in rows if r["tokens"] == T)
-        k = sum(r["skinny_us"] for r in rows if r["tokens"] == T)
-        print(f"layer   {T:>6} rows: cuBLAS {c:7.1f} us  skinny {k:7.1f} us")
+        print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in rows if r['tokens'] == T):7.1f} us")
     return rows
 
 
@@ -245,8 +235,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
     ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
                     "columns) and warps (2, 4, 8), and the shrink with its split count chosen on the device")
-    ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections: cuBLAS against the "
-                    "skinny Triton GEMM")
+    ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
+                    "the bandwidth each reaches")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():

@@ -32,7 +32,6 @@ def _kernels() -> dict:
     from loraplex.attention.triton_attention import _decode_split_kernel
     from loraplex.kernels.lora_expand import _expand_kernel
     from loraplex.kernels.lora_shrink import _shrink_kernel
-    from loraplex.kernels.skinny_gemm import _skinny_kernel
 
     expand_sig = dict(y_ptr="*fp32", parts_ptr="*fp32", b_ptr="*bf16", tiles_ptr="*i32", count_ptr="*i64",
                       ranks_ptr="*i32", scales_ptr="*fp32", slice_ptr="*i32", pages_ptr="*i32", ext_ptr="*fp32",
@@ -55,12 +54,7 @@ def _kernels() -> dict:
                     stride_kh="i32", stride_vb="i32", stride_vs="i32", stride_vh="i32", stride_tb="i32")
     attn_const = dict(HEAD_DIM=128, D_PAD=128, GROUP=4, BLOCK_M=16, NUM_SPLITS=2, TILE_N=64, BLOCK_SIZE=16,
                       USE_WINDOW=False, PRECISION="tf32", UPCAST=False)
-    skinny_sig = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", sem_ptr="*i32",
-                      M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32", k_per_split="i32", splits="i32")
-    skinny_const = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, HAS_BIAS=False, PRECISION="tf32", UPCAST=False)
     return {
-        "skinny_gemm": (_skinny_kernel, skinny_sig, skinny_const, ["N", "K", "stride_xm", "stride_ym"],
-                        dict(num_warps=4, num_stages=4)),
         "expand": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=0, ALIGNED=False), expand_hint,
                    dict(num_warps=4)),
         "expand_vector_b": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=2, ALIGNED=True), expand_hint,

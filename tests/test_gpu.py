@@ -110,36 +110,6 @@ def test_vlm_mixed_batch_on_cuda_matches_peft(family, tmp_path, monkeypatch) -> 
     test_vlm.test_mixed_batch_matches_peft((family, model_dir, test_vlm.build_adapters(model_dir, family, tmp_path)))
 
 
-def test_skinny_gemm_steps_equal_cublas(tmp_path, monkeypatch) -> None:
-    """LORAPLEX_SKINNY_GEMM (the projections of steps of at most 128 rows through loraplex's split-K Triton GEMM,
-    in eager steps and inside the decode graphs): the same greedy tokens and logprobs within 1e-4 as cuBLAS,
-    float32, with an adapter on every linear layer."""
-    from helpers import make_adapter
-    from loraplex.kernels import skinny_gemm
-    from loraplex.layers import linear as linear_mod
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model_dir = make_tiny_model(tmp_path / "model", family="llama", hidden_size=128, intermediate_size=256)
-    adapter = make_adapter(model_dir, tmp_path / "a", seed=1, r=8, target_modules="all-linear")
-    prompts = [{"prompt_token_ids": [5 + i, 17, 33, 99, 120, 7]} for i in range(6)]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
-    calls = []
-    real = skinny_gemm.skinny_linear
-    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
-    outs = {}
-    for skinny in (False, True):
-        monkeypatch.setattr(linear_mod, "_SKINNY", skinny)
-        llm = LLM(model_dir, dtype="float32", device="cuda", max_loras=2, max_lora_rank=8, num_kv_blocks=64,
-                  block_size=4, seed=0, max_num_seqs=8)
-        loras = [LoRARequest("a", adapter) if i % 2 else None for i in range(len(prompts))]
-        outs[skinny] = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-    assert calls and max(calls) <= 128
-    for got, want in zip(outs[True], outs[False]):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for lg, lw in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
-            assert lg.keys() == lw.keys() and all(abs(lg[t] - lw[t]) < 1e-4 for t in lw)
-
-
 # ---- CUDA graphs --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

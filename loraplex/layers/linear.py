@@ -9,7 +9,6 @@ expose ``output_slices``: the per-rank sizes of their parts, in order.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,22 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
-
-
-# LORAPLEX_SKINNY_GEMM=1: CUDA steps of at most 128 rows run the projections with loraplex's split-K Triton
-# GEMM (kernels/skinny_gemm.py) instead of cuBLAS. Off until a GPU has timed it against cuBLAS.
-_SKINNY = os.environ.get("LORAPLEX_SKINNY_GEMM", "0") == "1"
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``, or with ``LORAPLEX_SKINNY_GEMM=1`` the skinny Triton GEMM where it fits (CUDA, 2-D ``x`` of
-    at most 128 rows, K a multiple of 128)."""
-    if _SKINNY and x.is_cuda and x.dim() == 2:
-        from loraplex.kernels.skinny_gemm import skinny_fits, skinny_linear
-
-        if skinny_fits(x, weight):
-            return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def _divide(a: int, b: int) -> int:
@@ -81,7 +64,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.tensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -98,7 +81,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             from loraplex.distributed.parallel_state import all_gather_last_dim
             y = all_gather_last_dim(y)
@@ -182,6 +165,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = all_reduce(linear(x, self.weight))
+            return F.linear(x, self.weight, self.bias)
+        y = all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
