@@ -86,6 +86,7 @@ def build_adapters(out: Path, cfg: SimpleNamespace) -> list[Path]:
 
 
 PROFILE: Optional[cProfile.Profile] = None  # --profile-acquire: cProfile around every acquire of the runs
+TRACE = False  # --trace: every step's row in the JSON
 
 
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
@@ -134,6 +135,19 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
 
         eng.pool.acquire = timed_acquire  # an instance attribute: removed when the load ends
 
+    # what each step scheduled: (sequences, tokens, prompt chunks), to tell long steps' contents
+    scheduled: list[tuple[int, int, int]] = [(0, 0, 0)]
+    schedule = type(eng.scheduler).schedule
+
+    def counted_schedule() -> Any:
+        out = schedule(eng.scheduler)
+        scheduled[-1] = (len(out.seqs), sum(s.num_new_tokens for s in out.seqs),
+                         sum(s.num_new_tokens > 1 for s in out.seqs))
+        return out
+
+    eng.scheduler.schedule = counted_schedule
+    trace: list[dict[str, float]] = []  # one row per step
+
     nxt = 0
     while nxt < len(names) or eng.has_unfinished_requests() or rereads:
         now = time.perf_counter() - t0
@@ -158,12 +172,17 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             continue
         loads0 = eng.pool.num_slot_loads if eng.pool is not None else 0
         a0 = acquire_s[0]
+        scheduled[-1] = (0, 0, 0)
         s0 = time.perf_counter()
         outs = eng.step()
         step_s.append(time.perf_counter() - s0)
-        if eng.pool is not None and eng.pool.num_slot_loads > loads0:
+        started = (eng.pool.num_slot_loads - loads0) if eng.pool is not None else 0
+        if started:
             load_steps.append(step_s[-1])  # a step that started slot uploads (their host work is in it)
             load_acquire.append(acquire_s[0] - a0)
+        trace.append({"t_s": s0 - t0, "wall_ms": 1e3 * step_s[-1], "host_ms": 1e3 * eng.last_step_host_seconds,
+                      "seqs": scheduled[-1][0], "tokens": scheduled[-1][1], "prompt_chunks": scheduled[-1][2],
+                      "loads": started, "acquire_ms": 1e3 * (acquire_s[0] - a0)})
         distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
         for r in eng.scheduler.running:
             if r.slot_waits and r.request_id not in slot_waits:
@@ -178,6 +197,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     io.shutdown()
     if eng.pool is not None:
         del eng.pool.acquire
+    del eng.scheduler.schedule
     ttft = sorted(first.values())
     peak = max(peak_resident) if peak_resident else 0
     events = eng.pool.drain_events() if eng.pool is not None else []
@@ -185,6 +205,16 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     reads = [s for _, kind, s in events if kind == "read"]
     steps = sorted(step_s)
     step_p50 = steps[len(steps) // 2] if steps else 0.0
+    # the steps above p90 against the rest: whether long steps are the ones that gather prompt tokens and loads
+    cut = steps[int(0.9 * (len(steps) - 1))] if steps else 0.0
+    long = [r for r in trace if r["wall_ms"] > 1e3 * cut]
+    rest = [r for r in trace if r["wall_ms"] <= 1e3 * cut]
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return sum(r[key] for r in rows) / max(1, len(rows))
+
+    tails = {f"{k}_{part}": mean(rows, k) for part, rows in (("long", long), ("rest", rest))
+             for k in ("wall_ms", "host_ms", "seqs", "tokens", "prompt_chunks", "loads")}
     waits = sorted(slot_waits.get(rid, 0) for rid in arrival)  # every request of the load, 0 if it never waited
     load_p99 = loads[int(0.99 * (len(loads) - 1))] if loads else 0.0
     return {"output_tokens_per_s": len(names) * max_tokens / wall, "seconds": wall,
@@ -209,7 +239,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_wait_steps_p50": waits[len(waits) // 2] if waits else 0,
             "slot_wait_steps_p99": waits[int(0.99 * (len(waits) - 1))] if waits else 0,
             "slot_wait_steps_max": waits[-1] if waits else 0,
-            "requests_waiting_over_one_step": sum(w > 1 for w in waits) / max(1, len(waits))}
+            "requests_waiting_over_one_step": sum(w > 1 for w in waits) / max(1, len(waits)),
+            "steps_above_p90": tails, **({"trace": trace} if TRACE else {})}
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
@@ -263,6 +294,11 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"acquire for {r['slot_loads_per_load_step']:.1f} loads); {r['mean_distinct_adapters']:.1f} adapters "
               "running on average",
               flush=True)
+        t = r["steps_above_p90"]
+        print(f"[{layout}] {name:>11}  steps above p90 against the rest: {t['wall_ms_long']:.1f} / {t['wall_ms_rest']:.1f} "
+              f"ms (host {t['host_ms_long']:.1f} / {t['host_ms_rest']:.1f}), {t['tokens_long']:.0f} / {t['tokens_rest']:.0f} "
+              f"tokens, {t['prompt_chunks_long']:.1f} / {t['prompt_chunks_rest']:.1f} prompt chunks, {t['loads_long']:.2f} / "
+              f"{t['loads_rest']:.2f} loads started", flush=True)
         print(f"[{layout}] {name:>11}  steps a request waited for its slot: p50 {r['slot_wait_steps_p50']}, p99 "
               f"{r['slot_wait_steps_p99']}, max {r['slot_wait_steps_max']}; "
               f"{100 * r['requests_waiting_over_one_step']:.1f}% of requests waited more than one step", flush=True)
@@ -294,10 +330,14 @@ def main() -> int:
     p.add_argument("--profile-acquire", action="store_true",
                    help="cProfile the engine thread's time in the pool's acquire (slot choice, eviction, the slot "
                         "writes' host work) over every run, and print where it goes (the profile slows it)")
+    p.add_argument("--trace", action="store_true",
+                   help="write every step of every load into the JSON: wall and host time, sequences, tokens and "
+                        "prompt chunks scheduled, slot loads started, time in acquire")
     p.add_argument("--out-dir", default="bench_out/adapter_scale")
     p.add_argument("--json", default="bench_out/adapter_scale.json")
     a = p.parse_args()
-    global PROFILE
+    global PROFILE, TRACE
+    TRACE = a.trace
     if a.profile_acquire:
         PROFILE = cProfile.Profile()
     if a.admit_loading:
