@@ -259,7 +259,8 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
     try:
         llm = LLM(model, load_format="dummy", dtype=cfg.dtype, device=device, max_loras=cfg.max_loras,
                   max_lora_rank=max(RANKS), max_cpu_loras=cfg.max_cpu_loras, enable_prefix_caching=False, seed=0,
-                  max_model_len=cfg.prompt_len + cfg.max_tokens + 8, lora_backend=backend)
+                  max_model_len=cfg.prompt_len + cfg.max_tokens + 8, lora_backend=backend,
+                  max_num_batched_tokens=a.max_num_batched_tokens)
     finally:
         TritonLoRABackend.page_rank = page_rank
     pool = llm.engine.pool
@@ -330,6 +331,9 @@ def main() -> int:
     p.add_argument("--profile-acquire", action="store_true",
                    help="cProfile the engine thread's time in the pool's acquire (slot choice, eviction, the slot "
                         "writes' host work) over every run, and print where it goes (the profile slows it)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="the engine's token budget a step (default: the engine's); a smaller one spreads gathered "
+                        "prompts over more steps")
     p.add_argument("--trace", action="store_true",
                    help="write every step of every load into the JSON: wall and host time, sequences, tokens and "
                         "prompt chunks scheduled, slot loads started, time in acquire")
