@@ -300,6 +300,71 @@ def load_peft_model(model_dir: PathLike, adapters: dict[str, PathLike]):
     return peft_model.to(torch.float32).eval()
 
 
+# ---- Triton kernel variants launched under the interpreter ------------------------------------------------
+
+# Every distinct (kernel, argument types, constexprs, options) the test session launched in Triton's
+# interpreter, as scripts/compile_kernels.py takes them; filled once record_kernel_launches() is installed
+# (tests/conftest.py, on machines without CUDA), checked by tests/test_kernel_compile.py.
+KERNEL_VARIANTS: dict[str, dict] = {}
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                  torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def _kernel_variant(fn: Any, arg_names: list[str], args: tuple, kwargs: dict) -> Optional[dict]:
+    """The variant of one launch, or None if a value has no Triton type or JSON form."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    values = {**{p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty},
+              **dict(zip(arg_names, args)), **{k: v for k, v in kwargs.items() if k in params}}
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    for name, param in params.items():
+        v = values.get(name)
+        if "constexpr" in str(param.annotation) or v is None:
+            if not isinstance(v, (int, float, str, bool, type(None))):
+                return None
+            signature[name] = "constexpr"
+            constexprs[name] = v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            signature[name] = "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            return None
+    if not all(isinstance(v, (int, float, str, bool, type(None))) for v in options.values()):
+        return None
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": options}
+
+
+def record_kernel_launches() -> None:
+    """Wrap the interpreter's kernel launch so that each launch's variant lands in KERNEL_VARIANTS."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter (or none): nothing to record
+        return
+
+    run = InterpretedFunction.run
+    if getattr(run, "records_variants", False):
+        return
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        variant = _kernel_variant(self.fn, self.arg_names, args, kwargs)
+        if variant is not None:
+            KERNEL_VARIANTS.setdefault(json.dumps(variant, sort_keys=True), variant)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    recording_run.records_variants = True
+    InterpretedFunction.run = recording_run
+
+
 def _main() -> None:
     """``python tests/helpers.py OUT_DIR``: a tiny random Llama folder and two PEFT adapters, for trying
     the CLI without downloading a model (the text it generates is noise: the weights are random)."""
