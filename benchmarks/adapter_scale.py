@@ -2,7 +2,8 @@
 ``--num-adapters`` registered adapters of ranks 8 to 64, against the same load on one adapter.
 
 Requests arrive at ``--rate`` per second (deterministic gaps) into one engine, stepped here; each takes a
-random prompt of ``--prompt-len`` tokens and ``--max-tokens`` new tokens. As in the server, a request whose
+random prompt of the preset's length and its number of new tokens (all alike, or spread around the
+preset's with ``--max-tokens-jitter``). As in the server, a request whose
 adapter was evicted from host memory joins once an I/O thread has re-read the adapter's folder. Reports
 output tokens/s, TTFT p50 / p99, slot loads and their latency (from the pool's events: host to slot, and disk
 to host after eviction), the steps each request waited for its adapter's slot, the most adapters resident in
@@ -90,11 +91,11 @@ TRACE = False  # --trace: every step's row in the JSON
 
 
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
-             max_tokens: int) -> dict[str, float]:
+             max_tokens: list[int]) -> dict[str, float]:
     from loraplex import SamplingParams
 
     eng = llm.engine
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = {n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in set(max_tokens)}
     eng.pool.drain_events() if eng.pool is not None else None
     t0 = time.perf_counter()
     arrival: dict[str, float] = {}
@@ -114,7 +115,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
 
     def add(rid: str, i: int) -> None:
-        eng.add_request({"prompt_token_ids": prompts[i]}, params, names[i], rid)
+        eng.add_request({"prompt_token_ids": prompts[i]}, params[max_tokens[i]], names[i], rid)
 
     # host time the engine thread spends in the pool's acquire (slot choice, eviction, recording the copies)
     acquire_s = [0.0]
@@ -181,6 +182,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             load_steps.append(step_s[-1])  # a step that started slot uploads (their host work is in it)
             load_acquire.append(acquire_s[0] - a0)
         trace.append({"t_s": s0 - t0, "wall_ms": 1e3 * step_s[-1], "host_ms": 1e3 * eng.last_step_host_seconds,
+                      "finished": sum(o.finished for o in outs),
                       "seqs": scheduled[-1][0], "tokens": scheduled[-1][1], "prompt_chunks": scheduled[-1][2],
                       "loads": started, "acquire_ms": 1e3 * (acquire_s[0] - a0)})
         distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
@@ -214,10 +216,10 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         return sum(r[key] for r in rows) / max(1, len(rows))
 
     tails = {f"{k}_{part}": mean(rows, k) for part, rows in (("long", long), ("rest", rest))
-             for k in ("wall_ms", "host_ms", "seqs", "tokens", "prompt_chunks", "loads")}
+             for k in ("wall_ms", "host_ms", "seqs", "tokens", "prompt_chunks", "loads", "finished")}
     waits = sorted(slot_waits.get(rid, 0) for rid in arrival)  # every request of the load, 0 if it never waited
     load_p99 = loads[int(0.99 * (len(loads) - 1))] if loads else 0.0
-    return {"output_tokens_per_s": len(names) * max_tokens / wall, "seconds": wall,
+    return {"output_tokens_per_s": sum(max_tokens) / wall, "seconds": wall,
             "ttft_ms_p50": 1e3 * ttft[len(ttft) // 2], "ttft_ms_p99": 1e3 * ttft[int(0.99 * (len(ttft) - 1))],
             "step_ms_p50": 1e3 * step_p50,
             # a slot load (host memory -> device, on a side stream) against the engine's step: issue 13 asks that a
@@ -244,7 +246,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
-               picks: list[int], prompts: list[list[int]], device: str) -> dict[str, Any]:
+               picks: list[int], prompts: list[list[int]], lengths: list[int], device: str) -> dict[str, Any]:
     """One engine with the slot layout ``layout``: register the adapters, run the cold, warm and one-adapter
     loads, print and return the rows."""
     import gc
@@ -259,7 +261,7 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
     try:
         llm = LLM(model, load_format="dummy", dtype=cfg.dtype, device=device, max_loras=cfg.max_loras,
                   max_lora_rank=max(RANKS), max_cpu_loras=cfg.max_cpu_loras, enable_prefix_caching=False, seed=0,
-                  max_model_len=cfg.prompt_len + cfg.max_tokens + 8, lora_backend=backend,
+                  max_model_len=cfg.prompt_len + max(lengths) + 8, lora_backend=backend,
                   max_num_batched_tokens=a.max_num_batched_tokens)
     finally:
         TritonLoRABackend.page_rank = page_rank
@@ -273,9 +275,9 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
             pool.register(req, adapter=adapter)
     register_s = time.perf_counter() - t0
     many = [f"a{i}" for i in picks]
-    rows = {"cold": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
-            "warm": run_load(llm, many, prompts, cfg.rate, cfg.max_tokens),
-            "one_adapter": run_load(llm, ["a0"] * cfg.num_requests, prompts, cfg.rate, cfg.max_tokens)}
+    rows = {"cold": run_load(llm, many, prompts, cfg.rate, lengths),
+            "warm": run_load(llm, many, prompts, cfg.rate, lengths),
+            "one_adapter": run_load(llm, ["a0"] * cfg.num_requests, prompts, cfg.rate, lengths)}
     rows["warm"]["vs_one_adapter"] = rows["warm"]["output_tokens_per_s"] / rows["one_adapter"]["output_tokens_per_s"]
     slot_bytes = sum(t.numel() * t.element_size() for m in pool.lora_model.modules
                      for t in (m.wrapper.stack.a, m.wrapper.stack.b))
@@ -299,7 +301,7 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
         print(f"[{layout}] {name:>11}  steps above p90 against the rest: {t['wall_ms_long']:.1f} / {t['wall_ms_rest']:.1f} "
               f"ms (host {t['host_ms_long']:.1f} / {t['host_ms_rest']:.1f}), {t['tokens_long']:.0f} / {t['tokens_rest']:.0f} "
               f"tokens, {t['prompt_chunks_long']:.1f} / {t['prompt_chunks_rest']:.1f} prompt chunks, {t['loads_long']:.2f} / "
-              f"{t['loads_rest']:.2f} loads started", flush=True)
+              f"{t['loads_rest']:.2f} loads started, {t['finished_long']:.2f} / {t['finished_rest']:.2f} requests finished", flush=True)
         print(f"[{layout}] {name:>11}  steps a request waited for its slot: p50 {r['slot_wait_steps_p50']}, p99 "
               f"{r['slot_wait_steps_p99']}, max {r['slot_wait_steps_max']}; "
               f"{100 * r['requests_waiting_over_one_step']:.1f}% of requests waited more than one step", flush=True)
@@ -334,12 +336,17 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="the engine's token budget a step (default: the engine's); a smaller one spreads gathered "
                         "prompts over more steps")
+    p.add_argument("--max-tokens-jitter", type=float, default=0.0,
+                   help="each request's new tokens drawn evenly from max_tokens x (1 +- this), 0 to 1 (default 0: "
+                        "all alike, so requests admitted together also finish together)")
     p.add_argument("--trace", action="store_true",
                    help="write every step of every load into the JSON: wall and host time, sequences, tokens and "
                         "prompt chunks scheduled, slot loads started, time in acquire")
     p.add_argument("--out-dir", default="bench_out/adapter_scale")
     p.add_argument("--json", default="bench_out/adapter_scale.json")
     a = p.parse_args()
+    if not 0 <= a.max_tokens_jitter < 1:
+        p.error(f"--max-tokens-jitter must be in [0, 1), got {a.max_tokens_jitter}")
     global PROFILE, TRACE
     TRACE = a.trace
     if a.profile_acquire:
@@ -362,9 +369,12 @@ def main() -> int:
     picks = torch.multinomial(w, cfg.num_requests, replacement=True, generator=g).tolist()
     prompts = [torch.randint(3, cfg.vocab - 1, (cfg.prompt_len,), generator=g).tolist()
                for _ in range(cfg.num_requests)]
+    # new tokens per request: all max_tokens, or spread evenly around it (--max-tokens-jitter), the mean kept
+    u = torch.rand(cfg.num_requests, generator=g).tolist()
+    lengths = [max(1, round(cfg.max_tokens * (1 + a.max_tokens_jitter * (2 * x - 1)))) for x in u]
     results: dict[str, Any] = {}
     for layout in a.layouts:
-        results[layout] = run_layout(a, cfg, layout, str(model), folders, picks, prompts, device)
+        results[layout] = run_layout(a, cfg, layout, str(model), folders, picks, prompts, lengths, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"config": vars(a), "preset": vars(cfg), "device": name,
