@@ -9,6 +9,7 @@ hint here too; sizes the kernels mark ``do_not_specialize`` do not.
 
     python scripts/ptx_loads.py               # every kernel below
     python scripts/ptx_loads.py expand        # one; --arch 80 for an A100
+    python scripts/ptx_loads.py --resources --maxnreg 64   # registers and spills under a register cap
 
 Triton compiles for CUDA targets on a machine without a GPU (its wheel carries ptxas); do not set
 ``TRITON_INTERPRET``.
@@ -67,8 +68,8 @@ def _kernels() -> dict:
     }
 
 
-def memory_ops(kernel, signature: dict, constexprs: dict, hinted: list, options: dict, arch: int) -> dict:
-    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``)."""
+def compile_for(kernel, signature: dict, constexprs: dict, hinted: list, options: dict, arch: int):
+    """The kernel compiled for ``arch`` (Triton's CompiledKernel, with its PTX and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,8 +79,31 @@ def memory_ops(kernel, signature: dict, constexprs: dict, hinted: list, options:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hint}
     src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def memory_ops(compiled) -> dict:
+    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``)."""
+    ptx = compiled.asm["ptx"]
     return dict(Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.\w+\.shared\.global)[\w.]*", ptx)))
+
+
+def resources(compiled) -> dict:
+    """Registers a thread and spill stack bytes of the cubin (``cuobjdump -res-usage``, from Triton's wheel)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-300:]}")
+    return {"registers": int(found.group(1)), "stack": int(found.group(2))}
 
 
 def main() -> None:
@@ -87,13 +111,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help=f"kernels (default: all): {', '.join(kernels)}")
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: sm_90)")
+    p.add_argument("--maxnreg", type=int, default=0, help="compile with this register cap (the shrink's: LORAPLEX_LORA_SHRINK_MAXNREG)")
+    p.add_argument("--resources", action="store_true", help="also print registers a thread and spill stack bytes")
     a = p.parse_args()
     unknown = [n for n in a.names if n not in kernels]
     if unknown:
         p.error(f"unknown kernel {', '.join(unknown)}: choose from {', '.join(kernels)}")
     for name in a.names or kernels:
-        ops = memory_ops(*kernels[name], a.arch)
-        print(f"{name:>17}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+        kernel, signature, constexprs, hinted, options = kernels[name]
+        if a.maxnreg:
+            options = dict(options, maxnreg=a.maxnreg)
+        compiled = compile_for(kernel, signature, constexprs, hinted, options, a.arch)
+        line = f"{name:>17}: " + ", ".join(f"{op} x{n}" for op, n in sorted(memory_ops(compiled).items()))
+        if a.resources:
+            res = resources(compiled)
+            line += f"; registers {res['registers']}, stack {res['stack']}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -243,6 +244,37 @@ def test_kernels_load_as_vectors_on_sm90() -> None:
     assert "ld.global.v4.b32" in ops["expand_vector_b"] and "ld.global.b16" not in ops["expand_vector_b"]
     assert "st.global.v4.b32" in ops["expand_vector_b"]  # rows of the delta, slices aligned to 8
     assert "ld.global.b16" in ops["expand"]
+
+
+def test_shrink_register_cap_holds_without_spills(monkeypatch) -> None:
+    """LORAPLEX_LORA_SHRINK_MAXNREG reaches the shrink's launches as ptxas's ``maxnreg``, and at 64 the 8B
+    decode shrink compiled for sm_90 (scripts/ptx_loads.py --resources) fits the cap without spilling to the
+    stack, which is what makes the cap worth timing on a GPU (more programs an SM, the same code)."""
+    import subprocess
+    import sys
+
+    from loraplex.kernels import common
+    from loraplex.kernels import lora_shrink as shrink_mod
+
+    seen = []
+    monkeypatch.setattr(shrink_mod, "_launch_shrink", lambda grid, args, const, **options: seen.append(options))
+    monkeypatch.setattr(common, "_SHRINK_MAXNREG", 64)
+    x = torch.randn(4, 32)
+    a = torch.randn(1, 2, 8, 32)
+    tiles = torch.tensor([[0, 4, 0]])
+    lora_shrink(x.to(DEVICE), a.to(DEVICE), torch.full((1, 2), 8, dtype=torch.int32, device=DEVICE),
+                tiles.to(DEVICE), 4)
+    assert seen and seen[0].get("maxnreg") == 64
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ptx_loads.py"
+    run = subprocess.run([sys.executable, str(script), "shrink", "--resources", "--maxnreg", "64"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 and "ptxas" in run.stderr:
+        pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    registers, stack = (int(v) for v in re.search(r"registers (\d+), stack (\d+)", run.stdout).groups())
+    assert registers <= 64 and stack == 0, run.stdout
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
