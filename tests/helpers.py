@@ -340,6 +340,8 @@ def _kernel_variant(fn: Any, arg_names: list[str], args: tuple, kwargs: dict) ->
             return None
     if not all(isinstance(v, (int, float, str, bool, type(None))) for v in options.values()):
         return None
+    if "UPCAST" in constexprs:  # the interpreter's stand-in for bf16 dots (kernels/common.py); a GPU compiles False
+        constexprs["UPCAST"] = False
     return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
             "options": options}
 
