@@ -75,7 +75,8 @@ def compile_for(kernel, signature: dict, constexprs: dict, hinted: list, options
     from triton.compiler import ASTSource
 
     names = list(signature)
-    hint = [n for n in names if n.endswith("_ptr")] + list(hinted)
+    # pointers aligned to 16 bytes, as the launcher specialises them (a constexpr None pointer takes no hint)
+    hint = [n for n in names if n.endswith("_ptr") and signature[n] != "constexpr"] + list(hinted)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hint}
     src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs=attrs)

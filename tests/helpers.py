@@ -11,6 +11,7 @@ given seed, so tests can compare loraplex against transformers + PEFT on the ver
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -302,6 +303,24 @@ def load_peft_model(model_dir: PathLike, adapters: dict[str, PathLike]):
 
 # ---- Triton kernel variants launched under the interpreter ------------------------------------------------
 
+def run_compile_script(script: str, *args: str, timeout: float = 300):
+    """``python scripts/<script> args`` in a process without Triton's interpreter (the scripts compile kernels
+    for an NVIDIA target, which the interpreter would not); skips the calling test when this Triton cannot
+    compile for CUDA (no ptxas: a Triton without the NVIDIA backend). Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = Path(__file__).resolve().parent.parent / "scripts" / script
+    run = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    if run.returncode != 0 and "ptxas" in run.stderr:
+        pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
+    return run
+
+
 # Every distinct (kernel, argument types, constexprs, options) the test session launched in Triton's
 # interpreter, as scripts/compile_kernels.py takes them; filled once record_kernel_launches() is installed
 # (tests/conftest.py, on machines without CUDA), checked by tests/test_kernel_compile.py.
@@ -311,11 +330,19 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: 
                   torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_params(fn: Any) -> Any:
+    """The kernel's parameters (every interpreted launch asks)."""
+    import inspect
+
+    return inspect.signature(fn).parameters
+
+
 def _kernel_variant(fn: Any, arg_names: list[str], args: tuple, kwargs: dict) -> Optional[dict]:
     """The variant of one launch, or None if a value has no Triton type or JSON form."""
     import inspect
 
-    params = inspect.signature(fn).parameters
+    params = _kernel_params(fn)
     values = {**{p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty},
               **dict(zip(arg_names, args)), **{k: v for k, v in kwargs.items() if k in params}}
     options = {k: v for k, v in kwargs.items() if k not in params}

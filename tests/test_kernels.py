@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -22,7 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="the Triton LoRA backend needs the triton package")
 
-from helpers import make_adapter, make_tiny_model, random_lora_stack  # noqa: E402
+from helpers import make_adapter, make_tiny_model, random_lora_stack, run_compile_script  # noqa: E402
 from loraplex import LLM, LoRARequest, SamplingParams  # noqa: E402
 from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_context  # noqa: E402
 from loraplex.kernels.common import INTERPRET  # noqa: E402
@@ -230,15 +229,7 @@ def test_kernels_load_as_vectors_on_sm90() -> None:
     """Compiled for sm_90 (scripts/ptx_loads.py, in a process without the interpreter), the expand that loads B
     a page at a time reads it with 16-byte vector loads and no 2-byte ones (the element-wise load it replaces
     makes a load per element)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "scripts" / "ptx_loads.py"
-    run = subprocess.run([sys.executable, str(script), "expand", "expand_vector_b"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr:
-        pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
+    run = run_compile_script("ptx_loads.py", "expand", "expand_vector_b")
     assert run.returncode == 0, run.stderr[-2000:]
     ops = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in run.stdout.splitlines() if ":" in line}
     assert "ld.global.v4.b32" in ops["expand_vector_b"] and "ld.global.b16" not in ops["expand_vector_b"]
@@ -250,9 +241,6 @@ def test_shrink_register_cap_holds_without_spills(monkeypatch) -> None:
     """LORAPLEX_LORA_SHRINK_MAXNREG reaches the shrink's launches as ptxas's ``maxnreg``, and at 64 the 8B
     decode shrink compiled for sm_90 (scripts/ptx_loads.py --resources) fits the cap without spilling to the
     stack, which is what makes the cap worth timing on a GPU (more programs an SM, the same code)."""
-    import subprocess
-    import sys
-
     from loraplex.kernels import common
     from loraplex.kernels import lora_shrink as shrink_mod
 
@@ -266,12 +254,7 @@ def test_shrink_register_cap_holds_without_spills(monkeypatch) -> None:
                 tiles.to(DEVICE), 4)
     assert seen and seen[0].get("maxnreg") == 64
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent.parent / "scripts" / "ptx_loads.py"
-    run = subprocess.run([sys.executable, str(script), "shrink", "--resources", "--maxnreg", "64"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr:
-        pytest.skip(f"this Triton cannot compile for CUDA here: {run.stderr.strip()[-200:]}")
+    run = run_compile_script("ptx_loads.py", "shrink", "--resources", "--maxnreg", "64")
     assert run.returncode == 0, run.stderr[-2000:]
     registers, stack = (int(v) for v in re.search(r"registers (\d+), stack (\d+)", run.stdout).groups())
     assert registers <= 64 and stack == 0, run.stdout

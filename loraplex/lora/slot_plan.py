@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 class SlotPlan:
     """One adapter's slot load, independent of the slot (see the module docstring)."""
 
-    owner: Any  # the LoRAModel it was built for
     entries: list[tuple[LinearWithLoRA, tuple[tuple[int, int, float], ...]]]  # wrapper, (slice, rank, scale)...
     pieces: dict[int, torch.Tensor]  # element size -> (pieces, PIECE_FIELDS) int64 copy descriptors
     word_addr: np.ndarray  # (words,) int64: the address of each rank and scale word at slot 0
@@ -96,11 +95,6 @@ def build_plan(lora_model: Any, adapter: "LoRAAdapter") -> Optional[SlotPlan]:
             addr += [st.word_addr(st.ranks_t, i, 0), st.word_addr(st.scales_t, i, 0)]
             bits += [int(lw.rank), float_bits(scale)]
         entries.append((wrapper, tuple(done)))
-    from loraplex.kernels.slot_write import PIECE_FIELDS
-
     pin = lora_model._device_and_dtype()[0].type == "cuda"
-    pieces = {}
-    for size, flat in recorder.pieces.items():
-        desc = torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS)
-        pieces[size] = desc.pin_memory() if pin else desc
-    return SlotPlan(lora_model, entries, pieces, np.array(addr, dtype=np.int64), np.array(bits, dtype=np.int64))
+    pieces = {size: desc.pin_memory() if pin else desc for size, desc in recorder.descriptors()}
+    return SlotPlan(entries, pieces, np.array(addr, dtype=np.int64), np.array(bits, dtype=np.int64))

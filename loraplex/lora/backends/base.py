@@ -188,6 +188,13 @@ class SlotWriter:
         bits = float_bits(value) if is_float else int(value)
         self.words.append((dst, bits))
 
+    def descriptors(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(element size, its recorded pieces as a (pieces, PIECE_FIELDS) int64 host tensor), per size."""
+        from loraplex.kernels.slot_write import PIECE_FIELDS
+
+        for size, flat in self.pieces.items():
+            yield size, torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS)
+
     def add_plan(self, plan: Any, slot: int, load: bool) -> None:
         """Write ``plan``'s ranks and scales at ``slot`` (and, for a load, copy its pieces), or zero them (a
         clear)."""
@@ -198,7 +205,7 @@ class SlotWriter:
         ``table[row + page index]``; returns what they read, to be kept alive until they have run."""
         import numpy as np
 
-        from loraplex.kernels.slot_write import PIECE_FIELDS, as_words, copy_pieces, write_words
+        from loraplex.kernels.slot_write import as_words, copy_pieces, write_words
 
         keep: list[torch.Tensor] = []
         words = [np.array(self.words, dtype=np.int64).reshape(-1, 2)] if self.words else []
@@ -211,9 +218,8 @@ class SlotWriter:
             _, last = np.unique(both[::-1, 0], return_index=True)
             both = both[len(both) - 1 - last]
             keep += write_words(torch.from_numpy(both[:, 0].copy()), torch.from_numpy(both[:, 1].copy()), self.device)
-        for size, flat in self.pieces.items():
-            keep += copy_pieces(as_words(self.flat, size), torch.tensor(flat, dtype=torch.int64).view(-1, PIECE_FIELDS),
-                                self.device, table, row)
+        for size, desc in self.descriptors():
+            keep += copy_pieces(as_words(self.flat, size), desc, self.device, table, row)
         for plan, slot, load in self.plans:
             if load:
                 for size, desc in plan.pieces.items():
