@@ -211,6 +211,48 @@ def test_decode_step_does_not_synchronise(graph_setup) -> None:
     assert replays == [5, 5, 5] and all(len(o) == 5 for o in outs)
 
 
+def test_eager_step_does_not_synchronise(graph_setup) -> None:
+    """A step too large for the step graphs (a 700-token prompt beside decodes with adapters) runs eagerly, and
+    it too makes no synchronising call: its inputs reach the device through pinned memory (a pageable copy
+    waits for the queued steps, which cost the 1,000-adapter load 50-130 ms in every such step)."""
+    from loraplex.engine.cuda_graph import MAX_MIXED_TOKENS
+
+    if MAX_MIXED_TOKENS > 1500:
+        pytest.skip("LORAPLEX_MIXED_GRAPH_TOKENS leaves no eager step within the model's 2,048 positions")
+    model_dir, adapters = graph_setup
+    llm = LLM(model_dir, dtype="bfloat16", **{**GRAPH_ARGS, "num_kv_blocks": 1024})
+    eng = llm.engine
+    for name, path in adapters.items():
+        llm.add_lora(LoRARequest(name, path))
+    params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0)
+    for i, name in enumerate([None, "a0", "a1"]):
+        eng.add_request({"prompt_token_ids": [5 + i, 17, 33, 99]}, params, name, f"d{i}")
+    eng.step()
+    eng.step()
+    steps = []  # (tokens, eager?) of each step
+    prepare = eng.runner.prepare
+
+    def traced(seqs):
+        batch = prepare(seqs)
+        steps.append((sum(s.num_new_tokens for s in seqs), batch.graph_seqs is None))
+        return batch
+
+    eng.runner.prepare = traced
+    long_prompt = [(7 * i) % 250 + 3 for i in range(MAX_MIXED_TOKENS + 188)]  # a step past the largest graph
+    eng.add_request({"prompt_token_ids": long_prompt}, params, "a2", "warm")
+    eng.step()  # the first eager step: pinned-memory blocks of its sizes are allocated
+    eng.add_request({"prompt_token_ids": long_prompt[::-1]}, params, "a1", "long")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = eng.step()
+        outs += eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps[1][0] > 512 and steps[1][1] and not steps[2][1]  # the long prompt's step eager, the next a graph
+    assert {o.request_id for o in outs} >= {"d0", "d1", "d2", "long"}
+
+
 def test_kv_cache_sized_from_a_profile_and_no_compile_after_start(graph_setup) -> None:
     """Without num_kv_blocks, the KV cache gets what a profiled step leaves of gpu_memory_utilization; and once
     the engine has started, steps of any shape (decodes, short and long prompt chunks, prompt logprobs, with

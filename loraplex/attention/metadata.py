@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from loraplex.transfer import to_device
+
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
@@ -80,14 +82,14 @@ class AttentionMetadata:
             pos = np.arange(L - n, L)
             parts.append(tables[b, pos // block_size].astype(np.int64) * block_size + pos % block_size)
         slots = torch.from_numpy(np.concatenate(parts))
-        dev = host.to(device, non_blocking=True)
+        dev = to_device(host, torch.device(device))  # pinned: a pageable copy would wait for the device's queue
         num_decodes = 0
         while num_decodes < B and query_lens[num_decodes] == 1:
             num_decodes += 1
         return cls(
             query_start_loc=dev[:B + 1], seq_lens=dev[lens_at:lens_at + B],
             block_tables=dev[tables_at:].view(B, max_blocks),
-            slot_mapping=slots.to(device, non_blocking=True),
+            slot_mapping=to_device(slots, torch.device(device)),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decodes=num_decodes,
             host_query_start_loc=qsl, host_seq_lens=list(seq_lens),
         )

@@ -7,9 +7,10 @@ start-up, when one is large enough for it. Two families of graphs:
   up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
-  these). One graph per token count (powers of two from 16 to 512, at most ``max_num_batched_tokens``), with
-  ``max_num_seqs + 512`` sequence slots: the real sequences, one one-token sequence per padding token, then
-  empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets logits.
+  these). One graph per token count n (powers of two from 16 to 512, or to ``LORAPLEX_MIXED_GRAPH_TOKENS``, at
+  most ``max_num_batched_tokens``), with n sequence slots: the real sequences, one one-token sequence per
+  padding token, then empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets
+  logits.
 
 Each size has two graphs:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -48,7 +50,11 @@ from loraplex.lora.batch import LoRABatch
 logger = logging.getLogger("loraplex")
 
 TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps
-MAX_MIXED_TOKENS = 512  # larger steps are dominated by their prompt chunk's compute: eager costs them little
+# Mixed steps of more tokens run eagerly. LORAPLEX_MIXED_GRAPH_TOKENS raises the bound (powers of two up to
+# max_num_batched_tokens): an eager step of the 8B shape costs 20-30 ms of host time (about 44,000 Python calls,
+# 225 kernel launches), as long as the GPU's work for a 2,000-token step, and more while other threads hold the
+# GIL; a larger graph costs start-up time and the graph pool's activation memory.
+MAX_MIXED_TOKENS = int(os.environ.get("LORAPLEX_MIXED_GRAPH_TOKENS", "512"))
 
 
 def capture_sizes(largest: int) -> list[int]:
@@ -60,10 +66,10 @@ def capture_sizes(largest: int) -> list[int]:
 
 
 def mixed_sizes(max_tokens: int) -> list[int]:
-    """Token counts of the mixed graphs: powers of two from 16 to ``min(512, max_tokens)`` (``max_tokens``
-    itself when it is smaller than 16)."""
+    """Token counts of the mixed graphs: powers of two from 16 to ``min(MAX_MIXED_TOKENS, max_tokens)``
+    (``max_tokens`` itself when it is smaller than 16)."""
     top = min(MAX_MIXED_TOKENS, max_tokens)
-    sizes = [s for s in (16, 32, 64, 128, 256, 512) if s <= top]
+    sizes = [16 << i for i in range(16) if 16 << i <= top]
     return sizes or [top]
 
 
@@ -242,9 +248,12 @@ class StepInputs:
 
     # -- the forward context of a graph ---------------------------------------------------------------
     def context(self, n: int, lora: bool, max_model_len: int) -> ForwardContext:
-        """The context of a graph of ``n`` tokens (decode: ``n`` sequences too; mixed: every sequence slot)."""
+        """The context of a graph of ``n`` tokens, over its first ``n`` sequence slots: a step of B sequences and
+        T >= B tokens takes B + (n - T) <= n of them (one per padding token). The attention kernel runs a program
+        per sequence slot, so a mixed graph over all of them (``max_num_seqs`` + the largest graph's tokens) would
+        pay for the largest graph in every small one."""
         d = self.dev
-        S = n if self.decode else self.seqs
+        S = n
         R = self.rows
         attn = AttentionMetadata(query_start_loc=d["query_start_loc"][:S + 1], seq_lens=d["seq_lens"][:S],
                                  block_tables=d["block_tables"][:S], slot_mapping=d["slot_mapping"][:n],

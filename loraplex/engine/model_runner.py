@@ -185,7 +185,8 @@ class ModelRunner:
                       scratch_block=self.num_blocks, device=self.device)
         decode = StepInputs(largest, largest, decode=True, **common)
         tokens = mixed_sizes(self.max_num_batched_tokens)
-        mixed = StepInputs(tokens[-1], sc.max_num_seqs + tokens[-1], decode=False, rows=sc.max_num_seqs, **common)
+        # a mixed step of B sequences and T >= B tokens fills a graph of n >= T tokens with B + (n - T) <= n sequences
+        mixed = StepInputs(tokens[-1], tokens[-1], decode=False, rows=sc.max_num_seqs, **common)
         parts = embeds = None
         if lora:  # adapter graphs hold the decoder layers; embedding and head run eagerly around them
             emb = self.model.get_input_embeddings()
@@ -259,17 +260,19 @@ class ModelRunner:
                                        dev)
         has_lora = any(s.req.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)
+        # every host tensor goes through pinned memory (to_device): a copy from pageable memory would wait for
+        # the device's queued work, so the host would lose its lead over the GPU in every step that runs eagerly
         ctx = ForwardContext(
-            positions=pos_t.to(dev),
+            positions=to_device(pos_t, dev),
             attn=attn,
             lora=LoRABatch.from_row_slots(token_slots, dev) if has_lora else None,
             lora_logits=LoRABatch.from_row_slots(logits_row_slots, dev) if has_lora else None,
             multimodal=gather_images(seqs),  # images whose placeholders are in this step (never split)
         )
         return PreparedBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
+            input_ids=to_device(torch.tensor(ids, dtype=torch.int64), dev),
             ctx=ctx,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(dev),
+            logits_indices=to_device(torch.tensor(logits_rows, dtype=torch.int64), dev),
             logits_spans=spans,
         )
 

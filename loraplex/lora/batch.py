@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from loraplex.transfer import to_device
+
 
 def block_m_for(max_seg_len: int) -> tuple[int, int]:
     """Rows per kernel tile (shrink, expand): 16 for decode-shaped batches (a few rows per segment); for
@@ -116,7 +118,8 @@ class LoRABatch:
             offsets.append(len(host))
             host.extend(part)
         packed = torch.frombuffer(host, dtype=torch.int64) if len(host) else torch.empty(0, dtype=torch.int64)
-        packed = packed.to(device) if torch.device(device).type != "cpu" else packed.clone()
+        # pinned, so the copy does not wait for the device's queued work (a pageable copy would)
+        packed = to_device(packed, torch.device(device)) if torch.device(device).type != "cpu" else packed.clone()
         rows_at, indptr_at, slots_at, tiles_at, etiles_at = offsets
         tiles_t = packed[tiles_at:tiles_at + len(tiles)].view(-1, 3)
         return cls(
