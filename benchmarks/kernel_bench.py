@@ -187,18 +187,6 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
                                 lora_expand(delta, parts, B, ranks, scales, meta, max(slices), tiles, 16,
                                             pages=pages, tile_count=count, delta=True, vector_b=vec)
                             row["delta_us_vector_b" if vec else "delta_us"] = timer(expand_delta, a.iters)
-                    if reduce and a.shrink_maxnreg:  # the graph step's shrink, uncapped and register-capped
-                        from loraplex.kernels import common
-
-                        def shrink_graph() -> None:
-                            lora_shrink(x, A, ranks, tiles, 16, **kw, device_splits=True)
-
-                        row["shrink_us_graph"] = timer(shrink_graph, a.iters)
-                        before, common._SHRINK_MAXNREG = common._SHRINK_MAXNREG, a.shrink_maxnreg
-                        try:
-                            row["shrink_us_graph_maxnreg"] = timer(shrink_graph, a.iters)
-                        finally:
-                            common._SHRINK_MAXNREG = before
                     if a.sweep and reduce:  # the expand's output block and warps, on the shrink's sums
                         def shrink_dev() -> None:  # split-K sized on the device from the real tile count
                             lora_shrink(x, A, ranks, tiles, 16, **kw, device_splits=True)
@@ -245,8 +233,6 @@ def main() -> None:
     ap.add_argument("--layer", action="store_true", help="one 8B decoder layer's kernels as graph steps run them")
     ap.add_argument("--layer-batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
-    ap.add_argument("--shrink-maxnreg", type=int, default=0, help="--layer: also time the graph step's shrink "
-                    "under this register cap (LORAPLEX_LORA_SHRINK_MAXNREG), beside it uncapped")
     ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
                     "columns) and warps (2, 4, 8), and the shrink with its split count chosen on the device")
     ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
@@ -281,10 +267,6 @@ def main() -> None:
             mine = [r for r in rows if (r["tokens"], r["case"]) == (T, case)]
             plain, vec = sum(r["delta_us"] for r in mine), sum(r["delta_us_vector_b"] for r in mine)
             print(f"expand into a delta, layer, {T} tokens, {case}: {plain:.1f} us; B a page at a time {vec:.1f} us")
-            if a.shrink_maxnreg:
-                free, capped = sum(r["shrink_us_graph"] for r in mine), sum(r["shrink_us_graph_maxnreg"] for r in mine)
-                print(f"shrink with device splits, layer, {T} tokens, {case}: {free:.1f} us; at most "
-                      f"{a.shrink_maxnreg} registers {capped:.1f} us")
         if a.sweep:  # per layer: the sum over modules of each expand tiling, against the default's
             tilings: dict = {}
             for r in rows:

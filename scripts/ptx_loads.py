@@ -112,7 +112,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help=f"kernels (default: all): {', '.join(kernels)}")
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: sm_90)")
-    p.add_argument("--maxnreg", type=int, default=0, help="compile with this register cap (the shrink's: LORAPLEX_LORA_SHRINK_MAXNREG)")
+    p.add_argument("--maxnreg", type=int, default=0, help="compile with this register cap (ptxas's maxnreg)")
     p.add_argument("--resources", action="store_true", help="also print registers a thread and spill stack bytes")
     a = p.parse_args()
     unknown = [n for n in a.names if n not in kernels]

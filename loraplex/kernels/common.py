@@ -45,19 +45,6 @@ def programs_per_sm() -> int:
     return _PROGRAMS_PER_SM
 
 
-# A register cap for the LoRA shrink (ptxas's ``maxnreg``; 0: the compiler's choice, the default). Compiled
-# for sm_90, the 8B decode shrink takes 70 registers a thread, so 7 programs of 4 warps fit an SM; capped at 64
-# it takes 47 and spills nothing, so 10 fit (scripts/ptx_loads.py --resources --maxnreg 64). The expand takes
-# 48 uncapped and more under that cap, so it keeps the compiler's choice. Whether the occupancy pays for the
-# latency-bound shrink is for a GPU to measure: LORAPLEX_LORA_SHRINK_MAXNREG=64.
-_SHRINK_MAXNREG = int(os.environ.get("LORAPLEX_LORA_SHRINK_MAXNREG", "0"))
-
-
-def shrink_launch_options() -> dict:
-    """Compile options of the LoRA shrink's launches beyond warps and stages."""
-    return {"maxnreg": _SHRINK_MAXNREG} if _SHRINK_MAXNREG > 0 else {}
-
-
 def _spec(arg) -> tuple:
     """Everything about one argument that Triton may specialise a compiled kernel on (a superset: pointer
     alignment and dtype; an int's width, divisibility by 16 and equality to 1)."""

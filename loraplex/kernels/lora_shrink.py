@@ -35,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import (INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm,
-                                     shrink_launch_options)
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -188,7 +187,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
              BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce,
              DEVICE_SPLITS=device_splits),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shrink_launch_options(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return buf if reduce else out
 
