@@ -11,10 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.engine import cuda_graph
 from loraplex.engine.cuda_graph import (TILE_ROWS, StepInputs, capture_sizes, is_decode_step, is_graph_step,
                                         mixed_sizes)
 from loraplex.engine.request import Request
@@ -28,6 +30,11 @@ def test_capture_sizes() -> None:
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
     assert mixed_sizes(2048) == [16, 32, 64, 128, 256, 512]
     assert mixed_sizes(100) == [16, 32, 64] and mixed_sizes(8) == [8]
+    # LORAPLEX_MIXED_GRAPH_STEP: a graph at every multiple of the step too, so a step pads to it
+    assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert mixed_sizes(300, step=64) == [16, 32, 64, 128, 192, 256]
+    with pytest.raises(ValueError, match="multiple of 16, got 40"):
+        mixed_sizes(512, step=40)
 
 
 def _request(rid: str, prompt: list[int], slot: int, blocks: list[int]) -> Request:
@@ -205,6 +212,32 @@ def test_graph_steps_equal_eager_steps(tmp_path) -> None:
     got, sizes = run_mixes(llm, adapters, use_graphs=True)
     assert not any(m.wrapper.dora or m.wrapper.lora_bias for m in llm.engine.pool.lora_model.modules)
     assert_same(got, want, sizes)
+
+
+def test_mixed_graph_step_pads_to_its_multiples(tmp_path, monkeypatch) -> None:
+    """With ``LORAPLEX_MIXED_GRAPH_STEP`` a step of 40 prompt tokens replays the 48-token graph instead of the
+    64-token one, and gives what eager steps give."""
+    monkeypatch.setattr(cuda_graph, "MIXED_GRAPH_STEP", 16)
+    model, adapters = build_graph_case(tmp_path)
+    common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
+                  seed=0, max_num_seqs=8, attention_backend="triton")
+    prompts = [{"prompt_token_ids": [(11 * i + 3 * j) % 200 + 3 for j in range(20)]} for i in range(2)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=2, ignore_eos=True)
+    lora = [LoRARequest("a0", adapters["a0"]), LoRARequest("a2", adapters["a2"])]
+    want = LLM(model, lora_backend="torch", **common).generate(prompts, params, lora, use_tqdm=False)
+    llm = LLM(model, lora_backend="triton", **common)
+    llm.engine.runner.capture_graphs(lora=True, capture=False)
+    graphs = llm.engine.runner.graphs
+    assert 48 in graphs.mixed_sizes
+    planned = []
+    inner = graphs.run
+    graphs.run = lambda seqs, *args: planned.append(graphs.plan(seqs)) or inner(seqs, *args)
+    got = llm.generate(prompts, params, lora, use_tqdm=False)
+    assert planned[0] == (False, 48) and all(p[0] for p in planned[1:])  # the prefill, then decode graphs
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys() and all(abs(lg[t] - lw[t]) < 1e-4 for t in lg)
 
 
 def assert_same(got: list, want: list, sizes: list[int]) -> None:
