@@ -526,6 +526,71 @@ def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
                 ref.prompt_logprobs[i][prompt[i]], abs=1e-5))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
+    """LORAPLEX_LORA_FOLD_DELTA=1: the o_proj, down_proj and gate_up_proj deltas expanded beside the GEMM are
+    folded into the residual-add RMSNorm and SiLU-and-mul that read those outputs next (``fused``: the layer
+    kernels, here in the interpreter; else the layers' PyTorch code after ``PendingDelta.apply``), with DoRA
+    and LoRA bias on every linear layer: the same tokens and prompt logprobs, bit for bit on the CPU, as the
+    separate add."""
+    from loraplex.kernels import layer_ops
+    from loraplex.layers import activation, norm
+    from test_peft_features import redraw_magnitudes
+
+    model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
+    paths = {
+        "dora": make_adapter(model_dir, tmp_path / "dora", seed=3, r=4, lora_alpha=8, use_dora=True,
+                             target_modules="all-linear"),
+        "bias": make_adapter(model_dir, tmp_path / "bias", seed=4, r=8, lora_alpha=8, lora_bias=True,
+                             target_modules="all-linear"),
+        "plain": make_adapter(model_dir, tmp_path / "plain", seed=5, r=4, target_modules=["q_proj", "down_proj"]),
+    }
+    redraw_magnitudes(paths["dora"], 6)
+    folded = []
+    if fused:
+        for mod in (norm, activation):  # the layer kernels on the CPU, in the interpreter
+            monkeypatch.setattr(mod, "fused_ops", lambda x: layer_ops)
+    for name in ("rms_norm", "silu_and_mul"):
+        inner = getattr(layer_ops, name)
+        monkeypatch.setattr(layer_ops, name, lambda *a, _f=inner, **kw: folded.append(kw.get("delta") is not None)
+                            or _f(*a, **kw))
+    prompts = [[5, 17, 33, 99, 120, 7, 8, 250], [3, 4, 5], [100, 101, 102, 103, 104, 105], [42, 43]]
+    adapters = ["dora", "bias", None, "plain"]
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, prompt_logprobs=1, logprobs=1)
+    results = {}
+    for fold in ("0", "1"):
+        monkeypatch.setenv("LORAPLEX_LORA_FOLD_DELTA", fold)
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=3, max_lora_rank=8, seed=0,
+                  num_kv_blocks=32, block_size=4, lora_backend="triton")
+        wrappers = {n.rpartition(".")[2]: m for n, m in llm.engine.model.named_modules() if isinstance(m, LinearWithLoRA)}
+        assert {k for k, m in wrappers.items() if m.fold_delta} == ({"o_proj", "down_proj", "gate_up_proj"}
+                                                                    if fold == "1" else set())
+        folded.clear()
+        loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]
+        results[fold] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras,
+                                     use_tqdm=False)
+        assert any(folded) == (fold == "1" and fused)
+    for ref, out, prompt in zip(results["0"], results["1"], prompts):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].logprobs == ref.outputs[0].logprobs or DEVICE.type != "cpu"
+        for i in range(1, len(prompt)):
+            assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-6)
+
+
+def test_unconsumed_pending_delta_fails_the_forward() -> None:
+    """A deferred LoRA delta that no kernel took by the end of the forward raises, rather than being lost."""
+    from loraplex.engine.context import defer_delta, take_delta
+
+    meta = AttentionMetadata.build([1], [1], [[0]], 4, torch.device("cpu"))
+    y = torch.zeros(3, 8)
+    with forward_context(ForwardContext(positions=torch.zeros(1, dtype=torch.int64), attn=meta)):
+        defer_delta(y, "pending")
+        assert take_delta(torch.zeros(3, 8)) is None and take_delta(y) == "pending" and take_delta(y) is None
+    with pytest.raises(RuntimeError, match=r"deferred to the kernel reading them next, and none did"):
+        with forward_context(ForwardContext(positions=torch.zeros(1, dtype=torch.int64), attn=meta)):
+            defer_delta(y, "pending")
+
+
 def test_rank_aware_slots_hold_more_adapters(tmp_path) -> None:
     """The device memory of max_loras=2 adapters of max_lora_rank=16 holds four rank-8 adapters at once with the
     Triton backend (pages of 8 rank rows; the torch backend's padded slots hold two and take turns), one batch

@@ -120,3 +120,66 @@ def test_silu_and_mul_equals_reference(dtype, n) -> None:
     got = layer_ops.silu_and_mul(x.to(DEVICE)).cpu()
     assert got.shape == (3, n)
     torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+def _pending(T: int, widths: list[int], extras: bool, bias: bool, g: torch.Generator):
+    """A PendingDelta over ``widths`` slices: rows of slot -1 (none), of a slot of rank 0 in the first slice,
+    and of slots with weights; with ``extras`` a LoRA bias and DoRA scale row for slot 2 (and none for slot 1)."""
+    from loraplex.kernels.lora_expand import PendingDelta
+
+    n = sum(widths)
+    slots = torch.tensor([-1, 0, 1, 2, 2, 1, -1][:T], dtype=torch.int64)
+    ranks = torch.tensor([[0, 8, 4]] + [[8, 8, 4]] * (len(widths) - 1), dtype=torch.int32)  # slot 0: rank 0 in slice 0
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    meta = torch.tensor([[o, w] for o, w in zip(offsets, widths)], dtype=torch.int32)
+    delta = torch.randn(T, n, generator=g)
+    ex = None
+    if extras:
+        ext = torch.stack([torch.randn(2, n, generator=g) * torch.tensor([[0.5], [0.0]]) + torch.tensor([[0.0], [1.0]])
+                           + torch.tensor([[0.0], [0.1]]) * torch.randn(2, n, generator=g)])  # (1 row, 2, n)
+        ex = (ext.to(DEVICE), torch.tensor([-1, -1, 0], dtype=torch.int32, device=DEVICE))
+    b = torch.randn(n, generator=g) if bias else None
+    return PendingDelta(delta.to(DEVICE), slots.to(DEVICE), ranks.to(DEVICE), meta.to(DEVICE), max(widths), ex,
+                        None if b is None else b.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras,bias", [(False, False), (True, False), (True, True)])
+def test_rms_norm_folds_a_pending_lora_delta(dtype, extras, bias) -> None:
+    """``rms_norm(x, ..., delta=d)`` equals ``lora_add_delta`` into x and then ``rms_norm``, bit for bit: rows of
+    no slot and slices of rank 0 untouched, the extras (LoRA bias, DoRA scale, around the base bias) applied."""
+    g = torch.Generator().manual_seed(3)
+    n = 96
+    pd = _pending(7, [n], extras, bias, g)
+    w = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    x = (torch.randn(7, n, generator=g) * 3).to(dtype).to(DEVICE)
+    res = torch.randn(7, n, generator=g).to(dtype).to(DEVICE)
+    for residual in (None, res):
+        added = x.clone()
+        pd.apply(added)
+        assert not torch.equal(added, x)  # the delta does change some rows
+        r_want = None if residual is None else residual.clone()
+        want = layer_ops.rms_norm(added, w, 1e-5, r_want)
+        r_got = None if residual is None else residual.clone()
+        x_in = x.clone()
+        got = layer_ops.rms_norm(x_in, w, 1e-5, r_got, delta=pd)
+        assert torch.equal(got, want) and torch.equal(x_in, x)
+        if residual is not None:
+            assert torch.equal(r_got, r_want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras,bias", [(False, False), (True, True)])
+def test_silu_and_mul_folds_a_pending_lora_delta(dtype, extras, bias) -> None:
+    """``silu_and_mul(x, delta=d)`` equals ``lora_add_delta`` into the ``[gate | up]`` input and then
+    ``silu_and_mul``, bit for bit, each slice with its own rank (slot 0 has none in the gate)."""
+    g = torch.Generator().manual_seed(4)
+    n = 80
+    pd = _pending(7, [n, n], extras, bias, g)
+    x = (torch.randn(7, 2 * n, generator=g) * 2).to(dtype).to(DEVICE)
+    added = x.clone()
+    pd.apply(added)
+    want = layer_ops.silu_and_mul(added)
+    got = layer_ops.silu_and_mul(x, delta=pd)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, layer_ops.silu_and_mul(x))

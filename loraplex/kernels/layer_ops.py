@@ -21,15 +21,23 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.common import Launcher
+from loraplex.kernels.lora_expand import PendingDelta, fold_delta
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stride_o, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     d_ptr, stride_d, slots_ptr, ranks_ptr, ext_ptr, ext_rows_ptr, bias_ptr,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, EXTRAS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # the LoRA delta of the one-slice layer that wrote x, added first (as lora_add_delta would)
+        slot = tl.load(slots_ptr + row).to(tl.int32)
+        rank = tl.load(ranks_ptr + tl.maximum(slot, 0))
+        x = fold_delta(x, d_ptr + row * stride_d, cols, mask, slot, rank, ext_ptr, ext_rows_ptr, bias_ptr, N,
+                       EXTRAS, HAS_BIAS)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -95,12 +103,23 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, d_ptr, stride_d, slots_ptr, ranks_ptr, ext_ptr,
+                         ext_rows_ptr, bias_ptr, num_slots, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
+                         EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    u = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # the gate_up layer's LoRA delta (slices gate, up), added first (as lora_add_delta would)
+        slot = tl.load(slots_ptr + row).to(tl.int32)
+        rank_g = tl.load(ranks_ptr + tl.maximum(slot, 0))
+        rank_u = tl.load(ranks_ptr + num_slots + tl.maximum(slot, 0))
+        d_row = d_ptr + row * stride_d
+        g = fold_delta(g, d_row, cols, mask, slot, rank_g, ext_ptr, ext_rows_ptr, bias_ptr, 2 * N, EXTRAS, HAS_BIAS)
+        u = fold_delta(u, d_row, N + cols, mask, slot, rank_u, ext_ptr, ext_rows_ptr, bias_ptr, 2 * N, EXTRAS,
+                       HAS_BIAS)
+    u = u.to(tl.float32)
     gf = g.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (act * u).to(g.dtype), mask=mask)
@@ -112,9 +131,10 @@ _launch_silu = Launcher(_silu_and_mul_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
-             ) -> torch.Tensor:
+             delta: Optional[PendingDelta] = None) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (..., N); with ``residual`` (same shape), of ``x + residual``,
-    which is also written into ``residual``. Returns a new tensor in ``x``'s dtype."""
+    which is also written into ``residual``. Returns a new tensor in ``x``'s dtype. ``delta``: the pending LoRA
+    delta of the one-slice layer that wrote ``x``, folded into ``x`` first (``x`` itself is not written)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -128,9 +148,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
         r2 = residual.view(-1, N)
         assert r2.stride(-1) == 1 and r2.shape == x2.shape, "residual must match x and be contiguous by row"
     block = triton.next_power_of_2(N)
-    _launch_rms((rows,), (x2, r2, out, weight, N, x2.stride(0), r2.stride(0), out.stride(0), float(eps)),
-                dict(HAS_RES=residual is not None, BLOCK=block), num_warps=min(16, max(1, block // 256)))
+    fold, flags = _fold(delta, x2, 1)
+    _launch_rms((rows,), (x2, r2, out, weight, N, x2.stride(0), r2.stride(0), out.stride(0), float(eps), *fold),
+                dict(HAS_RES=residual is not None, BLOCK=block, **flags), num_warps=min(16, max(1, block // 256)))
     return out.view(x.shape)
+
+
+def _fold(delta: Optional[PendingDelta], y2: torch.Tensor, slices: int) -> tuple[tuple, dict]:
+    """The fold arguments and constexprs of a kernel reading ``y2`` (rows, sum(n_i)), written by a layer of
+    ``slices`` equal slices whose LoRA delta ``delta`` is pending (None: placeholders, folding off)."""
+    if delta is None:
+        return (y2, 0, y2, y2, y2, y2, y2), dict(HAS_DELTA=False, EXTRAS=False, HAS_BIAS=False)
+    assert delta.delta.shape == y2.shape and delta.delta.stride(1) == 1 and delta.ranks_t.shape[0] == slices \
+        and delta.ranks_t.is_contiguous(), f"pending delta {tuple(delta.delta.shape)} for {tuple(y2.shape)}"
+    return delta.fold_args(), dict(HAS_DELTA=True, **delta.fold_flags())
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -163,8 +194,9 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
                         D_PAD=triton.next_power_of_2(D)), num_warps=4)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """(T, 2N) ``[gate | up]`` -> (T, N) ``silu(gate) * up``."""
+def silu_and_mul(x: torch.Tensor, delta: Optional[PendingDelta] = None) -> torch.Tensor:
+    """(T, 2N) ``[gate | up]`` -> (T, N) ``silu(gate) * up``. ``delta``: the pending LoRA delta of the gate_up
+    layer that wrote ``x`` (two slices, gate then up), folded in first (``x`` itself is not written)."""
     N = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * N)
     if x2.stride(-1) != 1:
@@ -173,6 +205,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] == 0:
         return out.view(*x.shape[:-1], N)
     block = min(1024, triton.next_power_of_2(N))
-    _launch_silu((x2.shape[0], triton.cdiv(N, block)), (x2, out, N, x2.stride(0), out.stride(0)),
-                 dict(BLOCK=block), num_warps=4)
+    fold, flags = _fold(delta, x2, 2)
+    slots = delta.ranks_t.shape[1] if delta is not None else 0
+    _launch_silu((x2.shape[0], triton.cdiv(N, block)), (x2, out, N, x2.stride(0), out.stride(0), *fold, slots),
+                 dict(BLOCK=block, **flags), num_warps=4)
     return out.view(*x.shape[:-1], N)

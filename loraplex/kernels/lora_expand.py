@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -195,6 +195,30 @@ def _add_kernel(y_ptr, d_ptr, slots_ptr, ranks_ptr, slice_ptr, ext_ptr, ext_rows
                   slot, ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS, HAS_BIAS)
 
 
+@triton.jit
+def fold_delta(x, d_row_ptr, cols, mask, slot, rank, ext_ptr, ext_rows_ptr, bias_ptr, n_total,
+               EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``x``, a block of one row of a layer's output (columns ``cols``, in its dtype), with the layer's LoRA delta
+    folded in as :func:`lora_add_delta` would have written it: when the row's ``slot`` >= 0 has ``rank`` > 0 in
+    the slice, ``x + d`` in float32, then the slot's extras, one rounding; else ``x`` as it is. For the kernels
+    that read a layer's output next (the fused norm, SiLU-and-mul), so that the add costs no launch."""
+    on = (slot >= 0) & (rank > 0)
+    d = tl.load(d_row_ptr + cols, mask=mask, other=0.0)  # every row of the buffer exists; unused ones are dropped
+    out = x.to(tl.float32) + d
+    if EXTRAS:
+        e = tl.load(ext_rows_ptr + tl.maximum(slot, 0)).to(tl.int64)
+        if on & (e >= 0):
+            extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=mask, other=0.0)
+            dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=mask, other=1.0)
+            out += extra
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                out = (out - bias) * dora + bias
+            else:
+                out = out * dora
+    return tl.where(on, out.to(x.dtype), x)
+
+
 _launch_expand = Launcher(_expand_kernel)
 _launch_add = Launcher(_add_kernel)
 # B loaded a page at a time (see _load_b): compiled for sm_90, 2 vector loads per thread for a 16 x 128 block
@@ -307,3 +331,31 @@ def lora_add_delta(y: torch.Tensor, delta: torch.Tensor, token_slots: torch.Tens
                  delta.stride(0), y.shape[1], ranks_t.shape[1]),
                 dict(BLOCK_N=block_n, EXTRAS=extras is not None, HAS_BIAS=extras is not None and bias is not None),
                 num_warps=4)
+
+
+class PendingDelta(NamedTuple):
+    """A layer's LoRA delta, expanded into a float32 buffer beside its base GEMM and not yet added: the
+    arguments of :func:`lora_add_delta` but ``y``. The kernel that reads the layer's output next may fold it in
+    (``layer_ops.rms_norm`` / ``silu_and_mul``: :func:`fold_delta`); :meth:`apply` adds it where one cannot."""
+
+    delta: torch.Tensor  # (T, sum(n_i)) float32
+    token_slots: torch.Tensor  # (T,) int64: the slot of each row, -1 for none
+    ranks_t: torch.Tensor  # (slices, slots) int32
+    slice_meta: torch.Tensor  # (slices, 2) int32: offset, width
+    max_width: int
+    extras: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    bias: Optional[torch.Tensor] = None
+
+    def apply(self, y: torch.Tensor) -> None:
+        """``y`` (T, sum(n_i)) += the delta, as :func:`lora_add_delta`."""
+        lora_add_delta(y, self.delta, self.token_slots, self.ranks_t, self.slice_meta, self.max_width, self.extras,
+                       self.bias)
+
+    def fold_args(self) -> tuple:
+        """The pointer arguments of the kernels that fold it: delta, its row stride, slots, ranks, ext, ext_rows, bias."""
+        ext, ext_rows = self.extras if self.extras is not None else (self.delta, self.token_slots)
+        return (self.delta, self.delta.stride(0), self.token_slots, self.ranks_t, ext, ext_rows,
+                self.bias if self.bias is not None else self.delta)
+
+    def fold_flags(self) -> dict:
+        return dict(EXTRAS=self.extras is not None, HAS_BIAS=self.extras is not None and self.bias is not None)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.engine.context import take_delta
 from loraplex.layers.fused import fused_ops
 
 _ACTS = {
@@ -53,7 +54,10 @@ class GatedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, 2 * inter) -> (tokens, inter)
         ops = fused_ops(x) if self.silu else None
+        pending = take_delta(x)  # the gate_up layer's LoRA delta, when it left it to this kernel
         if ops is not None:
-            return ops.silu_and_mul(x)
+            return ops.silu_and_mul(x, delta=pending)
+        if pending is not None:
+            pending.apply(x.reshape(-1, x.shape[-1]))
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

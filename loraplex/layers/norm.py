@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from loraplex.engine.context import take_delta
 from loraplex.layers.fused import fused_ops
 
 
@@ -20,13 +21,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. A LoRA delta left pending for
+        ``x`` by the layer that wrote it (``lora_delta_consumers``) is added to ``x`` first."""
         ops = fused_ops(x)
+        pending = take_delta(x)
         if ops is not None:
             if residual is None:
-                return ops.rms_norm(x, self.weight, self.eps)
+                return ops.rms_norm(x, self.weight, self.eps, delta=pending)
             residual = residual if residual.is_contiguous() else residual.contiguous()
-            return ops.rms_norm(x, self.weight, self.eps, residual), residual
+            return ops.rms_norm(x, self.weight, self.eps, residual, delta=pending), residual
+        if pending is not None:
+            pending.apply(x.reshape(-1, x.shape[-1]))
         if residual is not None:
             residual = x + residual
             x = residual

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loraplex.distributed.parallel_state import all_reduce
-from loraplex.engine.context import current_lora_batch
+from loraplex.engine.context import current_lora_batch, defer_delta
 from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                     QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
@@ -34,6 +34,9 @@ class BaseLayerWithLoRA(nn.Module):
         self.base_layer = base_layer
         self.backend: Optional[LoRABackend] = None
         self.num_slices = 1
+        # Leave the LoRA delta of this layer's output, when the backend expanded it into a buffer beside the base
+        # GEMM, to the kernel that reads the output next (the model's lora_delta_consumers; LoRAModel sets it).
+        self.fold_delta = False
         self.active: frozenset[int] = frozenset()  # slots holding weights for this layer
         # DoRA: slot -> float32 scale of each output channel (magnitude / ||W + scaling * B A|| per channel, on
         # the device, computed when the adapter enters the slot); rows of that slot become
@@ -255,7 +258,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
         y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
-        self.backend.expand(y2, shrunk(), self.stack, batch, bias)
+        if self.fold_delta:
+            pending = self.backend.expand_pending(y2, shrunk(), self.stack, batch, bias)
+            if pending is not None:
+                defer_delta(y2, pending)
+        else:
+            self.backend.expand(y2, shrunk(), self.stack, batch, bias)
         self._apply_eager_terms(y2, batch, bias)
         return y2.view(*lead, y.shape[-1])
 

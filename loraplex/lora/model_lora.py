@@ -68,11 +68,14 @@ class LoRAModel:
         # slot plans (lora/slot_plan.py) for the adapters they cover; LORAPLEX_SLOT_PLANS=0: set_lora for all
         self.slot_plans = self.batched_writes and os.environ.get("LORAPLEX_SLOT_PLANS", "1") != "0"
         self._set_by_wrappers: set[int] = set()  # slots holding an adapter that set_lora wrote (batched writes)
+        # layers whose output goes straight into a fused norm or SiLU-and-mul, which fold their pending delta
+        consumers = set(getattr(model, "lora_delta_consumers", ())) if getattr(backend, "fold_deltas", False) else set()
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
             wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
             _set_submodule(model, name, wrapper)
             prefix, _, leaf = name.rpartition(".")
+            wrapper.fold_delta = leaf in consumers
             subs = packed.get(leaf)
             if subs:
                 slice_names = [f"{prefix}.{s}" if prefix else s for s in subs]

@@ -125,6 +125,9 @@ class LlamaForCausalLM(nn.Module):
     }
     qkv_bias = False
     qk_norm = False
+    # Layers whose output goes straight into a fused kernel that can fold their pending LoRA delta (o_proj and
+    # down_proj into the next residual-add RMSNorm, gate_up_proj into SiLU-and-mul; see LORAPLEX_LORA_FOLD_DELTA).
+    lora_delta_consumers = ("o_proj", "down_proj", "gate_up_proj")
 
     def __init__(self, config: Any) -> None:
         super().__init__()

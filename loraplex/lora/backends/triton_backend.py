@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
-from loraplex.kernels.lora_expand import lora_add_delta, lora_expand
+from loraplex.kernels.lora_expand import PendingDelta, lora_add_delta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
@@ -58,6 +58,11 @@ class TritonLoRABackend:
         # (lora_add_delta) after the join, so that only that add waits on the critical path. Measured on an
         # H200: 5.92 against 6.30 ms a step with one adapter at batch 32. LORAPLEX_LORA_SIDE_EXPAND=0: off.
         self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "1") != "0"
+        # The side expand's delta of the layers a model names in ``lora_delta_consumers`` (Llama: o_proj,
+        # down_proj, gate_up_proj) is folded into the fused norm or SiLU-and-mul that reads their output next,
+        # instead of being added by a kernel of its own: three launches a layer fewer on the critical path.
+        # Off until a GPU has timed it: LORAPLEX_LORA_FOLD_DELTA=1.
+        self.fold_deltas = os.environ.get("LORAPLEX_LORA_FOLD_DELTA", "0") == "1"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
@@ -100,6 +105,15 @@ class TritonLoRABackend:
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
                     batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count,
                     aligned=w.aligned)
+
+    def expand_pending(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
+                       bias: Optional[torch.Tensor] = None) -> Optional[PendingDelta]:
+        """:meth:`expand`, but a delta expanded beside the GEMM is returned for the next kernel to fold in
+        (``y`` left as the base output) instead of added; None when the expand was done in place."""
+        if not isinstance(buf, _Delta):
+            self.expand(y, buf, w, batch, bias)
+            return None
+        return PendingDelta(buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
