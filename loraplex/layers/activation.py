@@ -58,6 +58,7 @@ class GatedActivation(nn.Module):
         if ops is not None:
             return ops.silu_and_mul(x, delta=pending)
         if pending is not None:
-            pending.apply(x.reshape(-1, x.shape[-1]))
+            x = x.contiguous()  # (a layer's output already is: then x itself gets the delta)
+            pending.apply(x.view(-1, x.shape[-1]))
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
             residual = residual if residual.is_contiguous() else residual.contiguous()
             return ops.rms_norm(x, self.weight, self.eps, residual, delta=pending), residual
         if pending is not None:
-            pending.apply(x.reshape(-1, x.shape[-1]))
+            x = x.contiguous()  # (a layer's output already is: then x itself gets the delta)
+            pending.apply(x.view(-1, x.shape[-1]))
         if residual is not None:
             residual = x + residual
             x = residual
