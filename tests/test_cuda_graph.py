@@ -215,20 +215,20 @@ def test_graph_steps_equal_eager_steps(tmp_path) -> None:
 
 
 def test_graph_steps_fold_deltas_as_eager_steps_add_them(tmp_path, monkeypatch) -> None:
-    """LORAPLEX_LORA_FOLD_DELTA=1 in graph steps (padding rows of slot -1, DoRA and LoRA bias folded by the
+    """LORAPLEX_LORA_FOLD_DELTA=1 in graph steps (padding rows of slot -1, DoRA, LoRA bias and the qkv bias folded by the
     layer kernels, here in the interpreter): what eager steps of the torch backend give."""
     from loraplex.kernels import layer_ops
-    from loraplex.layers import activation, norm
+    from loraplex.layers import activation, norm, rotary
 
     monkeypatch.setenv("LORAPLEX_LORA_FOLD_DELTA", "1")
-    for mod in (norm, activation):
+    for mod in (norm, activation, rotary):
         monkeypatch.setattr(mod, "fused_ops", lambda x: layer_ops)
     model, adapters = build_graph_case(tmp_path)
     common = dict(dtype="float32", device="cpu", max_lora_rank=16, max_loras=3, num_kv_blocks=64, block_size=4,
                   seed=0, max_num_seqs=8, attention_backend="triton")
     want, _ = run_mixes(LLM(model, lora_backend="torch", **common), adapters, use_graphs=False)
     llm = LLM(model, lora_backend="triton", **common)
-    assert sum(m.wrapper.fold_delta for m in llm.engine.pool.lora_model.modules) == 2 * 3  # 2 layers x 3
+    assert sum(m.wrapper.fold_delta for m in llm.engine.pool.lora_model.modules) == 2 * 4  # 2 layers x 4
     got, sizes = run_mixes(llm, adapters, use_graphs=True)
     assert_same(got, want, sizes)
 

@@ -528,13 +528,13 @@ def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
-    """LORAPLEX_LORA_FOLD_DELTA=1: the o_proj, down_proj and gate_up_proj deltas expanded beside the GEMM are
-    folded into the residual-add RMSNorm and SiLU-and-mul that read those outputs next (``fused``: the layer
-    kernels, here in the interpreter; else the layers' PyTorch code after ``PendingDelta.apply``), with DoRA
-    and LoRA bias on every linear layer: the same tokens and prompt logprobs, bit for bit on the CPU, as the
-    separate add."""
+    """LORAPLEX_LORA_FOLD_DELTA=1: the qkv_proj, o_proj, down_proj and gate_up_proj deltas expanded beside the
+    GEMM are folded into the rotary-and-cache kernel, the residual-add RMSNorm and SiLU-and-mul that read those
+    outputs next (``fused``: the layer kernels, here in the interpreter; else the layers' PyTorch code after
+    ``PendingDelta.apply``), with DoRA and LoRA bias on every linear layer and the qkv bias of qwen2: the same
+    tokens and prompt logprobs, bit for bit on the CPU, as the separate add."""
     from loraplex.kernels import layer_ops
-    from loraplex.layers import activation, norm
+    from loraplex.layers import activation, norm, rotary
     from test_peft_features import redraw_magnitudes
 
     model_dir = make_tiny_model(tmp_path / "model", family="qwen2")
@@ -548,9 +548,9 @@ def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
     redraw_magnitudes(paths["dora"], 6)
     folded = []
     if fused:
-        for mod in (norm, activation):  # the layer kernels on the CPU, in the interpreter
+        for mod in (norm, activation, rotary):  # the layer kernels on the CPU, in the interpreter
             monkeypatch.setattr(mod, "fused_ops", lambda x: layer_ops)
-    for name in ("rms_norm", "silu_and_mul"):
+    for name in ("rms_norm", "silu_and_mul", "rotary"):
         inner = getattr(layer_ops, name)
         monkeypatch.setattr(layer_ops, name, lambda *a, _f=inner, **kw: folded.append(kw.get("delta") is not None)
                             or _f(*a, **kw))
@@ -563,7 +563,7 @@ def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
         llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=3, max_lora_rank=8, seed=0,
                   num_kv_blocks=32, block_size=4, lora_backend="triton")
         wrappers = {n.rpartition(".")[2]: m for n, m in llm.engine.model.named_modules() if isinstance(m, LinearWithLoRA)}
-        assert {k for k, m in wrappers.items() if m.fold_delta} == ({"o_proj", "down_proj", "gate_up_proj"}
+        assert {k for k, m in wrappers.items() if m.fold_delta} == ({"qkv_proj", "o_proj", "down_proj", "gate_up_proj"}
                                                                     if fold == "1" else set())
         folded.clear()
         loras = [LoRARequest(a, paths[a]) if a else None for a in adapters]

@@ -183,3 +183,41 @@ def test_silu_and_mul_folds_a_pending_lora_delta(dtype, extras, bias) -> None:
     got = layer_ops.silu_and_mul(x, delta=pd)
     assert torch.equal(got, want)
     assert not torch.equal(got, layer_ops.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(16, 16), (24, 16)])
+@pytest.mark.parametrize("extras,bias", [(False, False), (True, True)])
+def test_rotary_folds_a_pending_qkv_delta(dtype, head_dim, rotary_dim, extras, bias) -> None:
+    """The fused rotary with caches and the qkv layer's pending LoRA delta (slices q, k, v, each with its own
+    rank; slot 0 has none in q): q and k in place and both caches equal, bit for bit, to ``lora_add_delta`` into
+    the layer's output and then the rotary, features past rotary_dim included."""
+    g = torch.Generator().manual_seed(head_dim + rotary_dim)
+    rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}, rotary_dim)
+    T, HQ, HK, slots = 7, 4, 2, 12
+    widths = [HQ * head_dim, HK * head_dim, HK * head_dim]
+    pd = _pending(T, widths, extras, bias, g)
+    qkv = torch.randn(T, sum(widths), generator=g).to(dtype).to(DEVICE)
+    views = lambda t: (t[:, :widths[0]].view(T, HQ, head_dim),  # noqa: E731
+                       t[:, widths[0]:widths[0] + widths[1]].view(T, HK, head_dim),
+                       t[:, widths[0] + widths[1]:].view(T, HK, head_dim))
+    positions = torch.tensor([0, 3, 17, 63, 5, 8, 9], device=DEVICE)
+    slot_mapping = torch.tensor([9, 2, -1, 11, 0, 4, 6], device=DEVICE)
+    kc0 = torch.randn(slots, HK, head_dim, generator=g).to(dtype).to(DEVICE)
+    vc0 = torch.randn(slots, HK, head_dim, generator=g).to(dtype).to(DEVICE)
+    cos, sin = rope.cos.to(DEVICE), rope.sin.to(DEVICE)
+    added = qkv.clone()
+    pd.apply(added)
+    want_kc, want_vc = kc0.clone(), vc0.clone()
+    layer_ops.rotary(positions, *views(added)[:2], cos, sin, rotary_dim, views(added)[2], want_kc, want_vc,
+                     slot_mapping)
+    got = qkv.clone()
+    kc, vc = kc0.clone(), vc0.clone()
+    q, k, v = views(got)
+    layer_ops.rotary(positions, q, k, cos, sin, rotary_dim, v, kc, vc, slot_mapping, delta=pd, qkv=got)
+    wq, wk, _ = views(added)
+    assert torch.equal(q, wq) and torch.equal(k, wk) and torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+    plain_kc = kc0.clone()
+    layer_ops.rotary(positions, *views(qkv.clone())[:2], cos, sin, rotary_dim, views(qkv)[2], plain_kc, vc0.clone(),
+                     slot_mapping)
+    assert not torch.equal(plain_kc, kc)  # the delta changed the keys

@@ -29,7 +29,7 @@ class ForwardContext:
     # Images of the sequences prefilled this step (loraplex.multimodal.batch.MultiModalBatch), or None.
     multimodal: Optional[Any] = None
     # LoRA deltas a layer left for the kernel that reads its output next (defer_delta / take_delta): output
-    # tensor's address -> (its shape, the pending delta). Empty again by the end of every forward.
+    # tensor's address -> (the output, its pending delta). Empty again by the end of every forward.
     pending: dict = field(default_factory=dict)
 
 
@@ -44,7 +44,7 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
     finally:
         _CURRENT.reset(token)
     if ctx.pending:  # a layer's LoRA delta that no kernel folded in would be lost: never let it pass
-        shapes = [shape for shape, _ in ctx.pending.values()]
+        shapes = [tuple(y.shape) for y, _ in ctx.pending.values()]
         ctx.pending.clear()
         raise RuntimeError(f"LoRA deltas of outputs of shape {shapes} were deferred to the kernel reading them "
                            "next, and none did (a model whose lora_delta_consumers name a layer whose output "
@@ -54,22 +54,29 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
 def defer_delta(y: torch.Tensor, pending: Any) -> None:
     """Leave ``pending`` (a :class:`~loraplex.kernels.lora_expand.PendingDelta`), the LoRA delta of the layer
     output ``y``, for the kernel that reads ``y`` next (:func:`take_delta`)."""
-    get_forward_context().pending[y.data_ptr()] = (tuple(y.shape), pending)
+    get_forward_context().pending[y.data_ptr()] = (y, pending)
 
 
 def take_delta(x: torch.Tensor) -> Optional[Any]:
     """The LoRA delta left pending for ``x`` (then no longer pending), or None: a kernel reading ``x`` must fold
     it in, or apply it (``PendingDelta.apply``) before anything else reads ``x``."""
+    got = take_delta_within(x)
+    if got is None:
+        return None
+    y, pending = got
+    if y.shape[0] != x.reshape(-1, x.shape[-1]).shape[0] or y.shape[-1] != x.shape[-1]:
+        raise RuntimeError(f"a pending LoRA delta for an output of shape {tuple(y.shape)} met a tensor of shape "
+                           f"{tuple(x.shape)}")
+    return pending
+
+
+def take_delta_within(x: torch.Tensor) -> Optional[tuple[torch.Tensor, Any]]:
+    """(the layer output, its pending delta) when ``x`` starts where an output with a pending delta does (``x``
+    the output itself, or its first slice, as q is of the qkv layer's), then no longer pending; else None."""
     ctx = _CURRENT.get()
     if ctx is None or not ctx.pending:
         return None
-    got = ctx.pending.pop(x.data_ptr(), None)
-    if got is None:
-        return None
-    shape, pending = got
-    if shape[0] != x.reshape(-1, x.shape[-1]).shape[0] or shape[-1] != x.shape[-1]:
-        raise RuntimeError(f"a pending LoRA delta for an output of shape {shape} met a tensor of shape {tuple(x.shape)}")
-    return pending
+    return ctx.pending.pop(x.data_ptr(), None)
 
 
 @contextmanager

@@ -52,8 +52,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stri
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                   stride_cos, HQ, HK, HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr,
-                   CACHE: tl.constexpr, HEAD_DIM: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr):
+                   stride_cos, HQ, HK, d_ptr, stride_d, slots_ptr, ranks_ptr, ext_ptr, ext_rows_ptr, bias_ptr,
+                   num_slots, col_k, col_v, n_total,
+                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                   CACHE: tl.constexpr, HEAD_DIM: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                   HAS_DELTA: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF_PAD)
@@ -63,6 +66,9 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
     heads = tl.arange(0, H_PAD)
+    if HAS_DELTA:  # the qkv layer's pending LoRA delta (slices q, k, v at columns 0, col_k, col_v of its output)
+        lslot = tl.load(slots_ptr + t).to(tl.int32)
+        d_row = d_ptr + t * stride_d
     if CACHE:  # this token's cache slot, once per head row (negative: none, as a padding row may have)
         slot = tl.load(slot_ptr + t + heads * 0).to(tl.int64)[:, None]
         keep = slot >= 0
@@ -74,14 +80,32 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
             base = q_ptr + t * stride_qt
             n_heads = HQ
             stride_h = stride_qh
+            col0 = 0
         else:
             base = k_ptr + t * stride_kt
             n_heads = HK
             stride_h = stride_kh
+            col0 = col_k
         m = (heads < n_heads)[:, None] & d_ok[None, :]
         p1 = base + heads[:, None] * stride_h + d[None, :]
-        x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(p1, mask=m, other=0.0)
+        x2 = tl.load(p1 + HALF, mask=m, other=0.0)
+        if HAS_DELTA:
+            rank = tl.load(ranks_ptr + which * num_slots + tl.maximum(lslot, 0))
+            c1 = col0 + heads[:, None] * HEAD_DIM + d[None, :]
+            x1 = fold_delta(x1, d_row, c1, m, lslot, rank, ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS, HAS_BIAS)
+            x2 = fold_delta(x2, d_row, c1 + HALF, m, lslot, rank, ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS,
+                            HAS_BIAS)
+            if REST_PAD > 0:  # the features past rotary_dim get the delta too (q's stay in place for attention)
+                r = 2 * HALF + tl.arange(0, REST_PAD)
+                mr = (heads < n_heads)[:, None] & (r < HEAD_DIM)[None, :]
+                pr = base + heads[:, None] * stride_h + r[None, :]
+                rest = tl.load(pr, mask=mr, other=0.0)
+                rest = fold_delta(rest, d_row, col0 + heads[:, None] * HEAD_DIM + r[None, :], mr, lslot, rank,
+                                  ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS, HAS_BIAS)
+                tl.store(pr, rest, mask=mr)
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
         o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
         o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
         tl.store(p1, o1.to(dt), mask=m)
@@ -99,6 +123,10 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
                 dv = tl.arange(0, D_PAD)
                 mv = (heads < HK)[:, None] & (dv < HEAD_DIM)[None, :]
                 vv = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dv[None, :], mask=mv, other=0.0)
+                if HAS_DELTA:  # into the cache only: attention reads v there
+                    rank_v = tl.load(ranks_ptr + 2 * num_slots + tl.maximum(lslot, 0))
+                    vv = fold_delta(vv, d_row, col_v + heads[:, None] * HEAD_DIM + dv[None, :], mv, lslot, rank_v,
+                                    ext_ptr, ext_rows_ptr, bias_ptr, n_total, EXTRAS, HAS_BIAS)
                 tl.store(v_row + heads[:, None] * stride_ch + dv[None, :], vv.to(cdt), mask=mv & keep)
 
 
@@ -166,11 +194,14 @@ def _fold(delta: Optional[PendingDelta], y2: torch.Tensor, slices: int) -> tuple
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            rotary_dim: int, v: Optional[torch.Tensor] = None, k_cache: Optional[torch.Tensor] = None,
-           v_cache: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None) -> None:
+           v_cache: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
+           delta: Optional[PendingDelta] = None, qkv: Optional[torch.Tensor] = None) -> None:
     """Rotate the first ``rotary_dim`` features of every head of ``q`` (T, HQ, D) and ``k`` (T, HK, D) in
     place by the angles of ``positions`` (T,), from the tables ``cos`` / ``sin`` (max_position, rotary_dim).
     With the caches (slots, HK, D), also ``k_cache[slot_mapping] = k`` (rotated) and ``v_cache[slot_mapping] =
-    v`` in the caches' dtype, in the same launch (rows whose slot is negative are not written)."""
+    v`` in the caches' dtype, in the same launch (rows whose slot is negative are not written). ``delta``: the
+    pending LoRA delta of the qkv layer whose output ``qkv`` (T, q + 2 kv) q, k and v are views of (slices q, k,
+    v), folded into q, k and v first (with the caches only; v itself is not written, only its cache rows)."""
     T = q.shape[0]
     if T == 0:
         return
@@ -183,15 +214,25 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
         assert k_cache.shape[1:] == (k.shape[1], D) and v_cache.stride() == k_cache.stride() \
             and k_cache.stride(2) == 1, f"caches (slots, {k.shape[1]}, {D}) alike, got {tuple(k_cache.shape)}"
     else:
+        assert delta is None, "a pending LoRA delta is folded only with the cache write"
         v = k_cache = v_cache = k
         slot_mapping = positions
+    cols = (0, 0)
+    if delta is not None:  # q, k, v: head-contiguous views of the rows of qkv, at these columns
+        el = qkv.element_size()
+        cols = tuple((t.data_ptr() - qkv.data_ptr()) // el for t in (k, v))
+        assert q.data_ptr() == qkv.data_ptr() and all((t.stride(0) == qkv.stride(0) or T == 1) and t.stride(1) == D
+                                                      for t in (q, k, v)), "q, k, v must be views of qkv's rows"
+    fold, flags = _fold(delta, qkv if delta is not None else q, 3)
     _launch_rotary((T,), (q, k, positions, cos, sin, v, k_cache, v_cache, slot_mapping,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                          k_cache.stride(0), k_cache.stride(1), cos.stride(0), q.shape[1], k.shape[1]),
+                          k_cache.stride(0), k_cache.stride(1), cos.stride(0), q.shape[1], k.shape[1], *fold,
+                          delta.ranks_t.shape[1] if delta is not None else 0, *cols,
+                          qkv.shape[1] if delta is not None else 0),
                    dict(HALF=half, HALF_PAD=triton.next_power_of_2(half),
                         H_PAD=triton.next_power_of_2(max(q.shape[1], k.shape[1])), CACHE=cache, HEAD_DIM=D,
                         REST_PAD=triton.next_power_of_2(D - 2 * half) if cache and D > 2 * half else 0,
-                        D_PAD=triton.next_power_of_2(D)), num_warps=4)
+                        D_PAD=triton.next_power_of_2(D), **flags), num_warps=4)
 
 
 def silu_and_mul(x: torch.Tensor, delta: Optional[PendingDelta] = None) -> torch.Tensor:

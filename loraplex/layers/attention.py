@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from loraplex.attention.registry import AttentionBackend, get_attention_backend
-from loraplex.engine.context import get_forward_context
+from loraplex.engine.context import get_forward_context, take_delta_within
 from loraplex.layers.rotary import RotaryEmbedding
 
 
@@ -43,7 +43,12 @@ class PagedAttention(nn.Module):
             self.backend = get_attention_backend("torch")
         kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)  # (slots, kv_heads, dim)
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        if rope is None or not rope.rotate_into_cache(positions, q, k, v, kc, vc, meta.slot_mapping):
+        # the qkv layer's LoRA delta, when it left it to the rotary kernel (q, k, v: views of its output)
+        pending = take_delta_within(q)
+        delta, qkv = (pending[1], pending[0]) if pending is not None else (None, None)
+        if rope is None or not rope.rotate_into_cache(positions, q, k, v, kc, vc, meta.slot_mapping, delta, qkv):
+            if delta is not None:  # the kernel cannot take it here: add it to the layer's output first
+                delta.apply(qkv)
             if rope is not None:
                 q, k = rope(positions, q, k)
             kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))

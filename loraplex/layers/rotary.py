@@ -90,14 +90,17 @@ class RotaryEmbedding(nn.Module):
         return ops
 
     def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          delta=None, qkv: Optional[torch.Tensor] = None) -> bool:
         """Where one kernel can (CUDA): rotate ``q`` and ``k`` in place and write the rotated ``k`` and ``v``
         into the caches (slots, kv_heads, dim) at ``slot_mapping``, and return True; else do nothing and return
-        False (the caller rotates, then writes the cache). Saves a decoder layer two launches a step."""
+        False (the caller rotates, then writes the cache). Saves a decoder layer two launches a step. ``delta``
+        (a ``PendingDelta`` of the qkv layer whose output ``qkv`` q, k and v are views of) is folded in first."""
         ops = self._kernel(positions, q, k, v)
         if ops is None or not k_cache.is_contiguous() or not v_cache.is_contiguous():
             return False
-        ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim, v, k_cache, v_cache, slot_mapping)
+        ops.rotary(positions, q, k, self.cos, self.sin, self.rotary_dim, v, k_cache, v_cache, slot_mapping,
+                   delta=delta, qkv=qkv)
         return True
 
 

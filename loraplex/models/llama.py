@@ -125,9 +125,10 @@ class LlamaForCausalLM(nn.Module):
     }
     qkv_bias = False
     qk_norm = False
-    # Layers whose output goes straight into a fused kernel that can fold their pending LoRA delta (o_proj and
-    # down_proj into the next residual-add RMSNorm, gate_up_proj into SiLU-and-mul; see LORAPLEX_LORA_FOLD_DELTA).
-    lora_delta_consumers = ("o_proj", "down_proj", "gate_up_proj")
+    # Layers whose output goes straight into a fused kernel that can fold their pending LoRA delta (qkv_proj into
+    # the rotary-and-cache kernel, o_proj and down_proj into the next residual-add RMSNorm, gate_up_proj into
+    # SiLU-and-mul; see LORAPLEX_LORA_FOLD_DELTA).
+    lora_delta_consumers = ("qkv_proj", "o_proj", "down_proj", "gate_up_proj")
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -160,3 +161,4 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    lora_delta_consumers = ("o_proj", "down_proj", "gate_up_proj")  # q and k go through their norms first

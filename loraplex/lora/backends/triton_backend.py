@@ -58,9 +58,10 @@ class TritonLoRABackend:
         # (lora_add_delta) after the join, so that only that add waits on the critical path. Measured on an
         # H200: 5.92 against 6.30 ms a step with one adapter at batch 32. LORAPLEX_LORA_SIDE_EXPAND=0: off.
         self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "1") != "0"
-        # The side expand's delta of the layers a model names in ``lora_delta_consumers`` (Llama: o_proj,
-        # down_proj, gate_up_proj) is folded into the fused norm or SiLU-and-mul that reads their output next,
-        # instead of being added by a kernel of its own: three launches a layer fewer on the critical path.
+        # The side expand's delta of the layers a model names in ``lora_delta_consumers`` (Llama: qkv_proj,
+        # o_proj, down_proj, gate_up_proj) is folded into the rotary, norm or SiLU-and-mul kernel that reads their
+        # output next, instead of being added by a kernel of its own: four launches a layer fewer on the
+        # critical path.
         # Off until a GPU has timed it: LORAPLEX_LORA_FOLD_DELTA=1.
         self.fold_deltas = os.environ.get("LORAPLEX_LORA_FOLD_DELTA", "0") == "1"
         self._side: dict[torch.device, torch.cuda.Stream] = {}
