@@ -172,6 +172,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             time.sleep(0.0005 if rereads else max(0.0, nxt / rate - now))
             continue
         loads0 = eng.pool.num_slot_loads if eng.pool is not None else 0
+        reading = sum(not f.done() for f, _ in rereads.values())  # disk re-reads in flight on the I/O thread
         a0 = acquire_s[0]
         scheduled[-1] = (0, 0, 0)
         s0 = time.perf_counter()
@@ -184,7 +185,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         trace.append({"t_s": s0 - t0, "wall_ms": 1e3 * step_s[-1], "host_ms": 1e3 * eng.last_step_host_seconds,
                       "finished": sum(o.finished for o in outs),
                       "seqs": scheduled[-1][0], "tokens": scheduled[-1][1], "prompt_chunks": scheduled[-1][2],
-                      "loads": started, "acquire_ms": 1e3 * (acquire_s[0] - a0)})
+                      "loads": started, "acquire_ms": 1e3 * (acquire_s[0] - a0), "reads_in_flight": reading})
         distinct.append(len({r.slot for r in eng.scheduler.running if r.slot >= 0}))
         for r in eng.scheduler.running:
             if r.slot_waits and r.request_id not in slot_waits:

@@ -6,7 +6,8 @@ An engine of the preset's shape (dummy weights, q_proj and v_proj adapters of ra
 K requests of ``--prompt-len`` tokens with other adapters join: the step that prefills them is timed (wall, host
 time as the engine measures it, and the device's tail after the step returns), and says whether it replayed a
 graph or ran eagerly; then the K requests are aborted. ``--sync-check`` runs one more such step under
-``torch.cuda.set_sync_debug_mode("error")``; ``--profile`` prints cProfile's view of one. With the default
+``torch.cuda.set_sync_debug_mode("error")``; ``--profile`` prints cProfile's view of one; ``--busy-thread`` times
+each K again while another thread re-reads an adapter folder in a loop (GIL contention). With the default
 graphs, steps above 512 tokens run eagerly; ``LORAPLEX_MIXED_GRAPH_TOKENS=2048`` captures graphs up to 2,048.
 
     python benchmarks/step_anatomy.py --preset llama3-8b    # an H200
@@ -43,6 +44,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--sync-check", action="store_true", help="one step of the largest K under sync debug mode")
     p.add_argument("--profile", action="store_true", help="cProfile of one step of the largest K")
+    p.add_argument("--busy-thread", action="store_true", help="also time each K while another thread re-reads "
+                   "an adapter folder in a loop, as the server's and adapter_scale.py's I/O threads do (the GIL)")
     p.add_argument("--out-dir", default="bench_out/step_anatomy")
     a = p.parse_args()
 
@@ -128,6 +131,26 @@ def main() -> int:
 
     for k in a.prompts:
         trial(k)
+    if a.busy_thread:  # the same steps while a reader thread holds the GIL between its I/O
+        import threading
+
+        from loraplex import LoRARequest as _Req
+
+        stop = threading.Event()
+        req = _Req("busy", str(folders[0]))
+
+        def read_loop() -> None:
+            while not stop.is_set():
+                eng.pool.read(req)
+
+        reader = threading.Thread(target=read_loop, daemon=True)
+        reader.start()
+        try:
+            for k in a.prompts:
+                trial(k, " beside a reading thread")
+        finally:
+            stop.set()
+            reader.join()
     if a.profile:
         trial(max(a.prompts), " under cProfile", profile=True)
     if a.sync_check and device == "cuda":
