@@ -42,10 +42,13 @@ def main() -> int:
     p.add_argument("--decodes", type=int, default=48, help="running requests (over decodes / 2 adapters)")
     p.add_argument("--prompts", type=int, nargs="+", default=[3, 4, 5, 8, 14], help="prompts joining at once")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=1, help="steps timed per K (the median and the largest are shown)")
     p.add_argument("--sync-check", action="store_true", help="one step of the largest K under sync debug mode")
     p.add_argument("--profile", action="store_true", help="cProfile of one step of the largest K")
     p.add_argument("--busy-thread", action="store_true", help="also time each K while another thread re-reads "
                    "an adapter folder in a loop, as the server's and adapter_scale.py's I/O threads do (the GIL)")
+    p.add_argument("--switch-interval", type=float, nargs="*", default=[],
+                   help="with --busy-thread, also at these sys.setswitchinterval values (seconds; Python's is 0.005)")
     p.add_argument("--out-dir", default="bench_out/step_anatomy")
     a = p.parse_args()
 
@@ -94,6 +97,16 @@ def main() -> int:
           f"{MAX_MIXED_TOKENS if eng.runner.graphs is not None else 0} tokens", flush=True)
 
     def trial(k: int, label: str = "", profile: bool = False, check: bool = False) -> None:
+        runs = [one(k, profile, check) for _ in range(1 if profile or check else a.repeat)]
+        tokens, eager = runs[0][3], runs[0][4]
+        med = [sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3)]
+        top = [max(r[i] for r in runs) for i in range(3)]
+        print(f"K={k:3d} ({tokens} tokens, {'eager' if eager else 'graph'}){label}: step {1e3 * med[0]:.1f} ms, host "
+              f"{1e3 * med[1]:.1f} ms, device tail {1e3 * med[2]:.1f} ms" + (
+                  f" (median of {len(runs)}; largest {1e3 * top[0]:.1f} / {1e3 * top[1]:.1f} / {1e3 * top[2]:.1f})"
+                  if len(runs) > 1 else ""), flush=True)
+
+    def one(k: int, profile: bool, check: bool) -> tuple:
         ids = [f"p{k}-{time.monotonic_ns()}-{j}" for j in range(k)]
         for j, rid in enumerate(ids):
             eng.add_request(prompt(a.prompt_len), params, f"a{half + j}", rid)
@@ -118,8 +131,8 @@ def main() -> int:
         t2 = time.perf_counter()
         sync()
         tail = time.perf_counter() - t2
-        print(f"K={k:3d} ({tokens} tokens, {'graph' if graph[0] else 'eager'}){label}: step {1e3 * wall:.1f} ms, host "
-              f"{1e3 * eng.last_step_host_seconds:.1f} ms, device tail {1e3 * tail:.1f} ms", flush=True)
+        host = eng.last_step_host_seconds
+        eager = not graph[0]
         if prof is not None:
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
@@ -128,6 +141,7 @@ def main() -> int:
             eng.abort_request(rid)
         for _ in range(2):
             eng.step()
+        return wall, host, tail, tokens, eager
 
     for k in a.prompts:
         trial(k)
@@ -145,10 +159,14 @@ def main() -> int:
 
         reader = threading.Thread(target=read_loop, daemon=True)
         reader.start()
+        default = sys.getswitchinterval()
         try:
-            for k in a.prompts:
-                trial(k, " beside a reading thread")
+            for interval in [default] + list(a.switch_interval):
+                sys.setswitchinterval(interval)
+                for k in a.prompts:
+                    trial(k, f" beside a reading thread, switch interval {1e3 * interval:g} ms")
         finally:
+            sys.setswitchinterval(default)
             stop.set()
             reader.join()
     if a.profile:
