@@ -218,6 +218,16 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
 
     tails = {f"{k}_{part}": mean(rows, k) for part, rows in (("long", long), ("rest", rest))
              for k in ("wall_ms", "host_ms", "seqs", "tokens", "prompt_chunks", "loads", "finished")}
+    # steps by the prompt chunks they carry (host and wall time at the median): a class of step that is slow for
+    # its work shows here (the eleventh session's eager steps above 512 tokens did)
+    by_chunks = {}
+    for lo, hi in ((0, 1), (1, 2), (2, 4), (4, 8), (8, 1 << 30)):
+        rows = [r for r in trace if lo <= r["prompt_chunks"] < hi]
+        if rows:
+            med = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
+            by_chunks[f"{lo}-{hi - 1}" if hi - lo > 1 and hi < 1 << 30 else f"{lo}" if hi - lo == 1 else f"{lo}+"] = {
+                "steps": len(rows), "tokens_mean": mean(rows, "tokens"), "host_ms_p50": med("host_ms"),
+                "wall_ms_p50": med("wall_ms")}
     waits = sorted(slot_waits.get(rid, 0) for rid in arrival)  # every request of the load, 0 if it never waited
     load_p99 = loads[int(0.99 * (len(loads) - 1))] if loads else 0.0
     return {"output_tokens_per_s": sum(max_tokens) / wall, "seconds": wall,
@@ -243,7 +253,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_wait_steps_p99": waits[int(0.99 * (len(waits) - 1))] if waits else 0,
             "slot_wait_steps_max": waits[-1] if waits else 0,
             "requests_waiting_over_one_step": sum(w > 1 for w in waits) / max(1, len(waits)),
-            "steps_above_p90": tails, **({"trace": trace} if TRACE else {})}
+            "steps_above_p90": tails, "steps_by_prompt_chunks": by_chunks, **({"trace": trace} if TRACE else {})}
 
 
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
@@ -303,6 +313,9 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
               f"ms (host {t['host_ms_long']:.1f} / {t['host_ms_rest']:.1f}), {t['tokens_long']:.0f} / {t['tokens_rest']:.0f} "
               f"tokens, {t['prompt_chunks_long']:.1f} / {t['prompt_chunks_rest']:.1f} prompt chunks, {t['loads_long']:.2f} / "
               f"{t['loads_rest']:.2f} loads started, {t['finished_long']:.2f} / {t['finished_rest']:.2f} requests finished", flush=True)
+        print(f"[{layout}] {name:>11}  steps by prompt chunks (steps, tokens, host / wall ms at the median): " + "; ".join(
+            f"{k}: {v['steps']}, {v['tokens_mean']:.0f}, {v['host_ms_p50']:.1f} / {v['wall_ms_p50']:.1f}"
+            for k, v in r["steps_by_prompt_chunks"].items()), flush=True)
         print(f"[{layout}] {name:>11}  steps a request waited for its slot: p50 {r['slot_wait_steps_p50']}, p99 "
               f"{r['slot_wait_steps_p99']}, max {r['slot_wait_steps_max']}; "
               f"{100 * r['requests_waiting_over_one_step']:.1f}% of requests waited more than one step", flush=True)
