@@ -84,7 +84,8 @@ def lora_rows(batch: Optional[LoRABatch]) -> Iterator[None]:
     """Run a part of the forward whose rows are not the step's tokens (e.g. vision-tower
     patches) with ``batch`` as the adapter slot of each row; the step's own batch is back after."""
     ctx = get_forward_context()
-    with forward_context(dataclasses.replace(ctx, lora=batch)):
+    # its own pending deltas: what the part defers it consumes, and the outer forward's are not its business
+    with forward_context(dataclasses.replace(ctx, lora=batch, pending={})):
         yield
 
 
