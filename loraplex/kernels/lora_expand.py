@@ -153,6 +153,21 @@ def _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES: 
 
 
 @triton.jit
+def apply_extras(out, e, cols, mask, ext_ptr, bias_ptr, n_total, HAS_BIAS: tl.constexpr):
+    """``out`` (float32, columns ``cols`` of a layer's output, broadcast over its rows) with extras row ``e``:
+    ``(out + ext[e, 0] - bias) * ext[e, 1] + bias``, the LoRA bias and the DoRA scale around the base bias."""
+    extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=mask, other=0.0)
+    dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=mask, other=1.0)
+    out += extra
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        out = (out - bias) * dora + bias
+    else:
+        out = out * dora
+    return out
+
+
+@triton.jit
 def add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, ext_ptr, ext_rows_ptr, bias_ptr,
               n_total, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The expand's epilogue: ``y[offs_m, cols] += acc * scale`` in float32, then the
@@ -164,14 +179,7 @@ def add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, 
     if EXTRAS:
         e = tl.load(ext_rows_ptr + slot).to(tl.int64)
         if e >= 0:  # this slot's adapter has a LoRA bias or DoRA (here, or in other layers: then 0 and 1)
-            extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=n_mask, other=0.0)
-            dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=n_mask, other=1.0)
-            out += extra[None, :]
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
-                out = (out - bias[None, :]) * dora[None, :] + bias[None, :]
-            else:
-                out = out * dora[None, :]
+            out = apply_extras(out, e, cols[None, :], n_mask[None, :], ext_ptr, bias_ptr, n_total, HAS_BIAS)
     tl.store(y_ptrs, out.to(y.dtype), mask=mask)
 
 
@@ -208,14 +216,7 @@ def fold_delta(x, d_row_ptr, cols, mask, slot, rank, ext_ptr, ext_rows_ptr, bias
     if EXTRAS:
         e = tl.load(ext_rows_ptr + tl.maximum(slot, 0)).to(tl.int64)
         if on & (e >= 0):
-            extra = tl.load(ext_ptr + e * 2 * n_total + cols, mask=mask, other=0.0)
-            dora = tl.load(ext_ptr + (e * 2 + 1) * n_total + cols, mask=mask, other=1.0)
-            out += extra
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                out = (out - bias) * dora + bias
-            else:
-                out = out * dora
+            out = apply_extras(out, e, cols, mask, ext_ptr, bias_ptr, n_total, HAS_BIAS)
     return tl.where(on, out.to(x.dtype), x)
 
 
@@ -350,6 +351,13 @@ class PendingDelta(NamedTuple):
         """``y`` (T, sum(n_i)) += the delta, as :func:`lora_add_delta`."""
         lora_add_delta(y, self.delta, self.token_slots, self.ranks_t, self.slice_meta, self.max_width, self.extras,
                        self.bias)
+
+    def added_to(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (the layer's output, or a view of it with the same rows and width) with the delta added: ``x``
+        itself when contiguous (a layer's output is), else a contiguous copy of it."""
+        x = x.contiguous()
+        self.apply(x.view(-1, x.shape[-1]))
+        return x
 
     def fold_args(self) -> tuple:
         """The pointer arguments of the kernels that fold it: delta, its row stride, slots, ranks, ext, ext_rows, bias."""

@@ -57,8 +57,7 @@ class GatedActivation(nn.Module):
         pending = take_delta(x)  # the gate_up layer's LoRA delta, when it left it to this kernel
         if ops is not None:
             return ops.silu_and_mul(x, delta=pending)
-        if pending is not None:
-            x = x.contiguous()  # (a layer's output already is: then x itself gets the delta)
-            pending.apply(x.view(-1, x.shape[-1]))
+        if pending is not None:  # no kernel to fold it into: add it first
+            x = pending.added_to(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

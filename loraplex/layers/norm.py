@@ -30,9 +30,8 @@ class RMSNorm(nn.Module):
                 return ops.rms_norm(x, self.weight, self.eps, delta=pending)
             residual = residual if residual.is_contiguous() else residual.contiguous()
             return ops.rms_norm(x, self.weight, self.eps, residual, delta=pending), residual
-        if pending is not None:
-            x = x.contiguous()  # (a layer's output already is: then x itself gets the delta)
-            pending.apply(x.view(-1, x.shape[-1]))
+        if pending is not None:  # no kernel to fold it into: add it first
+            x = pending.added_to(x)
         if residual is not None:
             residual = x + residual
             x = residual

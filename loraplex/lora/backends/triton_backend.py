@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from loraplex.kernels.lora_embed import lora_embed_gather
-from loraplex.kernels.lora_expand import PendingDelta, lora_add_delta, lora_expand
+from loraplex.kernels.lora_expand import PendingDelta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
 from loraplex.lora.backends.base import LoRAStack
 from loraplex.lora.batch import LoRABatch
@@ -101,7 +101,7 @@ class TritonLoRABackend:
     def expand(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
                bias: Optional[torch.Tensor] = None) -> None:
         if isinstance(buf, _Delta):  # expanded beside the GEMM: add it
-            lora_add_delta(y, buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
+            _pending(buf, w, batch, bias).apply(y)
             return
         lora_expand(y, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
                     batch.expand_block_m, _extras(w), bias, pages=w.pages.table, tile_count=batch.tile_count,
@@ -114,7 +114,7 @@ class TritonLoRABackend:
         if not isinstance(buf, _Delta):
             self.expand(y, buf, w, batch, bias)
             return None
-        return PendingDelta(buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
+        return _pending(buf, w, batch, bias)
 
     def embed(self, y: torch.Tensor, ids: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> None:
         buf = lora_embed_gather(ids.reshape(-1), batch.token_slots, w.a[0], w.ranks_t[0], pages=w.pages.table)
@@ -133,6 +133,11 @@ class _Delta:
 
     def __init__(self, delta: torch.Tensor) -> None:
         self.delta = delta
+
+
+def _pending(buf: _Delta, w: LoRAStack, batch: LoRABatch, bias: Optional[torch.Tensor]) -> PendingDelta:
+    """The add of a delta expanded beside the GEMM (lora_add_delta's arguments but the output)."""
+    return PendingDelta(buf.delta, batch.token_slots, w.ranks_t, w.slice_meta, max(w.slices), _extras(w), bias)
 
 
 def _extras(w: LoRAStack) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
