@@ -7,6 +7,7 @@ the scratch block and the padded LoRA work lists are checked in CI against ordin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,11 @@ from loraplex.engine.cuda_graph import (TILE_ROWS, StepInputs, capture_sizes, is
                                         mixed_sizes)
 from loraplex.engine.request import Request
 
+# The graph tests below run the Triton kernels on the CPU, in the interpreter; on a GPU host tests/test_gpu.py
+# replays the real graphs instead.
+in_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                    reason="runs Triton on the CPU (TRITON_INTERPRET=1); on a GPU see tests/test_gpu.py")
+
 
 def test_capture_sizes() -> None:
     assert capture_sizes(1) == [1]
@@ -28,8 +34,9 @@ def test_capture_sizes() -> None:
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert mixed_sizes(2048) == [16, 32, 64, 128, 256, 512]
-    assert mixed_sizes(100) == [16, 32, 64] and mixed_sizes(8) == [8]
+    assert mixed_sizes(2048, step=0) == [16, 32, 64, 128, 256, 512]
+    assert mixed_sizes(100, step=0) == [16, 32, 64] and mixed_sizes(8) == [8]
+    assert mixed_sizes(2048) == mixed_sizes(2048, step=64)  # the default
     # LORAPLEX_MIXED_GRAPH_STEP: a graph at every multiple of the step too, so a step pads to it
     assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
     assert mixed_sizes(300, step=64) == [16, 32, 64, 128, 192, 256]
@@ -200,6 +207,7 @@ def run_mixes(llm: LLM, adapters: dict[str, str], use_graphs: bool, capture: boo
     return [done[f"r{i}"] for i in range(len(prompts))], sizes
 
 
+@in_interpreter
 def test_graph_steps_equal_eager_steps(tmp_path) -> None:
     """Graph steps (decode and mixed, the Triton backend: DoRA and LoRA bias applied in its expand kernel,
     trainable tokens and trained tables in the eager embedding and head around the adapter graphs) give what
@@ -214,6 +222,7 @@ def test_graph_steps_equal_eager_steps(tmp_path) -> None:
     assert_same(got, want, sizes)
 
 
+@in_interpreter
 def test_graph_steps_fold_deltas_as_eager_steps_add_them(tmp_path, monkeypatch) -> None:
     """LORAPLEX_LORA_FOLD_DELTA=1 in graph steps (padding rows of slot -1, DoRA, LoRA bias and the qkv bias folded by the
     layer kernels, here in the interpreter): what eager steps of the torch backend give."""
@@ -233,6 +242,7 @@ def test_graph_steps_fold_deltas_as_eager_steps_add_them(tmp_path, monkeypatch) 
     assert_same(got, want, sizes)
 
 
+@in_interpreter
 def test_mixed_graph_step_pads_to_its_multiples(tmp_path, monkeypatch) -> None:
     """With ``LORAPLEX_MIXED_GRAPH_STEP`` a step of 40 prompt tokens replays the 48-token graph instead of the
     64-token one, and gives what eager steps give."""

@@ -134,8 +134,8 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
                         adapters, use_graphs=False)
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
     graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 256, 512]
-    assert len(graphs._graphs) == 20  # decode and mixed sizes, with and without LoRA
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert len(graphs._graphs) == 28  # decode and mixed sizes, with and without LoRA
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -530,9 +530,10 @@ def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
 def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
     """LORAPLEX_LORA_FOLD_DELTA=1: the qkv_proj, o_proj, down_proj and gate_up_proj deltas expanded beside the
     GEMM are folded into the rotary-and-cache kernel, the residual-add RMSNorm and SiLU-and-mul that read those
-    outputs next (``fused``: the layer kernels, here in the interpreter; else the layers' PyTorch code after
-    ``PendingDelta.apply``), with DoRA and LoRA bias on every linear layer and the qkv bias of qwen2: the same
-    tokens and prompt logprobs, bit for bit on the CPU, as the separate add."""
+    outputs next (``fused``: the layer kernels, in the interpreter on the CPU; else the layers' PyTorch code after
+    ``PendingDelta.added_to``, on CUDA too), with DoRA and LoRA bias on every linear layer and the qkv bias of qwen2:
+    the same tokens and prompt logprobs as the separate add, bit for bit on the CPU and within 1e-5 on CUDA (float32
+    sums in another order)."""
     from loraplex.kernels import layer_ops
     from loraplex.layers import activation, norm, rotary
     from test_peft_features import redraw_magnitudes
@@ -547,9 +548,8 @@ def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
     }
     redraw_magnitudes(paths["dora"], 6)
     folded = []
-    if fused:
-        for mod in (norm, activation, rotary):  # the layer kernels on the CPU, in the interpreter
-            monkeypatch.setattr(mod, "fused_ops", lambda x: layer_ops)
+    for mod in (norm, activation, rotary):  # the layer kernels (in the interpreter on the CPU), or none on CUDA too
+        monkeypatch.setattr(mod, "fused_ops", (lambda x: layer_ops) if fused else (lambda x: None))
     for name in ("rms_norm", "silu_and_mul", "rotary"):
         inner = getattr(layer_ops, name)
         monkeypatch.setattr(layer_ops, name, lambda *a, _f=inner, **kw: folded.append(kw.get("delta") is not None)
@@ -574,7 +574,8 @@ def test_folded_deltas_equal_added_deltas(tmp_path, monkeypatch, fused) -> None:
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         assert out.outputs[0].logprobs == ref.outputs[0].logprobs or DEVICE.type != "cpu"
         for i in range(1, len(prompt)):
-            assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(ref.prompt_logprobs[i][prompt[i]], abs=1e-6)
+            got, want = out.prompt_logprobs[i][prompt[i]], ref.prompt_logprobs[i][prompt[i]]
+            assert got == want or (DEVICE.type != "cpu" and got == pytest.approx(want, abs=1e-5))
 
 
 def test_unconsumed_pending_delta_fails_the_forward() -> None:
@@ -738,7 +739,10 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     embedding and head LoRA (A transposed, padded vocabulary rows zero), LoRA bias and DoRA extras, and
     adapters overwriting pages that other adapters held; the plain all-linear adapters by their slot plans
     (lora/slot_plan.py: built once, replayed by every load and clear), the others through set_lora, each
-    overwriting the other's slots, with the same host entries (ranks, scales, active slots) as well."""
+    overwriting the other's slots, with the same host entries (ranks, scales, active slots) as well. So too
+    with a staging buffer (the CUDA default: the staged adapter copied to the device first, then the kernel
+    reads it there), sized by ``staging_bytes`` (every adapter here fits) or smaller (the larger ones are read
+    in place)."""
     model_dir = make_tiny_model(tmp_path / "model", family="llama")
     specs = {
         "a12": dict(seed=1, r=12, target_modules="all-linear"),
@@ -750,12 +754,24 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
     }
     paths = {n: make_adapter(model_dir, tmp_path / n, **kw) for n, kw in specs.items()}
     launches, word_addrs = [], []
-    _spy_slot_writes(monkeypatch, "copy_pieces", lambda *a: launches.append(a[1].shape[0]))
+    staged: list[bool] = []  # per copy launch: whether it read the staging buffer
+    buffer: list[Optional[torch.Tensor]] = [None]
+
+    def record_copy(src, desc, *rest) -> None:
+        launches.append(desc.shape[0])
+        staged.append(buffer[0] is not None and src.untyped_storage().data_ptr() == buffer[0].data_ptr())
+
+    _spy_slot_writes(monkeypatch, "copy_pieces", record_copy)
     # each launch sets an address once (its lanes' stores to one address would land in no set order on a GPU)
     _spy_slot_writes(monkeypatch, "write_words", lambda *a: word_addrs.append(a[0].tolist()))
 
-    def slots(batched: bool) -> list[torch.Tensor]:
+    def slots(batched: bool, staging: str = "none") -> list[torch.Tensor]:
         pool = _engine_with(model_dir, paths, batched, monkeypatch, max_loras=2, max_lora_rank=24).engine.pool
+        lm = pool.lora_model
+        sizes = sorted(pool.get(n).packed[1].numel() for n in paths)
+        assert sizes[-1] <= lm.staging_bytes()  # the bound holds for every adapter without trainable tokens
+        n = {"none": 0, "fits": lm.staging_bytes(), "some": sizes[len(sizes) // 2]}[staging]
+        lm.staging = buffer[0] = torch.zeros(n, dtype=torch.uint8, device=DEVICE) if n else None
         # later loads evict earlier ones, planned and not, and take their pages
         for group in (["a12", "e8"], ["bias", "dora"], ["big"], ["e8", "a12"], ["big"], ["a12", "bias"],
                       ["q8", "dora", "e8"], ["big", "q8"]):
@@ -772,12 +788,16 @@ def test_batched_slot_writes_equal_per_tensor_writes(tmp_path, monkeypatch) -> N
 
     want = slots(batched=False)
     assert not launches
-    got = slots(batched=True)
-    assert launches and sum(launches) > len(launches)  # pieces went through the batched kernel
-    assert word_addrs and all(len(set(addrs)) == len(addrs) for addrs in word_addrs)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    for staging in ("none", "fits", "some"):
+        launches.clear()
+        staged.clear()
+        got = slots(batched=True, staging=staging)
+        assert launches and sum(launches) > len(launches)  # pieces went through the batched kernel
+        assert {"none": not any(staged), "fits": all(staged), "some": any(staged) and not all(staged)}[staging]
+        assert word_addrs and all(len(set(addrs)) == len(addrs) for addrs in word_addrs)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), staging
 
 
 def test_slot_plan_overwriting_a_slot_sets_each_word_once(tmp_path, monkeypatch) -> None:

@@ -59,7 +59,7 @@ def defer_delta(y: torch.Tensor, pending: Any) -> None:
 
 def take_delta(x: torch.Tensor) -> Optional[Any]:
     """The LoRA delta left pending for ``x`` (then no longer pending), or None: a kernel reading ``x`` must fold
-    it in, or apply it (``PendingDelta.apply``) before anything else reads ``x``."""
+    it in, or apply it (``PendingDelta.added_to``) before anything else reads ``x``."""
     got = take_delta_within(x)
     if got is None:
         return None

@@ -153,11 +153,16 @@ class SlotWriter:
     the page from the table), so what an adapter records does not depend on the slot it goes to: a
     :class:`~loraplex.lora.slot_plan.SlotPlan` keeps it, and later loads add it whole (:meth:`add_plan`).
     Sources that are not views of ``flat`` (or not of the stack's dtype) are copied at once, as without a
-    writer."""
+    writer.
 
-    def __init__(self, flat: torch.Tensor, device: torch.device) -> None:
+    ``staging``: a device buffer (uint8) that ``flat`` is first copied into whole when it fits, by one
+    asynchronous copy (the copy engine), so that the copy kernel reads device memory; else the kernel reads the
+    pinned ``flat`` in place over PCIe, holding SMs that the steps running beside it need for as long."""
+
+    def __init__(self, flat: torch.Tensor, device: torch.device, staging: Optional[torch.Tensor] = None) -> None:
         self.flat = flat  # uint8, the staged adapter (pinned host memory on CUDA)
         self.device = device
+        self.staging = staging
         self.pieces: dict[int, list[int]] = {}  # element size -> rows of kernels.slot_write.PIECE_FIELDS, flat
         self.words: list[tuple[int, int]] = []  # (address, 32 bits as a signed int)
         self.plans: list[tuple[Any, int, bool]] = []  # (SlotPlan, slot, load: else clear)
@@ -218,12 +223,18 @@ class SlotWriter:
             _, last = np.unique(both[::-1, 0], return_index=True)
             both = both[len(both) - 1 - last]
             keep += write_words(torch.from_numpy(both[:, 0].copy()), torch.from_numpy(both[:, 1].copy()), self.device)
+        src = self.flat
+        if (self.staging is not None and (self.pieces or any(load for _, _, load in self.plans))
+                and 0 < src.numel() <= self.staging.numel()):
+            src = self.staging[:src.numel()]
+            src.copy_(self.flat, non_blocking=True)  # the same stream as the kernels: they read it after
+            keep.append(self.flat)
         for size, desc in self.descriptors():
-            keep += copy_pieces(as_words(self.flat, size), desc, self.device, table, row)
+            keep += copy_pieces(as_words(src, size), desc, self.device, table, row)
         for plan, slot, load in self.plans:
             if load:
                 for size, desc in plan.pieces.items():
-                    keep += copy_pieces(as_words(self.flat, size), desc, self.device, table, row)
+                    keep += copy_pieces(as_words(src, size), desc, self.device, table, row)
         self.pieces, self.words, self.plans = {}, [], []
         return keep
 
