@@ -86,6 +86,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "engine's default, on with one rank, off under tensor parallelism)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks the model is sharded over (one GPU each); the floor is then per GPU")
+    p.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                   help="torch.backends.cuda.preferred_blas_library for the base projections (set before the "
+                        "graphs are captured; one rank only): does cuBLASLt pick better kernels for decode's "
+                        "skinny GEMMs?")
     p.add_argument("--skip-itl", action="store_true")
     p.add_argument("--itl-budgets", type=int, nargs="+", default=[0, 512],
                    help="per-step token budgets of the inter-token latency case (0: the engine's "
@@ -98,6 +102,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default="bench_out/gpu_decode.json")
     p.add_argument("--plot", default="bench_out/gpu_decode.png")
     a = p.parse_args(argv)
+    if a.blas != "default" and a.tensor_parallel_size > 1:
+        p.error("--blas applies to this process only: use it with --tensor-parallel-size 1")
     if a.lora_overlap != "auto":
         os.environ["LORAPLEX_LORA_OVERLAP"] = "1" if a.lora_overlap == "on" else "0"  # every rank's backend reads it
     preset = PRESETS[a.preset]
@@ -436,6 +442,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device = torch.device(a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype)
+    if a.blas != "default":
+        torch.backends.cuda.preferred_blas_library(a.blas)
     card = card_rates(device, dtype)
     print(f"card: copy {card['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {card['matmul_flops_per_s'] / 1e12:.0f} "
           f"TFLOP/s ({dtype})", flush=True)
