@@ -40,6 +40,11 @@ def test_capture_sizes() -> None:
     # LORAPLEX_MIXED_GRAPH_STEP: a graph at every multiple of the step too, so a step pads to it
     assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
     assert mixed_sizes(300, step=64) == [16, 32, 64, 128, 192, 256]
+    # above FINE_MIXED_TOKENS (LORAPLEX_MIXED_GRAPH_TOKENS raised) only powers of two
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_graph, "MAX_MIXED_TOKENS", 2048)
+        assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 1024, 2048]
+        assert mixed_sizes(1500, step=64) == mixed_sizes(1024, step=64) == mixed_sizes(2048, step=64)[:-1]
     with pytest.raises(ValueError, match="multiple of 16, got 40"):
         mixed_sizes(512, step=40)
 

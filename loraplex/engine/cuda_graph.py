@@ -61,6 +61,11 @@ MAX_MIXED_TOKENS = int(os.environ.get("LORAPLEX_MIXED_GRAPH_TOKENS", "512"))
 # the kernels' specialisations stay those of the powers of two; 0: powers of two only): with 1,000 adapters on
 # an H200 it took the load from 0.86 to 0.96-0.98 of one adapter's throughput, for four more graphs at start-up.
 MIXED_GRAPH_STEP = int(os.environ.get("LORAPLEX_MIXED_GRAPH_STEP", "64"))
+# The multiples of the step stop here; above it (LORAPLEX_MIXED_GRAPH_TOKENS > 512) the sizes are powers of two
+# only: such steps are rare (groups of prompts admitted together) and would otherwise run eagerly at 25-50 ms
+# of host time, so a coarse graph beats none, and two more sizes cost start-up little where multiples of 64 up
+# to 2,048 would add 24.
+FINE_MIXED_TOKENS = 512
 
 
 def capture_sizes(largest: int) -> list[int]:
@@ -73,15 +78,15 @@ def capture_sizes(largest: int) -> list[int]:
 
 def mixed_sizes(max_tokens: int, step: Optional[int] = None) -> list[int]:
     """Token counts of the mixed graphs: powers of two from 16 to ``min(MAX_MIXED_TOKENS, max_tokens)``, and
-    with ``step`` (default ``MIXED_GRAPH_STEP``, 64; 0: none) every multiple of it up to there too (``max_tokens``
-    itself when it is smaller than 16)."""
+    with ``step`` (default ``MIXED_GRAPH_STEP``, 64; 0: none) every multiple of it up to there too, or up to
+    ``FINE_MIXED_TOKENS`` when that is lower (``max_tokens`` itself when it is smaller than 16)."""
     step = MIXED_GRAPH_STEP if step is None else step
     if step % 16:
         raise ValueError(f"LORAPLEX_MIXED_GRAPH_STEP must be a multiple of 16, got {step}")
     top = min(MAX_MIXED_TOKENS, max_tokens)
     sizes = {16 << i for i in range(16) if 16 << i <= top}
     if step:
-        sizes.update(range(step, top + 1, step))
+        sizes.update(range(step, min(top, FINE_MIXED_TOKENS) + 1, step))
     return sorted(sizes) or [top]
 
 
