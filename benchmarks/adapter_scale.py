@@ -93,6 +93,7 @@ TRACE = False  # --trace: every step's row in the JSON
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
              max_tokens: list[int]) -> dict[str, float]:
     from loraplex import SamplingParams
+    from loraplex.lora.pool import REREAD_THREADS
 
     eng = llm.engine
     params = {n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in set(max_tokens)}
@@ -111,7 +112,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     # As the server does (server/engine_core.py): a request whose adapter was evicted from host memory waits
     # while an I/O thread re-reads the adapter's folder, then joins; the step loop never waits for a disk.
     # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
-    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
+    io = ThreadPoolExecutor(max_workers=REREAD_THREADS, thread_name_prefix="adapter-io")  # as the server's
     rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
 
     def add(rid: str, i: int) -> None:
@@ -391,7 +392,8 @@ def main() -> int:
         results[layout] = run_layout(a, cfg, layout, str(model), folders, picks, prompts, lengths, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"config": vars(a), "preset": vars(cfg), "device": name,
+    env = {k: v for k, v in os.environ.items() if k.startswith("LORAPLEX_")}  # the engine options of the run
+    Path(a.json).write_text(json.dumps({"config": vars(a), "preset": vars(cfg), "device": name, "env": env,
                                         "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
     print(f"wrote {a.json} ({name})")
     if PROFILE is not None:  # where the engine thread's acquire time went, over every run and layout

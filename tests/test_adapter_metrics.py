@@ -69,3 +69,35 @@ def test_evicted_adapters_are_re_read_off_the_step_loop(tmp_path) -> None:
         assert disk >= 4  # every adapter but the one still in host memory was re-read
     finally:
         s.stop()
+
+
+def test_concurrent_re_reads_on_several_threads(tmp_path, monkeypatch) -> None:
+    """LORAPLEX_ADAPTER_READ_THREADS=3: requests for four evicted adapters at once (one slot, one host place)
+    re-read their folders on three threads side by side; every request gets offline generation's text, and
+    a request for an adapter whose re-read is already running waits for that one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    monkeypatch.setenv("LORAPLEX_ADAPTER_READ_THREADS", "3")  # read by the engine process at start
+    model_dir = make_tiny_model(tmp_path / "model", family="llama")
+    names = ["a", "b", "c", "d"]
+    loras = {n: make_adapter(model_dir, tmp_path / n, seed=i, r=4) for i, n in enumerate(names)}
+    kw = {**ENGINE_KW, "max_loras": 1, "max_cpu_loras": 1}
+    llm = LLM(model_dir, **kw)
+    p = SamplingParams(max_tokens=4, temperature=0.0)
+    want = {n: llm.generate(PROMPT, p, lora_request=LoRARequest(n, path), use_tqdm=False)[0].outputs[0].text
+            for n, path in loras.items()}
+    s = Server(model_dir, loras, engine_kw=kw)
+    try:
+        c = s.client()
+        order = names * 3
+        with ThreadPoolExecutor(max_workers=len(order)) as ex:
+            got = list(ex.map(lambda m: c.completions.create(model=m, prompt=PROMPT, max_tokens=4,
+                                                             temperature=0).choices[0].text, order))
+        assert got == [want[m] for m in order]
+        m = parse(httpx.get(s.url + "/metrics").text)
+        disk = sum(v for k, v in m.items() if k.startswith("loraplex_adapter_load_seconds_count") and 'disk' in k)
+        assert disk >= 3  # at least every adapter but the one still in host memory was re-read
+    finally:
+        s.stop()

@@ -39,6 +39,13 @@ from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
 from loraplex.types import LoRARequest
 
+# Threads that re-read adapters evicted from host memory (the server's engine process; adapter_scale.py does
+# the same). Each read is mostly file reads, hashing and copies that release the GIL, so reads of different
+# adapters overlap; registrations and reloads keep one thread of their own, in order. One until a GPU has timed
+# more (a cold start of 1,000 adapters queued some 350 reads of about 30 ms each behind one thread):
+# LORAPLEX_ADAPTER_READ_THREADS.
+REREAD_THREADS = max(1, int(os.environ.get("LORAPLEX_ADAPTER_READ_THREADS", "1")))
+
 MAX_ADAPTER_NAME_LEN = 256
 # First character a letter or digit, then letters, digits, '.', '_', '-', '/'. ':' is reserved for the server's
 # ``base:adapter`` model syntax and '@' for ``name@version`` pinning. ASCII only.

@@ -52,7 +52,12 @@ class EngineCore:
         self.engine.output_kind = "delta"
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
+        # registrations and reloads in the order they came; re-reads of evicted adapters on threads of their own
+        # (each name read once at a time: _rereads), which a registration never waits behind
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
+        from loraplex.lora.pool import REREAD_THREADS
+
+        self.reread_io = ThreadPoolExecutor(max_workers=REREAD_THREADS, thread_name_prefix="loraplex-adapter-reread")
         self._rereads: dict[str, list[tuple]] = {}
         self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()  # adapter being re-read off the loop -> "add" messages waiting
         self.running = True
@@ -87,7 +92,7 @@ class EngineCore:
                 waiting = self._rereads.setdefault(name, [])
                 waiting.append(msg)
                 if len(waiting) == 1:
-                    self.io.submit(self._reread, name)
+                    self.reread_io.submit(self._reread, name)
                 return
             try:
                 self.engine.add_request(prompt, params, lora, rid)
@@ -240,6 +245,7 @@ class EngineCore:
                 acks, self.acks = self.acks, []
                 self._send(("step", acks, deltas, dt, self.stats()))
         self.io.shutdown(wait=False, cancel_futures=True)
+        self.reread_io.shutdown(wait=False, cancel_futures=True)
 
 
 def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log_level: str) -> None:
