@@ -96,10 +96,13 @@ class LoRAModel:
         # H200 (8B shape, 1,000 adapters) steps that started a load took 0.8 ms longer than the others at the
         # median against 0.06 ms with this buffer. Sized for one adapter of max_rank on every wrapped layer;
         # larger staged adapters (trainable tokens, saved tables) are read in place. Loads run one after another
-        # on the upload stream, so one buffer serves them all. LORAPLEX_SLOT_LOAD_STAGING=0: no buffer.
+        # on the upload stream, so one buffer serves them all. Under tensor parallelism only rank 0 reads staged
+        # adapters from host memory (the others receive them on the device). LORAPLEX_SLOT_LOAD_STAGING=0: none.
+        from loraplex.distributed.parallel_state import get_tp_rank
+
         self.staging: Optional[torch.Tensor] = None
         if (device.type == "cuda" and self.batched_writes and not self.pages.identity and self.modules
-                and os.environ.get("LORAPLEX_SLOT_LOAD_STAGING", "1") != "0"):
+                and get_tp_rank() == 0 and os.environ.get("LORAPLEX_SLOT_LOAD_STAGING", "1") != "0"):
             self.staging = torch.empty(self.staging_bytes(), dtype=torch.uint8, device=device)
         config = getattr(model, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config

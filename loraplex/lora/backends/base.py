@@ -224,7 +224,9 @@ class SlotWriter:
             both = both[len(both) - 1 - last]
             keep += write_words(torch.from_numpy(both[:, 0].copy()), torch.from_numpy(both[:, 1].copy()), self.device)
         src = self.flat
-        if (self.staging is not None and (self.pieces or any(load for _, _, load in self.plans))
+        # a buffer in host memory (a device one, as tensor parallelism's ranks receive, is read where it is)
+        copies = bool(self.pieces) or any(load for _, _, load in self.plans)
+        if (copies and self.staging is not None and src.device.type == "cpu"
                 and 0 < src.numel() <= self.staging.numel()):
             src = self.staging[:src.numel()]
             src.copy_(self.flat, non_blocking=True)  # the same stream as the kernels: they read it after
