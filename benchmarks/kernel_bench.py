@@ -145,6 +145,7 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
     """The ``--layer`` rows: see the module docstring."""
     from loraplex.kernels.lora_expand import lora_expand
     from loraplex.kernels.lora_shrink import lora_shrink
+    from loraplex.kernels.common import num_sms
 
     dtype = getattr(torch, a.dtype)
     page, rank, slots = 8, a.rank, a.slots
@@ -198,6 +199,14 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
                                 lora_expand(y, parts, B, ranks, scales, meta, max(slices), tiles, 16, pages=pages,
                                             tile_count=count, block_n=bn, num_warps=nw)
                             row["expand_sweep"][f"{bn}x{nw}"] = timer(tuned, a.iters)
+                    if a.shrink_sweep and reduce:  # the graph step's shrink (device splits) over its launch knobs
+                        row["shrink_sweep"] = {}
+                        for per_sm, bk, nw, ns in itertools.product((1, 2, 4, 8, 16), (64, 128, 256), (2, 4, 8),
+                                                                   (2, 3, 4)):
+                            def swept(per_sm=per_sm, bk=bk, nw=nw, ns=ns) -> None:
+                                lora_shrink(x, A, ranks, tiles, 16, **kw, device_splits=True, block_k=bk,
+                                            split_target=per_sm * num_sms(dev), num_warps=nw, num_stages=ns)
+                            row["shrink_sweep"][f"{per_sm}/SM,k{bk},w{nw},s{ns}"] = timer(swept, a.iters)
                 rows.append(row)
     return rows
 
@@ -235,6 +244,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="--layer: adapter slots (distinct adapters at most)")
     ap.add_argument("--sweep", action="store_true", help="--layer: also time the expand's output block (64-512 "
                     "columns) and warps (2, 4, 8), and the shrink with its split count chosen on the device")
+    ap.add_argument("--shrink-sweep", action="store_true",
+                    help="--layer: also time the graph step's shrink (split-K sized on the device) over its work items "
+                         "per SM (1-16), K block (64-256), warps (2-8) and pipeline stages (2-4)")
     ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
                     "the bandwidth each reaches")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
@@ -279,6 +291,20 @@ def main() -> None:
                 best = sorted((us, k) for (t, c, k), us in tilings.items() if (t, c) == (T, case))[:3]
                 print(f"expand sweep, layer, {T} tokens, {case}: default {v[1]:.1f} us; best "
                       + ", ".join(f"{k} (columns x warps) {us:.1f}" for us, k in best))
+        if a.shrink_sweep:  # per layer: each shrink launch setting summed over the modules, against the default's
+            settings: dict = {}
+            for r in rows:
+                for k, us in r["shrink_sweep"].items():
+                    key = (r["tokens"], r["case"], k)
+                    settings[key] = settings.get(key, 0.0) + us
+            for (T, case) in sums:
+                dev_us = sum(r["shrink_us_device_splits"] for r in rows if (r["tokens"], r["case"]) == (T, case)) \
+                    if a.sweep else None
+                best = sorted((us, k) for (t, c, k), us in settings.items() if (t, c) == (T, case))[:3]
+                default = settings.get((T, case, "2/SM,k128,w4,s3"))
+                print(f"shrink sweep, layer, {T} tokens, {case}: default (2/SM,k128,w4,s3) {default:.1f} us"
+                      + (f" (device splits, --sweep: {dev_us:.1f})" if dev_us is not None else "") + "; best "
+                      + ", ".join(f"{k} {us:.1f}" for us, k in best))
         device = torch.cuda.get_device_name()
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"config": vars(a), "results": rows, "device": device,

@@ -139,7 +139,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
                 split_k: Optional[int] = None, block_k: Optional[int] = None,
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
                 max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None,
-                reduce: bool = True, device_splits: bool = False, split_target: Optional[int] = None) -> torch.Tensor:
+                reduce: bool = True, device_splits: bool = False, split_target: Optional[int] = None,
+                num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -155,7 +156,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     the expand reads one value per element rather than one per split. ``device_splits`` (with ``reduce`` and
     ``tile_count``): the kernel picks the split count itself from the real tile count, for about
     ``split_target`` work items (default: two per SM), at most the host's; a CUDA graph sized for one adapter
-    then splits less when its batch holds many."""
+    then splits less when its batch holds many. ``num_warps`` / ``num_stages`` override the launch's (tuning:
+    ``benchmarks/kernel_bench.py --layer --shrink-sweep``)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -187,7 +189,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
              BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce,
              DEVICE_SPLITS=device_splits),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return buf if reduce else out
 
