@@ -19,7 +19,8 @@ per row (at most ``--slots``), each kernel alone, graph-replayed; microseconds p
 the shrink summing its split-K partials (the default) and with the expand summing them.
 
 ``--gemm``: instead, the base projections of one Llama-3-8B decoder layer (qkv, o, gate_up, down) at the
-``--layer-batches`` rows through cuBLAS (``F.linear``), graph-replayed, microseconds, with the bandwidth each
+``--layer-batches`` rows through cuBLAS (``F.linear``) and, side by side, with PyTorch asking cuBLASLt
+instead (``torch.backends.cuda.preferred_blas_library``), graph-replayed, microseconds, with the bandwidth each
 reaches reading its weight: the bound of the no-adapter decode step. (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
@@ -220,13 +221,20 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
         gb = w.numel() * w.element_size() / 1e9
         for T in a.layer_batches:
             x = torch.randn(T, K, device=dev).to(dtype)
-            row = {"module": name, "tokens": T,
-                   "cublas_us": time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)}
-            row["cublas_tbs"] = gb / row["cublas_us"] * 1e3
+            row = {"module": name, "tokens": T}
+            for lib in ("cublas", "cublaslt"):  # side by side: which library PyTorch asks for the GEMM
+                torch.backends.cuda.preferred_blas_library(lib)
+                tag = "" if lib == "cublas" else "_lt"
+                row[f"cublas_us{tag}"] = time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)
+                row[f"cublas_tbs{tag}"] = gb / row[f"cublas_us{tag}"] * 1e3
+            torch.backends.cuda.preferred_blas_library("cublas")
             rows.append(row)
-            print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s)", flush=True)
+            print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s), cuBLASLt "
+                  f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)", flush=True)
     for T in a.layer_batches:
-        print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in rows if r['tokens'] == T):7.1f} us")
+        mine = [r for r in rows if r["tokens"] == T]
+        print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in mine):7.1f} us, cuBLASLt "
+              f"{sum(r['cublas_us_lt'] for r in mine):7.1f} us")
     return rows
 
 
