@@ -342,9 +342,10 @@ def main() -> int:
     p.add_argument("--layouts", nargs="+", choices=["paged", "padded"],
                    help="slot layouts to run (default: both on a GPU; padded, with the torch backend, on a CPU, where "
                         "the Triton kernels would run in the interpreter)")
-    p.add_argument("--admit-loading", action="store_true",
-                   help="LORAPLEX_ADMIT_LOADING=1: a request whose adapter is being copied into its slot joins the "
-                        "next step, which waits for the copy on the device (experimental)")
+    p.add_argument("--admit-loading", nargs="?", const="1", choices=["0", "1", "next"], default=None,
+                   help="LORAPLEX_ADMIT_LOADING: 1 (the flag alone), a request whose adapter is being copied into its "
+                        "slot joins at once and its step waits for the copy on the device; next, it joins from the "
+                        "next scheduling round (experimental; default: the environment's, else 0)")
     p.add_argument("--profile-acquire", action="store_true",
                    help="cProfile the engine thread's time in the pool's acquire (slot choice, eviction, the slot "
                         "writes' host work) over every run, and print where it goes (the profile slows it)")
@@ -366,8 +367,8 @@ def main() -> int:
     TRACE = a.trace
     if a.profile_acquire:
         PROFILE = cProfile.Profile()
-    if a.admit_loading:
-        os.environ["LORAPLEX_ADMIT_LOADING"] = "1"  # read by the adapter pool when the engine starts
+    if a.admit_loading is not None:
+        os.environ["LORAPLEX_ADMIT_LOADING"] = a.admit_loading  # read by the adapter pool when the engine starts
     cfg = SimpleNamespace(**PRESETS[a.preset])
     for key in ("num_adapters", "num_requests", "rate"):
         if getattr(a, key) is not None:

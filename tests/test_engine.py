@@ -590,3 +590,24 @@ def test_admit_loading_hands_out_a_slot_whose_copy_is_in_flight(monkeypatch) -> 
     pool.poll()
     assert pool.load_event(slot) is None
     assert [e[:2] for e in pool.drain_events()] == [("b", "load")]
+
+    # =next: not in the round that started the copy, but from the next one, still copying (the step waits on
+    # the device for an event that has usually completed by then)
+    monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "next")
+    pool = LoRAPool(model, 2, 8, 4)
+    assert pool.waits_on_device and not pool.admit_loading
+    pool.new_round()
+    assert pool.acquire(a) is None and pool.acquire(a) is None  # the round that started the copy
+    pool.new_round()
+    slot = pool.acquire(a)
+    assert slot is not None and pool.load_event(slot) is events[-1] and pool.num_slot_loads == 1
+    events[-1].done = True
+    pool.poll()
+    assert pool.load_event(slot) is None
+    pool.new_round()
+    assert pool.acquire(b) is None  # a new copy: its own round again
+    assert len(events) == 4 and pool.acquire(a) == slot  # a is resident: a plain hit
+
+    monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "yes")
+    with pytest.raises(ValueError, match="LORAPLEX_ADMIT_LOADING must be 0, 1 or next, got 'yes'"):
+        LoRAPool(model, 2, 8, 4)

@@ -345,14 +345,14 @@ def test_tensor_parallel_on_gpus_equals_one(family, tp, tmp_path) -> None:
         assert max(abs(a - b) for a, b in zip(gd, wd)) < 5e-5
 
 
-@pytest.mark.parametrize("admit", [False, True], ids=["host-gate", "admit-loading"])
+@pytest.mark.parametrize("admit", ["0", "1", "next"], ids=["host-gate", "admit-loading", "admit-next-round"])
 def test_adapter_upload_overlaps_running_steps(graph_setup, monkeypatch, admit) -> None:
     """An adapter copied into a slot while requests decode (item 8 of issue 9): the copy runs on a side stream
     from pinned memory (no synchronising call on the host), its request waits until the copy is done (by
-    default on the host; with LORAPLEX_ADMIT_LOADING=1 it joins the next step, which waits for the copy on the
-    device), the running requests go on; tokens equal a run where the adapter was in its slot from the start."""
-    if admit:
-        monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "1")
+    default on the host; with LORAPLEX_ADMIT_LOADING=1 it joins the step that starts the copy, which waits for
+    it on the device; with =next the step after), the running requests go on; tokens equal a run where the
+    adapter was in its slot from the start."""
+    monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", admit)
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, adapters = graph_setup
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -381,12 +381,16 @@ def test_adapter_upload_overlaps_running_steps(graph_setup, monkeypatch, admit) 
         try:
             outs = list(eng.step())
             joined = "r2" in {r.request_id for r in eng.scheduler.running}
-            outs += [o for _ in range(2) for o in eng.step()]
+            outs += list(eng.step())
+            joined_next = "r2" in {r.request_id for r in eng.scheduler.running}
+            outs += list(eng.step())
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert {o.request_id for o in outs} >= {"r0", "r1"}  # the running requests went on
-        if late and admit:
+        if late and admit == "1":
             assert joined  # admitted by the step that started its copy
+        if late and admit == "next":
+            assert joined_next  # admitted by the step after it, whether or not the host saw the copy done
         if late:
             assert eng.pool.num_slot_loads == loads + 1
         done = {}

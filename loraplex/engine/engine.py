@@ -510,7 +510,7 @@ class LLMEngine:
             self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared))
             self._tp_finished = []
         batch = self.runner.prepare(seqs)
-        if self.pool is not None and self.pool.admit_loading:  # slots still being copied: wait on the device
+        if self.pool is not None and self.pool.waits_on_device:  # slots still being copied: wait on the device
             for slot in {s.req.slot for s in seqs if s.req.slot >= 0}:
                 done = self.pool.load_event(slot)
                 if done is not None:

@@ -246,6 +246,7 @@ class Scheduler:
         STARVATION_ROUNDS rounds); kept while that adapter still waits, so the set does not wander."""
         if self.pool is None:
             return set()
+        self.pool.new_round()
         self.pool.poll()
         starving = next((r.adapter for r in self.waiting
                          if r.adapter is not None and r.slot_waits >= STARVATION_ROUNDS), None)

@@ -113,10 +113,18 @@ class LoRAPool:
         self._load_started: dict[int, float] = {}  # slot -> when its upload started (time.monotonic)
         # Admit a request whose adapter is still being copied into its slot: the step that runs it makes the
         # compute stream wait for the copy on the device (``load_event``; the host never waits), where by
-        # default the request waits until the host sees the copy done, two or more steps later. That step,
-        # and the requests sharing it, then wait for the copy (a few MB over PCIe). Experimental until
-        # measured on a GPU: LORAPLEX_ADMIT_LOADING=1.
-        self.admit_loading = os.environ.get("LORAPLEX_ADMIT_LOADING") == "1"
+        # default the request waits until the host sees the copy done, one or two steps later (with async
+        # scheduling the host schedules a step while the one before it still runs). LORAPLEX_ADMIT_LOADING=1:
+        # at once, so the step that starts the copy waits for it (a few MB through the copy engine); =next:
+        # from the next scheduling round, when the copy has usually finished beside the step before and the
+        # wait costs nothing, so a miss waits one step at most. Both opt-in until measured on a GPU.
+        mode = os.environ.get("LORAPLEX_ADMIT_LOADING", "0")
+        if mode not in ("0", "1", "next"):
+            raise ValueError(f"LORAPLEX_ADMIT_LOADING must be 0, 1 or next, got {mode!r}")
+        self.admit_loading = mode == "1"
+        self.admit_next_round = mode == "next"
+        self._round = 0  # scheduling rounds (new_round), to tell a copy started in an earlier round
+        self._load_round: dict[int, int] = {}  # slot -> the round its upload started in
         # (adapter, event, seconds) since the last drain_events(): "hit" (admitted with its adapter in a slot),
         # "load" (an upload into a slot completed, seconds since it started), "read" (re-read from disk after
         # host eviction, seconds). The server turns them into per-adapter metrics; bounded for engines that
@@ -364,6 +372,7 @@ class LoRAPool:
         if not done.query():
             return False
         del self._loads[slot]
+        self._load_round.pop(slot, None)
         self._loaded(slot)
         return True
 
@@ -390,6 +399,7 @@ class LoRAPool:
             done.synchronize()
             self._loaded(slot)
         self._loads.clear()
+        self._load_round.clear()
 
     def acquire(self, adapter: LoRAAdapter) -> Optional[int]:
         """Pin a slot holding ``adapter`` and return it; or start copying ``adapter`` into a free slot
@@ -432,9 +442,11 @@ class LoRAPool:
             self._load_started[slot] = t0
             if done is not None:
                 self._loads[slot] = done
+                self._load_round[slot] = self._round
             else:
                 self._loaded(slot)
-        if not self._ready(slot) and not self.admit_loading:
+        if not self._ready(slot) and not self.admit_loading and not (
+                self.admit_next_round and self._load_round.get(slot, self._round) < self._round):
             return None
         if hit:
             self._events.append((adapter.name, "hit", 0.0))  # admitted without a copy
@@ -465,6 +477,15 @@ class LoRAPool:
                 break
             chosen.append(s)
         return set(chosen) if (idle or chosen) and self.lora_model.fits(adapter, idle + chosen) else set()
+
+    @property
+    def waits_on_device(self) -> bool:
+        """Whether a step may read a slot whose copy the host has not seen complete (``load_event``)."""
+        return self.admit_loading or self.admit_next_round
+
+    def new_round(self) -> None:
+        """A scheduling round begins (the scheduler, once per schedule)."""
+        self._round += 1
 
     def poll(self) -> None:
         """Note the slot uploads that have completed (their load latency is taken here: once a step)."""
