@@ -609,5 +609,5 @@ def test_admit_loading_hands_out_a_slot_whose_copy_is_in_flight(monkeypatch) -> 
     assert len(events) == 4 and pool.acquire(a) == slot  # a is resident: a plain hit
 
     monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "yes")
-    with pytest.raises(ValueError, match="LORAPLEX_ADMIT_LOADING must be 0, 1 or next, got 'yes'"):
+    with pytest.raises(ValueError, match="LORAPLEX_ADMIT_LOADING='yes': expected one of 0, 1, next"):
         LoRAPool(model, 2, 8, 4)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -43,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from loraplex import envs
 from loraplex.attention.metadata import AttentionMetadata
 from loraplex.engine.context import ForwardContext
 from loraplex.lora.batch import LoRABatch
@@ -54,13 +54,13 @@ TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps
 # max_num_batched_tokens): an eager step of the 8B shape costs 20-30 ms of host time (about 44,000 Python calls,
 # 225 kernel launches), as long as the GPU's work for a 2,000-token step, and more while other threads hold the
 # GIL; a larger graph costs start-up time and the graph pool's activation memory.
-MAX_MIXED_TOKENS = int(os.environ.get("LORAPLEX_MIXED_GRAPH_TOKENS", "512"))
+MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # A mixed step replays the smallest graph that holds it and computes every padding token: on an H200 (8B shape)
 # a step of 316 tokens took as long as one of 444 in the 512-token graph (15 ms against 6.6 ms for decodes
 # alone). So there is a graph at every multiple of LORAPLEX_MIXED_GRAPH_STEP too (default 64; a multiple of 16:
 # the kernels' specialisations stay those of the powers of two; 0: powers of two only): with 1,000 adapters on
 # an H200 it took the load from 0.86 to 0.96-0.98 of one adapter's throughput, for four more graphs at start-up.
-MIXED_GRAPH_STEP = int(os.environ.get("LORAPLEX_MIXED_GRAPH_STEP", "64"))
+MIXED_GRAPH_STEP = envs.LORAPLEX_MIXED_GRAPH_STEP
 # The multiples of the step stop here; above it (LORAPLEX_MIXED_GRAPH_TOKENS > 512) the sizes are powers of two
 # only: such steps are rare (groups of prompts admitted together) and would otherwise run eagerly at 25-50 ms
 # of host time, so a coarse graph beats none, and two more sizes cost start-up little where multiples of 64 up

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from loraplex import envs
 from loraplex.attention.registry import get_attention_backend
 from loraplex.config import EngineConfig
 from loraplex.distributed.parallel_state import broadcast_from_first, get_tp_size, min_over_ranks
@@ -239,7 +240,7 @@ class LLMEngine:
         CPU, ``LORAPLEX_EMULATE_CUDA_GRAPHS=1`` (tests) sets up the graphs' buffers and runs graph steps eagerly
         over them (:meth:`ModelRunner.capture_graphs` with ``capture=False``), in every rank's process."""
         mc = self.config.model_config
-        emulate = self.device.type == "cpu" and os.environ.get("LORAPLEX_EMULATE_CUDA_GRAPHS") == "1"
+        emulate = self.device.type == "cpu" and envs.LORAPLEX_EMULATE_CUDA_GRAPHS
         if (self.device.type != "cuda" and not emulate) or mc.enforce_eager:
             return False, False
         backend = get_attention_backend(self.config.cache_config.attention_backend, self.device).name

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from loraplex import envs
+
 logger = logging.getLogger("loraplex")
 
 # Read when the kernels are imported, as triton reads it when it decorates them.
@@ -35,7 +37,7 @@ def num_sms(device: Optional[torch.device] = None) -> int:
 
 
 # Read once, when the kernels are imported: every LoRA launch asks (eager steps make hundreds a step).
-_PROGRAMS_PER_SM = int(os.environ.get("LORAPLEX_LORA_PROGRAMS_PER_SM", "32"))
+_PROGRAMS_PER_SM = envs.LORAPLEX_LORA_PROGRAMS_PER_SM
 
 
 def programs_per_sm() -> int:
@@ -71,7 +73,7 @@ class Launcher:
 
     def __init__(self, fn) -> None:
         self.fn = fn
-        self.fast = not INTERPRET and os.environ.get("LORAPLEX_TRITON_FAST_LAUNCH", "1") != "0"
+        self.fast = not INTERPRET and envs.LORAPLEX_TRITON_FAST_LAUNCH
         self._compiled: dict = {}
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:

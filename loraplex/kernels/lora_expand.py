@@ -38,13 +38,13 @@ run beside the GEMM that writes ``y`` (the Triton backend's side stream).
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from loraplex import envs
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
@@ -226,7 +226,7 @@ _launch_add = Launcher(_add_kernel)
 # of B in place of 16 two-byte loads. H200 (2026-12-01): the 8B layer's expands into a delta with 32 distinct
 # adapters 40.0 against 48.8 us at batch 32, 134 against 163 at 128; the decode step 7.15 against 7.54 ms.
 # LORAPLEX_LORA_VECTOR_B=0 loads B element by element.
-VECTOR_B = os.environ.get("LORAPLEX_LORA_VECTOR_B", "1") != "0"
+VECTOR_B = envs.LORAPLEX_LORA_VECTOR_B
 
 
 @functools.lru_cache(maxsize=4096)

@@ -6,11 +6,12 @@ CUDA tensors do, when Triton imports; CPU tensors run the PyTorch reference in t
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Optional
 
 import torch
+
+from loraplex import envs
 
 _ops: Optional[ModuleType] = None
 _tried = False
@@ -23,7 +24,7 @@ def fused_ops(x: torch.Tensor) -> Optional[ModuleType]:
         return None
     if not _tried:
         _tried = True
-        if os.environ.get("LORAPLEX_FUSED_KERNELS", "1") != "0":
+        if envs.LORAPLEX_FUSED_KERNELS:
             try:
                 from loraplex.kernels import layer_ops
 

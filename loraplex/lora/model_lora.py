@@ -9,7 +9,6 @@ and v_proj are the three slices of qkv_proj).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from loraplex import envs
 from loraplex.lora.adapter import AdapterTargetSpec, LoRAAdapter, ModuleTarget
 from loraplex.lora.backends.base import LoRABackend, PageTable, SlotWriter
 from loraplex.lora.layers import BaseLayerWithLoRA, LMHeadWithLoRA, VocabEmbeddingWithLoRA, wrapper_for
@@ -62,11 +62,11 @@ class LoRAModel:
         # Adapter loads into paged slots as one batched launch (kernels/slot_write.py; the Triton backend's);
         # LORAPLEX_BATCHED_SLOT_WRITES=0 copies tensor by tensor instead.
         self.batched_writes = (getattr(backend, "name", "") == "triton"
-                               and os.environ.get("LORAPLEX_BATCHED_SLOT_WRITES", "1") != "0")
+                               and envs.LORAPLEX_BATCHED_SLOT_WRITES)
         self._reading: list = []  # (upload event, tensors its batched copies read until it completes)
         self._planned: dict[int, SlotPlan] = {}  # slot -> the plan that loaded its adapter
         # slot plans (lora/slot_plan.py) for the adapters they cover; LORAPLEX_SLOT_PLANS=0: set_lora for all
-        self.slot_plans = self.batched_writes and os.environ.get("LORAPLEX_SLOT_PLANS", "1") != "0"
+        self.slot_plans = self.batched_writes and envs.LORAPLEX_SLOT_PLANS
         self._set_by_wrappers: set[int] = set()  # slots holding an adapter that set_lora wrote (batched writes)
         # layers whose output goes straight into a fused norm or SiLU-and-mul, which fold their pending delta
         consumers = set(getattr(model, "lora_delta_consumers", ())) if getattr(backend, "fold_deltas", False) else set()
@@ -102,7 +102,7 @@ class LoRAModel:
 
         self.staging: Optional[torch.Tensor] = None
         if (device.type == "cuda" and self.batched_writes and not self.pages.identity and self.modules
-                and get_tp_rank() == 0 and os.environ.get("LORAPLEX_SLOT_LOAD_STAGING", "1") != "0"):
+                and get_tp_rank() == 0 and envs.LORAPLEX_SLOT_LOAD_STAGING):
             self.staging = torch.empty(self.staging_bytes(), dtype=torch.uint8, device=device)
         config = getattr(model, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -27,13 +27,13 @@ first and every re-read after host eviction, must find each file resolving insid
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from loraplex import envs
 from loraplex.errors import AdapterError
 from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
@@ -44,7 +44,7 @@ from loraplex.types import LoRARequest
 # adapters overlap; registrations and reloads keep one thread of their own, in order. One until a GPU has timed
 # more (a cold start of 1,000 adapters queued some 350 reads of about 30 ms each behind one thread):
 # LORAPLEX_ADAPTER_READ_THREADS.
-REREAD_THREADS = max(1, int(os.environ.get("LORAPLEX_ADAPTER_READ_THREADS", "1")))
+REREAD_THREADS = envs.LORAPLEX_ADAPTER_READ_THREADS
 
 MAX_ADAPTER_NAME_LEN = 256
 # First character a letter or digit, then letters, digits, '.', '_', '-', '/'. ':' is reserved for the server's
@@ -118,9 +118,7 @@ class LoRAPool:
         # at once, so the step that starts the copy waits for it (a few MB through the copy engine); =next:
         # from the next scheduling round, when the copy has usually finished beside the step before and the
         # wait costs nothing, so a miss waits one step at most. Both opt-in until measured on a GPU.
-        mode = os.environ.get("LORAPLEX_ADMIT_LOADING", "0")
-        if mode not in ("0", "1", "next"):
-            raise ValueError(f"LORAPLEX_ADMIT_LOADING must be 0, 1 or next, got {mode!r}")
+        mode = envs.LORAPLEX_ADMIT_LOADING
         self.admit_loading = mode == "1"
         self.admit_next_round = mode == "next"
         self._round = 0  # scheduling rounds (new_round), to tell a copy started in an earlier round

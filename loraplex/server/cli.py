@@ -14,10 +14,10 @@ import argparse
 import dataclasses
 import faulthandler
 import logging
-import os
 import signal
 from typing import Any
 
+from loraplex import envs
 from loraplex.config import EngineConfig, ServerConfig
 
 
@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
     if values["api_key"] is None:  # keeps the key out of the process list
-        values["api_key"] = os.environ.get("LORAPLEX_API_KEY") or None
+        values["api_key"] = envs.LORAPLEX_API_KEY
     cfg = ServerConfig(**values)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),

@@ -9,11 +9,11 @@ host-device copy and no synchronisation. Runs on CUDA; on CPU only under ``TRITO
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 
+from loraplex import envs
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import PendingDelta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
@@ -42,28 +42,28 @@ class TritonLoRABackend:
         # LORAPLEX_LORA_OVERLAP=1 (=0 turns it off everywhere).
         from loraplex.distributed.parallel_state import get_tp_size
 
-        env = os.environ.get("LORAPLEX_LORA_OVERLAP")
-        self.overlap = env == "1" if env is not None else get_tp_size() == 1
+        overlap = envs.LORAPLEX_LORA_OVERLAP
+        self.overlap = overlap if overlap is not None else get_tp_size() == 1
         # The shrink sums its split-K partials itself (its last split per work cell), so that each expand
         # program reads one value per element instead of one per split; LORAPLEX_LORA_REDUCE=0 leaves the sum
         # to the expand (for comparison).
-        self.reduce = os.environ.get("LORAPLEX_LORA_REDUCE", "1") != "0"
+        self.reduce = envs.LORAPLEX_LORA_REDUCE
         # In CUDA graph steps the shrink sizes its split-K on the device from the real tile count: a graph is
         # sized for one adapter (16 splits at batch 32), and 32 distinct adapters would otherwise make 16 times
         # the items they need. Measured on an H200 (docs/benchmarks.md, 2026-12-01): with the side expand below,
         # 7.52 against 8.93 ms a step for 32 distinct adapters at batch 32. LORAPLEX_LORA_DEVICE_SPLITS=0: off.
-        self.device_splits = os.environ.get("LORAPLEX_LORA_DEVICE_SPLITS", "1") != "0"
+        self.device_splits = envs.LORAPLEX_LORA_DEVICE_SPLITS
         # Batches of at most SIDE_EXPAND_ROWS rows run the expand too beside the base GEMM (with the shrink, when
         # overlap is on), into a float32 delta buffer, and the layer's output gets the delta by one small add
         # (lora_add_delta) after the join, so that only that add waits on the critical path. Measured on an
         # H200: 5.92 against 6.30 ms a step with one adapter at batch 32. LORAPLEX_LORA_SIDE_EXPAND=0: off.
-        self.side_expand = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "1") != "0"
+        self.side_expand = envs.LORAPLEX_LORA_SIDE_EXPAND
         # The side expand's delta of the layers a model names in ``lora_delta_consumers`` (Llama: qkv_proj,
         # o_proj, down_proj, gate_up_proj) is folded into the rotary, norm or SiLU-and-mul kernel that reads their
         # output next, instead of being added by a kernel of its own: four launches a layer fewer on the
         # critical path. Measured on an H200 (8B shape, one adapter): 5.71 against 5.91 ms a decode step at batch
         # 32, 7.85 against 8.16 at batch 128. LORAPLEX_LORA_FOLD_DELTA=0: off.
-        self.fold_deltas = os.environ.get("LORAPLEX_LORA_FOLD_DELTA", "1") != "0"
+        self.fold_deltas = envs.LORAPLEX_LORA_FOLD_DELTA
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
