@@ -114,6 +114,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
     io = ThreadPoolExecutor(max_workers=REREAD_THREADS, thread_name_prefix="adapter-io")  # as the server's
     rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
+    reread_submitted: dict[str, float] = {}  # name -> when its re-read was submitted
+    reread_waits: list[float] = []  # submitted to adopted, each re-read
 
     def add(rid: str, i: int) -> None:
         eng.add_request({"prompt_token_ids": prompts[i]}, params[max_tokens[i]], names[i], rid)
@@ -160,6 +162,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             if name is not None and (name in rereads or eng.pool.needs_read(name)):
                 if name not in rereads:
                     rereads[name] = (io.submit(eng.pool.read_current, name), [])
+                    reread_submitted[name] = time.perf_counter()
                 rereads[name][1].append((rid, nxt))
             else:
                 add(rid, nxt)
@@ -167,6 +170,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
         for name in [n for n, (f, _) in rereads.items() if f.done()]:
             f, waiting = rereads.pop(name)
             eng.pool.adopt(*f.result())  # a failed read raises here: the benchmark's adapters never fail
+            # what the requests waiting for it saw: the queue behind the I/O threads, the read, the adoption
+            reread_waits.append(time.perf_counter() - reread_submitted.pop(name))
             for rid, i in waiting:
                 add(rid, i)
         if not eng.has_unfinished_requests():
@@ -230,6 +235,10 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
                 "steps": len(rows), "tokens_mean": mean(rows, "tokens"), "host_ms_p50": med("host_ms"),
                 "wall_ms_p50": med("wall_ms")}
     waits = sorted(slot_waits.get(rid, 0) for rid in arrival)  # every request of the load, 0 if it never waited
+
+    def pct(values: list[float], q: float) -> float:
+        v = sorted(values)
+        return v[int(q * (len(v) - 1))] if v else 0.0
     load_p99 = loads[int(0.99 * (len(loads) - 1))] if loads else 0.0
     return {"output_tokens_per_s": sum(max_tokens) / wall, "seconds": wall,
             "ttft_ms_p50": 1e3 * ttft[len(ttft) // 2], "ttft_ms_p99": 1e3 * ttft[int(0.99 * (len(ttft) - 1))],
@@ -239,6 +248,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_load_ms_p99": 1e3 * load_p99, "slot_load_p99_in_steps": load_p99 / step_p50 if step_p50 else 0.0,
             "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
             "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads)),
+            "reread_wait_ms_p50": 1e3 * pct(reread_waits, 0.5), "reread_wait_ms_p99": 1e3 * pct(reread_waits, 0.99),
+            "read_threads": REREAD_THREADS,
             "peak_adapters_in_slots": peak, "mean_running": sum(running) / max(1, len(running)),
             "steps": len(step_s), "step_seconds_total": sum(step_s),
             # where long steps come from: the tail of all steps, the steps that started uploads, the adapter mix
@@ -299,7 +310,8 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
     for name, r in rows.items():
         print(f"[{layout}] {name:>11}: {r['output_tokens_per_s']:8.0f} out tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f} ms  "
               f"p99 {r['ttft_ms_p99']:7.1f} ms  slot loads {r['slot_loads']:4d} ({r['slot_load_ms_mean']:.2f} ms)  "
-              f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms)  at most "
+              f"disk reads {r['disk_reads']:4d} ({r['disk_read_ms_mean']:.1f} ms; waited p50 {r['reread_wait_ms_p50']:.0f} / "
+              f"p99 {r['reread_wait_ms_p99']:.0f} ms on {r['read_threads']} thread(s))  at most "
               f"{r['peak_adapters_in_slots']} adapters in slots  slot load p99 {r['slot_load_ms_p99']:.2f} ms = "
               f"{r['slot_load_p99_in_steps']:.2f} steps of {r['step_ms_p50']:.2f} ms; {r['mean_running']:.1f} running on "
               f"average over {r['steps']} steps ({r['step_seconds_total']:.1f} of {r['seconds']:.1f} s)", flush=True)
