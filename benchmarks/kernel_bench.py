@@ -212,6 +212,16 @@ def run_layer(a: argparse.Namespace, dev: torch.device, timer: Callable[[Callabl
     return rows
 
 
+def per_layer(rows: list[dict], sweep: str) -> dict[tuple, float]:
+    """{(tokens, case, setting): microseconds summed over the layer's modules} of a ``--layer`` sweep."""
+    out: dict[tuple, float] = {}
+    for r in rows:
+        for k, us in r[sweep].items():
+            key = (r["tokens"], r["case"], k)
+            out[key] = out.get(key, 0.0) + us
+    return out
+
+
 def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
     """The ``--gemm`` rows: see the module docstring."""
     dtype = getattr(torch, a.dtype)
@@ -288,11 +298,7 @@ def main() -> None:
             plain, vec = sum(r["delta_us"] for r in mine), sum(r["delta_us_vector_b"] for r in mine)
             print(f"expand into a delta, layer, {T} tokens, {case}: {plain:.1f} us; B a page at a time {vec:.1f} us")
         if a.sweep:  # per layer: the sum over modules of each expand tiling, against the default's
-            tilings: dict = {}
-            for r in rows:
-                for k, us in r["expand_sweep"].items():
-                    key = (r["tokens"], r["case"], k)
-                    tilings[key] = tilings.get(key, 0.0) + us
+            tilings = per_layer(rows, "expand_sweep")
             for (T, case), v in sums.items():
                 dev = sum(r["shrink_us_device_splits"] for r in rows if (r["tokens"], r["case"]) == (T, case))
                 print(f"shrink, layer, {T} tokens, {case}: {v[0]:.1f} us, split on the device {dev:.1f} us")
@@ -300,11 +306,7 @@ def main() -> None:
                 print(f"expand sweep, layer, {T} tokens, {case}: default {v[1]:.1f} us; best "
                       + ", ".join(f"{k} (columns x warps) {us:.1f}" for us, k in best))
         if a.shrink_sweep:  # per layer: each shrink launch setting summed over the modules, against the default's
-            settings: dict = {}
-            for r in rows:
-                for k, us in r["shrink_sweep"].items():
-                    key = (r["tokens"], r["case"], k)
-                    settings[key] = settings.get(key, 0.0) + us
+            settings = per_layer(rows, "shrink_sweep")
             for (T, case) in sums:
                 dev_us = sum(r["shrink_us_device_splits"] for r in rows if (r["tokens"], r["case"]) == (T, case)) \
                     if a.sweep else None
