@@ -23,17 +23,19 @@ them; on a CPU the torch backend itself).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
 import pstats
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -268,6 +270,35 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "steps_above_p90": tails, "steps_by_prompt_chunks": by_chunks, **({"trace": trace} if TRACE else {})}
 
 
+@contextlib.contextmanager
+def phase_timers(pool: Any) -> Iterator[dict[str, float]]:
+    """Seconds the reading threads spend in each phase of ``pool.read``, summed over threads, while inside."""
+    import loraplex.lora.model_lora as model_lora
+
+    phases = {"read and validate": 0.0, "pack": 0.0, "plan": 0.0}
+    lock = threading.Lock()
+
+    def timed(fn: Callable, phase: str) -> Callable:
+        def run(*args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                with lock:
+                    phases[phase] += time.perf_counter() - t
+        return run
+
+    lm = pool.lora_model
+    saved = (pool._load, model_lora.pack_adapter, lm.plan)
+    pool._load, model_lora.pack_adapter = timed(pool._load, "read and validate"), timed(saved[1], "pack")
+    lm.plan = timed(lm.plan, "plan")
+    try:
+        yield phases
+    finally:
+        pool._load, model_lora.pack_adapter = saved[0], saved[1]
+        del lm.plan  # the instance attribute: the method again
+
+
 def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: str, folders: list[Path],
                picks: list[int], prompts: list[list[int]], lengths: list[int], device: str) -> dict[str, Any]:
     """One engine with the slot layout ``layout``: register the adapters, run the cold, warm and one-adapter
@@ -292,11 +323,18 @@ def run_layout(a: argparse.Namespace, cfg: SimpleNamespace, layout: str, model: 
     t0 = time.perf_counter()
     # Folders are read, validated, hashed and staged on a thread pool (LoRAPool.read is safe off the engine
     # thread, as the server's loads are), then registered in order; only the last max_cpu_loras stay in memory.
+    # The threads' time goes to three phases: the folder read (safetensors, validation, the content hash), the
+    # packing into one (pinned, on CUDA) buffer, and the slot plan; if their sum is near threads x wall time the
+    # reads run side by side, if near the wall time something serialises them.
     reqs = [LoRARequest(f"a{i}", str(f)) for i, f in enumerate(folders)]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+    threads = min(8, os.cpu_count() or 1)
+    with phase_timers(pool) as phases, ThreadPoolExecutor(max_workers=threads) as ex:
         for req, adapter in zip(reqs, ex.map(pool.read, reqs)):
             pool.register(req, adapter=adapter)
     register_s = time.perf_counter() - t0
+    n = max(1, len(reqs))
+    print(f"[{layout}] registration on {threads} threads: {register_s:.1f} s; thread time an adapter: "
+          + ", ".join(f"{k} {1e3 * v / n:.1f} ms" for k, v in phases.items()), flush=True)
     many = [f"a{i}" for i in picks]
     rows = {"cold": run_load(llm, many, prompts, cfg.rate, lengths),
             "warm": run_load(llm, many, prompts, cfg.rate, lengths),
