@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--max-loras", type=int, default=32)
     p.add_argument("--stub-copies", action=argparse.BooleanOptionalAction, default=None,
                    help="skip the copy launches (default: on a CPU)")
+    p.add_argument("--read-threads", type=int, nargs="*", default=[1, 2],
+                   help="also time re-reads of the adapters (as after host eviction: no hash) on these many threads "
+                        "each, wall time over reads (LORAPLEX_ADAPTER_READ_THREADS: do reads run side by side?)")
     p.add_argument("--out-dir", default="bench_out/slot_load_host")
     p.add_argument("--json", default="bench_out/slot_load_host.json")
     a = p.parse_args()
@@ -109,6 +112,17 @@ def main() -> None:
         print(f"{mode:>9}: acquire that loads: mean {rows[mode]['mean_ms']:.3f} ms  p50 {rows[mode]['p50_ms']:.3f}  "
               f"p99 {rows[mode]['p99_ms']:.3f}  ({len(times)} timed, {pool.num_slot_loads} slot loads in all; "
               f"read and stage {rows[mode]['read_and_stage_ms']:.1f} ms an adapter)", flush=True)
+        if mode == "plans" and a.read_threads:  # re-reads side by side, as the server's read threads run them
+            from concurrent.futures import ThreadPoolExecutor
+
+            rows["rereads"] = []  # (threads, ms an adapter), in the order run
+            for threads in a.read_threads:
+                t = time.perf_counter()
+                with ThreadPoolExecutor(threads) as ex:
+                    list(ex.map(pool.read_current, [ad.name for ad in adapters]))
+                ms = 1e3 * (time.perf_counter() - t) / len(adapters)
+                rows["rereads"].append((threads, ms))
+                print(f"re-reads on {threads} thread(s): {ms:.2f} ms an adapter (wall time over reads)", flush=True)
         del llm, pool, adapters
     print(f"plans / set_lora: {rows['plans']['mean_ms'] / rows['set_lora']['mean_ms']:.2f} of the host time")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
