@@ -106,6 +106,10 @@ def main() -> None:
                 torch.cuda.synchronize()
                 pool.poll()
         times.sort()
+        if not times:
+            sys.exit(f"no acquire loaded an adapter after the first round: {a.adapters} adapters fit in the slots of "
+                     f"max_loras={a.max_loras} (rank-aware pages hold more adapters of lower rank); pass more "
+                     "--adapters or a smaller --max-loras")
         rows[mode] = {"acquires": len(times), "mean_ms": 1e3 * sum(times) / len(times),
                       "p50_ms": 1e3 * times[len(times) // 2], "p99_ms": 1e3 * times[min(len(times) - 1, int(len(times) * 0.99))],
                       "read_and_stage_ms": 1e3 * read_s, "slot_loads": pool.num_slot_loads}
