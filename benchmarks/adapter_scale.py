@@ -95,7 +95,7 @@ TRACE = False  # --trace: every step's row in the JSON
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
              max_tokens: list[int]) -> dict[str, float]:
     from loraplex import SamplingParams
-    from loraplex.lora.pool import REREAD_THREADS
+    from loraplex import envs
 
     eng = llm.engine
     params = {n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in set(max_tokens)}
@@ -114,7 +114,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     # As the server does (server/engine_core.py): a request whose adapter was evicted from host memory waits
     # while an I/O thread re-reads the adapter's folder, then joins; the step loop never waits for a disk.
     # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
-    io = ThreadPoolExecutor(max_workers=REREAD_THREADS, thread_name_prefix="adapter-io")  # as the server's
+    threads = envs.LORAPLEX_ADAPTER_READ_THREADS
+    io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-io")  # as the server's
     rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
     reread_submitted: dict[str, float] = {}  # name -> when its re-read was submitted
     reread_waits: list[float] = []  # submitted to adopted, each re-read
@@ -251,7 +252,7 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
             "slot_loads": len(loads), "slot_load_ms_mean": 1e3 * sum(loads) / max(1, len(loads)),
             "disk_reads": len(reads), "disk_read_ms_mean": 1e3 * sum(reads) / max(1, len(reads)),
             "reread_wait_ms_p50": 1e3 * pct(reread_waits, 0.5), "reread_wait_ms_p99": 1e3 * pct(reread_waits, 0.99),
-            "read_threads": REREAD_THREADS,
+            "read_threads": threads,
             "peak_adapters_in_slots": peak, "mean_running": sum(running) / max(1, len(running)),
             "steps": len(step_s), "step_seconds_total": sum(step_s),
             # where long steps come from: the tail of all steps, the steps that started uploads, the adapter mix

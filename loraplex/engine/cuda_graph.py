@@ -7,10 +7,10 @@ start-up, when one is large enough for it. Two families of graphs:
   up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
-  these). One graph per token count n (powers of two from 16 to 512, or to ``LORAPLEX_MIXED_GRAPH_TOKENS``, at
-  most ``max_num_batched_tokens``, and every multiple of 64 up to there), with n sequence slots: the real sequences, one one-token sequence per
-  padding token, then empty ones; and ``max_num_seqs`` logits rows: only the last token of each sequence gets
-  logits.
+  these). One graph per token count n (powers of two from 16 to 512, or to ``LORAPLEX_MIXED_GRAPH_TOKENS``,
+  and every multiple of 64 up to 512; at most ``max_num_batched_tokens``), with n sequence slots: the real
+  sequences, one one-token sequence per padding token, then empty ones; and ``max_num_seqs`` logits rows: only
+  the last token of each sequence gets logits.
 
 Each size has two graphs:
 

@@ -39,13 +39,6 @@ from loraplex.lora.adapter import LoRAAdapter, load_adapter
 from loraplex.lora.model_lora import LoRAModel
 from loraplex.types import LoRARequest
 
-# Threads that re-read adapters evicted from host memory (the server's engine process; adapter_scale.py does
-# the same). Each read is mostly file reads, hashing and copies that release the GIL, so reads of different
-# adapters overlap; registrations and reloads keep one thread of their own, in order. One until a GPU has timed
-# more (a cold start of 1,000 adapters queued some 350 reads of about 30 ms each behind one thread):
-# LORAPLEX_ADAPTER_READ_THREADS.
-REREAD_THREADS = envs.LORAPLEX_ADAPTER_READ_THREADS
-
 MAX_ADAPTER_NAME_LEN = 256
 # First character a letter or digit, then letters, digits, '.', '_', '-', '/'. ':' is reserved for the server's
 # ``base:adapter`` model syntax and '@' for ``name@version`` pinning. ASCII only.
@@ -443,8 +436,8 @@ class LoRAPool:
                 self._load_round[slot] = self._round
             else:
                 self._loaded(slot)
-        if not self._ready(slot) and not self.admit_loading and not (
-                self.admit_next_round and self._load_round.get(slot, self._round) < self._round):
+        if not (self._ready(slot) or self.admit_loading
+                or (self.admit_next_round and self._load_round[slot] < self._round)):
             return None
         if hit:
             self._events.append((adapter.name, "hit", 0.0))  # admitted without a copy

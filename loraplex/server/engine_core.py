@@ -35,6 +35,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+from loraplex import envs
+
 logger = logging.getLogger("loraplex.engine")
 
 Error = Optional[tuple[str, str]]
@@ -52,12 +54,14 @@ class EngineCore:
         self.engine.output_kind = "delta"
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
-        # registrations and reloads in the order they came; re-reads of evicted adapters on threads of their own
-        # (each name read once at a time: _rereads), which a registration never waits behind
+        # Registrations and reloads in the order they came; re-reads of evicted adapters on threads of their own
+        # (each name read once at a time: _rereads), which a registration never waits behind. A read is mostly
+        # file reads, hashing and copies that release the GIL, so reads of different adapters overlap; one
+        # thread until a GPU has timed more (a cold start of 1,000 adapters queued some 350 reads of about 30 ms
+        # each behind one): LORAPLEX_ADAPTER_READ_THREADS.
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
-        from loraplex.lora.pool import REREAD_THREADS
-
-        self.reread_io = ThreadPoolExecutor(max_workers=REREAD_THREADS, thread_name_prefix="loraplex-adapter-reread")
+        self.reread_io = ThreadPoolExecutor(max_workers=envs.LORAPLEX_ADAPTER_READ_THREADS,
+                                            thread_name_prefix="loraplex-adapter-reread")
         self._rereads: dict[str, list[tuple]] = {}
         self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()  # adapter being re-read off the loop -> "add" messages waiting
         self.running = True
