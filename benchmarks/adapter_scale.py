@@ -95,7 +95,6 @@ TRACE = False  # --trace: every step's row in the JSON
 def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rate: float,
              max_tokens: list[int]) -> dict[str, float]:
     from loraplex import SamplingParams
-    from loraplex import envs
 
     eng = llm.engine
     params = {n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in set(max_tokens)}
@@ -114,8 +113,8 @@ def run_load(llm: Any, names: list[Optional[str]], prompts: list[list[int]], rat
     # As the server does (server/engine_core.py): a request whose adapter was evicted from host memory waits
     # while an I/O thread re-reads the adapter's folder, then joins; the step loop never waits for a disk.
     # (LLMEngine.add_request alone would read it on the calling thread, stalling every running request.)
-    threads = envs.LORAPLEX_ADAPTER_READ_THREADS
-    io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-io")  # as the server's
+    threads = 1  # as the server's (server/engine_core.py: more threads were measured and lost)
+    io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-io")
     rereads: dict[str, tuple[Future, list[tuple[str, int]]]] = {}  # name -> (its read, requests waiting for it)
     reread_submitted: dict[str, float] = {}  # name -> when its re-read was submitted
     reread_waits: list[float] = []  # submitted to adopted, each re-read

@@ -44,7 +44,7 @@ def main() -> None:
                    help="skip the copy launches (default: on a CPU)")
     p.add_argument("--read-threads", type=int, nargs="*", default=[1, 2],
                    help="also time re-reads of the adapters (as after host eviction: no hash) on these many threads "
-                        "each, wall time over reads (LORAPLEX_ADAPTER_READ_THREADS: do reads run side by side?)")
+                        "each, wall time over reads (do reads run side by side? On an H200 host four threads in the server lost)")
     p.add_argument("--out-dir", default="bench_out/slot_load_host")
     p.add_argument("--json", default="bench_out/slot_load_host.json")
     a = p.parse_args()

@@ -63,10 +63,12 @@ def _str(name: str, raw: str) -> str:
 
 SWITCHES: dict[str, Switch] = {
     # CUDA graphs (engine/cuda_graph.py), read at import
-    "LORAPLEX_MIXED_GRAPH_TOKENS": Switch(_int(16), 512, "the largest mixed-step graph, in tokens (powers of two "
-                                          "above 512)"),
+    "LORAPLEX_MIXED_GRAPH_TOKENS": Switch(_int(16), 2048, "the largest mixed-step graph, in tokens (powers of "
+                                          "two above 512; never above max_num_batched_tokens)"),
     "LORAPLEX_MIXED_GRAPH_STEP": Switch(_int(0, 16), 64, "mixed graphs at every multiple of this many tokens up to "
-                                        "512 too (0: powers of two only)"),
+                                        "LORAPLEX_MIXED_GRAPH_FINE_TOKENS too (0: powers of two only)"),
+    "LORAPLEX_MIXED_GRAPH_FINE_TOKENS": Switch(_int(16), 512, "where the multiples of LORAPLEX_MIXED_GRAPH_STEP stop "
+                                               "(above: powers of two)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels
@@ -94,8 +96,6 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_ADMIT_LOADING": Switch(_choice("0", "1", "next"), "0", "a request whose adapter is still being "
                                      "copied joins (1: at once; next: from the next scheduling round), its step "
                                      "waiting for the copy on the device"),
-    "LORAPLEX_ADAPTER_READ_THREADS": Switch(_int(1), 1, "threads re-reading adapters evicted from host memory "
-                                            "(the server's engine process)"),
     # the server
     "LORAPLEX_API_KEY": Switch(_str, None, "the key clients must send (`--api-key` takes precedence); kept out of "
                                "the process list"),

@@ -34,17 +34,19 @@ def test_capture_sizes() -> None:
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert mixed_sizes(2048, step=0) == [16, 32, 64, 128, 256, 512]
-    assert mixed_sizes(100, step=0) == [16, 32, 64] and mixed_sizes(8) == [8]
-    assert mixed_sizes(2048) == mixed_sizes(2048, step=64)  # the default
-    # LORAPLEX_MIXED_GRAPH_STEP: a graph at every multiple of the step too, so a step pads to it
-    assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    # the default (LORAPLEX_MIXED_GRAPH_TOKENS 2048, _STEP 64): powers of two to 2,048 and every multiple of 64
+    # up to FINE_MIXED_TOKENS (512), so a step pads to the next multiple; above it only powers of two
+    assert cuda_graph.MAX_MIXED_TOKENS == 2048 and mixed_sizes(2048) == mixed_sizes(2048, step=64)
+    assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 1024, 2048]
+    assert mixed_sizes(2048, step=0) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    # never above max_num_batched_tokens (the argument)
+    assert mixed_sizes(1500, step=64) == mixed_sizes(1024, step=64) == mixed_sizes(2048, step=64)[:-1]
     assert mixed_sizes(300, step=64) == [16, 32, 64, 128, 192, 256]
-    # above FINE_MIXED_TOKENS (LORAPLEX_MIXED_GRAPH_TOKENS raised) only powers of two
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_graph, "MAX_MIXED_TOKENS", 2048)
-        assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 1024, 2048]
-        assert mixed_sizes(1500, step=64) == mixed_sizes(1024, step=64) == mixed_sizes(2048, step=64)[:-1]
+    assert mixed_sizes(100, step=0) == [16, 32, 64] and mixed_sizes(8) == [8]
+    with pytest.MonkeyPatch.context() as mp:  # LORAPLEX_MIXED_GRAPH_TOKENS=512
+        mp.setattr(cuda_graph, "MAX_MIXED_TOKENS", 512)
+        assert mixed_sizes(2048, step=0) == [16, 32, 64, 128, 256, 512]
+        assert mixed_sizes(2048, step=64) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
     with pytest.raises(ValueError, match="multiple of 16, got 40"):
         mixed_sizes(512, step=40)
 

@@ -47,7 +47,6 @@ def test_values_parse_strictly_and_default_when_unset(monkeypatch) -> None:
            ("LORAPLEX_MIXED_GRAPH_STEP", "40", "expected a multiple of 16"),
            ("LORAPLEX_MIXED_GRAPH_STEP", "-16", "expected an integer >= 0"),
            ("LORAPLEX_MIXED_GRAPH_TOKENS", "2k", "expected an integer"),
-           ("LORAPLEX_ADAPTER_READ_THREADS", "0", "expected an integer >= 1"),
            ("LORAPLEX_ADMIT_LOADING", "soon", "expected one of 0, 1, next")]
     for name, raw, why in bad:
         monkeypatch.setenv(name, raw)

@@ -134,8 +134,10 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
                         adapters, use_graphs=False)
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
     graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and graphs.mixed_sizes == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
-    assert len(graphs._graphs) == 28  # decode and mixed sizes, with and without LoRA
+    # max_num_batched_tokens 2,048 (the default): mixed graphs to 2,048 tokens, every 64 up to 512
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8]
+    assert graphs.mixed_sizes == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 1024, 2048]
+    assert len(graphs._graphs) == 32  # decode and mixed sizes, with and without LoRA
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 
@@ -211,14 +213,15 @@ def test_decode_step_does_not_synchronise(graph_setup) -> None:
     assert replays == [5, 5, 5] and all(len(o) == 5 for o in outs)
 
 
-def test_eager_step_does_not_synchronise(graph_setup) -> None:
-    """A step too large for the step graphs (a 700-token prompt beside decodes with adapters) runs eagerly, and
-    it too makes no synchronising call: its inputs reach the device through pinned memory (a pageable copy
-    waits for the queued steps, which cost the 1,000-adapter load 50-130 ms in every such step)."""
-    from loraplex.engine.cuda_graph import MAX_MIXED_TOKENS
+def test_eager_step_does_not_synchronise(graph_setup, monkeypatch) -> None:
+    """A step too large for the step graphs (a 700-token prompt beside decodes with adapters; the largest mixed
+    graph here 512 tokens) runs eagerly, and it too makes no synchronising call: its inputs reach the device
+    through pinned memory (a pageable copy waits for the queued steps, which cost the 1,000-adapter load 50-130
+    ms in every such step)."""
+    from loraplex.engine import cuda_graph
 
-    if MAX_MIXED_TOKENS > 1500:
-        pytest.skip("LORAPLEX_MIXED_GRAPH_TOKENS leaves no eager step within the model's 2,048 positions")
+    MAX_MIXED_TOKENS = 512
+    monkeypatch.setattr(cuda_graph, "MAX_MIXED_TOKENS", MAX_MIXED_TOKENS)  # read when the graphs are sized
     model_dir, adapters = graph_setup
     llm = LLM(model_dir, dtype="bfloat16", **{**GRAPH_ARGS, "num_kv_blocks": 1024})
     eng = llm.engine

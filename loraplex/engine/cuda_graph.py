@@ -7,7 +7,7 @@ start-up, when one is large enough for it. Two families of graphs:
   up to ``max_cudagraph_capture_size``); padding rows are one-token sequences. Long contexts of small
   batches take the split-K decode attention kernel.
 * **mixed**: prompt chunks with or without decodes (a server admitting requests one by one runs many of
-  these). One graph per token count n (powers of two from 16 to 512, or to ``LORAPLEX_MIXED_GRAPH_TOKENS``,
+  these). One graph per token count n (powers of two from 16 to 2,048, ``LORAPLEX_MIXED_GRAPH_TOKENS``,
   and every multiple of 64 up to 512; at most ``max_num_batched_tokens``), with n sequence slots: the real
   sequences, one one-token sequence per padding token, then empty ones; and ``max_num_seqs`` logits rows: only
   the last token of each sequence gets logits.
@@ -50,10 +50,12 @@ from loraplex.lora.batch import LoRABatch
 logger = logging.getLogger("loraplex")
 
 TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps
-# Mixed steps of more tokens run eagerly. LORAPLEX_MIXED_GRAPH_TOKENS raises the bound (powers of two up to
-# max_num_batched_tokens): an eager step of the 8B shape costs 20-30 ms of host time (about 44,000 Python calls,
-# 225 kernel launches), as long as the GPU's work for a 2,000-token step, and more while other threads hold the
-# GIL; a larger graph costs start-up time and the graph pool's activation memory.
+# Mixed steps of more tokens run eagerly (LORAPLEX_MIXED_GRAPH_TOKENS, default 2,048: the default step budget,
+# max_num_batched_tokens, so that by default only steps with images or prompt logprobs run eagerly). An eager
+# step of the 8B shape costs 20-30 ms of host time (about 44,000 Python calls, 225 kernel launches), as long as
+# the GPU's work for a 2,000-token step, and 55-75 ms while other threads hold the GIL: on an H200 with 1,000
+# adapters a cold start's steps of 4-7 prompt chunks took 65 ms at the median against 11 ms graphed, and the
+# graphs to 2,048 took that run from 0.76-0.87 to 0.91 of one adapter's throughput (0.99 warm).
 MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # A mixed step replays the smallest graph that holds it and computes every padding token: on an H200 (8B shape)
 # a step of 316 tokens took as long as one of 444 in the 512-token graph (15 ms against 6.6 ms for decodes
@@ -61,11 +63,10 @@ MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # the kernels' specialisations stay those of the powers of two; 0: powers of two only): with 1,000 adapters on
 # an H200 it took the load from 0.86 to 0.96-0.98 of one adapter's throughput, for four more graphs at start-up.
 MIXED_GRAPH_STEP = envs.LORAPLEX_MIXED_GRAPH_STEP
-# The multiples of the step stop here; above it (LORAPLEX_MIXED_GRAPH_TOKENS > 512) the sizes are powers of two
-# only: such steps are rare (groups of prompts admitted together) and would otherwise run eagerly at 25-50 ms
+# The multiples of the step stop here; above it the sizes are powers of two only: such steps are rare (groups of prompts admitted together) and would otherwise run eagerly at 25-50 ms
 # of host time, so a coarse graph beats none, and two more sizes cost start-up little where multiples of 64 up
 # to 2,048 would add 24.
-FINE_MIXED_TOKENS = 512
+FINE_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_FINE_TOKENS
 
 
 def capture_sizes(largest: int) -> list[int]:
