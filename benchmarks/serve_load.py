@@ -369,6 +369,7 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {"engine_steps": int(steps),
             "engine_step_mean_ms": round(1000 * d["loraplex_engine_step_seconds_sum"] / steps, 3),
             "engine_busy_s": round(d["loraplex_engine_step_seconds_sum"], 3),
+            "engine_step_host_mean_ms": round(1000 * d.get("loraplex_engine_step_host_seconds_sum", 0.0) / steps, 3),
             "requests_by_finish_reason": reasons,
             "generation_tokens": int(d.get("loraplex_generation_tokens_total", 0)),
             "inter_token_latency_observations": int(d.get("loraplex_inter_token_latency_seconds_count", 0))}

@@ -301,13 +301,30 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
     prompts = [p for _, p, _ in requests]
     loras = [None if m == BASE_NAME else m for m, _, _ in requests]
     params = [SamplingParams(max_tokens=a.max_tokens, temperature=temp, ignore_eos=True) for _, _, temp in requests]
+    # the engine's steps, timed as the server's engine process times them (server/engine_core.py: the call)
+    eng = llm.engine
+    real_step, step_s, host_s = eng.step, [], []
+
+    def timed_step() -> list:
+        t0 = time.perf_counter()
+        out = real_step()
+        step_s.append(time.perf_counter() - t0)
+        host_s.append(eng.last_step_host_seconds)
+        return out
+
+    eng.step = timed_step
     sync()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     sync()
     wall = time.perf_counter() - t
+    eng.step = real_step
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"engine_kwargs": kwargs, "startup_s": round(startup, 1), "requests": len(outs),
+            "engine_steps": len(step_s), "engine_step_mean_ms": round(1000 * sum(step_s) / max(len(step_s), 1), 3),
+            "engine_step_host_mean_ms": round(1000 * sum(host_s) / max(len(host_s), 1), 3),
+            "engine_busy_share": round(sum(step_s) / wall, 3),
+            "tokens_per_step": round(out_tokens / max(len(step_s), 1), 2),
             "completed": sum(o.finished for o in outs), "elapsed_s": round(wall, 3), "output_tokens": out_tokens,
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
             "output_tokens_per_s": round(out_tokens / wall, 2),
@@ -340,9 +357,12 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
          f(offline.get("output_tokens_per_s"), "{:.1f}")),
         ("TTFT p50 / p99, ms", pair("ttft_p50_ms", "ttft_p99_ms"), "-"),
         ("ITL p50 / p99, ms", pair("itl_p50_ms", "itl_p99_ms"), "-"),
-        ("engine steps", f(m.get("engine_steps")), "-"),
-        ("tokens per engine step", f(server.get("tokens_per_step"), "{:.2f}"), "-"),
-        ("engine busy share", f(server.get("engine_busy_share"), "{:.3f}"), "-"),
+        ("engine steps", f(m.get("engine_steps")), f(offline.get("engine_steps"))),
+        ("step mean / host mean, ms", f"{f(m.get('engine_step_mean_ms'), '{:.2f}')} / "
+         f"{f(m.get('engine_step_host_mean_ms'), '{:.2f}')}",
+         f"{f(offline.get('engine_step_mean_ms'), '{:.2f}')} / {f(offline.get('engine_step_host_mean_ms'), '{:.2f}')}"),
+        ("tokens per engine step", f(server.get("tokens_per_step"), "{:.2f}"), f(offline.get("tokens_per_step"))),
+        ("engine busy share", f(server.get("engine_busy_share"), "{:.3f}"), f(offline.get("engine_busy_share"))),
         ("clients / mean in flight", f"{a.concurrency} / {f(row.get('mean_in_flight'), '{:.1f}')}", "-"),
         ("server exit status", f(server.get("exit_status")), "-"),
     ]
