@@ -86,6 +86,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--base-model", help="--url mode: the base model's name (default: the first entry of "
                                         "/v1/models without a parent)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="(default: $OPENAI_API_KEY)")
+    p.add_argument("--server-pid", type=int, help="--url mode: the server's process id, to report the CPU time of "
+                   "it and its children (the engine process) over each mix (Linux)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_out/serve_load.json")
     p.add_argument("--plot", default="bench_out/serve_load.png", help="PNG plot ('' for none)")
@@ -338,6 +340,24 @@ async def run_mix(args: argparse.Namespace, url: str, mix: str, adapters: list[s
     return res
 
 
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system, seconds) of process ``pid`` and each of its descendants, from /proc (Linux; empty
+    elsewhere): the server's HTTP process and its engine process, to tell which one a load saturates."""
+    out: dict[int, float] = {}
+    todo = [pid]
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15 of stat(5)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def scrape_metrics(url: str, api_key: Optional[str]) -> dict[str, float]:
     """Prometheus samples of GET /metrics as {'name{labels}': value}; empty if the server has none."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -536,8 +556,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             load = f"{args.num_requests} requests" if args.num_requests else f"{args.duration:g} s"
             print(f"mix {mix}: {args.concurrency} clients, {load} ...", file=sys.stderr)
             before = scrape_metrics(url, args.api_key)
+            pid = server.proc.pid if server is not None else args.server_pid
+            cpu0, own0, t0 = cpu_seconds(pid) if pid else {}, time.process_time(), time.perf_counter()
             res = asyncio.run(run_mix(args, url, mix, adapters, base, prompts))
+            cpu1, own1, wall = cpu_seconds(pid) if pid else {}, time.process_time(), time.perf_counter() - t0
             res.server = server_side(before, scrape_metrics(url, args.api_key))
+            if cpu1:  # shares of one core over the mix: the HTTP process, its engine process(es), these clients
+                used = {p: v - cpu0.get(p, 0.0) for p, v in cpu1.items()}
+                res.server["cpu_share"] = {
+                    "http_process": round(used.get(pid, 0.0) / wall, 3),
+                    "engine_process": round(sum(v for p, v in used.items() if p != pid) / wall, 3),
+                    "load_generator": round((own1 - own0) / wall, 3)}
             results.append(res)
             if server is not None and server.proc.poll() is not None:
                 problems.append(f"server exited with {server.proc.returncode} during mix {mix}")

@@ -15,11 +15,14 @@ In one run:
    usage chunks;
 3. from the server's /metrics before and after the load (serve_load reads them around the load, after its
    warm-up): engine steps, their summed time, generated tokens and finished requests by reason, hence
-   tokens per engine step and the share of the load's wall time the engine was busy;
+   tokens per engine step and the share of the load's wall time the engine was busy; and (serve_load
+   ``--server-pid``) the CPU time of the HTTP process, the engine process and the load generator over the
+   load, as shares of one core (near 1.0: a process that one core, the GIL, bounds);
 4. sends SIGTERM and records the server's exit status;
 5. then, with the device free, builds ``LLM`` with exactly the engine arguments the server parsed, registers
    the same adapters, warms up the same way (one short request per model, as serve_load does, then the
-   same burst in one ``generate``), and times one ``generate`` of the same K requests end to end;
+   same burst in one ``generate``), and times one ``generate`` of the same K requests end to end, with its
+   engine steps, their mean wall and host time, as the server's metrics give them;
 6. prints a table (server: completed, errors, output tokens/s, TTFT and ITL p50/p99, tokens per step,
    clients; offline: tokens/s; the ratio server/offline) and writes JSON.
 
@@ -245,7 +248,8 @@ def run_server_side(a: argparse.Namespace, cmd: list[str], url: str, burst: list
                         f"--concurrency={a.concurrency}", f"--num-requests={a.num_requests}",
                         f"--num-prompts={a.num_requests}", f"--prompt-words={a.prompt_words}",
                         f"--max-tokens={a.max_tokens}", "--temperature=0", "--ignore-eos", f"--seed={a.seed}",
-                        f"--request-timeout={a.request_timeout}", f"--json={load_json}", "--plot="]
+                        f"--request-timeout={a.request_timeout}", f"--json={load_json}", "--plot=",
+                        f"--server-pid={proc.pid}"]
             out["load_command"] = load_cmd
             out["load_exit_status"] = subprocess.run(load_cmd, stdout=sys.stderr, cwd=ROOT).returncode
             if proc.poll() is not None:
@@ -340,6 +344,7 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
                 ratio: Optional[float]) -> None:
     row = server.get("load", {})
     m = row.get("server_metrics") or {}
+    cpu = m.get("cpu_share") or {}
 
     def f(v: Any, fmt: str = "{}") -> str:
         return "-" if v is None else fmt.format(v)
@@ -364,6 +369,8 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
         ("tokens per engine step", f(server.get("tokens_per_step"), "{:.2f}"), f(offline.get("tokens_per_step"))),
         ("engine busy share", f(server.get("engine_busy_share"), "{:.3f}"), f(offline.get("engine_busy_share"))),
         ("clients / mean in flight", f"{a.concurrency} / {f(row.get('mean_in_flight'), '{:.1f}')}", "-"),
+        ("CPU share: HTTP / engine / clients", " / ".join(f(cpu.get(k), "{:.2f}") for k in
+                                                          ("http_process", "engine_process", "load_generator")), "-"),
         ("server exit status", f(server.get("exit_status")), "-"),
     ]
     w0 = max(len(r[0]) for r in lines)
