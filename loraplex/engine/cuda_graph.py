@@ -55,7 +55,7 @@ TILE_ROWS = 16  # rows per LoRA kernel tile in graph steps
 # step of the 8B shape costs 20-30 ms of host time (about 44,000 Python calls, 225 kernel launches), as long as
 # the GPU's work for a 2,000-token step, and 55-75 ms while other threads hold the GIL: on an H200 with 1,000
 # adapters a cold start's steps of 4-7 prompt chunks took 65 ms at the median against 11 ms graphed, and the
-# graphs to 2,048 took that run from 0.76-0.87 to 0.91 of one adapter's throughput (0.99 warm).
+# graphs to 2,048 took cold starts from 0.66-0.87 to 0.91-0.95 of one adapter's throughput (0.98-0.99 warm).
 MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # A mixed step replays the smallest graph that holds it and computes every padding token: on an H200 (8B shape)
 # a step of 316 tokens took as long as one of 444 in the 512-token graph (15 ms against 6.6 ms for decodes
@@ -63,7 +63,8 @@ MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # the kernels' specialisations stay those of the powers of two; 0: powers of two only): with 1,000 adapters on
 # an H200 it took the load from 0.86 to 0.96-0.98 of one adapter's throughput, for four more graphs at start-up.
 MIXED_GRAPH_STEP = envs.LORAPLEX_MIXED_GRAPH_STEP
-# The multiples of the step stop here; above it the sizes are powers of two only: such steps are rare (groups of prompts admitted together) and would otherwise run eagerly at 25-50 ms
+# The multiples of the step stop here (LORAPLEX_MIXED_GRAPH_FINE_TOKENS); above it the sizes are powers of two
+# only: such steps are rarer (groups of prompts admitted together) and would otherwise run eagerly at 25-75 ms
 # of host time, so a coarse graph beats none, and two more sizes cost start-up little where multiples of 64 up
 # to 2,048 would add 24.
 FINE_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_FINE_TOKENS

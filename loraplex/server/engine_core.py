@@ -52,15 +52,15 @@ class EngineCore:
         self.engine.output_kind = "delta"
         self.conn = conn
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
-        # Registrations and reloads in the order they came; re-reads of evicted adapters on threads of their own
-        # (one: each name read once at a time, _rereads), which a registration never waits behind. One thread:
+        # Registrations and reloads in the order they came; re-reads of evicted adapters on a thread of their own
+        # (each name read once at a time: _rereads), which a registration never waits behind. One thread:
         # on an H200 with 1,000 adapters four took each read from 35 to 190-250 ms and the step loop's p99 from
         # 61 to 123 ms (the reads' Python holds the GIL the loop needs), 0.70 of one adapter's throughput warm
         # against 0.94 on one thread.
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-io")
         self.reread_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-reread")
-        self._rereads: dict[str, list[tuple]] = {}
-        self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()  # adapter being re-read off the loop -> "add" messages waiting
+        self._rereads: dict[str, list[tuple]] = {}  # adapter being re-read off the loop -> "add" messages waiting
+        self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()
         self.running = True
         self.acks: list[tuple[str, Error]] = []
 
