@@ -557,10 +557,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"mix {mix}: {args.concurrency} clients, {load} ...", file=sys.stderr)
             before = scrape_metrics(url, args.api_key)
             pid = server.proc.pid if server is not None else args.server_pid
-            cpu0, own0, t0 = cpu_seconds(pid) if pid else {}, time.process_time(), time.perf_counter()
+            cpu0, own0 = cpu_seconds(pid) if pid else {}, time.process_time()
+            t0, unix0 = time.perf_counter(), time.time()
             res = asyncio.run(run_mix(args, url, mix, adapters, base, prompts))
             cpu1, own1, wall = cpu_seconds(pid) if pid else {}, time.process_time(), time.perf_counter() - t0
             res.server = server_side(before, scrape_metrics(url, args.api_key))
+            res.server["window_unix_s"] = [round(unix0, 6), round(unix0 + wall, 6)]  # to line up server-side traces
             if cpu1:  # shares of one core over the mix: the HTTP process, its engine process(es), these clients
                 used = {p: v - cpu0.get(p, 0.0) for p, v in cpu1.items()}
                 res.server["cpu_share"] = {

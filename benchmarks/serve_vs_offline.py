@@ -223,6 +223,28 @@ async def send_burst(url: str, burst: list[tuple[str, str]], timeout: float) -> 
             raise RuntimeError(f"warm-up request refused: HTTP {r.status_code}: {r.text[:300]}")
 
 
+def step_summary(path: Path, window: Optional[list[float]] = None) -> dict[str, dict[str, float]]:
+    """The steps of a LORAPLEX_STEP_TRACE file (those that started inside ``window``, Unix seconds, if given) by
+    the forward they ran (``decode-N``, ``mixed-N``: the CUDA graph of that size; ``eager``): how many, their
+    wall time (sum, p50, p99, ms) and mean tokens."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["seqs"] and (window is None or window[0] <= row["unix_s"] <= window[1]):
+                groups.setdefault(row["forward"], []).append(row)
+    out = {}
+    for kind, rows in sorted(groups.items(), key=lambda kv: -sum(r["wall_ms"] for r in kv[1])):
+        walls = sorted(r["wall_ms"] for r in rows)
+        out[kind] = {"steps": len(rows), "wall_ms_sum": round(sum(walls), 1),
+                     "wall_ms_p50": round(statistics.median(walls), 2),
+                     "wall_ms_p99": round(walls[min(len(walls) - 1, int(0.99 * len(walls)))], 2),
+                     "tokens_mean": round(sum(r["tokens"] for r in rows) / len(rows), 1)}
+    return out
+
+
 def tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
@@ -234,10 +256,13 @@ def run_server_side(a: argparse.Namespace, cmd: list[str], url: str, burst: list
     log_path = Path(a.out_dir) / "server.log"
     load_json = Path(a.out_dir) / "serve_load.json"
     load_json.unlink(missing_ok=True)
+    trace = Path(a.out_dir).resolve() / "server_steps.jsonl"  # LORAPLEX_STEP_TRACE: the engine's steps
+    trace.unlink(missing_ok=True)
     out: dict[str, Any] = {"log": str(log_path)}
     with open(log_path, "w") as log:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "LORAPLEX_STEP_TRACE": str(trace)})
         try:
             wait_healthy(proc, url, a.health_timeout)
             out["startup_s"] = round(time.perf_counter() - t, 1)
@@ -271,9 +296,10 @@ def run_server_side(a: argparse.Namespace, cmd: list[str], url: str, burst: list
         return out
     row = out["load"] = rows[0]
     m = row["server_metrics"]
-    if m:
+    if m.get("engine_steps"):
         out["tokens_per_step"] = round(m["generation_tokens"] / m["engine_steps"], 2)
         out["engine_busy_share"] = round(m["engine_busy_s"] / row["elapsed_s"], 3)
+        out["steps_by_forward"] = step_summary(trace, m.get("window_unix_s"))  # the load's steps only
     else:
         problems.append("the server's /metrics had no engine steps")
     return out
@@ -290,8 +316,14 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
 
     parsed = build_parser().parse_args(cmd[3:])  # ["serve", MODEL, flags...]: exactly what the server read
     kwargs = engine_kwargs(parsed)
+    trace = Path(a.out_dir).resolve() / "offline_steps.jsonl"
+    trace.unlink(missing_ok=True)
+    os.environ["LORAPLEX_STEP_TRACE"] = str(trace)  # read when the engine starts
     t = time.perf_counter()
-    llm = LLM(parsed.model, **kwargs)
+    try:
+        llm = LLM(parsed.model, **kwargs)
+    finally:
+        del os.environ["LORAPLEX_STEP_TRACE"]
     for name, path in parsed.lora:
         llm.add_lora(LoRARequest(name, path))
     startup = time.perf_counter() - t
@@ -318,6 +350,7 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
 
     eng.step = timed_step
     sync()
+    trace.write_text("")  # the warm-ups' steps out
     t = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     sync()
@@ -327,7 +360,7 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
     return {"engine_kwargs": kwargs, "startup_s": round(startup, 1), "requests": len(outs),
             "engine_steps": len(step_s), "engine_step_mean_ms": round(1000 * sum(step_s) / max(len(step_s), 1), 3),
             "engine_step_host_mean_ms": round(1000 * sum(host_s) / max(len(host_s), 1), 3),
-            "engine_busy_share": round(sum(step_s) / wall, 3),
+            "engine_busy_share": round(sum(step_s) / wall, 3), "steps_by_forward": step_summary(trace),
             "tokens_per_step": round(out_tokens / max(len(step_s), 1), 2),
             "completed": sum(o.finished for o in outs), "elapsed_s": round(wall, 3), "output_tokens": out_tokens,
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
@@ -379,6 +412,11 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
     for name, s, o in lines:
         print(f"{name:<{w0}}  {s:>{w1}}  {o}")
     print(f"{'ratio server/offline':<{w0}}  {f(ratio, '{:.3f}'):>{w1}}  (output tokens/s; issue 8 asks >= 0.90)")
+    for side, steps in (("server", server.get("steps_by_forward") or {}),
+                        ("offline", offline.get("steps_by_forward") or {})):
+        print(f"{side} steps by forward (steps, wall ms sum / p50 / p99, mean tokens): " + "; ".join(
+            f"{k} {v['steps']}, {v['wall_ms_sum']:.0f} / {v['wall_ms_p50']:.1f} / {v['wall_ms_p99']:.1f}, "
+            f"{v['tokens_mean']:.0f}" for k, v in list(steps.items())[:8]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -96,6 +96,10 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_ADMIT_LOADING": Switch(_choice("0", "1", "next"), "0", "a request whose adapter is still being "
                                      "copied joins (1: at once; next: from the next scheduling round), its step "
                                      "waiting for the copy on the device"),
+    # diagnostics
+    "LORAPLEX_STEP_TRACE": Switch(_str, None, "a file each engine step appends one JSON line to: its start, wall "
+                                  "and host time, sequences, tokens, prompt chunks, the CUDA graph it replayed "
+                                  "or eager, requests finished"),
     # the server
     "LORAPLEX_API_KEY": Switch(_str, None, "the key clients must send (`--api-key` takes precedence); kept out of "
                                "the process list"),

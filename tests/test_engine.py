@@ -611,3 +611,32 @@ def test_admit_loading_hands_out_a_slot_whose_copy_is_in_flight(monkeypatch) -> 
     monkeypatch.setenv("LORAPLEX_ADMIT_LOADING", "yes")
     with pytest.raises(ValueError, match="LORAPLEX_ADMIT_LOADING='yes': expected one of 0, 1, next"):
         LoRAPool(model, 2, 8, 4)
+
+
+def test_step_trace_writes_a_line_per_step(model_dir, tmp_path, monkeypatch) -> None:
+    """LORAPLEX_STEP_TRACE: every engine step appends one JSON line saying what it launched; the lines add up to
+    the work done (every prompt token once, every sampled token but the last fed back, every request finished
+    once), chunked prompts show as prompt chunks, and the CPU's steps as eager. A path that cannot be opened
+    stops the engine naming the variable."""
+    import json
+
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("LORAPLEX_STEP_TRACE", str(path))
+    llm = make_llm(model_dir, max_num_batched_tokens=16, max_num_seqs=4)
+    n = 5
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(n), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == n for o in outs)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows and {"t_s", "unix_s", "wall_ms", "host_ms", "seqs", "tokens", "prompt_chunks", "forward",
+                     "finished"} <= set(rows[0])
+    assert sum(r["tokens"] for r in rows) == sum(map(len, PROMPTS)) + len(PROMPTS) * (n - 1)
+    assert sum(r["finished"] for r in rows) == len(PROMPTS)
+    assert all(r["tokens"] <= 16 and r["seqs"] <= 4 for r in rows)
+    assert any(r["prompt_chunks"] for r in rows) and rows[-1]["prompt_chunks"] == 0  # decodes alone at the end
+    assert all(r["forward"] == "eager" for r in rows if r["seqs"])
+    assert [r["t_s"] for r in rows] == sorted(r["t_s"] for r in rows)
+    assert abs(rows[-1]["unix_s"] - rows[0]["unix_s"] - (rows[-1]["t_s"] - rows[0]["t_s"])) < 1e-3
+    assert all(r["wall_ms"] >= 0 and r["host_ms"] >= 0 for r in rows)
+    monkeypatch.setenv("LORAPLEX_STEP_TRACE", str(tmp_path / "missing" / "steps.jsonl"))
+    with pytest.raises(ValueError, match="LORAPLEX_STEP_TRACE=.*missing.*cannot open it"):
+        make_llm(model_dir)

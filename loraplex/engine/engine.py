@@ -227,6 +227,17 @@ class LLMEngine:
         # Host time of the last step: its wall time less the wait for the device (the time the GPU could be
         # idle for want of the host's work); exported by the server as loraplex_engine_step_host_seconds.
         self.last_step_host_seconds = 0.0
+        # LORAPLEX_STEP_TRACE: one JSON line a step (what it launched, how long the call took), for telling what
+        # a load's slow steps hold; _launched_kind is the kind of forward the last launch ran.
+        self._trace = None
+        self._launched_kind, self._traced_seqs = "", []
+        trace_path = envs.LORAPLEX_STEP_TRACE
+        if trace_path:
+            try:
+                self._trace = open(trace_path, "a", buffering=1)  # a line at a time: readable while it runs
+            except OSError as e:
+                raise ValueError(f"LORAPLEX_STEP_TRACE={trace_path!r}: cannot open it for appending: {e}") from e
+            self._trace_t0, self._trace_unix0 = time.perf_counter(), time.time()
         # Async scheduling: a step's results are applied during the next step, after it is queued. Under tensor
         # parallelism rank 0 broadcasts each step's sampled tokens, which the other ranks' next step reads.
         self.async_scheduling = mc.async_scheduling if mc.async_scheduling is not None else self.device.type == "cuda"
@@ -321,6 +332,9 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes, if any (also done at interpreter exit). The CUDA graphs go
         first: NCCL does not destroy a communicator while graphs that captured its collectives exist."""
+        if getattr(self, "_trace", None) is not None:
+            self._trace.close()
+            self._trace = None
         if self._tp is not None and not self._tp.closed:
             runner = getattr(self, "runner", None)
             if runner is not None:
@@ -458,10 +472,32 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         waited = self.sampler.wait_seconds
+        self._launched_kind, self._traced_seqs = "", []
         outputs = self._step()
         # Host time: the step's wall time but the wait for the device's results (on CPU, everything).
-        self.last_step_host_seconds = time.perf_counter() - t0 - (self.sampler.wait_seconds - waited)
+        t1 = time.perf_counter()
+        self.last_step_host_seconds = t1 - t0 - (self.sampler.wait_seconds - waited)
+        if self._trace is not None:
+            self._trace_step(t0, t1, outputs)
         return outputs
+
+    def _trace_step(self, t0: float, t1: float, outputs: list) -> None:
+        """One line of LORAPLEX_STEP_TRACE: the call's start (s since the engine started, and as Unix time, to line
+        up with a client's clock), wall and host time
+        (ms), and what it launched: sequences, tokens, prompt chunks (sequences of more than one new token),
+        the forward (``decode-N`` / ``mixed-N``: the CUDA graph of that size, ``eager``, or empty when it launched
+        nothing), and the requests it finished. With async scheduling a call launches one step and applies the
+        previous one's results, so its wall time includes the wait for them."""
+        import json
+
+        seqs = self._traced_seqs
+        row = {"t_s": round(t0 - self._trace_t0, 6), "unix_s": round(self._trace_unix0 + t0 - self._trace_t0, 6),
+               "wall_ms": round(1e3 * (t1 - t0), 3),
+               "host_ms": round(1e3 * self.last_step_host_seconds, 3), "seqs": len(seqs),
+               "tokens": sum(s.num_new_tokens for s in seqs), "prompt_chunks": sum(s.num_new_tokens > 1 for s in seqs),
+               "forward": self._launched_kind,
+               "finished": sum(1 for o in outputs if getattr(o, "finished", False))}
+        self._trace.write(json.dumps(row) + "\n")
 
     def _step(self) -> list[RequestOutput]:
         """Schedule and launch this step; then read back and apply the previous step's results (async
@@ -511,6 +547,10 @@ class LLMEngine:
             self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared))
             self._tp_finished = []
         batch = self.runner.prepare(seqs)
+        if self._trace is not None:
+            self._traced_seqs = seqs
+            planned = self.runner.graphs.plan(seqs) if batch.graph_seqs is not None else None
+            self._launched_kind = f"{'decode' if planned[0] else 'mixed'}-{planned[1]}" if planned else "eager"
         if self.pool is not None and self.pool.waits_on_device:  # slots still being copied: wait on the device
             for slot in {s.req.slot for s in seqs if s.req.slot >= 0}:
                 done = self.pool.load_event(slot)
