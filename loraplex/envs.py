@@ -69,6 +69,8 @@ SWITCHES: dict[str, Switch] = {
                                         "LORAPLEX_MIXED_GRAPH_FINE_TOKENS too (0: powers of two only)"),
     "LORAPLEX_MIXED_GRAPH_FINE_TOKENS": Switch(_int(16), 512, "where the multiples of LORAPLEX_MIXED_GRAPH_STEP stop "
                                                "(above: powers of two)"),
+    "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 0, "CUDA graphs of at most this many tokens (decode batch "
+                                             "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels

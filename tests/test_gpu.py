@@ -142,19 +142,26 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     assert_same(got, want, sizes)
 
 
-def test_lora_shrink_in_sequence_equals_eager(graph_setup, monkeypatch) -> None:
-    """LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one stream, where the default runs it on a
-    side stream beside the GEMM, forked and joined inside the CUDA graphs too) gives the same logprobs as
-    eager steps of the torch backend, over changing adapter mixes in decode and mixed graphs."""
+@pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=64"])
+def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
+    """Graphs captured another way give the same logprobs as eager steps of the torch backend, over changing
+    adapter mixes in decode and mixed graphs: LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one
+    stream, where the default runs it on a side stream beside the GEMM, forked and joined inside the graphs);
+    LORAPLEX_GRAPH_CUBLASLT_TOKENS=64 (the graphs of up to 64 tokens captured with cuBLASLt's GEMMs, the larger
+    with cuBLAS's, and the library setting restored once captured)."""
     from test_cuda_graph import assert_same, run_mixes
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, adapters = graph_setup
     want, _ = run_mixes(LLM(model_dir, dtype="float32", enforce_eager=True, lora_backend="torch", **GRAPH_ARGS),
                         adapters, use_graphs=False)
-    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "0")
+    name, value = switch.split("=")
+    monkeypatch.setenv(name, value)
+    library = torch.backends.cuda.preferred_blas_library()
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
-    assert not llm.engine.pool.lora_model.modules[0].wrapper.backend.overlap
+    if name == "LORAPLEX_LORA_OVERLAP":
+        assert not llm.engine.pool.lora_model.modules[0].wrapper.backend.overlap
+    assert torch.backends.cuda.preferred_blas_library() == library
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)
 
