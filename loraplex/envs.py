@@ -71,6 +71,8 @@ SWITCHES: dict[str, Switch] = {
                                                "(above: powers of two)"),
     "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 0, "CUDA graphs of at most this many tokens (decode batch "
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
+    "LORAPLEX_PDL": Switch(_bool, False, "the step kernels (norms, rotary, SiLU, attention, LoRA) launched as "
+                           "programmatic dependents of the kernel before them (Hopper and later)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels
