@@ -483,11 +483,11 @@ class LLMEngine:
 
     def _trace_step(self, t0: float, t1: float, outputs: list) -> None:
         """One line of LORAPLEX_STEP_TRACE: the call's start (s since the engine started, and as Unix time, to line
-        up with a client's clock), wall and host time
-        (ms), and what it launched: sequences, tokens, prompt chunks (sequences of more than one new token),
-        the forward (``decode-N`` / ``mixed-N``: the CUDA graph of that size, ``eager``, or empty when it launched
-        nothing), and the requests it finished. With async scheduling a call launches one step and applies the
-        previous one's results, so its wall time includes the wait for them."""
+        up with a client's clock), wall and host time (ms), and what it launched: sequences, tokens, prompt
+        chunks (sequences of more than one new token), the forward (``decode-N`` / ``mixed-N``: the CUDA graph of
+        that size, ``eager``, or empty when it launched nothing), and the requests it finished. With async
+        scheduling a call launches one step and applies the previous one's results, so its wall time includes
+        the wait for them."""
         import json
 
         seqs = self._traced_seqs
