@@ -466,11 +466,13 @@ class StepGraphs:
         if self.decode.device_buf.is_cuda:
             torch.cuda.synchronize(self.decode.device_buf.device)
 
-    def run(self, seqs: Sequence, fix_inputs: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    def run(self, seqs: Sequence, fix_inputs: Optional[Callable[[torch.Tensor], None]] = None,
+            planned: Optional[tuple[bool, int]] = None) -> torch.Tensor:
         """Fill the inputs of the step ``seqs`` and replay its graph: float32 logits (B, padded vocab) of each
         sequence's last token, a view of the graph's output valid until the next replay. ``fix_inputs(input_ids)``
-        may then amend the token ids on the device (tokens sampled by a step still in flight)."""
-        planned = self.plan(seqs)
+        may then amend the token ids on the device (tokens sampled by a step still in flight). ``planned``:
+        :meth:`plan` of ``seqs`` when the caller has it already."""
+        planned = planned or self.plan(seqs)
         assert planned is not None, f"no graph for this step of {len(seqs)} sequences"
         decode, n = planned
         inputs = self.decode if decode else self.mixed

@@ -472,7 +472,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         waited = self.sampler.wait_seconds
-        self._launched_kind, self._traced_seqs = "", []
+        if self._trace is not None:
+            self._launched_kind, self._traced_seqs = "", []
         outputs = self._step()
         # Host time: the step's wall time but the wait for the device's results (on CPU, everything).
         t1 = time.perf_counter()
@@ -549,7 +550,7 @@ class LLMEngine:
         batch = self.runner.prepare(seqs)
         if self._trace is not None:
             self._traced_seqs = seqs
-            planned = self.runner.graphs.plan(seqs) if batch.graph_seqs is not None else None
+            planned = batch.graph_plan
             self._launched_kind = f"{'decode' if planned[0] else 'mixed'}-{planned[1]}" if planned else "eager"
         if self.pool is not None and self.pool.waits_on_device:  # slots still being copied: wait on the device
             for slot in {s.req.slot for s in seqs if s.req.slot >= 0}:

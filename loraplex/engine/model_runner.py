@@ -66,6 +66,7 @@ class PreparedBatch:
     # Per sequence: (first logits row, number of logits rows); the sampled row is the last.
     logits_spans: list[tuple[int, int]]
     graph_seqs: Optional[Sequence[ScheduledSeq]] = None  # a step that replays a CUDA graph
+    graph_plan: Optional[tuple[bool, int]] = None  # which one (StepGraphs.plan: decode family?, size)
 
 
 class ModelRunner:
@@ -227,8 +228,10 @@ class ModelRunner:
             return self.model.compute_logits(hidden).float()
 
     def prepare(self, seqs: list[ScheduledSeq]) -> PreparedBatch:
-        if self.graphs is not None and self.graphs.plan(seqs) is not None:
-            return PreparedBatch(None, None, None, [(i, 1) for i in range(len(seqs))], graph_seqs=seqs)
+        planned = self.graphs.plan(seqs) if self.graphs is not None else None
+        if planned is not None:
+            return PreparedBatch(None, None, None, [(i, 1) for i in range(len(seqs))], graph_seqs=seqs,
+                                 graph_plan=planned)
         ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
@@ -283,7 +286,8 @@ class ModelRunner:
         if self.before_step is not None:
             self.before_step()
         if batch.graph_seqs is not None:
-            return self.graphs.run(batch.graph_seqs, None if fix is None else functools.partial(_apply_fix, fix))
+            return self.graphs.run(batch.graph_seqs, None if fix is None else functools.partial(_apply_fix, fix),
+                                   batch.graph_plan)
         if fix is not None:
             _apply_fix(fix, batch.input_ids)
         with forward_context(batch.ctx):

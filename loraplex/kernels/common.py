@@ -115,7 +115,7 @@ class Launcher:
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
         if self.pdl:
             pdl = pdl_enabled()
-            constexprs = {**constexprs, "PDL": pdl}  # the last constexpr, as in the signature
+            constexprs["PDL"] = pdl  # the last constexpr, as in the signature (each launch builds its dict)
             if pdl:
                 options = {**options, "launch_pdl": True}
         if not self.fast:

@@ -110,7 +110,8 @@ class LoRAPool:
         # scheduling the host schedules a step while the one before it still runs). LORAPLEX_ADMIT_LOADING=1:
         # at once, so the step that starts the copy waits for it (a few MB through the copy engine); =next:
         # from the next scheduling round, when the copy has usually finished beside the step before and the
-        # wait costs nothing, so a miss waits one step at most. Both opt-in until measured on a GPU.
+        # wait costs nothing. Both opt-in: on an H200 (1,000 adapters) the default already held a miss to one
+        # round at p99 and at most, and =next was within one run's spread (docs/benchmarks.md, 2026-12-01).
         mode = envs.LORAPLEX_ADMIT_LOADING
         self.admit_loading = mode == "1"
         self.admit_next_round = mode == "next"
