@@ -66,13 +66,9 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_MIXED_GRAPH_TOKENS": Switch(_int(16), 2048, "the largest mixed-step graph, in tokens (powers of "
                                           "two above 512; never above max_num_batched_tokens)"),
     "LORAPLEX_MIXED_GRAPH_STEP": Switch(_int(0, 16), 64, "mixed graphs at every multiple of this many tokens up to "
-                                        "LORAPLEX_MIXED_GRAPH_FINE_TOKENS too (0: powers of two only)"),
-    "LORAPLEX_MIXED_GRAPH_FINE_TOKENS": Switch(_int(16), 512, "where the multiples of LORAPLEX_MIXED_GRAPH_STEP stop "
-                                               "(above: powers of two)"),
-    "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 0, "CUDA graphs of at most this many tokens (decode batch "
+                                        "512 too (0: powers of two only)"),
+    "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 64, "CUDA graphs of at most this many tokens (decode batch "
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
-    "LORAPLEX_PDL": Switch(_bool, False, "the step kernels (norms, rotary, SiLU, attention, LoRA) launched as "
-                           "programmatic dependents of the kernel before them (Hopper and later)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels

@@ -48,19 +48,18 @@ def _kernels() -> dict:
                       k_per_split="i32", num_tiles="i32", splits="i32", stride_xm="i32", num_slots="i32",
                       num_pages="i32", target="i32")
     shrink_const = dict(NUM_SLICES=3, MAX_RANK=16, R_BLOCKS=1, BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, PAGE=8,
-                        MAX_PAGES=2, PRECISION="tf32", UPCAST=False, HAS_COUNT=True, REDUCE=True, DEVICE_SPLITS=True,
-                        PDL=False)
+                        MAX_PAGES=2, PRECISION="tf32", UPCAST=False, HAS_COUNT=True, REDUCE=True, DEVICE_SPLITS=True)
     attn_sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", part_ptr="*fp32", stats_ptr="*fp32",
                     qsl_ptr="*i32", seq_lens_ptr="*i32", tables_ptr="*i32", qk_scale="fp32", window="i32",
                     num_heads="i32", stride_qt="i32", stride_qh="i32", stride_kb="i32", stride_ks="i32",
                     stride_kh="i32", stride_vb="i32", stride_vs="i32", stride_vh="i32", stride_tb="i32")
     attn_const = dict(HEAD_DIM=128, D_PAD=128, GROUP=4, BLOCK_M=16, NUM_SPLITS=2, TILE_N=64, BLOCK_SIZE=16,
-                      USE_WINDOW=False, PRECISION="tf32", UPCAST=False, PDL=False)
+                      USE_WINDOW=False, PRECISION="tf32", UPCAST=False)
     return {
-        "expand": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=0, ALIGNED=False, PDL=False), expand_hint,
+        "expand": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=0, ALIGNED=False), expand_hint,
                    dict(num_warps=4)),
-        "expand_vector_b": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=2, ALIGNED=True, PDL=False),
-                            expand_hint, dict(num_warps=4)),
+        "expand_vector_b": (_expand_kernel, expand_sig, dict(expand_const, B_LOAD=2, ALIGNED=True), expand_hint,
+                            dict(num_warps=4)),
         "shrink": (_shrink_kernel, shrink_sig, shrink_const, ["K", "stride_xm", "num_slots", "num_pages"],
                    dict(num_warps=4, num_stages=3)),
         "decode_attention": (_decode_split_kernel, attn_sig, attn_const,
@@ -85,11 +84,9 @@ def compile_for(kernel, signature: dict, constexprs: dict, hinted: list, options
 
 
 def memory_ops(compiled) -> dict:
-    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``) and grid
-    dependency controls (``griddepcontrol.*``: programmatic dependent launch)."""
+    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``)."""
     ptx = compiled.asm["ptx"]
-    found = re.findall(r"(?:ld\.global|st\.global|cp\.async\.\w+\.shared\.global|griddepcontrol)[\w.]*", ptx)
-    return dict(Counter(found))
+    return dict(Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.\w+\.shared\.global)[\w.]*", ptx)))
 
 
 def resources(compiled) -> dict:
@@ -117,7 +114,6 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: sm_90)")
     p.add_argument("--maxnreg", type=int, default=0, help="compile with this register cap (ptxas's maxnreg)")
     p.add_argument("--resources", action="store_true", help="also print registers a thread and spill stack bytes")
-    p.add_argument("--pdl", action="store_true", help="compile as LORAPLEX_PDL launches: PDL=True, launch_pdl")
     a = p.parse_args()
     unknown = [n for n in a.names if n not in kernels]
     if unknown:
@@ -126,14 +122,8 @@ def main() -> None:
         kernel, signature, constexprs, hinted, options = kernels[name]
         if a.maxnreg:
             options = dict(options, maxnreg=a.maxnreg)
-        if a.pdl:
-            constexprs, options = dict(constexprs, PDL=True), dict(options, launch_pdl=True)
         compiled = compile_for(kernel, signature, constexprs, hinted, options, a.arch)
         line = f"{name:>17}: " + ", ".join(f"{op} x{n}" for op, n in sorted(memory_ops(compiled).items()))
-        if a.pdl:  # the wait must come before every global load and store (nothing read before the last kernel ends)
-            ptx = compiled.asm["ptx"]
-            first = re.search(r"ld\.global|st\.global|cp\.async|atom\.global", ptx)
-            line += f"; wait before memory: {ptx.find('griddepcontrol.wait') < (first.start() if first else len(ptx))}"
         if a.resources:
             res = resources(compiled)
             line += f"; registers {res['registers']}, stack {res['stack']}"

@@ -855,19 +855,3 @@ def test_lora_overlap_default_follows_tensor_parallelism(monkeypatch) -> None:
     assert not TritonLoRABackend().overlap
     monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "1")
     assert TritonLoRABackend().overlap
-
-
-def test_pdl_kernels_wait_before_touching_memory_on_sm90() -> None:
-    """LORAPLEX_PDL: compiled for sm_90 as they are then launched (PDL=True, launch_pdl), the step kernels wait
-    for the kernels before them on the stream (griddepcontrol.wait) before their first global load or store,
-    so nothing is read before its producer ends nor overwritten while a predecessor still reads it, and then
-    let the next kernel launch; compiled as by default they hold neither instruction."""
-    run = run_compile_script("ptx_loads.py", "--pdl", "shrink", "expand_vector_b", "decode_attention")
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if ":" in line}
-    assert set(lines) == {"shrink", "expand_vector_b", "decode_attention"}, run.stdout
-    for name, line in lines.items():
-        assert "griddepcontrol.wait x1" in line and "griddepcontrol.launch_dependents x1" in line, line
-        assert line.endswith("wait before memory: True"), line
-    plain = run_compile_script("ptx_loads.py", "shrink")
-    assert plain.returncode == 0 and "griddepcontrol" not in plain.stdout and "ld.global" in plain.stdout

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from loraplex.attention.metadata import AttentionMetadata
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms, pdl_prologue
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -43,9 +43,7 @@ def _unified_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     # The sequence of this program: the last b in [seq_begin, num_seqs) whose first program is <= pid.
@@ -129,9 +127,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     NUM_SPLITS: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     # part (decodes, H, NUM_SPLITS, D_PAD) float32: unnormalised output; stats (decodes, H, NUM_SPLITS, 2): max, sum
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -192,9 +188,7 @@ def _decode_split_kernel(
 def _reduce_kernel(
     part_ptr, stats_ptr, out_ptr, qsl_ptr, num_heads, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)

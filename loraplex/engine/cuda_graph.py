@@ -64,11 +64,12 @@ MAX_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_TOKENS
 # the kernels' specialisations stay those of the powers of two; 0: powers of two only): with 1,000 adapters on
 # an H200 it took the load from 0.86 to 0.96-0.98 of one adapter's throughput, for four more graphs at start-up.
 MIXED_GRAPH_STEP = envs.LORAPLEX_MIXED_GRAPH_STEP
-# The multiples of the step stop here (LORAPLEX_MIXED_GRAPH_FINE_TOKENS); above it the sizes are powers of two
-# only: such steps are rarer (groups of prompts admitted together) and would otherwise run eagerly at 25-75 ms
-# of host time, so a coarse graph beats none, and two more sizes cost start-up little where multiples of 64 up
-# to 2,048 would add 24.
-FINE_MIXED_TOKENS = envs.LORAPLEX_MIXED_GRAPH_FINE_TOKENS
+# The multiples of the step stop here; above it the sizes are powers of two only: such steps are rarer (groups
+# of prompts admitted together) and would otherwise run eagerly at 25-75 ms of host time, so a coarse graph
+# beats none, and two more sizes cost start-up little where multiples of 64 up to 2,048 would add 24. Multiples
+# up to 1,024 were measured (H200, 8B, the server at 64 clients): 4 of 616 steps fell in 513-1,024 tokens and
+# the server's throughput moved within its run-to-run spread (0.86 of offline against 0.84-0.89).
+FINE_MIXED_TOKENS = 512
 
 
 @contextlib.contextmanager
@@ -442,8 +443,9 @@ class StepGraphs:
                     self.memory_bytes / 2**20)
 
     def _capture_all(self, dev: torch.device, pool, families: list) -> None:
-        # LORAPLEX_GRAPH_CUBLASLT_TOKENS: graphs of at most that many tokens captured with cuBLASLt's GEMMs (on an
-        # H200 the 8B layer's four GEMMs took 110 against 115 us at 32 rows, 137 against 133 at 128)
+        # LORAPLEX_GRAPH_CUBLASLT_TOKENS (default 64): graphs of at most that many tokens captured with cuBLASLt's
+        # GEMMs. On an H200 (8B) the layer's four GEMMs took 110 against 115 us at 32 rows, 137 against 133 at
+        # 128; the decode step at batch 32 4.90 against 5.08 ms, with cuBLAS kept above 64 tokens
         lt_tokens = envs.LORAPLEX_GRAPH_CUBLASLT_TOKENS
         for lora in ((False, True) if self.lora else (False,)):
             for decode, sizes in families:

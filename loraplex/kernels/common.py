@@ -8,46 +8,13 @@ import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from loraplex import envs
-
-try:  # grid dependency control (programmatic dependent launch, Hopper and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # a Triton without it: PDL stays off
-    gdc_launch_dependents = gdc_wait = None
 
 logger = logging.getLogger("loraplex")
 
 # Read when the kernels are imported, as triton reads it when it decorates them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-# LORAPLEX_PDL: the step kernels are launched as programmatic dependents of the kernel before them on the
-# stream, so that the device starts launching one while the previous finishes (a gap of about a quarter of a
-# microsecond a kernel on an H200, some 400 kernels a decode step). Resolved at the first launch.
-PDL: Optional[bool] = None
-
-
-def pdl_enabled() -> bool:
-    """Whether step kernels launch with programmatic dependent launch: ``LORAPLEX_PDL``, on a CUDA device of
-    compute capability 9.0 or later, with a Triton that has grid dependency control, not in the interpreter."""
-    global PDL
-    if PDL is None:
-        PDL = bool(envs.LORAPLEX_PDL and not INTERPRET and gdc_wait is not None and torch.cuda.is_available()
-                   and torch.cuda.get_device_capability() >= (9, 0))
-    return PDL
-
-
-@triton.jit
-def pdl_prologue(PDL: tl.constexpr):
-    """A step kernel's first statement: with ``PDL`` (launched as a programmatic dependent), wait until the
-    kernels before it on the stream have completed and their writes are visible (before any load or store,
-    so nothing is read early or overwritten while still read), then let the next kernel start launching
-    (it waits the same way). Without ``PDL``, nothing."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -108,16 +75,8 @@ class Launcher:
         self.fn = fn
         self.fast = not INTERPRET and envs.LORAPLEX_TRITON_FAST_LAUNCH
         self._compiled: dict = {}
-        # a step kernel whose last parameter is the constexpr PDL (it starts with pdl_prologue): the launcher
-        # passes it, and launches the kernel as a programmatic dependent when pdl_enabled()
-        self.pdl = fn.arg_names[-1] == "PDL"
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
-        if self.pdl:
-            pdl = pdl_enabled()
-            constexprs["PDL"] = pdl  # the last constexpr, as in the signature (each launch builds its dict)
-            if pdl:
-                options = {**options, "launch_pdl": True}
         if not self.fast:
             self.fn[grid](*args, **constexprs, **options)
             return

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import Launcher, pdl_prologue
+from loraplex.kernels.common import Launcher
 from loraplex.kernels.lora_expand import PendingDelta, fold_delta
 
 
@@ -28,8 +28,7 @@ from loraplex.kernels.lora_expand import PendingDelta, fold_delta
 def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, N, stride_x, stride_r, stride_o, eps,
                      d_ptr, stride_d, slots_ptr, ranks_ptr, ext_ptr, ext_rows_ptr, bias_ptr,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, EXTRAS: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                     HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -57,8 +56,7 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
                    num_slots, col_k, col_v, n_total,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, H_PAD: tl.constexpr,
                    CACHE: tl.constexpr, HEAD_DIM: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                   HAS_DELTA: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF_PAD)
@@ -135,8 +133,7 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_pt
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, d_ptr, stride_d, slots_ptr, ranks_ptr, ext_ptr,
                          ext_rows_ptr, bias_ptr, num_slots, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
-                         EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                         EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import Launcher, identity_pages, pdl_prologue
+from loraplex.kernels.common import Launcher, identity_pages
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -25,9 +25,7 @@ def _embed_gather_kernel(
     T, V,
     MAX_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     slot = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)

@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 
 from loraplex import envs
-from loraplex.kernels.common import (
-    INTERPRET, Launcher, dot_precision, identity_pages, num_sms, pdl_prologue, programs_per_sm)
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -59,9 +58,7 @@ def _expand_kernel(
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr, B_LOAD: tl.constexpr,
     ALIGNED: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
     # launches cheap.
@@ -188,9 +185,7 @@ def add_delta(y_ptr, acc, scale, offs_m, cols, m_mask, n_mask, stride_ym, slot, 
 
 @triton.jit
 def _add_kernel(y_ptr, d_ptr, slots_ptr, ranks_ptr, slice_ptr, ext_ptr, ext_rows_ptr, bias_ptr, stride_ym, stride_dm,
-                n_total, num_slots, BLOCK_N: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                n_total, num_slots, BLOCK_N: tl.constexpr, EXTRAS: tl.constexpr, HAS_BIAS: tl.constexpr):
     # one program per (row, slice, output block): the rows and slices the expand would have touched
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)

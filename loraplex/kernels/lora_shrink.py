@@ -35,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import (
-    INTERPRET, Launcher, dot_precision, identity_pages, num_sms, pdl_prologue, programs_per_sm)
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -48,9 +47,7 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
