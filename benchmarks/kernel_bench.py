@@ -21,7 +21,9 @@ the shrink summing its split-K partials (the default) and with the expand summin
 ``--gemm``: instead, the base projections of one Llama-3-8B decoder layer (qkv, o, gate_up, down) at the
 ``--layer-batches`` rows through cuBLAS (``F.linear``) and, side by side, with PyTorch asking cuBLASLt
 instead (``torch.backends.cuda.preferred_blas_library``), graph-replayed, microseconds, with the bandwidth each
-reaches reading its weight: the bound of the no-adapter decode step. (A split-K Triton GEMM of our own was
+reaches reading its weight: the bound of the no-adapter decode step. With ``--carveouts``, the cuBLASLt GEMMs
+again with each SM carveout (``LORAPLEX_GRAPH_SM_CARVEOUT``: the SMs they leave to the LoRA kernels beside
+them), so that what the carveout costs the GEMM alone is known. (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
 
@@ -41,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loraplex.engine.cuda_graph import sm_carveout  # noqa: E402
 from loraplex.lora.backends.base import LoRAStack, get_backend  # noqa: E402
 from loraplex.lora.batch import LoRABatch  # noqa: E402
 
@@ -237,14 +240,23 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
                 tag = "" if lib == "cublas" else "_lt"
                 row[f"cublas_us{tag}"] = time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)
                 row[f"cublas_tbs{tag}"] = gb / row[f"cublas_us{tag}"] * 1e3
+                if lib == "cublaslt":
+                    for sms in a.carveouts:  # the graph keeps the grid cuBLASLt chose for the SMs it was left
+                        with sm_carveout(sms):
+                            row[f"cublas_us_lt_carveout{sms}"] = time_graph(
+                                lambda: torch.nn.functional.linear(x, w), a.iters)
             torch.backends.cuda.preferred_blas_library("cublas")
             rows.append(row)
             print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s), cuBLASLt "
-                  f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)", flush=True)
+                  f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)"
+                  + "".join(f", {sms} SMs left {row[f'cublas_us_lt_carveout{sms}']:.1f} us" for sms in a.carveouts),
+                  flush=True)
     for T in a.layer_batches:
         mine = [r for r in rows if r["tokens"] == T]
         print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in mine):7.1f} us, cuBLASLt "
-              f"{sum(r['cublas_us_lt'] for r in mine):7.1f} us")
+              f"{sum(r['cublas_us_lt'] for r in mine):7.1f} us"
+              + "".join(f", {sms} SMs left {sum(r[f'cublas_us_lt_carveout{sms}'] for r in mine):.1f} us"
+                        for sms in a.carveouts))
     return rows
 
 
@@ -267,6 +279,8 @@ def main() -> None:
                          "per SM (1-16), K block (64-256), warps (2-8) and pipeline stages (2-4)")
     ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
                     "the bandwidth each reaches")
+    ap.add_argument("--carveouts", type=int, nargs="*", default=[], help="--gemm: also time the cuBLASLt GEMMs "
+                    "leaving each of these many SMs free (LORAPLEX_GRAPH_SM_CARVEOUT)")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():

@@ -69,6 +69,9 @@ SWITCHES: dict[str, Switch] = {
                                         "512 too (0: powers of two only)"),
     "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 64, "CUDA graphs of at most this many tokens (decode batch "
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
+    "LORAPLEX_GRAPH_SM_CARVEOUT": Switch(_int(0), 0, "SMs that the cuBLASLt GEMMs of the adapter graphs (those "
+                                         "of at most LORAPLEX_GRAPH_CUBLASLT_TOKENS tokens) leave to the LoRA kernels "
+                                         "on the side stream (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels
