@@ -23,7 +23,8 @@ the shrink summing its split-K partials (the default) and with the expand summin
 instead (``torch.backends.cuda.preferred_blas_library``), graph-replayed, microseconds, with the bandwidth each
 reaches reading its weight: the bound of the no-adapter decode step. With ``--carveouts``, the cuBLASLt GEMMs
 again with each SM carveout (``LORAPLEX_GRAPH_SM_CARVEOUT``: the SMs they leave to the LoRA kernels beside
-them), so that what the carveout costs the GEMM alone is known. (A split-K Triton GEMM of our own was
+them), so that what the carveout costs the GEMM alone is known; and cuBLAS with the operands swapped
+(``W @ x^T``, the output transposed). (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
 
@@ -246,17 +247,22 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
                             row[f"cublas_us_lt_carveout{sms}"] = time_graph(
                                 lambda: torch.nn.functional.linear(x, w), a.iters)
             torch.backends.cuda.preferred_blas_library("cublas")
+            # the same product with the operands swapped: out^T = W @ x^T (x^T contiguous), which makes cuBLAS
+            # pick among other kernels; would a layout with tokens along columns read the weight faster?
+            xt = x.t().contiguous()
+            row["swapped_us"] = time_graph(lambda: torch.mm(w, xt), a.iters)
             rows.append(row)
             print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s), cuBLASLt "
                   f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)"
-                  + "".join(f", {sms} SMs left {row[f'cublas_us_lt_carveout{sms}']:.1f} us" for sms in a.carveouts),
-                  flush=True)
+                  + "".join(f", {sms} SMs left {row[f'cublas_us_lt_carveout{sms}']:.1f} us" for sms in a.carveouts)
+                  + f", W @ x^T {row['swapped_us']:.1f} us", flush=True)
     for T in a.layer_batches:
         mine = [r for r in rows if r["tokens"] == T]
         print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in mine):7.1f} us, cuBLASLt "
               f"{sum(r['cublas_us_lt'] for r in mine):7.1f} us"
               + "".join(f", {sms} SMs left {sum(r[f'cublas_us_lt_carveout{sms}'] for r in mine):.1f} us"
-                        for sms in a.carveouts))
+                        for sms in a.carveouts)
+              + f", W @ x^T {sum(r['swapped_us'] for r in mine):.1f} us")
     return rows
 
 

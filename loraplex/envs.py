@@ -77,6 +77,9 @@ SWITCHES: dict[str, Switch] = {
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
+    "LORAPLEX_LORA_SIDE_PRIORITY": Switch(_bool, False, "the LoRA side stream at the highest stream priority, so "
+                                          "its kernels take SMs before the GEMM's waiting blocks (graphs keep "
+                                          "the priority they were captured with)"),
     "LORAPLEX_LORA_SIDE_EXPAND": Switch(_bool, True, "the expand of batches up to 512 rows beside the base GEMM, "
                                         "into a float32 delta"),
     "LORAPLEX_LORA_FOLD_DELTA": Switch(_bool, True, "that delta added by the next fused kernel (rotary, RMSNorm, "

@@ -64,6 +64,10 @@ class TritonLoRABackend:
         # critical path. Measured on an H200 (8B shape, one adapter): 5.71 against 5.91 ms a decode step at batch
         # 32, 7.85 against 8.16 at batch 128. LORAPLEX_LORA_FOLD_DELTA=0: off.
         self.fold_deltas = envs.LORAPLEX_LORA_FOLD_DELTA
+        # LORAPLEX_LORA_SIDE_PRIORITY (opt-in, not yet timed): the side stream at the highest priority. PyTorch
+        # instantiates graphs to use the priority each kernel was captured with, so when SMs free up the block
+        # scheduler starts the shrink and expand before the GEMM's remaining blocks.
+        self.side_priority = -100 if envs.LORAPLEX_LORA_SIDE_PRIORITY else 0  # clamped to the card's highest
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
@@ -77,7 +81,7 @@ class TritonLoRABackend:
         main = torch.cuda.current_stream(x.device)
         side = self._side.get(x.device)
         if side is None:
-            side = self._side[x.device] = torch.cuda.Stream(x.device)
+            side = self._side[x.device] = torch.cuda.Stream(x.device, priority=self.side_priority)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             buf = self._lora(x, w, batch)
