@@ -245,6 +245,25 @@ def step_summary(path: Path, window: Optional[list[float]] = None) -> dict[str, 
     return out
 
 
+def step_gaps(path: Path, window: Optional[list[float]] = None) -> dict[str, float]:
+    """The time between consecutive engine steps of a LORAPLEX_STEP_TRACE file (from one step's end to the next
+    one's start, steps that started inside ``window`` if given): what the loop does besides stepping (the
+    server's: sending the step's outputs, taking in requests, its stats). Sum, p50 and p99 in ms."""
+    import statistics
+
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if window is None or window[0] <= row["unix_s"] <= window[1]:
+                rows.append(row)
+    gaps = sorted(max(0.0, (b["t_s"] - a["t_s"]) * 1e3 - a["wall_ms"]) for a, b in zip(rows, rows[1:]))
+    if not gaps:
+        return {}
+    return {"gaps": len(gaps), "gap_ms_sum": round(sum(gaps), 1), "gap_ms_p50": round(statistics.median(gaps), 3),
+            "gap_ms_p99": round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3)}
+
+
 def tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
@@ -300,6 +319,7 @@ def run_server_side(a: argparse.Namespace, cmd: list[str], url: str, burst: list
         out["tokens_per_step"] = round(m["generation_tokens"] / m["engine_steps"], 2)
         out["engine_busy_share"] = round(m["engine_busy_s"] / row["elapsed_s"], 3)
         out["steps_by_forward"] = step_summary(trace, m.get("window_unix_s"))  # the load's steps only
+        out["step_gaps"] = step_gaps(trace, m.get("window_unix_s"))
     else:
         problems.append("the server's /metrics had no engine steps")
     return out
@@ -361,6 +381,7 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
             "engine_steps": len(step_s), "engine_step_mean_ms": round(1000 * sum(step_s) / max(len(step_s), 1), 3),
             "engine_step_host_mean_ms": round(1000 * sum(host_s) / max(len(host_s), 1), 3),
             "engine_busy_share": round(sum(step_s) / wall, 3), "steps_by_forward": step_summary(trace),
+            "step_gaps": step_gaps(trace),
             "tokens_per_step": round(out_tokens / max(len(step_s), 1), 2),
             "completed": sum(o.finished for o in outs), "elapsed_s": round(wall, 3), "output_tokens": out_tokens,
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
@@ -382,6 +403,10 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
     def f(v: Any, fmt: str = "{}") -> str:
         return "-" if v is None else fmt.format(v)
 
+    def gaps(side: dict[str, Any]) -> str:
+        g = side.get("step_gaps") or {}
+        return f"{f(g.get('gap_ms_sum'), '{:.0f}')} / {f(g.get('gap_ms_p50'), '{:.2f}')} / {f(g.get('gap_ms_p99'), '{:.2f}')}"
+
     def pair(k1: str, k2: str) -> str:
         return f"{f(row.get(k1), '{:.1f}')} / {f(row.get(k2), '{:.1f}')}"
 
@@ -401,6 +426,7 @@ def print_table(a: argparse.Namespace, server: dict[str, Any], offline: dict[str
          f"{f(offline.get('engine_step_mean_ms'), '{:.2f}')} / {f(offline.get('engine_step_host_mean_ms'), '{:.2f}')}"),
         ("tokens per engine step", f(server.get("tokens_per_step"), "{:.2f}"), f(offline.get("tokens_per_step"))),
         ("engine busy share", f(server.get("engine_busy_share"), "{:.3f}"), f(offline.get("engine_busy_share"))),
+        ("between steps, ms: sum / p50 / p99", gaps(server), gaps(offline)),
         ("clients / mean in flight", f"{a.concurrency} / {f(row.get('mean_in_flight'), '{:.1f}')}", "-"),
         ("CPU share: HTTP / engine / clients", " / ".join(f(cpu.get(k), "{:.2f}") for k in
                                                           ("http_process", "engine_process", "load_generator")), "-"),
