@@ -77,6 +77,8 @@ SWITCHES: dict[str, Switch] = {
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
+    "LORAPLEX_ENGINE_SEND_THREAD": Switch(_bool, False, "the server's engine process pickles and sends its "
+                                          "messages on a writer thread, not in the step loop"),
     "LORAPLEX_LORA_SIDE_PRIORITY": Switch(_bool, False, "the LoRA side stream at the highest stream priority, so "
                                           "its kernels take SMs before the GEMM's waiting blocks (graphs keep "
                                           "the priority they were captured with)"),

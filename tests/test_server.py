@@ -365,3 +365,36 @@ def test_adapter_versions_and_pinning(assets, offline) -> None:
         assert post("/v1/pin_lora_adapter", {"lora_name": "x", "pinned": False}).status_code == 400  # not pinned
     finally:
         s.stop()
+
+
+def test_send_thread_streams_what_the_loop_would_send(assets, offline, monkeypatch) -> None:
+    """LORAPLEX_ENGINE_SEND_THREAD=1: the engine process's messages go out through a writer thread. Concurrent
+    streams of different adapters get the tokens offline generation gives, in order and whole; a runtime load
+    gets its reply; and a stop drains what was queued (the engine process exits cleanly)."""
+    import concurrent.futures
+
+    root, model_dir, loras = assets
+    monkeypatch.setenv("LORAPLEX_ENGINE_SEND_THREAD", "1")  # read by the engine process, spawned below
+    s = Server(model_dir, {"qv": loras["qv"], "emb": loras["emb"]}, allow_runtime_lora_updates=True,
+               lora_root=str(root / "loras"))
+    try:
+        c = s.client().with_options(timeout=60)  # a lost message fails the test instead of hanging it
+
+        def stream(model: str) -> str:
+            chunks = c.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        models = ["tiny", "qv", "emb"] * 3
+        with concurrent.futures.ThreadPoolExecutor(len(models)) as ex:
+            got = list(ex.map(stream, models))
+        for model, text in zip(models, got):
+            want = offline_text(offline, PROMPT, None if model == "tiny" else model, n=24, ignore_eos=True)
+            assert text == want, model
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "extra"})
+        assert r.status_code == 200
+        assert stream("x") == offline_text(offline, PROMPT, "extra", n=24, ignore_eos=True)
+    finally:
+        s.stop()
+        s.engine.shutdown()
+    assert s.engine.proc.exitcode == 0  # the writer drained and the process ended on its own

@@ -20,7 +20,9 @@ this process runs :class:`LLMEngine` in a loop. They talk over one duplex
 A reader thread drains the pipe into a queue the whole time, so the HTTP side never blocks on a
 busy engine, and every message that arrived during a step is applied before the next one: new
 requests join the running batch at the next step. Adapter folders are read (disk I/O and
-validation) on a worker thread; only the registration happens between steps.
+validation) on a worker thread; only the registration happens between steps. With
+``LORAPLEX_ENGINE_SEND_THREAD=1`` a writer thread pickles and sends the outgoing messages, in order, so
+that the loop goes on to the next step at once (opt-in until timed on a GPU).
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ class EngineCore:
         self._residency: Optional[tuple[list[str], list[str]]] = None  # as last reported in stats()
         self.running = True
         self.acks: list[tuple[str, Error]] = []
+        # LORAPLEX_ENGINE_SEND_THREAD (opt-in, not yet timed): outgoing messages go through a queue to a writer
+        # thread, which pickles and writes them while the loop steps (and the loop thread, waiting for the
+        # device, has let go of the GIL); None: the loop sends them itself
+        from loraplex import envs
+
+        self._outbox: Optional["queue.Queue[Optional[tuple]]"] = queue.Queue() if envs.LORAPLEX_ENGINE_SEND_THREAD \
+            else None
+        self._writer: Optional[threading.Thread] = None
 
     # ---- messages in --------------------------------------------------------------------------
     def _read_pipe(self) -> None:
@@ -185,10 +195,25 @@ class EngineCore:
 
     # ---- messages out -------------------------------------------------------------------------
     def _send(self, msg: tuple) -> None:
+        if self._outbox is not None:
+            self._outbox.put(msg)
+            return
         try:
             self.conn.send(msg)
         except (OSError, EOFError):  # the HTTP process is gone
             self.running = False
+
+    def _write_pipe(self) -> None:
+        """The writer thread: sends the outbox's messages in order until the None that :meth:`run` puts last."""
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError):  # the HTTP process is gone: the loop stops at its next turn
+                self.running = False
+                return
 
     def loras(self) -> list[tuple[str, str, Optional[int], list[str], bool]]:
         """(name, path, vocabulary size when the adapter adds tokens else None, versions, pinned) of each
@@ -229,6 +254,19 @@ class EngineCore:
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         threading.Thread(target=self._read_pipe, name="loraplex-engine-inbox", daemon=True).start()
+        if self._outbox is not None:
+            self._writer = threading.Thread(target=self._write_pipe, name="loraplex-engine-outbox", daemon=True)
+            self._writer.start()
+        try:
+            self._loop()
+        finally:  # every queued message out before the process exits or reports a failure on the pipe itself
+            if self._writer is not None:
+                self._outbox.put(None)
+                self._writer.join(timeout=30)
+        self.io.shutdown(wait=False, cancel_futures=True)
+        self.reread_io.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
         eng = self.engine
         while self.running:
             msgs = self._drain(block=not eng.has_unfinished_requests() and not self.acks)
@@ -245,8 +283,6 @@ class EngineCore:
             if msgs or deltas or dt is not None:  # after aborts too: the HTTP side's stats stay current
                 acks, self.acks = self.acks, []
                 self._send(("step", acks, deltas, dt, self.stats()))
-        self.io.shutdown(wait=False, cancel_futures=True)
-        self.reread_io.shutdown(wait=False, cancel_futures=True)
 
 
 def run_engine_process(conn: Any, config: Any, loras: list[tuple[str, str]], log_level: str) -> None:
