@@ -79,6 +79,8 @@ SWITCHES: dict[str, Switch] = {
                                     "with one rank, off under tensor parallelism)"),
     "LORAPLEX_ENGINE_SEND_THREAD": Switch(_bool, False, "the server's engine process pickles and sends its "
                                           "messages on a writer thread, not in the step loop"),
+    "LORAPLEX_LORA_EXPAND_EARLY": Switch(_bool, False, "the side stream's expand launched as a programmatic "
+                                         "dependent of its shrink (sm_90+): its B read while the shrink runs"),
     "LORAPLEX_LORA_SIDE_PRIORITY": Switch(_bool, False, "the LoRA side stream at the highest stream priority, so "
                                           "its kernels take SMs before the GEMM's waiting blocks (graphs keep "
                                           "the priority they were captured with)"),

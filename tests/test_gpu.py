@@ -143,7 +143,8 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
 
 
 @pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=0",
-                                    "LORAPLEX_GRAPH_SM_CARVEOUT=16", "LORAPLEX_LORA_SIDE_PRIORITY=1"])
+                                    "LORAPLEX_GRAPH_SM_CARVEOUT=16", "LORAPLEX_LORA_SIDE_PRIORITY=1",
+                                    "LORAPLEX_LORA_EXPAND_EARLY=1"])
 def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     """Graphs captured another way give the same logprobs as eager steps of the torch backend, over changing
     adapter mixes in decode and mixed graphs: LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one
@@ -152,7 +153,8 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     those of up to 64 tokens with cuBLASLt's; the library setting is restored once captured either way);
     LORAPLEX_GRAPH_SM_CARVEOUT=16 (the cuBLASLt GEMMs of the adapter graphs leave 16 SMs to the LoRA kernels
     beside them; the carveout is restored once captured); LORAPLEX_LORA_SIDE_PRIORITY=1 (the side stream, and
-    the LoRA kernels captured on it, at the highest priority)."""
+    the LoRA kernels captured on it, at the highest priority); LORAPLEX_LORA_EXPAND_EARLY=1 (each side-stream
+    expand launched as a programmatic dependent of its shrink, reading B before it waits for the shrink)."""
     from test_cuda_graph import assert_same, run_mixes
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -161,6 +163,14 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
                         adapters, use_graphs=False)
     name, value = switch.split("=")
     monkeypatch.setenv(name, value)
+    if name == "LORAPLEX_LORA_EXPAND_EARLY":  # a fresh cache, read with the switch on; the original one after
+        import functools
+
+        from loraplex.lora.backends import triton_backend
+
+        fresh = functools.lru_cache(maxsize=None)(triton_backend.early_expand.__wrapped__)
+        monkeypatch.setattr(triton_backend, "early_expand", fresh)
+        assert fresh(torch.cuda.current_device()) == (torch.cuda.get_device_capability() >= (9, 0))
     library = torch.backends.cuda.preferred_blas_library()
     carveout = torch._C._get_sm_carveout_experimental()
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)

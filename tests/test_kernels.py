@@ -855,3 +855,36 @@ def test_lora_overlap_default_follows_tensor_parallelism(monkeypatch) -> None:
     assert not TritonLoRABackend().overlap
     monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "1")
     assert TritonLoRABackend().overlap
+
+
+def test_early_expand_reads_b_before_waiting_for_the_shrink_on_sm90() -> None:
+    """LORAPLEX_LORA_EXPAND_EARLY, compiled for sm_90 as then launched: the shrink lets the expand launch before
+    any global access of its own (launch_dependents in its entry block), and the expand, launched as its
+    programmatic dependent, issues its two B page loads in the block that then waits for the shrink
+    (griddepcontrol.wait), before the loads of the shrink's sums that follow. Compiled as by default, neither
+    kernel holds a grid dependency control."""
+    run = run_compile_script("ptx_loads.py", "--early", "shrink", "expand_vector_b")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if ":" in line}
+    assert "griddepcontrol.launch_dependents x1" in lines["shrink"] and "trigger_first True" in lines["shrink"]
+    assert "griddepcontrol.wait" not in lines["shrink"]
+    expand = lines["expand_vector_b"]
+    assert "griddepcontrol.wait x1" in expand and "launch_dependents" not in expand
+    assert expand.endswith("vector_loads_before_wait 2"), expand
+    plain = run_compile_script("ptx_loads.py", "shrink", "expand_vector_b")
+    assert plain.returncode == 0 and "griddepcontrol" not in plain.stdout and "ld.global" in plain.stdout
+
+
+def test_early_expand_is_off_in_the_interpreter(monkeypatch) -> None:
+    """The interpreter cannot run grid dependency controls: with the switch on, the Triton backend still
+    launches the shrink and expand as by default there (the LoRA tests above then cover that path)."""
+    from loraplex.kernels import common
+
+    if not common.INTERPRET:
+        pytest.skip("on a GPU host tests/test_gpu.py runs the early expand")
+    monkeypatch.setenv("LORAPLEX_LORA_EXPAND_EARLY", "1")
+    common.early_expand.cache_clear()
+    try:
+        assert common.early_expand(0) is False
+    finally:
+        common.early_expand.cache_clear()

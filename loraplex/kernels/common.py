@@ -16,6 +16,21 @@ logger = logging.getLogger("loraplex")
 # Read when the kernels are imported, as triton reads it when it decorates them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
+try:  # grid dependency control (programmatic dependent launch, sm_90 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without it: the early expand stays off
+    gdc_launch_dependents = gdc_wait = None
+
+
+@functools.lru_cache(maxsize=None)
+def early_expand(index: int) -> bool:
+    """Whether the side stream's expand launches early on device ``index`` (``LORAPLEX_LORA_EXPAND_EARLY``): as a
+    programmatic dependent of the shrink before it, reading its B while the shrink runs and waiting for the
+    shrink only before it reads the shrink's sums. Needs sm_90 or later and a Triton with grid dependency
+    control; never in the interpreter."""
+    return bool(envs.LORAPLEX_LORA_EXPAND_EARLY and not INTERPRET and gdc_wait is not None
+                and torch.cuda.get_device_capability(index) >= (9, 0))
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: exact fp32 products ("ieee", no TF32) so results match the torch reference;

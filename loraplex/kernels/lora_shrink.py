@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
+from loraplex.kernels.common import (
+    INTERPRET, Launcher, dot_precision, gdc_launch_dependents, identity_pages, num_sms, programs_per_sm)
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -46,8 +47,10 @@ def _shrink_kernel(
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr,
+    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr, TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:  # the expand after it may launch now (LORAPLEX_LORA_EXPAND_EARLY); it waits for this grid to end
+        gdc_launch_dependents()  # before it reads what this grid writes
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
@@ -140,7 +143,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
                 max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None,
                 reduce: bool = True, device_splits: bool = False, split_target: Optional[int] = None,
-                num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+                num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                trigger: bool = False) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -157,7 +161,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     ``tile_count``): the kernel picks the split count itself from the real tile count, for about
     ``split_target`` work items (default: two per SM), at most the host's; a CUDA graph sized for one adapter
     then splits less when its batch holds many. ``num_warps`` / ``num_stages`` override the launch's (tuning:
-    ``benchmarks/kernel_bench.py --layer --shrink-sweep``)."""
+    ``benchmarks/kernel_bench.py --layer --shrink-sweep``). ``trigger``: let the next kernel on the stream, an
+    expand launched with ``early``, start launching as soon as this one has (sm_90+;
+    :func:`loraplex.kernels.common.early_expand`)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -188,7 +194,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
              BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce,
-             DEVICE_SPLITS=device_splits),
+             DEVICE_SPLITS=device_splits, TRIGGER=trigger),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return buf if reduce else out

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from loraplex import envs
+from loraplex.kernels.common import early_expand
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import PendingDelta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
@@ -26,13 +27,14 @@ class TritonLoRABackend:
     fuses_extras = True
     page_rank = 8  # rank rows per page of the slots' memory (rank-aware: an adapter takes ceil(rank / 8) pages)
 
-    def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
-        """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``."""
+    def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch, trigger: bool = False) -> torch.Tensor:
+        """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``. ``trigger``:
+        the next kernel on the stream is an early expand (:func:`lora_shrink`)."""
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
                            max_rank=w.max_rank, tile_count=batch.tile_count, reduce=self.reduce,
-                           device_splits=self.device_splits)
+                           device_splits=self.device_splits, trigger=trigger)
 
     def __init__(self) -> None:
         # Run each shrink on a side stream beside the base layer's GEMM, which reads the same input, instead of
@@ -94,12 +96,19 @@ class TritonLoRABackend:
 
     def _lora(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch):
         """What :meth:`start_shrink` starts: the shrink, and with ``side_expand`` the expand into a delta."""
-        buf = self.shrink(x, w, batch)
-        if not self.side_expand or x.shape[0] > SIDE_EXPAND_ROWS:
+        side = self.side_expand and x.shape[0] <= SIDE_EXPAND_ROWS
+        # LORAPLEX_LORA_EXPAND_EARLY (opt-in, not yet timed): the expand launches as a programmatic dependent of
+        # the shrink and reads its B while the shrink runs (one adapter at batch 32: the shrink and expand beside
+        # qkv_proj and o_proj take longer than the GEMM, so their chain is the layer's critical path)
+        early = side and x.is_cuda and early_expand(x.device.index if x.device.index is not None
+                                                    else torch.cuda.current_device())
+        buf = self.shrink(x, w, batch, trigger=early)
+        if not side:
             return buf
         delta = torch.empty(x.shape[0], w.b.shape[1], dtype=torch.float32, device=x.device)
         lora_expand(delta, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True, aligned=w.aligned)
+                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True, aligned=w.aligned,
+                    early=early)
         return _Delta(delta)
 
     def expand(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
