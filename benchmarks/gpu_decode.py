@@ -447,7 +447,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     card = card_rates(device, dtype)
     print(f"card: copy {card['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {card['matmul_flops_per_s'] / 1e12:.0f} "
           f"TFLOP/s ({dtype})", flush=True)
+    t_build = time.perf_counter()
     model, adapters = build(a)
+    print(f"model folder and {len(adapters)} adapter folders ready in {time.perf_counter() - t_build:.1f} s "
+          f"(under {a.out_dir}; adapters of the same shape are reused)", flush=True)
     max_len = max(a.prompt_len + a.new_tokens + 16, a.long_prompt + 64, a.prefill_len + 16)
     t0 = time.perf_counter()
     llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
@@ -463,8 +466,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"; {len(graphs.sizes)} graph sizes captured in {graphs.capture_seconds:.1f} s, "
         f"{graphs.memory_bytes / 2**20:.0f} MiB)" if graphs else "; eager)"), flush=True)
     graphs = None  # no reference to the engine's model outlives the engine (the PEFT case needs its memory)
+    t_reg = time.perf_counter()
     for i, path in enumerate(adapters):
         llm.add_lora(LoRARequest(f"a{i}", str(path)))
+    print(f"{len(adapters)} adapters registered in {time.perf_counter() - t_reg:.1f} s", flush=True)
     for kind in ("dora", "saved"):
         if kind in a.cases:
             llm.add_lora(LoRARequest(f"{kind}0", str(build_variant(Path(a.out_dir), a, adapters[0], kind))))

@@ -44,10 +44,20 @@ def build_model_folder(out: Path, a: argparse.Namespace) -> Path:
 
 
 def build_adapter(out: Path, a: argparse.Namespace, seed: int) -> Path:
+    """A random PEFT adapter folder of the shape ``a``, reused when ``out`` already holds one of that shape and
+    seed (the stamp is written last, so an interrupted write is made again): an 8B-shaped adapter is 168 MB of
+    float32, and a GPU run of several benchmarks would otherwise make its 32 each time."""
     folder = out / f"adapter{seed}"
+    stamp = folder / "bench_shape.json"
+    shape = json.dumps({"hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers, "heads": a.heads,
+                        "kv_heads": a.kv_heads, "rank": a.rank, "targets": TARGETS, "seed": seed}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == shape:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
     save_file(adapter_tensors(a, a.rank, TARGETS, seed), str(folder / "adapter_model.safetensors"))
     write_adapter_config(folder, a.rank, TARGETS)
+    stamp.write_text(shape)
     return folder
 
 
