@@ -398,3 +398,39 @@ def test_send_thread_streams_what_the_loop_would_send(assets, offline, monkeypat
         s.stop()
         s.engine.shutdown()
     assert s.engine.proc.exitcode == 0  # the writer drained and the process ended on its own
+
+
+def test_send_thread_failure_stops_the_engine_loop_loudly(monkeypatch) -> None:
+    """LORAPLEX_ENGINE_SEND_THREAD=1: a message the writer thread cannot send (here, one that cannot be pickled)
+    stops the loop and is raised by EngineCore.run, as the loop's own send would have raised it (the engine
+    process then reports it as fatal), instead of the loop stepping on with its outputs going nowhere."""
+    import queue as queue_mod
+    from types import SimpleNamespace
+
+    from loraplex.server.engine_core import EngineCore
+
+    class Conn:  # the engine's end of the pipe: one request's worth of messages in, pickling on the way out
+        def __init__(self) -> None:
+            self.incoming: "queue_mod.Queue[tuple]" = queue_mod.Queue()
+            self.incoming.put(("abort", ["nothing"]))
+            self.sent: list = []
+
+        def recv(self) -> tuple:
+            return self.incoming.get()
+
+        def send(self, msg: tuple) -> None:
+            import pickle
+
+            self.sent.append(pickle.dumps(msg))
+
+    engine = SimpleNamespace(output_kind=None, pool=None, scheduler=SimpleNamespace(running=[], waiting=[]),
+                             allocator=SimpleNamespace(usage=0.0), last_step_host_seconds=0.0,
+                             cache_stats=lambda: {}, has_unfinished_requests=lambda: False,
+                             abort_request=lambda rid: None)
+    monkeypatch.setenv("LORAPLEX_ENGINE_SEND_THREAD", "1")
+    conn = Conn()
+    core = EngineCore(engine, conn)
+    core.stats = lambda: {"unpicklable": lambda: None}  # the step message after the abort cannot be sent
+    with pytest.raises(Exception, match="pickle|lambda"):
+        core.run()
+    assert conn.sent == [] and not core.running

@@ -73,6 +73,7 @@ class EngineCore:
         self._outbox: Optional["queue.Queue[Optional[tuple]]"] = queue.Queue() if envs.LORAPLEX_ENGINE_SEND_THREAD \
             else None
         self._writer: Optional[threading.Thread] = None
+        self._writer_error: Optional[BaseException] = None  # what stopped the writer, raised by run()
 
     # ---- messages in --------------------------------------------------------------------------
     def _read_pipe(self) -> None:
@@ -213,7 +214,13 @@ class EngineCore:
                 self.conn.send(msg)
             except (OSError, EOFError):  # the HTTP process is gone: the loop stops at its next turn
                 self.running = False
-                return
+            except BaseException as e:  # a message that cannot be sent (a bug): the loop stops, run() raises it
+                self._writer_error = e
+                self.running = False
+            else:
+                continue
+            self.inbox.put(("shutdown",))  # wakes a loop waiting for messages
+            return
 
     def loras(self) -> list[tuple[str, str, Optional[int], list[str], bool]]:
         """(name, path, vocabulary size when the adapter adds tokens else None, versions, pinned) of each
@@ -265,6 +272,8 @@ class EngineCore:
                 self._writer.join(timeout=30)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.reread_io.shutdown(wait=False, cancel_futures=True)
+        if self._writer_error is not None:  # as the loop's own send would have: the engine process fails loudly
+            raise self._writer_error
 
     def _loop(self) -> None:
         eng = self.engine
