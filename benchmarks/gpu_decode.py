@@ -4,9 +4,10 @@ One run measures, on the card it runs on:
 
 * the card: device-to-device copy bandwidth (bytes read plus bytes written per second) and the bf16
   matmul rate (8192^3);
-* decode: for each batch size (``--batches``) and each adapter mix (no adapter, 1 adapter, 4, as many
-  distinct adapters as requests, a Zipf-skewed mix over ``--zipf-adapters`` adapters with ``max_loras``
-  slots, one DoRA adapter, one adapter with its own trained head), ms per decode step over ``--new-tokens`` steps after the prompt's prefill,
+* decode: for each batch size (``--batches``) and each adapter mix (no adapter, 1 adapter, 4, ``distinct``:
+  a distinct adapter a request, at most ``--max-loras`` of them, so 32 at batch 128 with 4 requests each, a
+  Zipf-skewed mix over ``--zipf-adapters`` adapters with ``max_loras`` slots, one DoRA adapter, one adapter
+  with its own trained head), ms per decode step over ``--new-tokens`` steps after the prompt's prefill,
   tokens/s, and the share of the floor. The floor of a step is the bytes it must read over the measured
   copy bandwidth: every weight but the input embedding (a tied head counts once), the adapters the batch
   uses, and the KV cache at the mean context of the decode;
@@ -154,7 +155,8 @@ def build(a: argparse.Namespace) -> tuple[Path, list[Path]]:
                          kv_heads=a.kv_heads, vocab=a.vocab, dtype=a.dtype, rank=a.rank)
     model = build_model_folder(out, ns)
     # only as many as the cases use: registering 128 adapters of the 8B shape takes minutes
-    n_adapters = max(max(a.batches) if "distinct" in a.cases else 1, a.zipf_adapters if "zipf" in a.cases else 1, 4)
+    distinct = min(max(a.batches), a.max_loras) if "distinct" in a.cases else 1
+    n_adapters = max(distinct, a.zipf_adapters if "zipf" in a.cases else 1, 4)
     return model, [build_adapter(out, ns, i) for i in range(n_adapters)]
 
 
@@ -238,8 +240,8 @@ def mix(case: str, batch: int, a: argparse.Namespace, rng: torch.Generator) -> l
         return ["a0"] * batch
     if case == "4":
         return [f"a{i % 4}" for i in range(batch)]
-    if case == "distinct":
-        return [f"a{i}" for i in range(batch)]
+    if case == "distinct":  # one adapter a request, as many as there are slots (batch 128: 32, 4 requests each)
+        return [f"a{i % min(batch, a.max_loras)}" for i in range(batch)]
     if case in ("dora", "saved"):  # one adapter with DoRA / with its own trained head, for every request
         return [f"{case}0"] * batch
     if case == "zipf":
