@@ -84,7 +84,10 @@ def _shrink_kernel(
         k_hi = tl.where(rb * BLOCK_R < rank, k_hi, k_lo)  # nothing to compute: the loop runs zero times
 
         x_base = x_ptr + offs_m[:, None] * stride_xm
-        page = tl.load(pages_ptr + slot0 * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
+        # masked by the pool's rank, not the slot's: the page indices load beside the rank instead of after it,
+        # one dependent load fewer before A's (the table holds valid page numbers only, and A's loads are masked
+        # by the slot's rank)
+        page = tl.load(pages_ptr + slot0 * MAX_PAGES + offs_r // PAGE, mask=offs_r < MAX_RANK, other=0).to(tl.int64)
         a_base = a_ptr + ((i * num_pages + page[None, :]) * PAGE + offs_r[None, :] % PAGE) * K
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
