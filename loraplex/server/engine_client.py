@@ -209,14 +209,12 @@ class EngineClient:
 
     # ---- pipe I/O threads -----------------------------------------------------------------------
     def _write(self) -> None:
-        while True:
-            msg = self._outbox.get()
-            if msg is None:
-                return
-            try:
-                self.conn.send(msg)
-            except (OSError, EOFError, BrokenPipeError):
-                return  # the reader notices the dead engine
+        from loraplex.server.engine_core import send_queued
+
+        err = send_queued(self.conn, self._outbox)
+        if err is not None and not isinstance(err, (OSError, EOFError)):  # BrokenPipeError is an OSError
+            raise err  # a message that cannot be sent: a bug, with its traceback
+        # else: done, or the engine is gone (the reader notices the dead engine)
 
     def _read(self) -> None:
         reason = "the engine process exited"

@@ -46,6 +46,20 @@ def error_of(e: BaseException) -> tuple[str, str]:
     return type(e).__name__, str(e)
 
 
+def send_queued(conn: Any, outbox: "queue.Queue[Optional[tuple]]") -> Optional[BaseException]:
+    """A writer thread's loop, on either end of the pipe: send ``outbox``'s messages in order until a None.
+    Returns None then, or the exception that stopped it: OSError / EOFError when the other process is gone,
+    anything else for a message that could not be sent."""
+    while True:
+        msg = outbox.get()
+        if msg is None:
+            return None
+        try:
+            conn.send(msg)
+        except BaseException as e:
+            return e
+
+
 class EngineCore:
     """The loop of the engine process around one :class:`LLMEngine`."""
 
@@ -205,22 +219,15 @@ class EngineCore:
             self.running = False
 
     def _write_pipe(self) -> None:
-        """The writer thread: sends the outbox's messages in order until the None that :meth:`run` puts last."""
-        while True:
-            msg = self._outbox.get()
-            if msg is None:
-                return
-            try:
-                self.conn.send(msg)
-            except (OSError, EOFError):  # the HTTP process is gone: the loop stops at its next turn
-                self.running = False
-            except BaseException as e:  # a message that cannot be sent (a bug): the loop stops, run() raises it
-                self._writer_error = e
-                self.running = False
-            else:
-                continue
-            self.inbox.put(("shutdown",))  # wakes a loop waiting for messages
+        """The writer thread: sends the outbox's messages in order until the None that :meth:`run` puts last. If
+        the HTTP process is gone, or a message cannot be sent (a bug: run() raises it), the loop stops."""
+        err = send_queued(self.conn, self._outbox)
+        if err is None:
             return
+        if not isinstance(err, (OSError, EOFError)):
+            self._writer_error = err
+        self.running = False
+        self.inbox.put(("shutdown",))  # wakes a loop waiting for messages
 
     def loras(self) -> list[tuple[str, str, Optional[int], list[str], bool]]:
         """(name, path, vocabulary size when the adapter adds tokens else None, versions, pinned) of each
