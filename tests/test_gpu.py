@@ -163,14 +163,6 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
                         adapters, use_graphs=False)
     name, value = switch.split("=")
     monkeypatch.setenv(name, value)
-    if name == "LORAPLEX_LORA_EXPAND_EARLY":  # a fresh cache, read with the switch on; the original one after
-        import functools
-
-        from loraplex.lora.backends import triton_backend
-
-        fresh = functools.lru_cache(maxsize=None)(triton_backend.early_expand.__wrapped__)
-        monkeypatch.setattr(triton_backend, "early_expand", fresh)
-        assert fresh(torch.cuda.current_device()) == (torch.cuda.get_device_capability() >= (9, 0))
     library = torch.backends.cuda.preferred_blas_library()
     carveout = torch._C._get_sm_carveout_experimental()
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
@@ -178,6 +170,11 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     backend = llm.engine.pool.lora_model.modules[0].wrapper.backend
     if name == "LORAPLEX_LORA_OVERLAP":
         assert not backend.overlap
+    if name == "LORAPLEX_LORA_EXPAND_EARLY":
+        from loraplex.kernels.common import pdl_supported
+
+        assert backend.expand_early
+        assert pdl_supported(torch.cuda.current_device()) == (torch.cuda.get_device_capability() >= (9, 0))
     if name == "LORAPLEX_LORA_SIDE_PRIORITY":
         assert [s.priority < 0 for s in backend._side.values()] == [True]  # above the default, 0
     assert torch.backends.cuda.preferred_blas_library() == library

@@ -882,9 +882,7 @@ def test_early_expand_is_off_in_the_interpreter(monkeypatch) -> None:
 
     if not common.INTERPRET:
         pytest.skip("on a GPU host tests/test_gpu.py runs the early expand")
+    from loraplex.lora.backends.triton_backend import TritonLoRABackend
+
     monkeypatch.setenv("LORAPLEX_LORA_EXPAND_EARLY", "1")
-    common.early_expand.cache_clear()
-    try:
-        assert common.early_expand(0) is False
-    finally:
-        common.early_expand.cache_clear()
+    assert TritonLoRABackend().expand_early and common.pdl_supported(0) is False

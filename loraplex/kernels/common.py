@@ -23,13 +23,11 @@ except ImportError:  # a Triton without it: the early expand stays off
 
 
 @functools.lru_cache(maxsize=None)
-def early_expand(index: int) -> bool:
-    """Whether the side stream's expand launches early on device ``index`` (``LORAPLEX_LORA_EXPAND_EARLY``): as a
-    programmatic dependent of the shrink before it, reading its B while the shrink runs and waiting for the
-    shrink only before it reads the shrink's sums. Needs sm_90 or later and a Triton with grid dependency
-    control; never in the interpreter."""
-    return bool(envs.LORAPLEX_LORA_EXPAND_EARLY and not INTERPRET and gdc_wait is not None
-                and torch.cuda.get_device_capability(index) >= (9, 0))
+def pdl_supported(index: int) -> bool:
+    """Whether kernels on device ``index`` can launch as programmatic dependents and use grid dependency control
+    (the early expand, ``LORAPLEX_LORA_EXPAND_EARLY``): sm_90 or later, a Triton that has it, and never in the
+    interpreter."""
+    return bool(not INTERPRET and gdc_wait is not None and torch.cuda.get_device_capability(index) >= (9, 0))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -166,7 +166,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     then splits less when its batch holds many. ``num_warps`` / ``num_stages`` override the launch's (tuning:
     ``benchmarks/kernel_bench.py --layer --shrink-sweep``). ``trigger``: let the next kernel on the stream, an
     expand launched with ``early``, start launching as soon as this one has (sm_90+;
-    :func:`loraplex.kernels.common.early_expand`)."""
+    :func:`loraplex.kernels.common.pdl_supported`)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape

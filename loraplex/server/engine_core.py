@@ -37,6 +37,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+from loraplex import envs
+
 logger = logging.getLogger("loraplex.engine")
 
 Error = Optional[tuple[str, str]]
@@ -82,8 +84,6 @@ class EngineCore:
         # LORAPLEX_ENGINE_SEND_THREAD (opt-in, not yet timed): outgoing messages go through a queue to a writer
         # thread, which pickles and writes them while the loop steps (and the loop thread, waiting for the
         # device, has let go of the GIL); None: the loop sends them itself
-        from loraplex import envs
-
         self._outbox: Optional["queue.Queue[Optional[tuple]]"] = queue.Queue() if envs.LORAPLEX_ENGINE_SEND_THREAD \
             else None
         self._writer: Optional[threading.Thread] = None

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from loraplex import envs
-from loraplex.kernels.common import early_expand
+from loraplex.kernels.common import pdl_supported
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import PendingDelta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
@@ -70,6 +70,10 @@ class TritonLoRABackend:
         # instantiates graphs to use the priority each kernel was captured with, so when SMs free up the block
         # scheduler starts the shrink and expand before the GEMM's remaining blocks.
         self.side_priority = -100 if envs.LORAPLEX_LORA_SIDE_PRIORITY else 0  # clamped to the card's highest
+        # LORAPLEX_LORA_EXPAND_EARLY (opt-in, not yet timed): the side expand launches as a programmatic dependent
+        # of its shrink and reads its B while the shrink runs (one adapter at batch 32: the shrink and expand
+        # beside qkv_proj and o_proj take longer than the GEMM, so their chain is the layer's critical path)
+        self.expand_early = envs.LORAPLEX_LORA_EXPAND_EARLY
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
@@ -97,11 +101,8 @@ class TritonLoRABackend:
     def _lora(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch):
         """What :meth:`start_shrink` starts: the shrink, and with ``side_expand`` the expand into a delta."""
         side = self.side_expand and x.shape[0] <= SIDE_EXPAND_ROWS
-        # LORAPLEX_LORA_EXPAND_EARLY (opt-in, not yet timed): the expand launches as a programmatic dependent of
-        # the shrink and reads its B while the shrink runs (one adapter at batch 32: the shrink and expand beside
-        # qkv_proj and o_proj take longer than the GEMM, so their chain is the layer's critical path)
-        early = side and x.is_cuda and early_expand(x.device.index if x.device.index is not None
-                                                    else torch.cuda.current_device())
+        early = side and self.expand_early and x.is_cuda and pdl_supported(
+            x.device.index if x.device.index is not None else torch.cuda.current_device())
         buf = self.shrink(x, w, batch, trigger=early)
         if not side:
             return buf
