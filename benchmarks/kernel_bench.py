@@ -21,9 +21,7 @@ the shrink summing its split-K partials (the default) and with the expand summin
 ``--gemm``: instead, the base projections of one Llama-3-8B decoder layer (qkv, o, gate_up, down) at the
 ``--layer-batches`` rows through cuBLAS (``F.linear``) and, side by side, with PyTorch asking cuBLASLt
 instead (``torch.backends.cuda.preferred_blas_library``), graph-replayed, microseconds, with the bandwidth each
-reaches reading its weight: the bound of the no-adapter decode step. With ``--carveouts``, the cuBLASLt GEMMs
-again with each SM carveout (``LORAPLEX_GRAPH_SM_CARVEOUT``: the SMs they leave to the LoRA kernels beside
-them), so that what the carveout costs the GEMM alone is known; and cuBLAS with the operands swapped
+reaches reading its weight: the bound of the no-adapter decode step; and cuBLAS with the operands swapped
 (``W @ x^T``, the output transposed). (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
@@ -44,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loraplex.engine.cuda_graph import sm_carveout  # noqa: E402
+from loraplex.kernels.lora_shrink import GRAPH_LAUNCH  # noqa: E402
 from loraplex.lora.backends.base import LoRAStack, get_backend  # noqa: E402
 from loraplex.lora.batch import LoRABatch  # noqa: E402
 
@@ -241,11 +239,6 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
                 tag = "" if lib == "cublas" else "_lt"
                 row[f"cublas_us{tag}"] = time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)
                 row[f"cublas_tbs{tag}"] = gb / row[f"cublas_us{tag}"] * 1e3
-                if lib == "cublaslt":
-                    for sms in a.carveouts:  # the graph keeps the grid cuBLASLt chose for the SMs it was left
-                        with sm_carveout(sms):
-                            row[f"cublas_us_lt_carveout{sms}"] = time_graph(
-                                lambda: torch.nn.functional.linear(x, w), a.iters)
             torch.backends.cuda.preferred_blas_library("cublas")
             # the same product with the operands swapped: out^T = W @ x^T (x^T contiguous), which makes cuBLAS
             # pick among other kernels; would a layout with tokens along columns read the weight faster?
@@ -254,14 +247,11 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
             rows.append(row)
             print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s), cuBLASLt "
                   f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)"
-                  + "".join(f", {sms} SMs left {row[f'cublas_us_lt_carveout{sms}']:.1f} us" for sms in a.carveouts)
                   + f", W @ x^T {row['swapped_us']:.1f} us", flush=True)
     for T in a.layer_batches:
         mine = [r for r in rows if r["tokens"] == T]
         print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in mine):7.1f} us, cuBLASLt "
               f"{sum(r['cublas_us_lt'] for r in mine):7.1f} us"
-              + "".join(f", {sms} SMs left {sum(r[f'cublas_us_lt_carveout{sms}'] for r in mine):.1f} us"
-                        for sms in a.carveouts)
               + f", W @ x^T {sum(r['swapped_us'] for r in mine):.1f} us")
     return rows
 
@@ -285,8 +275,6 @@ def main() -> None:
                          "per SM (1-16), K block (64-256), warps (2-8) and pipeline stages (2-4)")
     ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
                     "the bandwidth each reaches")
-    ap.add_argument("--carveouts", type=int, nargs="*", default=[], help="--gemm: also time the cuBLASLt GEMMs "
-                    "leaving each of these many SMs free (LORAPLEX_GRAPH_SM_CARVEOUT)")
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -331,8 +319,11 @@ def main() -> None:
                 dev_us = sum(r["shrink_us_device_splits"] for r in rows if (r["tokens"], r["case"]) == (T, case)) \
                     if a.sweep else None
                 best = sorted((us, k) for (t, c, k), us in settings.items() if (t, c) == (T, case))[:3]
-                default = settings.get((T, case, "2/SM,k128,w4,s3"))
-                print(f"shrink sweep, layer, {T} tokens, {case}: default (2/SM,k128,w4,s3) {default:.1f} us"
+                g = GRAPH_LAUNCH
+                mine = f"{g['programs_per_sm']}/SM,k{g['block_k']},w{g['num_warps']},s{g['num_stages']}"
+                print(f"shrink sweep, layer, {T} tokens, {case}: the graph step's ({mine}) "
+                      f"{settings.get((T, case, mine), float('nan')):.1f} us, the eager launch's (2/SM,k128,w4,s3) "
+                      f"{settings.get((T, case, '2/SM,k128,w4,s3'), float('nan')):.1f} us"
                       + (f" (device splits, --sweep: {dev_us:.1f})" if dev_us is not None else "") + "; best "
                       + ", ".join(f"{k} {us:.1f}" for us, k in best))
         device = torch.cuda.get_device_name()

@@ -69,21 +69,11 @@ SWITCHES: dict[str, Switch] = {
                                         "512 too (0: powers of two only)"),
     "LORAPLEX_GRAPH_CUBLASLT_TOKENS": Switch(_int(0), 64, "CUDA graphs of at most this many tokens (decode batch "
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
-    "LORAPLEX_GRAPH_SM_CARVEOUT": Switch(_int(0), 0, "SMs that the cuBLASLt GEMMs of the adapter graphs (those "
-                                         "of at most LORAPLEX_GRAPH_CUBLASLT_TOKENS tokens) leave to the LoRA kernels "
-                                         "on the side stream (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
-    "LORAPLEX_ENGINE_SEND_THREAD": Switch(_bool, False, "the server's engine process pickles and sends its "
-                                          "messages on a writer thread, not in the step loop"),
-    "LORAPLEX_LORA_EXPAND_EARLY": Switch(_bool, False, "the side stream's expand launched as a programmatic "
-                                         "dependent of its shrink (sm_90+): its B read while the shrink runs"),
-    "LORAPLEX_LORA_SIDE_PRIORITY": Switch(_bool, False, "the LoRA side stream at the highest stream priority, so "
-                                          "its kernels take SMs before the GEMM's waiting blocks (graphs keep "
-                                          "the priority they were captured with)"),
     "LORAPLEX_LORA_SIDE_EXPAND": Switch(_bool, True, "the expand of batches up to 512 rows beside the base GEMM, "
                                         "into a float32 delta"),
     "LORAPLEX_LORA_FOLD_DELTA": Switch(_bool, True, "that delta added by the next fused kernel (rotary, RMSNorm, "
@@ -111,6 +101,8 @@ SWITCHES: dict[str, Switch] = {
                                   "and host time, sequences, tokens, prompt chunks, the CUDA graph it replayed "
                                   "or eager, requests finished"),
     # the server
+    "LORAPLEX_ENGINE_SEND_THREAD": Switch(_bool, True, "the server's engine process pickles and sends its "
+                                          "messages on a writer thread, not in the step loop"),
     "LORAPLEX_API_KEY": Switch(_str, None, "the key clients must send (`--api-key` takes precedence); kept out of "
                                "the process list"),
 }

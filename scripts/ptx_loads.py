@@ -41,15 +41,14 @@ def _kernels() -> dict:
     # gate_up at batch 32, rank 16, pages of 8 rank rows, into the side stream's float32 delta
     expand_const = dict(NUM_SLICES=2, MAX_RANK=16, N_BLOCKS=112, BLOCK_M=16, BLOCK_N=128, BLOCK_R=16, PAGE=8,
                         MAX_PAGES=2, PRECISION="tf32", UPCAST=False, EXTRAS=False, HAS_BIAS=False, HAS_COUNT=True,
-                        DELTA=True, EARLY=False)
+                        DELTA=True)
     expand_hint = ["stride_ym", "n_total", "num_slots"]
     shrink_sig = dict(x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", tiles_ptr="*i32", count_ptr="*i64",
                       ranks_ptr="*i32", pages_ptr="*i32", buf_ptr="*fp32", sem_ptr="*i32", T="i32", K="i32",
                       k_per_split="i32", num_tiles="i32", splits="i32", stride_xm="i32", num_slots="i32",
                       num_pages="i32", target="i32")
     shrink_const = dict(NUM_SLICES=3, MAX_RANK=16, R_BLOCKS=1, BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, PAGE=8,
-                        MAX_PAGES=2, PRECISION="tf32", UPCAST=False, HAS_COUNT=True, REDUCE=True, DEVICE_SPLITS=True,
-                        TRIGGER=False)
+                        MAX_PAGES=2, PRECISION="tf32", UPCAST=False, HAS_COUNT=True, REDUCE=True, DEVICE_SPLITS=True)
     attn_sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", part_ptr="*fp32", stats_ptr="*fp32",
                     qsl_ptr="*i32", seq_lens_ptr="*i32", tables_ptr="*i32", qk_scale="fp32", window="i32",
                     num_heads="i32", stride_qt="i32", stride_qh="i32", stride_kb="i32", stride_ks="i32",
@@ -84,26 +83,10 @@ def compile_for(kernel, signature: dict, constexprs: dict, hinted: list, options
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def early_order(ptx: str) -> dict:
-    """Where the grid dependency controls sit: whether ``griddepcontrol.launch_dependents`` comes before every
-    global access (in the entry block, so first in execution too), and how many vector global loads (an
-    expand's B pages) the basic block holding ``griddepcontrol.wait`` issues before the wait: the loads that
-    overlap the kernel before it. (Blocks are laid out out of execution order, so textual order says nothing
-    across labels.)"""
-    wait = ptx.find("griddepcontrol.wait")
-    block = ptx[:wait].rsplit("$L__BB", 1)[-1] if wait >= 0 else ""
-    first = re.search(r"ld\.global|st\.global|cp\.async|atom\.global", ptx)
-    trigger = ptx.find("griddepcontrol.launch_dependents")
-    return {"trigger_first": trigger >= 0 and (first is None or trigger < first.start()),
-            "vector_loads_before_wait": len(re.findall(r"ld\.global[\w.]*\.v[248]", block))}
-
-
 def memory_ops(compiled) -> dict:
-    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``) and grid
-    dependency controls (``griddepcontrol.*``)."""
+    """Counts of the PTX's global memory instructions (``ld.global.*``, ``st.global.*``, ``cp.async.*``)."""
     ptx = compiled.asm["ptx"]
-    found = re.findall(r"(?:ld\.global|st\.global|cp\.async\.\w+\.shared\.global|griddepcontrol)[\w.]*", ptx)
-    return dict(Counter(found))
+    return dict(Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.\w+\.shared\.global)[\w.]*", ptx)))
 
 
 def resources(compiled) -> dict:
@@ -131,9 +114,6 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: sm_90)")
     p.add_argument("--maxnreg", type=int, default=0, help="compile with this register cap (ptxas's maxnreg)")
     p.add_argument("--resources", action="store_true", help="also print registers a thread and spill stack bytes")
-    p.add_argument("--early", action="store_true", help="compile as LORAPLEX_LORA_EXPAND_EARLY launches them (the "
-                   "shrink with TRIGGER, the expands with EARLY and launch_pdl) and print where the grid "
-                   "dependency controls sit")
     a = p.parse_args()
     unknown = [n for n in a.names if n not in kernels]
     if unknown:
@@ -142,14 +122,8 @@ def main() -> None:
         kernel, signature, constexprs, hinted, options = kernels[name]
         if a.maxnreg:
             options = dict(options, maxnreg=a.maxnreg)
-        if a.early and "TRIGGER" in constexprs:
-            constexprs = dict(constexprs, TRIGGER=True)
-        if a.early and "EARLY" in constexprs:
-            constexprs, options = dict(constexprs, EARLY=True), dict(options, launch_pdl=True)
         compiled = compile_for(kernel, signature, constexprs, hinted, options, a.arch)
         line = f"{name:>17}: " + ", ".join(f"{op} x{n}" for op, n in sorted(memory_ops(compiled).items()))
-        if a.early:
-            line += "; " + ", ".join(f"{k} {v}" for k, v in early_order(compiled.asm["ptx"]).items())
         if a.resources:
             res = resources(compiled)
             line += f"; registers {res['registers']}, stack {res['stack']}"

@@ -297,20 +297,3 @@ def test_no_adapter_graphs_means_eager_adapter_steps() -> None:
     assert is_graph_step([_seq(req, 3)], lora=True) and not is_graph_step([_seq(req, 3)], lora=False)
     base = _request("b", [1, 2, 3, 4], -1, [2])
     assert is_graph_step([_seq(base, 3)], lora=False)
-
-
-def test_sm_carveout_is_set_inside_and_restored_after() -> None:
-    """LORAPLEX_GRAPH_SM_CARVEOUT's context: PyTorch's cuBLASLt SM carveout holds the value inside the block (the
-    graphs captured there keep the GEMMs' smaller grids) and the previous value after it, an exception
-    included; None and 0 leave it alone."""
-    get = torch._C._get_sm_carveout_experimental
-    before = get()
-    with cuda_graph.sm_carveout(16):
-        assert get() == 16
-        with cuda_graph.sm_carveout(None), cuda_graph.sm_carveout(0):
-            assert get() == 16
-    assert get() == before
-    with pytest.raises(RuntimeError, match="inside"):
-        with cuda_graph.sm_carveout(8):
-            raise RuntimeError("inside")
-    assert get() == before

@@ -142,19 +142,13 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     assert_same(got, want, sizes)
 
 
-@pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=0",
-                                    "LORAPLEX_GRAPH_SM_CARVEOUT=16", "LORAPLEX_LORA_SIDE_PRIORITY=1",
-                                    "LORAPLEX_LORA_EXPAND_EARLY=1"])
+@pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=0"])
 def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     """Graphs captured another way give the same logprobs as eager steps of the torch backend, over changing
     adapter mixes in decode and mixed graphs: LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one
     stream, where the default runs it on a side stream beside the GEMM, forked and joined inside the graphs);
     LORAPLEX_GRAPH_CUBLASLT_TOKENS=0 (every graph captured with cuBLAS's GEMMs, where the default captures
-    those of up to 64 tokens with cuBLASLt's; the library setting is restored once captured either way);
-    LORAPLEX_GRAPH_SM_CARVEOUT=16 (the cuBLASLt GEMMs of the adapter graphs leave 16 SMs to the LoRA kernels
-    beside them; the carveout is restored once captured); LORAPLEX_LORA_SIDE_PRIORITY=1 (the side stream, and
-    the LoRA kernels captured on it, at the highest priority); LORAPLEX_LORA_EXPAND_EARLY=1 (each side-stream
-    expand launched as a programmatic dependent of its shrink, reading B before it waits for the shrink)."""
+    those of up to 64 tokens with cuBLASLt's; the library setting is restored once captured either way)."""
     from test_cuda_graph import assert_same, run_mixes
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -164,19 +158,10 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     name, value = switch.split("=")
     monkeypatch.setenv(name, value)
     library = torch.backends.cuda.preferred_blas_library()
-    carveout = torch._C._get_sm_carveout_experimental()
     llm = LLM(model_dir, dtype="float32", **GRAPH_ARGS)
-    assert torch._C._get_sm_carveout_experimental() == carveout
     backend = llm.engine.pool.lora_model.modules[0].wrapper.backend
     if name == "LORAPLEX_LORA_OVERLAP":
         assert not backend.overlap
-    if name == "LORAPLEX_LORA_EXPAND_EARLY":
-        from loraplex.kernels.common import pdl_supported
-
-        assert backend.expand_early
-        assert pdl_supported(torch.cuda.current_device()) == (torch.cuda.get_device_capability() >= (9, 0))
-    if name == "LORAPLEX_LORA_SIDE_PRIORITY":
-        assert [s.priority < 0 for s in backend._side.values()] == [True]  # above the default, 0
     assert torch.backends.cuda.preferred_blas_library() == library
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)

@@ -27,7 +27,7 @@ from loraplex.engine.context import AttentionMetadata, ForwardContext, forward_c
 from loraplex.kernels.common import INTERPRET  # noqa: E402
 from loraplex.kernels.lora_embed import lora_embed_gather  # noqa: E402
 from loraplex.kernels.lora_expand import lora_expand  # noqa: E402
-from loraplex.kernels.lora_shrink import lora_shrink  # noqa: E402
+from loraplex.kernels.lora_shrink import GRAPH_LAUNCH, lora_shrink  # noqa: E402
 from loraplex.lora.adapter import LoRAWeights  # noqa: E402
 from loraplex.lora.backends.base import LoRAStack, PageTable, get_backend, resolve_backend_name  # noqa: E402
 from loraplex.lora.backends.torch_backend import embed_reference, expand_reference, shrink_reference  # noqa: E402
@@ -354,6 +354,24 @@ def test_device_split_count_follows_the_real_tiles() -> None:
             seq += p
         assert torch.equal(got[0][rows], seq[rows]), (target, splits)
         torch.testing.assert_close(got[0][rows], want[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_launch_of_the_shrink_matches_the_eager_one() -> None:
+    """The CUDA graph step's shrink (device splits) launches as ``GRAPH_LAUNCH`` says (K steps of 256, two warps,
+    its own split target), not as the eager one: over K longer than two of its steps, with padding tiles, its
+    sums equal the eager launch's and the reference."""
+    w = _stack(torch.float32, 1040)  # 1040 = 4 x 256 + 16: a partial last K step
+    batch = _batch("uniform", "decode")
+    x = torch.randn(batch.num_rows, 1040, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    n = batch.tiles.shape[0]
+    tiles = torch.cat([batch.tiles, torch.tensor([[0, 0, -1]] * 3, dtype=torch.int64, device=DEVICE)])
+    count = torch.tensor([n], dtype=torch.int64, device=DEVICE)
+    rows = batch.token_slots >= 0
+    got = lora_shrink(x, w.a, w.ranks_t, tiles, batch.block_m, work_tiles=1, tile_count=count, device_splits=True)
+    eager = lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m).sum(0)
+    assert GRAPH_LAUNCH["block_k"] == 256 and got.shape[0] == 1
+    torch.testing.assert_close(got[0][rows], eager[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0][rows], shrink_reference(x, w, batch).float()[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_batch_segments_and_tiles() -> None:
@@ -855,34 +873,3 @@ def test_lora_overlap_default_follows_tensor_parallelism(monkeypatch) -> None:
     assert not TritonLoRABackend().overlap
     monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "1")
     assert TritonLoRABackend().overlap
-
-
-def test_early_expand_reads_b_before_waiting_for_the_shrink_on_sm90() -> None:
-    """LORAPLEX_LORA_EXPAND_EARLY, compiled for sm_90 as then launched: the shrink lets the expand launch before
-    any global access of its own (launch_dependents in its entry block), and the expand, launched as its
-    programmatic dependent, issues its two B page loads in the block that then waits for the shrink
-    (griddepcontrol.wait), before the loads of the shrink's sums that follow. Compiled as by default, neither
-    kernel holds a grid dependency control."""
-    run = run_compile_script("ptx_loads.py", "--early", "shrink", "expand_vector_b")
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if ":" in line}
-    assert "griddepcontrol.launch_dependents x1" in lines["shrink"] and "trigger_first True" in lines["shrink"]
-    assert "griddepcontrol.wait" not in lines["shrink"]
-    expand = lines["expand_vector_b"]
-    assert "griddepcontrol.wait x1" in expand and "launch_dependents" not in expand
-    assert expand.endswith("vector_loads_before_wait 2"), expand
-    plain = run_compile_script("ptx_loads.py", "shrink", "expand_vector_b")
-    assert plain.returncode == 0 and "griddepcontrol" not in plain.stdout and "ld.global" in plain.stdout
-
-
-def test_early_expand_is_off_in_the_interpreter(monkeypatch) -> None:
-    """The interpreter cannot run grid dependency controls: with the switch on, the Triton backend still
-    launches the shrink and expand as by default there (the LoRA tests above then cover that path)."""
-    from loraplex.kernels import common
-
-    if not common.INTERPRET:
-        pytest.skip("on a GPU host tests/test_gpu.py runs the early expand")
-    from loraplex.lora.backends.triton_backend import TritonLoRABackend
-
-    monkeypatch.setenv("LORAPLEX_LORA_EXPAND_EARLY", "1")
-    assert TritonLoRABackend().expand_early and common.pdl_supported(0) is False

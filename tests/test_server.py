@@ -367,14 +367,16 @@ def test_adapter_versions_and_pinning(assets, offline) -> None:
         s.stop()
 
 
-def test_send_thread_streams_what_the_loop_would_send(assets, offline, monkeypatch) -> None:
-    """LORAPLEX_ENGINE_SEND_THREAD=1: the engine process's messages go out through a writer thread. Concurrent
-    streams of different adapters get the tokens offline generation gives, in order and whole; a runtime load
-    gets its reply; and a stop drains what was queued (the engine process exits cleanly)."""
+@pytest.mark.parametrize("send_thread", ["1", "0"])
+def test_send_thread_streams_what_the_loop_would_send(assets, offline, monkeypatch, send_thread) -> None:
+    """The engine process's messages go out through a writer thread (LORAPLEX_ENGINE_SEND_THREAD, the default)
+    or from the step loop itself (=0). Either way, concurrent streams of different adapters get the tokens
+    offline generation gives, in order and whole; a runtime load gets its reply; and a stop drains what was
+    queued (the engine process exits cleanly)."""
     import concurrent.futures
 
     root, model_dir, loras = assets
-    monkeypatch.setenv("LORAPLEX_ENGINE_SEND_THREAD", "1")  # read by the engine process, spawned below
+    monkeypatch.setenv("LORAPLEX_ENGINE_SEND_THREAD", send_thread)  # read by the engine process, spawned below
     s = Server(model_dir, {"qv": loras["qv"], "emb": loras["emb"]}, allow_runtime_lora_updates=True,
                lora_root=str(root / "loras"))
     try:
@@ -401,7 +403,7 @@ def test_send_thread_streams_what_the_loop_would_send(assets, offline, monkeypat
 
 
 def test_send_thread_failure_stops_the_engine_loop_loudly(monkeypatch) -> None:
-    """LORAPLEX_ENGINE_SEND_THREAD=1: a message the writer thread cannot send (here, one that cannot be pickled)
+    """LORAPLEX_ENGINE_SEND_THREAD (the default): a message the writer thread cannot send (here, one that cannot be pickled)
     stops the loop and is raised by EngineCore.run, as the loop's own send would have raised it (the engine
     process then reports it as fatal), instead of the loop stepping on with its outputs going nowhere."""
     import queue as queue_mod

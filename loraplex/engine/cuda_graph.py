@@ -88,29 +88,6 @@ def preferred_blas(library: Optional[str]):
         torch.backends.cuda.preferred_blas_library(previous)
 
 
-@contextlib.contextmanager
-def sm_carveout(sms: Optional[int]):
-    """Inside the block, cuBLASLt's GEMMs target that many SMs fewer than the card has (PyTorch's experimental
-    SM carveout, which sets cuBLASLt's SM count target), restored after it; None or 0: unchanged. A graph
-    captured inside keeps the GEMMs' smaller grids, leaving those SMs to the kernels of another stream (the
-    LoRA kernels beside the base GEMM). A PyTorch without the setting: unchanged, with a warning."""
-    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    if not sms:
-        yield
-        return
-    if setter is None:
-        logger.warning("loraplex: LORAPLEX_GRAPH_SM_CARVEOUT=%d has no effect: this PyTorch (%s) cannot set an SM "
-                       "carveout for cuBLASLt", sms, torch.__version__)
-        yield
-        return
-    previous = torch._C._get_sm_carveout_experimental()
-    setter(sms)
-    try:
-        yield
-    finally:
-        setter(previous)
-
-
 def capture_sizes(largest: int) -> list[int]:
     """Decode batch sizes captured: 1, 2, 4, 8, then every multiple of 8, and ``largest`` itself."""
     sizes = [s for s in (1, 2, 4) if s < largest] + list(range(8, largest + 1, 8))
@@ -470,20 +447,11 @@ class StepGraphs:
         # GEMMs. On an H200 (8B) the layer's four GEMMs took 110 against 115 us at 32 rows, 137 against 133 at
         # 128; the decode step at batch 32 4.90 against 5.08 ms, with cuBLAS kept above 64 tokens
         lt_tokens = envs.LORAPLEX_GRAPH_CUBLASLT_TOKENS
-        # LORAPLEX_GRAPH_SM_CARVEOUT (opt-in, not yet timed): in the adapter graphs of those, the GEMMs leave that
-        # many SMs free, so the shrink and expand beside them need not wait for the GEMM's blocks to retire
-        carveout = envs.LORAPLEX_GRAPH_SM_CARVEOUT
-        if carveout and lt_tokens and dev.type == "cuda":
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            if carveout >= sms:
-                raise ValueError(f"LORAPLEX_GRAPH_SM_CARVEOUT={carveout}: this card has {sms} SMs; the GEMMs "
-                                 f"need at least one")
         for lora in ((False, True) if self.lora else (False,)):
             for decode, sizes in families:
                 for n in reversed(sizes):  # largest first: the smaller graphs reuse its pool memory
                     (self.decode if decode else self.mixed).pad(n)
-                    with preferred_blas("cublaslt" if n <= lt_tokens else None), \
-                            sm_carveout(carveout if lora and n <= lt_tokens else None):
+                    with preferred_blas("cublaslt" if n <= lt_tokens else None):
                         for _ in range(2):  # compile every kernel and settle the allocator before capture
                             self._run_forward(decode, n, lora)
                         torch.cuda.synchronize(dev)

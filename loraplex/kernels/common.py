@@ -16,19 +16,6 @@ logger = logging.getLogger("loraplex")
 # Read when the kernels are imported, as triton reads it when it decorates them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-try:  # grid dependency control (programmatic dependent launch, sm_90 and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # a Triton without it: the early expand stays off
-    gdc_launch_dependents = gdc_wait = None
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_supported(index: int) -> bool:
-    """Whether kernels on device ``index`` can launch as programmatic dependents and use grid dependency control
-    (the early expand, ``LORAPLEX_LORA_EXPAND_EARLY``): sm_90 or later, a Triton that has it, and never in the
-    interpreter."""
-    return bool(not INTERPRET and gdc_wait is not None and torch.cuda.get_device_capability(index) >= (9, 0))
-
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: exact fp32 products ("ieee", no TF32) so results match the torch reference;

@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 
 from loraplex import envs
-from loraplex.kernels.common import (
-    INTERPRET, Launcher, dot_precision, gdc_wait, identity_pages, num_sms, programs_per_sm)
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -58,7 +57,7 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGE: tl.constexpr,
     MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXTRAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DELTA: tl.constexpr, B_LOAD: tl.constexpr,
-    ALIGNED: tl.constexpr, EARLY: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # parts (splits, T, slices, MAX_RANK), b (pages, n_total, PAGE), ranks / scales (slices, slots), pages
     # (slots, MAX_PAGES): contiguous; y (T, n_total) with unit stride along columns. Few arguments keep
@@ -96,25 +95,19 @@ def _expand_kernel(
                 p_ptrs = parts_ptr + (offs_m[:, None] * NUM_SLICES + i) * MAX_RANK + offs_r[None, :]
                 h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 if B_LOAD == 0:  # masked by rank, and a page index per rank value: every element a load of its own
-                    if EARLY:
-                        gdc_wait()
                     for s in range(0, num_splits):
                         h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
                     page = tl.load(pages_ptr + slot * MAX_PAGES + offs_r // PAGE, mask=r_mask, other=0).to(tl.int64)
                     bt = tl.load(b_ptr + (page[:, None] * n_total + cols[None, :]) * PAGE + (offs_r % PAGE)[:, None],
                                  mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
                 else:  # the partials masked by row (and the buffer's width) only, so a row's rank values load as
-                    # vectors (the shrink wrote zeros past the rank, dropped here anyway); B a page at a time, first:
-                    # launched early (EARLY), the expand reads B while the shrink runs, then waits for the shrink
-                    # (and with it everything before it on the stream) to end before reading its sums or storing
-                    bt = _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES, PAGE, BLOCK_R,
-                                 B_LOAD)
-                    if EARLY:
-                        gdc_wait()
+                    # vectors (the shrink wrote zeros past the rank, dropped here anyway); B a page at a time
                     for s in range(0, num_splits):
                         h += tl.load(p_ptrs + s * split_stride, mask=m_mask[:, None] & (offs_r < MAX_RANK)[None, :],
                                      other=0.0)
                     h = tl.where(r_mask[None, :], h, 0.0)
+                    bt = _load_b(b_ptr, pages_ptr, slot, r0, rank, cols, n_mask, n_total, MAX_PAGES, PAGE, BLOCK_R,
+                                 B_LOAD)
                 if UPCAST:  # the interpreter's tl.dot cannot take bf16: round as the GPU does, multiply in float32
                     hb = h.to(bt.dtype).to(tl.float32)
                     bt = bt.to(tl.float32)
@@ -256,7 +249,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
                 bias: Optional[torch.Tensor] = None, pages: Optional[torch.Tensor] = None,
                 tile_count: Optional[torch.Tensor] = None, delta: bool = False,
                 block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                vector_b: Optional[bool] = None, aligned: bool = False, early: bool = False) -> None:
+                vector_b: Optional[bool] = None, aligned: bool = False) -> None:
     """``y[t, off_i:off_i+n_i] += parts.sum(0)[t, i, :r] @ B[slot(t), off_i:off_i+n_i, :r].T * scale[i, slot(t)]``.
 
     y (T, sum(n_i)), updated in place; parts (splits, T, slices, max_rank), any float dtype; b (pages,
@@ -274,9 +267,7 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
     with scalar page indices, so that a column's rank values go as one vector load (default: on;
     ``LORAPLEX_LORA_VECTOR_B=0`` turns it off); with it, ``aligned`` (every slice's offset and
     width a multiple of 8, :attr:`LoRAStack.aligned`) lets rows of ``y`` and of the partials go as vector
-    accesses too. ``early`` (sm_90+, after a shrink launched with ``trigger`` on the same stream): launched as
-    a programmatic dependent of that shrink, the expand reads its B while the shrink runs and waits for the
-    shrink to end only before it reads ``parts`` or writes ``y``."""
+    accesses too."""
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand updates y in place and needs unit column stride, got strides {y.stride()}")
     assert not delta or y.dtype == torch.float32, "a delta buffer is float32"
@@ -317,9 +308,8 @@ def lora_expand(y: torch.Tensor, parts: torch.Tensor, b: torch.Tensor, ranks_t: 
              BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], PAGE=b.shape[2], MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(b.dtype), UPCAST=INTERPRET,
              EXTRAS=extras is not None and not delta, HAS_BIAS=extras is not None and bias is not None and not delta,
-             HAS_COUNT=tile_count is not None, DELTA=delta, B_LOAD=b_load, ALIGNED=aligned and b_load != 0,
-             EARLY=early),
-        num_warps=cfg["num_warps"], **({"launch_pdl": True} if early else {}),
+             HAS_COUNT=tile_count is not None, DELTA=delta, B_LOAD=b_load, ALIGNED=aligned and b_load != 0),
+        num_warps=cfg["num_warps"],
     )
 
 

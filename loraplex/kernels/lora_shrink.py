@@ -35,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import (
-    INTERPRET, Launcher, dot_precision, gdc_launch_dependents, identity_pages, num_sms, programs_per_sm)
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -47,10 +46,8 @@ def _shrink_kernel(
     NUM_SLICES: tl.constexpr, MAX_RANK: tl.constexpr, R_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr, MAX_PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr, TRIGGER: tl.constexpr,
+    HAS_COUNT: tl.constexpr, REDUCE: tl.constexpr, DEVICE_SPLITS: tl.constexpr,
 ):
-    if TRIGGER:  # the expand after it may launch now (LORAPLEX_LORA_EXPAND_EARLY); it waits for this grid to end
-        gdc_launch_dependents()  # before it reads what this grid writes
     # a (slices, pages, PAGE, K), out (splits, T, slices, MAX_RANK), ranks (slices, slots), pages (slots,
     # MAX_PAGES): contiguous; x (T, K) with unit stride along K. Few arguments keep the host cost of a launch low.
     if HAS_COUNT:  # the real tiles of a padded list (CUDA graphs)
@@ -119,6 +116,13 @@ def _shrink_kernel(
 
 _launch_shrink = Launcher(_shrink_kernel)
 
+# The launch of the CUDA graph step's shrink (device splits): K steps of 256, two warps, three stages, and split
+# for about four work items per SM. Swept on an H200 (benchmarks/kernel_bench.py --layer --shrink-sweep, 8B
+# decoder layer, rank 16, 2026-12-01): the best of 135 settings over batch 32 and 128, one adapter and 32
+# distinct, and better than the eager launch's (k128, four warps, two items per SM) in all four: 23.0 / 29.0 /
+# 24.5 / 52.4 against 23.7 / 35.6 / 25.6 / 80.9 us a layer.
+GRAPH_LAUNCH = dict(block_k=256, num_warps=2, num_stages=3, programs_per_sm=4)
+
 
 @functools.lru_cache(maxsize=4096)
 def shrink_config(block_m: int, max_rank: int, K: int, num_tiles: int, num_slices: int,
@@ -146,8 +150,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
                 work_tiles: Optional[int] = None, pages: Optional[torch.Tensor] = None,
                 max_rank: Optional[int] = None, tile_count: Optional[torch.Tensor] = None,
                 reduce: bool = True, device_splits: bool = False, split_target: Optional[int] = None,
-                num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                trigger: bool = False) -> torch.Tensor:
+                num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     """``buf[t, i, :r] = x[t] @ A[i, slot(t), :r].T``, returned as float32 split-K partials
     ``(splits, T, slices, max_rank)`` whose sum over dim 0 is ``buf`` (zero for base rows and rank 0).
 
@@ -162,11 +165,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     finish, in split order: deterministic) and returns that sum as one split ``(1, T, slices, max_rank)``, so
     the expand reads one value per element rather than one per split. ``device_splits`` (with ``reduce`` and
     ``tile_count``): the kernel picks the split count itself from the real tile count, for about
-    ``split_target`` work items (default: two per SM), at most the host's; a CUDA graph sized for one adapter
-    then splits less when its batch holds many. ``num_warps`` / ``num_stages`` override the launch's (tuning:
-    ``benchmarks/kernel_bench.py --layer --shrink-sweep``). ``trigger``: let the next kernel on the stream, an
-    expand launched with ``early``, start launching as soon as this one has (sm_90+;
-    :func:`loraplex.kernels.common.pdl_supported`)."""
+    ``split_target`` work items, at most the host's; a CUDA graph sized for one adapter then splits less when its
+    batch holds many; it launches as :data:`GRAPH_LAUNCH` says. ``num_warps`` / ``num_stages`` override the
+    launch's (tuning: ``benchmarks/kernel_bench.py --layer --shrink-sweep``)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     T, K = x.shape
@@ -177,12 +178,17 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     assert a.is_contiguous() and ranks_t.is_contiguous() and pages.is_contiguous(), \
         "A stack, ranks and pages must be contiguous"
     num_tiles = tiles.shape[0]
+    device_splits = device_splits and reduce and tile_count is not None
+    if device_splits:  # the CUDA graph step's launch (the split count is the kernel's own): GRAPH_LAUNCH
+        block_k = block_k or min(GRAPH_LAUNCH["block_k"], max(16, triton.next_power_of_2(K)))
+        num_warps, num_stages = num_warps or GRAPH_LAUNCH["num_warps"], num_stages or GRAPH_LAUNCH["num_stages"]
+        split_target = split_target or GRAPH_LAUNCH["programs_per_sm"] * num_sms(x.device)
     cfg = shrink_config(block_m, max_rank, K, work_tiles or num_tiles, num_slices, split_k, block_k, x.device)
     out = torch.empty(cfg["split_k"], T, num_slices, max_rank, dtype=torch.float32, device=x.device)
     if num_tiles == 0 or T == 0:
         return out.zero_()
     reduce = reduce and cfg["split_k"] > 1
-    device_splits = device_splits and reduce and tile_count is not None
+    device_splits = device_splits and reduce
     buf, sem = out, out  # placeholders: never read without REDUCE
     if reduce:
         buf = torch.empty(1, T, num_slices, max_rank, dtype=torch.float32, device=x.device)
@@ -197,7 +203,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
         dict(NUM_SLICES=num_slices, MAX_RANK=max_rank, R_BLOCKS=cfg["r_blocks"], BLOCK_M=block_m,
              BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], PAGE=page_rank, MAX_PAGES=pages.shape[1],
              PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, HAS_COUNT=tile_count is not None, REDUCE=reduce,
-             DEVICE_SPLITS=device_splits, TRIGGER=trigger),
+             DEVICE_SPLITS=device_splits),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return buf if reduce else out

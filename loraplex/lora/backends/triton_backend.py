@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 
 from loraplex import envs
-from loraplex.kernels.common import pdl_supported
 from loraplex.kernels.lora_embed import lora_embed_gather
 from loraplex.kernels.lora_expand import PendingDelta, lora_expand
 from loraplex.kernels.lora_shrink import lora_shrink
@@ -27,14 +26,13 @@ class TritonLoRABackend:
     fuses_extras = True
     page_rank = 8  # rank rows per page of the slots' memory (rank-aware: an adapter takes ceil(rank / 8) pages)
 
-    def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch, trigger: bool = False) -> torch.Tensor:
-        """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``. ``trigger``:
-        the next kernel on the stream is an early expand (:func:`lora_shrink`)."""
+    def shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> torch.Tensor:
+        """-> float32 split-K partials (splits, T, slices, max_rank); their sum over dim 0 is ``buf``."""
         # A graph's padded work list: size split-K for the fewest real tiles (one adapter over the batch).
         work = -(-batch.num_rows // batch.block_m) if batch.static else None
         return lora_shrink(x, w.a, w.ranks_t, batch.tiles, batch.block_m, work_tiles=work, pages=w.pages.table,
                            max_rank=w.max_rank, tile_count=batch.tile_count, reduce=self.reduce,
-                           device_splits=self.device_splits, trigger=trigger)
+                           device_splits=self.device_splits)
 
     def __init__(self) -> None:
         # Run each shrink on a side stream beside the base layer's GEMM, which reads the same input, instead of
@@ -66,14 +64,6 @@ class TritonLoRABackend:
         # critical path. Measured on an H200 (8B shape, one adapter): 5.71 against 5.91 ms a decode step at batch
         # 32, 7.85 against 8.16 at batch 128. LORAPLEX_LORA_FOLD_DELTA=0: off.
         self.fold_deltas = envs.LORAPLEX_LORA_FOLD_DELTA
-        # LORAPLEX_LORA_SIDE_PRIORITY (opt-in, not yet timed): the side stream at the highest priority. PyTorch
-        # instantiates graphs to use the priority each kernel was captured with, so when SMs free up the block
-        # scheduler starts the shrink and expand before the GEMM's remaining blocks.
-        self.side_priority = -100 if envs.LORAPLEX_LORA_SIDE_PRIORITY else 0  # clamped to the card's highest
-        # LORAPLEX_LORA_EXPAND_EARLY (opt-in, not yet timed): the side expand launches as a programmatic dependent
-        # of its shrink and reads its B while the shrink runs (one adapter at batch 32: the shrink and expand
-        # beside qkv_proj and o_proj take longer than the GEMM, so their chain is the layer's critical path)
-        self.expand_early = envs.LORAPLEX_LORA_EXPAND_EARLY
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
@@ -87,7 +77,7 @@ class TritonLoRABackend:
         main = torch.cuda.current_stream(x.device)
         side = self._side.get(x.device)
         if side is None:
-            side = self._side[x.device] = torch.cuda.Stream(x.device, priority=self.side_priority)
+            side = self._side[x.device] = torch.cuda.Stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             buf = self._lora(x, w, batch)
@@ -100,16 +90,13 @@ class TritonLoRABackend:
 
     def _lora(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch):
         """What :meth:`start_shrink` starts: the shrink, and with ``side_expand`` the expand into a delta."""
-        side = self.side_expand and x.shape[0] <= SIDE_EXPAND_ROWS
-        early = side and self.expand_early and x.is_cuda and pdl_supported(
-            x.device.index if x.device.index is not None else torch.cuda.current_device())
-        buf = self.shrink(x, w, batch, trigger=early)
-        if not side:
+        buf = self.shrink(x, w, batch)
+        if not self.side_expand or x.shape[0] > SIDE_EXPAND_ROWS:
             return buf
         delta = torch.empty(x.shape[0], w.b.shape[1], dtype=torch.float32, device=x.device)
         lora_expand(delta, buf, w.b, w.ranks_t, w.scales_t, w.slice_meta, max(w.slices), batch.expand_tiles,
-                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True, aligned=w.aligned,
-                    early=early)
+                    batch.expand_block_m, pages=w.pages.table, tile_count=batch.tile_count, delta=True,
+                    aligned=w.aligned)
         return _Delta(delta)
 
     def expand(self, y: torch.Tensor, buf, w: LoRAStack, batch: LoRABatch,
