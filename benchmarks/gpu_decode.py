@@ -391,19 +391,21 @@ def summarize_trace(trace: Path, steps: int, top: int = 25) -> None:
     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {us / steps:9.1f} us {n / steps:7.1f} launches {us / n:8.2f} us each  {name}")
     gaps: dict[str, list[float]] = {}
-    end, prev, idle = ks[0]["ts"] + ks[0]["dur"], ks[0]["name"][:40], 0.0
+    end, prev = ks[0]["ts"] + ks[0]["dur"], ks[0]["name"][:40]
     for e in ks[1:]:
         gap = e["ts"] - end
         if gap > 0:
-            g = gaps.setdefault(f"{prev} -> {e['name'][:40]}", [0.0, 0])
-            g[0] += gap
-            g[1] += 1
-            idle += gap
+            gaps.setdefault(f"{prev} -> {e['name'][:40]}", []).append(gap)
         if e["ts"] + e["dur"] > end:
             end, prev = e["ts"] + e["dur"], e["name"][:40]
-    print(f"trace: GPU idle {idle / steps:.1f} us a step; the largest gaps by the kernels around them:")
-    for pair, (us, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:10]:
-        print(f"  {us / steps:9.1f} us {n / steps:7.1f} gaps {us / n:8.2f} us each  {pair}")
+    idle = sum(sum(g) for g in gaps.values())
+    long = sorted(g for gs in gaps.values() for g in gs if g > 100)  # the profiler's start, new prompts: not a step's
+    print(f"trace: GPU idle {idle / steps:.1f} us a step, {(idle - sum(long)) / steps:.1f} without the {len(long)} "
+          f"gaps over 100 us ({', '.join(f'{g:.0f}' for g in long[-5:])} us); the largest by the kernels around them "
+          f"(the median gap beside the mean: a few long gaps make a large mean):")
+    for pair, gs in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:10]:
+        print(f"  {sum(gs) / steps:9.1f} us {len(gs) / steps:7.1f} gaps {sum(gs) / len(gs):8.2f} us each, median "
+              f"{sorted(gs)[len(gs) // 2]:.2f}  {pair}")
 
 
 def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], steps: int, device: torch.device,
