@@ -406,6 +406,22 @@ def summarize_trace(trace: Path, steps: int, top: int = 25) -> None:
     for pair, gs in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:10]:
         print(f"  {sum(gs) / steps:9.1f} us {len(gs) / steps:7.1f} gaps {sum(gs) / len(gs):8.2f} us each, median "
               f"{sorted(gs)[len(gs) // 2]:.2f}  {pair}")
+    print_layer(ks)
+
+
+def print_layer(ks: list[dict], norm: str = "_rms_norm_kernel") -> None:
+    """One decoder layer as the GPU ran it, from the middle of the trace: each operation's start (us from the
+    layer's first norm), duration and stream, from one norm to the norm two after it (a layer has two). Beside
+    the GEMMs' times alone (``kernel_bench.py --gemm``) it shows what runs beside what and what waits."""
+    norms = [j for j, e in enumerate(ks) if e["name"].startswith(norm)]
+    if len(norms) < 3:
+        return
+    mid = len(norms) // 2
+    first, last = norms[mid], norms[mid + 2]
+    t0 = ks[first]["ts"]
+    print("trace: one layer from the middle of the trace (us from its first norm: start, duration, stream):")
+    for e in ks[first:last + 1]:
+        print(f"  {e['ts'] - t0:8.1f} {e['dur']:7.1f}  s{e.get('args', {}).get('stream', '?'):<6} {e['name'][:60]}")
 
 
 def peft_case(model_dir: Path, adapters: list[Path], prompts: list[list[int]], steps: int, device: torch.device,

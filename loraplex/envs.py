@@ -72,6 +72,9 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
     # the Triton LoRA backend and kernels
+    "LORAPLEX_LORA_GEMM_FIRST": Switch(_bool, False, "the base GEMM issued before the side stream's shrink (the "
+                                       "shrink waits on an event recorded before the GEMM), so graphs launch the "
+                                       "GEMM first"),
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
     "LORAPLEX_LORA_SIDE_EXPAND": Switch(_bool, True, "the expand of batches up to 512 rows beside the base GEMM, "

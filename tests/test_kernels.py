@@ -500,6 +500,47 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
         torch.testing.assert_close(side, got, rtol=1e-6, atol=1e-6)
 
 
+def test_gemm_first_issues_the_base_layer_before_the_shrink(monkeypatch) -> None:
+    """LORAPLEX_LORA_GEMM_FIRST: where the backend gives a fork point (on CUDA an event recorded before the base GEMM;
+    here a stand-in, the CPU has no streams), the wrapper issues the base layer first and hands the shrink that
+    point, with the same output; without one (the default) the shrink is started first. On CUDA the GPU graph-variant
+    test runs it against eager steps."""
+    from test_wrappers import BASE_LAYERS
+
+    from loraplex.layers.linear import QKVParallelLinear
+    from loraplex.lora.backends.triton_backend import TritonLoRABackend
+
+    monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", "1")
+    assert TritonLoRABackend().gemm_first  # with overlap on (one rank)
+    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "0")
+    assert not TritonLoRABackend().gemm_first  # nothing beside the GEMM to issue after it
+    monkeypatch.delenv("LORAPLEX_LORA_OVERLAP")
+    torch.manual_seed(0)
+    base = BASE_LAYERS[QKVParallelLinear]().to(DEVICE)
+    wrapper = wrapper_for(base)(base)
+    be = get_backend("triton", DEVICE)
+    wrapper.create_lora_weights(2, 8, be)
+    g = torch.Generator().manual_seed(1)
+    wrapper.set_lora(1, [LoRAWeights(torch.randn(4, 32, generator=g), torch.randn(n, 4, generator=g), 0.5)
+                         for n in base.output_sizes])
+    x = torch.randn(5, 32, generator=g).to(DEVICE)
+    lb = LoRABatch.from_row_slots([1, 1, -1, 1, 1], DEVICE)
+    attn = AttentionMetadata.build([1] * 5, [1] * 5, [[0]] * 5, 1, DEVICE)
+    ctx = ForwardContext(positions=torch.zeros(5, dtype=torch.int64, device=DEVICE), attn=attn, lora=lb, lora_logits=lb)
+    calls = []
+    base.register_forward_pre_hook(lambda *_: calls.append("gemm"))
+    start = be.start_shrink
+    monkeypatch.setattr(be, "start_shrink", lambda *a, **kw: calls.append(("shrink", kw.get("after"))) or start(*a))
+    outs = []
+    for fork in (None, "fork"):
+        monkeypatch.setattr(be, "fork_point", lambda x, _f=fork: _f)
+        calls.clear()
+        with torch.no_grad(), forward_context(ctx):
+            outs.append(wrapper(x))
+        assert calls == ([("shrink", None), "gemm"] if fork is None else ["gemm", ("shrink", "fork")])
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:
     """Same greedy tokens and prompt logprobs (1e-4, float32) with lora_backend='triton' as with 'torch'; and
     with the expand into a delta added after the base output (the default; LORAPLEX_LORA_SIDE_EXPAND=0 turns it

@@ -253,10 +253,16 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         bias = getattr(self.base_layer, "bias", None)
-        shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
-        if self.row_parallel and self.base_layer.tp_size > 1:
-            return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
-        y = self.base_layer(x)
+        row_parallel = self.row_parallel and self.base_layer.tp_size > 1
+        fork = None if row_parallel else getattr(self.backend, "fork_point", lambda _: None)(x2)
+        if fork is not None:  # the base GEMM issued first, the shrink beside it (LORAPLEX_LORA_GEMM_FIRST)
+            y = self.base_layer(x)
+            shrunk = self.backend.start_shrink(x2, self.stack, batch, after=fork)
+        else:
+            shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
+            if row_parallel:
+                return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
+            y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
         if self.fold_delta:
             pending = self.backend.expand_pending(y2, shrunk(), self.stack, batch, bias)
