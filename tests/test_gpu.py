@@ -166,7 +166,7 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     if name == "LORAPLEX_LORA_OVERLAP":
         assert not backend.overlap
     if name == "LORAPLEX_LORA_GEMM_FIRST":
-        assert backend.gemm_first
+        assert all(m.wrapper.gemm_first for m in llm.engine.pool.lora_model.modules)
     assert torch.backends.cuda.preferred_blas_library() == library
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)

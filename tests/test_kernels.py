@@ -501,20 +501,14 @@ def test_wrapper_triton_matches_torch(base_name, extras) -> None:
 
 
 def test_gemm_first_issues_the_base_layer_before_the_shrink(monkeypatch) -> None:
-    """LORAPLEX_LORA_GEMM_FIRST: where the backend gives a fork point (on CUDA an event recorded before the base GEMM;
-    here a stand-in, the CPU has no streams), the wrapper issues the base layer first and hands the shrink that
-    point, with the same output; without one (the default) the shrink is started first. On CUDA the GPU graph-variant
-    test runs it against eager steps."""
+    """LORAPLEX_LORA_GEMM_FIRST: a layer chosen by it, where the backend gives a fork point (on CUDA an event recorded
+    before the base GEMM; here a stand-in, the CPU has no streams), issues the base layer first and hands the shrink
+    that point, with the same output; other layers start the shrink first. On CUDA the GPU graph-variant test runs
+    it against eager steps."""
     from test_wrappers import BASE_LAYERS
 
     from loraplex.layers.linear import QKVParallelLinear
-    from loraplex.lora.backends.triton_backend import TritonLoRABackend
 
-    monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", "1")
-    assert TritonLoRABackend().gemm_first  # with overlap on (one rank)
-    monkeypatch.setenv("LORAPLEX_LORA_OVERLAP", "0")
-    assert not TritonLoRABackend().gemm_first  # nothing beside the GEMM to issue after it
-    monkeypatch.delenv("LORAPLEX_LORA_OVERLAP")
     torch.manual_seed(0)
     base = BASE_LAYERS[QKVParallelLinear]().to(DEVICE)
     wrapper = wrapper_for(base)(base)
@@ -531,14 +525,43 @@ def test_gemm_first_issues_the_base_layer_before_the_shrink(monkeypatch) -> None
     base.register_forward_pre_hook(lambda *_: calls.append("gemm"))
     start = be.start_shrink
     monkeypatch.setattr(be, "start_shrink", lambda *a, **kw: calls.append(("shrink", kw.get("after"))) or start(*a))
+    monkeypatch.setattr(be, "fork_point", lambda x: "fork")
     outs = []
-    for fork in (None, "fork"):
-        monkeypatch.setattr(be, "fork_point", lambda x, _f=fork: _f)
+    for first in (False, True):
+        wrapper.gemm_first = first
         calls.clear()
         with torch.no_grad(), forward_context(ctx):
             outs.append(wrapper(x))
-        assert calls == ([("shrink", None), "gemm"] if fork is None else ["gemm", ("shrink", "fork")])
+        assert calls == (["gemm", ("shrink", "fork")] if first else [("shrink", None), "gemm"])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_gemm_first_chooses_layers_by_name(tmp_path, monkeypatch) -> None:
+    """LORAPLEX_LORA_GEMM_FIRST picks the layers (1: all of them); a name no LoRA layer of the model has is refused
+    at start, naming it and the model's layers; the torch backend (no side stream) leaves every layer as it is."""
+    from loraplex import envs
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    first = {}
+    for raw in ("0", "1", "o_proj,down_proj"):
+        monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", raw)
+        llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=1, max_lora_rank=8, num_kv_blocks=16,
+                  block_size=4, lora_backend="triton", enforce_eager=True)
+        first[raw] = {n.rpartition(".")[2] for n, m in llm.engine.model.named_modules()
+                      if isinstance(m, LinearWithLoRA) and m.gemm_first}
+    assert first == {"0": set(), "1": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"},
+                     "o_proj,down_proj": {"o_proj", "down_proj"}}
+    monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", "o_proj,up")
+    with pytest.raises(ValueError, match=r"LORAPLEX_LORA_GEMM_FIRST names \['up'\]: .*its layers: .*gate_up_proj"):
+        LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=1, max_lora_rank=8, num_kv_blocks=16,
+            block_size=4, lora_backend="triton", enforce_eager=True)
+    monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", "1")
+    llm = LLM(model_dir, dtype="float32", device=DEVICE.type, max_loras=1, max_lora_rank=8, num_kv_blocks=16,
+              block_size=4, lora_backend="torch", enforce_eager=True)
+    assert not any(getattr(m, "gemm_first", False) for m in llm.engine.model.modules())
+    monkeypatch.setenv("LORAPLEX_LORA_GEMM_FIRST", "o_proj,,x")
+    with pytest.raises(ValueError, match="layer names separated by commas"):
+        envs.get("LORAPLEX_LORA_GEMM_FIRST")
 
 
 def test_engine_triton_matches_torch(tmp_path, monkeypatch) -> None:

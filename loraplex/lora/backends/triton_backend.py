@@ -64,18 +64,13 @@ class TritonLoRABackend:
         # critical path. Measured on an H200 (8B shape, one adapter): 5.71 against 5.91 ms a decode step at batch
         # 32, 7.85 against 8.16 at batch 128. LORAPLEX_LORA_FOLD_DELTA=0: off.
         self.fold_deltas = envs.LORAPLEX_LORA_FOLD_DELTA
-        # LORAPLEX_LORA_GEMM_FIRST (opt-in, not yet timed): the layer issues its base GEMM before the side stream's
-        # shrink (the shrink waits on an event recorded before the GEMM), so that the GEMM, the critical path, is
-        # the branch a graph launches first. In a trace of the one-adapter batch-32 step (H200, 2026-12-01) the
-        # GEMMs of the adapter graphs started 1.4-2.4 us after their input was ready, against 0.6 us in the base
-        # graphs: about 0.2 ms a step, while the shrink, issued first, started after 0.4 us.
-        self.gemm_first = bool(envs.LORAPLEX_LORA_GEMM_FIRST and self.overlap)
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
     def fork_point(self, x: torch.Tensor) -> Optional["torch.cuda.Event"]:
-        """With ``gemm_first``: an event recorded now on the current stream, for :meth:`start_shrink` (``after``)
-        to wait on once the base GEMM is issued; None when the shrink does not run on a side stream."""
-        if not (self.gemm_first and x.is_cuda):
+        """An event recorded now on the current stream, for :meth:`start_shrink` (``after``) to wait on once the
+        layer has issued its base GEMM (``LORAPLEX_LORA_GEMM_FIRST``: see ``BaseLayerWithLoRA.gemm_first``); None
+        when the shrink does not run on a side stream."""
+        if not (self.overlap and x.is_cuda):
             return None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(x.device))
