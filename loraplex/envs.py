@@ -85,6 +85,9 @@ SWITCHES: dict[str, Switch] = {
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
+    # the Triton attention kernels (attention/triton_attention.py), read at import
+    "LORAPLEX_ATTENTION_FUSED_REDUCE": Switch(_bool, False, "the split decode attention kernel's last split of "
+                                              "each (decode, kv head) sums the splits (no reduce kernel)"),
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_GEMM_FIRST": Switch(_layers, frozenset(), "layers (1: all; or names, e.g. qkv_proj,down_proj) "
                                        "that issue their base GEMM before the side stream's shrink (which waits "

@@ -135,3 +135,22 @@ def identity_pages(num_slots: int, device: torch.device) -> torch.Tensor:
     """The padded layout's page table (``lora.backends.base.PageTable``): one page per slot, page ``s`` for
     slot ``s``, as the LoRA kernels take it when no table is given."""
     return torch.arange(num_slots, dtype=torch.int32, device=device).view(num_slots, 1)
+
+
+_COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def zeroed_counters(owner: str, n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` int32 zeros on ``device`` for the kernels of ``owner`` (``"lora_shrink"``, ``"attention"``),
+    whose every launch leaves them zero: the last program of each work cell to finish counts itself in and
+    resets the count. One set per owner, so that kernels on different streams never share a counter. Made at
+    the first eager launch, before any graph capture, at a size that covers every step (65,536 counters: for
+    the shrink, 4,096 tiles of 16 rows x 4 slices x 4 rank blocks); a larger need outside a capture makes a
+    larger set."""
+    have = _COUNTERS.get((owner, device))
+    if have is None or have.numel() < n:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}: {n} counters needed inside a CUDA graph capture, "
+                               f"{0 if have is None else have.numel()} made before it")
+        have = _COUNTERS[(owner, device)] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return have

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm
+from loraplex.kernels.common import (
+    INTERPRET, Launcher, dot_precision, identity_pages, num_sms, programs_per_sm, zeroed_counters)
 
 
 # per-step sizes: never specialised (a new value must not compile a kernel variant mid-serving)
@@ -193,7 +194,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     buf, sem = out, out  # placeholders: never read without REDUCE
     if reduce:
         buf = torch.empty(1, T, num_slices, max_rank, dtype=torch.float32, device=x.device)
-        sem = _counters(num_tiles * num_slices * cfg["r_blocks"], x.device)
+        sem = zeroed_counters("lora_shrink", num_tiles * num_slices * cfg["r_blocks"], x.device)
     items = num_tiles * num_slices * cfg["r_blocks"] * cfg["split_k"]
     grid = (min(items, programs_per_sm() * num_sms(x.device)),)
     _launch_shrink(
@@ -209,18 +210,3 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks_t: torch.Tensor, tiles: 
     )
     return buf if reduce else out
 
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """At least ``n`` int32 zeros on ``device``, shared by every shrink launch (each leaves them zero). Made at
-    the first eager launch, before any graph capture, at a size that covers every step's tiles (65,536 counters:
-    4,096 tiles of 16 rows x 4 slices x 4 rank blocks); a larger need outside a capture makes a larger set."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"LoRA shrink: {n} split-K counters needed inside a CUDA graph capture, "
-                               f"{0 if have is None else have.numel()} made before it")
-        have = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return have
