@@ -223,45 +223,49 @@ async def send_burst(url: str, burst: list[tuple[str, str]], timeout: float) -> 
             raise RuntimeError(f"warm-up request refused: HTTP {r.status_code}: {r.text[:300]}")
 
 
-def step_summary(path: Path, window: Optional[list[float]] = None) -> dict[str, dict[str, float]]:
-    """The steps of a LORAPLEX_STEP_TRACE file (those that started inside ``window``, Unix seconds, if given) by
-    the forward they ran (``decode-N``, ``mixed-N``: the CUDA graph of that size; ``eager``): how many, their
-    wall time (sum, p50, p99, ms) and mean tokens."""
+def trace_rows(path: Path, window: Optional[list[float]] = None) -> list[dict]:
+    """The rows of a LORAPLEX_STEP_TRACE file, in order: the steps that started inside ``window`` (Unix seconds)
+    if given, all of them otherwise; none if the file is missing."""
+    if not path.exists():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return [r for r in rows if window is None or window[0] <= r["unix_s"] <= window[1]]
+
+
+def _p99(ascending: list[float]) -> float:
+    return ascending[min(len(ascending) - 1, int(0.99 * len(ascending)))]
+
+
+def step_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Trace rows (:func:`trace_rows`) of the steps that ran sequences, by the forward they ran (``decode-N``,
+    ``mixed-N``: the CUDA graph of that size; ``eager``): how many, their wall time (sum, p50, p99, ms) and
+    mean tokens."""
     import statistics
 
     groups: dict[str, list[dict]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row["seqs"] and (window is None or window[0] <= row["unix_s"] <= window[1]):
-                groups.setdefault(row["forward"], []).append(row)
+    for row in rows:
+        if row["seqs"]:
+            groups.setdefault(row["forward"], []).append(row)
     out = {}
     for kind, rows in sorted(groups.items(), key=lambda kv: -sum(r["wall_ms"] for r in kv[1])):
         walls = sorted(r["wall_ms"] for r in rows)
         out[kind] = {"steps": len(rows), "wall_ms_sum": round(sum(walls), 1),
-                     "wall_ms_p50": round(statistics.median(walls), 2),
-                     "wall_ms_p99": round(walls[min(len(walls) - 1, int(0.99 * len(walls)))], 2),
+                     "wall_ms_p50": round(statistics.median(walls), 2), "wall_ms_p99": round(_p99(walls), 2),
                      "tokens_mean": round(sum(r["tokens"] for r in rows) / len(rows), 1)}
     return out
 
 
-def step_gaps(path: Path, window: Optional[list[float]] = None) -> dict[str, float]:
-    """The time between consecutive engine steps of a LORAPLEX_STEP_TRACE file (from one step's end to the next
-    one's start, steps that started inside ``window`` if given): what the loop does besides stepping (the
-    server's: sending the step's outputs, taking in requests, its stats). Sum, p50 and p99 in ms."""
+def step_gaps(rows: list[dict]) -> dict[str, float]:
+    """The time between consecutive engine steps of trace rows (:func:`trace_rows`), from one step's end to the
+    next one's start: what the loop does besides stepping (the server's: sending the step's outputs, taking in
+    requests, its stats). Sum, p50 and p99 in ms."""
     import statistics
 
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if window is None or window[0] <= row["unix_s"] <= window[1]:
-                rows.append(row)
     gaps = sorted(max(0.0, (b["t_s"] - a["t_s"]) * 1e3 - a["wall_ms"]) for a, b in zip(rows, rows[1:]))
     if not gaps:
         return {}
     return {"gaps": len(gaps), "gap_ms_sum": round(sum(gaps), 1), "gap_ms_p50": round(statistics.median(gaps), 3),
-            "gap_ms_p99": round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3)}
+            "gap_ms_p99": round(_p99(gaps), 3)}
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -318,8 +322,9 @@ def run_server_side(a: argparse.Namespace, cmd: list[str], url: str, burst: list
     if m.get("engine_steps"):
         out["tokens_per_step"] = round(m["generation_tokens"] / m["engine_steps"], 2)
         out["engine_busy_share"] = round(m["engine_busy_s"] / row["elapsed_s"], 3)
-        out["steps_by_forward"] = step_summary(trace, m.get("window_unix_s"))  # the load's steps only
-        out["step_gaps"] = step_gaps(trace, m.get("window_unix_s"))
+        rows = trace_rows(trace, m.get("window_unix_s"))  # the load's steps only
+        out["steps_by_forward"] = step_summary(rows)
+        out["step_gaps"] = step_gaps(rows)
     else:
         problems.append("the server's /metrics had no engine steps")
     return out
@@ -377,11 +382,12 @@ def run_offline(a: argparse.Namespace, cmd: list[str], burst: list[tuple[str, st
     wall = time.perf_counter() - t
     eng.step = real_step
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    rows = trace_rows(trace)
     return {"engine_kwargs": kwargs, "startup_s": round(startup, 1), "requests": len(outs),
             "engine_steps": len(step_s), "engine_step_mean_ms": round(1000 * sum(step_s) / max(len(step_s), 1), 3),
             "engine_step_host_mean_ms": round(1000 * sum(host_s) / max(len(host_s), 1), 3),
-            "engine_busy_share": round(sum(step_s) / wall, 3), "steps_by_forward": step_summary(trace),
-            "step_gaps": step_gaps(trace),
+            "engine_busy_share": round(sum(step_s) / wall, 3), "steps_by_forward": step_summary(rows),
+            "step_gaps": step_gaps(rows),
             "tokens_per_step": round(out_tokens / max(len(step_s), 1), 2),
             "completed": sum(o.finished for o in outs), "elapsed_s": round(wall, 3), "output_tokens": out_tokens,
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),

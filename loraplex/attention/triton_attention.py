@@ -193,27 +193,22 @@ def _decode_split_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
             for r in tl.static_range(GROUP):
                 _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, kvh * GROUP + r, num_heads, stride_ot,
-                             stride_oh, HEAD_DIM, D_PAD, NUM_SPLITS, True)
+                             stride_oh, HEAD_DIM, D_PAD, NUM_SPLITS, ".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
 def _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, h, num_heads, stride_ot, stride_oh,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, FROM_L2: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, CACHE: tl.constexpr):
     """out[q_row, h] from the splits' unnormalised outputs and (max, sum) statistics of decode ``b``, head
-    ``h``: each split weighed by exp2(its max - the largest), empty splits (max -inf) by 0. ``FROM_L2``: the
-    splits were written by other programs of the same launch (read past L1)."""
+    ``h``: each split weighed by exp2(its max - the largest), empty splits (max -inf) by 0. ``CACHE``: the
+    loads' cache modifier (".cg" where other programs of the same launch wrote the splits: read past L1)."""
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, D_PAD)
     cell = (b.to(tl.int64) * num_heads + h) * NUM_SPLITS + splits
-    if FROM_L2:
-        m = tl.load(stats_ptr + cell * 2, cache_modifier=".cg")
-        l_s = tl.load(stats_ptr + cell * 2 + 1, cache_modifier=".cg")
-        part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :], cache_modifier=".cg")
-    else:
-        m = tl.load(stats_ptr + cell * 2)
-        l_s = tl.load(stats_ptr + cell * 2 + 1)
-        part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :])
+    m = tl.load(stats_ptr + cell * 2, cache_modifier=CACHE)
+    l_s = tl.load(stats_ptr + cell * 2 + 1, cache_modifier=CACHE)
+    part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :], cache_modifier=CACHE)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
@@ -231,7 +226,7 @@ def _reduce_kernel(
     h = tl.program_id(1)
     q_row = tl.load(qsl_ptr + b).to(tl.int64)
     _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, h, num_heads, stride_ot, stride_oh, HEAD_DIM, D_PAD,
-                 NUM_SPLITS, False)
+                 NUM_SPLITS, "")
 
 
 _launch_unified = Launcher(_unified_kernel)
