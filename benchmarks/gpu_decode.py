@@ -266,20 +266,37 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
         eng.step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    with around if around is not None else contextlib.nullcontext():
-        t0 = time.perf_counter()
-        n = 0
-        times = []
-        host = 0.0
-        while eng.has_unfinished_requests():
-            s0 = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - s0)
-            host += eng.last_step_host_seconds
-            n += 1
-        sync()
-    total = time.perf_counter() - t0
-    return {"steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
+    # each cycle collection inside the timed steps, (generation, seconds): a full one can stall a step for
+    # tens of milliseconds, which the mean shows and the median hides
+    pauses: list[tuple[int, float]] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - started[0]))
+
+    gc.callbacks.append(on_gc)
+    try:
+        with around if around is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            n = 0
+            times = []
+            host = 0.0
+            while eng.has_unfinished_requests():
+                s0 = time.perf_counter()
+                eng.step()
+                times.append(time.perf_counter() - s0)
+                host += eng.last_step_host_seconds
+                n += 1
+            sync()
+        total = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(on_gc)
+    return {"gc_collections": len(pauses), "gc_gen2_collections": sum(g == 2 for g, _ in pauses),
+            "gc_ms": 1e3 * sum(t for _, t in pauses), "step_ms_max": 1e3 * max(times),
+            "steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
             "host_ms_per_step": 1e3 * host / max(n, 1),
             "step_ms_p50": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[int(0.99 * (n - 1))]}
 
@@ -525,7 +542,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(row)
             print(f"batch {batch:>4} {case:>9} ({used:>3} adapters): {r['ms_per_step']:8.2f} ms/step "
                   f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}  "
-                  f"host {r['host_ms_per_step']:.2f} ms/step", flush=True)
+                  f"host {r['host_ms_per_step']:.2f} ms/step  slowest step {r['step_ms_max']:.1f} ms  "
+                  f"gc {r['gc_collections']} ({r['gc_gen2_collections']} full) {r['gc_ms']:.1f} ms", flush=True)
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["case"] == "base"}
     for r in rows:
         if r["batch"] in base:
