@@ -61,20 +61,6 @@ def _str(name: str, raw: str) -> str:
     return raw
 
 
-def _layers(name: str, raw: str) -> frozenset:
-    """Layers by their last name (``o_proj``), comma-separated; 1 (or true, yes, on): every layer, ``{"*"}``;
-    0 (or false, no, off): none."""
-    v = raw.strip()
-    if v.lower() in _TRUE:
-        return frozenset({"*"})
-    if v.lower() in _FALSE:
-        return frozenset()
-    names = frozenset(n.strip() for n in v.split(","))
-    if "" in names or any(not n.replace("_", "").isalnum() for n in names):
-        raise ValueError(f"{name}={raw!r}: expected 1, 0 or layer names separated by commas (e.g. qkv_proj,down_proj)")
-    return names
-
-
 SWITCHES: dict[str, Switch] = {
     # CUDA graphs (engine/cuda_graph.py), read at import
     "LORAPLEX_MIXED_GRAPH_TOKENS": Switch(_int(16), 2048, "the largest mixed-step graph, in tokens (powers of "
@@ -85,13 +71,7 @@ SWITCHES: dict[str, Switch] = {
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
-    # the Triton attention kernels (attention/triton_attention.py), read at import
-    "LORAPLEX_ATTENTION_FUSED_REDUCE": Switch(_bool, False, "the split decode attention kernel's last split of "
-                                              "each (decode, kv head) sums the splits (no reduce kernel)"),
     # the Triton LoRA backend and kernels
-    "LORAPLEX_LORA_GEMM_FIRST": Switch(_layers, frozenset(), "layers (1: all; or names, e.g. qkv_proj,down_proj) "
-                                       "that issue their base GEMM before the side stream's shrink (which waits "
-                                       "on an event recorded before the GEMM), so graphs launch the GEMM first"),
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
     "LORAPLEX_LORA_SIDE_EXPAND": Switch(_bool, True, "the expand of batches up to 512 rows beside the base GEMM, "

@@ -154,28 +154,6 @@ def test_triton_matches_reference(scenario, gqa, block_size, window, dtype, spli
     _check_kernel(scenario, gqa, block_size, window, dtype, splits)
 
 
-@pytest.mark.parametrize("scenario,gqa,block_size,window,dtype,splits",
-                         [c for c in KERNEL_CASES if c[5] > 1], ids=lambda c: str(c))
-def test_fused_reduce_equals_the_reduce_kernel(scenario, gqa, block_size, window, dtype, splits) -> None:
-    """LORAPLEX_ATTENTION_FUSED_REDUCE: the split decode kernel's last split of each (decode, kv head) sums the
-    splits (in split order, as the reduce kernel does) instead of a kernel of its own: the same output as the two
-    kernels (bit for bit in the interpreter) and the reference's; a second launch gives it again, so each leaves
-    its counters zero."""
-    spec = SCENARIOS[scenario]
-    q, kc, vc, meta, _ = make_case(spec, gqa, block_size, dtype, 64, DEVICE, seed=gqa * 7 + block_size)
-    scale = 64 ** -0.5
-    two = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=32, fused_reduce=False)
-    one = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=32, fused_reduce=True)
-    again = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=32, fused_reduce=True)
-    assert torch.equal(one, again)
-    if DEVICE == "cpu":
-        assert torch.equal(one, two)
-    else:
-        torch.testing.assert_close(one.float(), two.float(), atol=1e-6, rtol=1e-6)
-    want = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, scale, window)
-    torch.testing.assert_close(one.float(), want, **TOL[dtype])
-
-
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_triton_small_and_padded_head_dims(head_dim: int) -> None:
     """head_dim 16 (the test models') and a non-power of two (padded, masked loads)."""

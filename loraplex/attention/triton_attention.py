@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from loraplex.attention.metadata import AttentionMetadata
-from loraplex import envs
-from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms, zeroed_counters
+from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -122,16 +121,14 @@ def _unified_kernel(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, qsl_ptr, seq_lens_ptr, tables_ptr, out_ptr, sem_ptr,
+    q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
     qk_scale, window, num_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
-    stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     NUM_SPLITS: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FUSED: tl.constexpr,
+    USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # part (decodes, H, NUM_SPLITS, D_PAD) float32: unnormalised output; stats (decodes, H, NUM_SPLITS, 2): max, sum.
-    # FUSED: the last split of each (decode, kv head) to finish reduces them into out (no _reduce_kernel launch)
+    # part (decodes, H, NUM_SPLITS, D_PAD) float32: unnormalised output; stats (decodes, H, NUM_SPLITS, 2): max, sum
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -185,36 +182,6 @@ def _decode_split_kernel(
     tl.store(part_ptr + cell[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
     tl.store(stats_ptr + cell * 2, m_i, mask=row_ok)
     tl.store(stats_ptr + cell * 2 + 1, l_i, mask=row_ok)
-    if FUSED:
-        # acq_rel: this split's stores are ordered before its count, the other splits' loads after it. The last
-        # to count sums every split in split order, as _reduce_kernel does (the same result whatever the
-        # order they finished in), then resets the count for the next launch.
-        counter = sem_ptr + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            for r in tl.static_range(GROUP):
-                _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, kvh * GROUP + r, num_heads, stride_ot,
-                             stride_oh, HEAD_DIM, D_PAD, NUM_SPLITS, ".cg")
-            tl.atomic_xchg(counter, 0, sem="relaxed")
-
-
-@triton.jit
-def _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, h, num_heads, stride_ot, stride_oh,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, CACHE: tl.constexpr):
-    """out[q_row, h] from the splits' unnormalised outputs and (max, sum) statistics of decode ``b``, head
-    ``h``: each split weighed by exp2(its max - the largest), empty splits (max -inf) by 0. ``CACHE``: the
-    loads' cache modifier (".cg" where other programs of the same launch wrote the splits: read past L1)."""
-    splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, D_PAD)
-    cell = (b.to(tl.int64) * num_heads + h) * NUM_SPLITS + splits
-    m = tl.load(stats_ptr + cell * 2, cache_modifier=CACHE)
-    l_s = tl.load(stats_ptr + cell * 2 + 1, cache_modifier=CACHE)
-    part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :], cache_modifier=CACHE)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)
-    total = tl.sum(w * l_s, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + q_row * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 @triton.jit
@@ -224,9 +191,19 @@ def _reduce_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, D_PAD)
+    cell = (b.to(tl.int64) * num_heads + h) * NUM_SPLITS + splits
+    m = tl.load(stats_ptr + cell * 2)
+    l_s = tl.load(stats_ptr + cell * 2 + 1)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # empty splits (max -inf) weigh 0
+    total = tl.sum(w * l_s, 0)
+    part = tl.load(part_ptr + cell[:, None] * D_PAD + dims[None, :])
+    o = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     q_row = tl.load(qsl_ptr + b).to(tl.int64)
-    _reduce_head(part_ptr, stats_ptr, out_ptr, q_row, b, h, num_heads, stride_ot, stride_oh, HEAD_DIM, D_PAD,
-                 NUM_SPLITS, "")
+    tl.store(out_ptr + q_row * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 _launch_unified = Launcher(_unified_kernel)
@@ -238,10 +215,6 @@ _launch_reduce = Launcher(_reduce_kernel)
 # of each step shape timed in CUDA graphs on an H200 (docs/results/attention_graph_sweep_h200_2026-11-30h.json),
 # where key tiles of 32 in three stages took 1.3x as long for 32 decodes at context 192.
 TILE_N, NUM_WARPS, NUM_STAGES = 64, 4, 2
-# LORAPLEX_ATTENTION_FUSED_REDUCE (opt-in, not yet timed): the split decode kernel's last split of each (decode,
-# kv head) sums the splits itself, so no _reduce_kernel is launched. In a trace of the 8B decode step at batch 32
-# (H200, 2026-12-01) each layer's reduce took 1.9 us and its launch gap 0.5 us: about 0.08 ms a step.
-FUSED_REDUCE = envs.LORAPLEX_ATTENTION_FUSED_REDUCE
 
 
 def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
@@ -260,15 +233,12 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
                     tile_n: int = TILE_N, out: Optional[torch.Tensor] = None, rows: int = 64,
-                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                    fused_reduce: Optional[bool] = None) -> torch.Tensor:
+                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
     (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
     ``tile_n``, ``num_warps`` and ``num_stages`` the tiling of both kernels (tuning; one tiling for every step,
-    so the decodes of an eager step with prompt chunks reuse the kernel variants the decode graphs compiled).
-    ``fused_reduce`` (default ``LORAPLEX_ATTENTION_FUSED_REDUCE``): split decodes summed by their last split
-    rather than by a kernel of their own."""
+    so the decodes of an eager step with prompt chunks reuse the kernel variants the decode graphs compiled)."""
     T, H, D = q.shape
     _, block_size, KVH, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
@@ -296,21 +266,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_m = max(16, g_pad)
         part = torch.empty(nd, H, num_splits, d_pad, dtype=torch.float32, device=q.device)
         stats = torch.empty(nd, H, num_splits, 2, dtype=torch.float32, device=q.device)
-        fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
-        sem = zeroed_counters("attention", nd * KVH, q.device) if fused else stats  # never read unless fused
         _launch_decode_split(
             (nd, KVH, num_splits),
-            (q, k_cache, v_cache, part, stats, meta.query_start_loc, meta.seq_lens, tables, out, sem,
+            (q, k_cache, v_cache, part, stats, meta.query_start_loc, meta.seq_lens, tables,
              qk_scale, window, H,
              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0), out.stride(0), out.stride(1)),
+             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
             dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
                  BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
-                 UPCAST=INTERPRET, FUSED=fused),
+                 UPCAST=INTERPRET),
             num_warps=num_warps, num_stages=num_stages)
-        if not fused:
-            _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
-                           dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
+        _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
+                       dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
         seq_begin = nd
         if nd == B:
             return out

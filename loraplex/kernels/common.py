@@ -141,7 +141,7 @@ _COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def zeroed_counters(owner: str, n: int, device: torch.device) -> torch.Tensor:
-    """At least ``n`` int32 zeros on ``device`` for the kernels of ``owner`` (``"lora_shrink"``, ``"attention"``),
+    """At least ``n`` int32 zeros on ``device`` for the kernels of ``owner`` (``"lora_shrink"``),
     whose every launch leaves them zero: the last program of each work cell to finish counts itself in and
     resets the count. One set per owner, so that kernels on different streams never share a counter. Made at
     the first eager launch, before any graph capture, at a size that covers every step (65,536 counters: for

@@ -37,13 +37,6 @@ class BaseLayerWithLoRA(nn.Module):
         # Leave the LoRA delta of this layer's output, when the backend expanded it into a buffer beside the base
         # GEMM, to the kernel that reads the output next (the model's lora_delta_consumers; LoRAModel sets it).
         self.fold_delta = False
-        # Issue the base GEMM before the shrink beside it (the shrink then waits on an event recorded before the
-        # GEMM), so that a graph launches the GEMM, the critical path, first; LoRAModel sets it from
-        # LORAPLEX_LORA_GEMM_FIRST (opt-in, not yet timed). In a trace of the one-adapter batch-32 step (H200,
-        # 2026-12-01) the adapter graphs' GEMMs started 1.4-2.4 us after their input was ready, against 0.6 us in
-        # the base graphs, while the shrink, captured first, started after 0.4 us: about 0.2 ms a step. A layer
-        # whose LoRA chain outlasts its GEMM (o_proj there) may lose by it, hence the choice by layer.
-        self.gemm_first = False
         self.active: frozenset[int] = frozenset()  # slots holding weights for this layer
         # DoRA: slot -> float32 scale of each output channel (magnitude / ||W + scaling * B A|| per channel, on
         # the device, computed when the adapter enters the slot); rows of that slot become
@@ -260,16 +253,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         bias = getattr(self.base_layer, "bias", None)
-        row_parallel = self.row_parallel and self.base_layer.tp_size > 1
-        fork = self.backend.fork_point(x2) if self.gemm_first and not row_parallel else None
-        if fork is not None:  # the base GEMM issued first, the shrink beside it
-            y = self.base_layer(x)
-            shrunk = self.backend.start_shrink(x2, self.stack, batch, after=fork)
-        else:
-            shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
-            if row_parallel:
-                return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
-            y = self.base_layer(x)
+        shrunk = self.backend.start_shrink(x2, self.stack, batch)  # reads x only: may run beside the base GEMM
+        if self.row_parallel and self.base_layer.tp_size > 1:
+            return self._row_parallel_forward(x2, shrunk, batch).view(*lead, -1)
+        y = self.base_layer(x)
         y2 = y.reshape(-1, y.shape[-1])  # (tokens, out)
         if self.fold_delta:
             pending = self.backend.expand_pending(y2, shrunk(), self.stack, batch, bias)

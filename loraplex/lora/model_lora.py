@@ -70,22 +70,12 @@ class LoRAModel:
         self._set_by_wrappers: set[int] = set()  # slots holding an adapter that set_lora wrote (batched writes)
         # layers whose output goes straight into a fused norm or SiLU-and-mul, which fold their pending delta
         consumers = set(getattr(model, "lora_delta_consumers", ())) if getattr(backend, "fold_deltas", False) else set()
-        # layers that issue their base GEMM before the shrink beside it (a backend with a fork point only)
-        gemm_first = envs.LORAPLEX_LORA_GEMM_FIRST
-        leaves = {name.rpartition(".")[2] for name, _ in candidates}
-        unknown = sorted(gemm_first - leaves - {"*"})
-        if unknown:
-            raise ValueError(f"LORAPLEX_LORA_GEMM_FIRST names {unknown}: no layer of this model that takes LoRA has "
-                             f"that name (its layers: {', '.join(sorted(leaves))})")
-        if not hasattr(backend, "fork_point"):
-            gemm_first = frozenset()
         for name, base in candidates:
             wrapper = wrapper_for(base)(base)
             wrapper.create_lora_weights(max_loras, max_rank, backend, self.pages)
             _set_submodule(model, name, wrapper)
             prefix, _, leaf = name.rpartition(".")
             wrapper.fold_delta = leaf in consumers
-            wrapper.gemm_first = "*" in gemm_first or leaf in gemm_first
             subs = packed.get(leaf)
             if subs:
                 slice_names = [f"{prefix}.{s}" if prefix else s for s in subs]

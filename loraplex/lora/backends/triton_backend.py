@@ -66,24 +66,11 @@ class TritonLoRABackend:
         self.fold_deltas = envs.LORAPLEX_LORA_FOLD_DELTA
         self._side: dict[torch.device, torch.cuda.Stream] = {}
 
-    def fork_point(self, x: torch.Tensor) -> Optional["torch.cuda.Event"]:
-        """An event recorded now on the current stream, for :meth:`start_shrink` (``after``) to wait on once the
-        layer has issued its base GEMM (``LORAPLEX_LORA_GEMM_FIRST``: see ``BaseLayerWithLoRA.gemm_first``); None
-        when the shrink does not run on a side stream."""
-        if not (self.overlap and x.is_cuda):
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(x.device))
-        return event
-
-    def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch,
-                     after: Optional["torch.cuda.Event"] = None) -> Callable[[], torch.Tensor]:
-        """Start :meth:`shrink` (before the base layer runs, or after it is issued when ``after``, a
-        :meth:`fork_point` taken before it, is given); the returned call gives its result. With overlap on CUDA
-        the shrink runs on a side stream that waits for ``x`` (the current stream, or ``after``) and that the
-        current stream waits for when the result is taken; its buffers are allocated on the side stream, which
-        next waits for the current one (the next layer's fork) before reusing them, so no block is reused while
-        the other stream reads it."""
+    def start_shrink(self, x: torch.Tensor, w: LoRAStack, batch: LoRABatch) -> Callable[[], torch.Tensor]:
+        """Start :meth:`shrink` before the base layer runs; the returned call gives its result. With overlap on
+        CUDA the shrink runs on a side stream that waits for ``x`` and that the current stream waits for when
+        the result is taken; its buffers are allocated on the side stream, which next waits for the current one
+        (the next layer's fork) before reusing them, so no block is reused while the other stream reads it."""
         if not (self.overlap and x.is_cuda):
             buf = self._lora(x, w, batch)
             return lambda: buf
@@ -91,10 +78,7 @@ class TritonLoRABackend:
         side = self._side.get(x.device)
         if side is None:
             side = self._side[x.device] = torch.cuda.Stream(x.device)
-        if after is not None:
-            side.wait_event(after)
-        else:
-            side.wait_stream(main)
+        side.wait_stream(main)
         with torch.cuda.stream(side):
             buf = self._lora(x, w, batch)
 
