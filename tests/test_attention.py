@@ -185,8 +185,9 @@ def test_triton_on_cuda(dtype: torch.dtype, head_dim: int) -> None:
 
 @pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 5})])
 def test_engine_with_triton_backend_matches_torch(tmp_path, family: str, overrides: dict) -> None:
-    """The whole engine on the Triton backend (interpret mode on CPU) gives the torch backend's tokens and
-    logprobs: small chunks make steps that mix decodes with prefill chunks over a cached prefix."""
+    """The whole engine on the Triton backend (on CUDA where there is one, else in the interpreter on the CPU)
+    gives the torch backend's tokens and logprobs: small chunks make steps that mix decodes with prefill chunks
+    over a cached prefix."""
     from helpers import make_tiny_model
 
     from loraplex import LLM, SamplingParams
@@ -196,10 +197,16 @@ def test_engine_with_triton_backend_matches_torch(tmp_path, family: str, overrid
                                                  [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70])]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
     outs = {}
-    for backend in ("torch", "triton"):
-        llm = LLM(model_dir, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, seed=0,
-                  max_num_seqs=4, max_num_batched_tokens=8, attention_backend=backend)
-        outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 GEMMs on CUDA, as on the CPU
+    try:
+        for backend in ("torch", "triton"):
+            llm = LLM(model_dir, dtype="float32", device=device, block_size=4, num_kv_blocks=64, seed=0,
+                      max_num_seqs=4, max_num_batched_tokens=8, attention_backend=backend)
+            outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for a, b in zip(outs["torch"], outs["triton"]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
