@@ -22,7 +22,9 @@ the shrink summing its split-K partials (the default) and with the expand summin
 ``--layer-batches`` rows through cuBLAS (``F.linear``) and, side by side, with PyTorch asking cuBLASLt
 instead (``torch.backends.cuda.preferred_blas_library``), graph-replayed, microseconds, with the bandwidth each
 reaches reading its weight: the bound of the no-adapter decode step; and cuBLAS with the operands swapped
-(``W @ x^T``, the output transposed). (A split-K Triton GEMM of our own was
+(``W @ x^T``, the output transposed). As in a step, each call reads its weight from HBM: the calls rotate
+over copies of it three times the L2's size (the same weight every call, also timed, is served from L2 where
+it fits: o_proj's 32 MiB at 32 rows took 7.6 us so, 11.6 us from HBM, on an H200). (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
 """
 
@@ -227,27 +229,37 @@ def per_layer(rows: list[dict], sweep: str) -> dict[tuple, float]:
 def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
     """The ``--gemm`` rows: see the module docstring."""
     dtype = getattr(torch, a.dtype)
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     rows = []
     for name, K, slices in LAYER_MODULES:
-        w = torch.randn(sum(slices), K, device=dev).to(dtype)
-        gb = w.numel() * w.element_size() / 1e9
+        nbytes = sum(slices) * K * torch.empty(0, dtype=dtype).element_size()
+        # as in a step, each call reads its weight from HBM: calls rotate over copies three times the L2's size
+        copies = max(2, -(-3 * l2 // nbytes))
+        ws = [torch.randn(sum(slices), K, device=dev).to(dtype) for _ in range(copies)]
+        hot = ws[0]
+        gb = nbytes / 1e9
         for T in a.layer_batches:
             x = torch.randn(T, K, device=dev).to(dtype)
-            row = {"module": name, "tokens": T}
+            xt = x.t().contiguous()
+            row = {"module": name, "tokens": T, "weight_copies": copies}
             for lib in ("cublas", "cublaslt"):  # side by side: which library PyTorch asks for the GEMM
                 torch.backends.cuda.preferred_blas_library(lib)
                 tag = "" if lib == "cublas" else "_lt"
-                row[f"cublas_us{tag}"] = time_graph(lambda: torch.nn.functional.linear(x, w), a.iters)
+                cold = itertools.cycle(ws)
+                row[f"cublas_us{tag}"] = time_graph(lambda: torch.nn.functional.linear(x, next(cold)), a.iters)
                 row[f"cublas_tbs{tag}"] = gb / row[f"cublas_us{tag}"] * 1e3
+                # the same weight every call, served from L2 where it fits: what an isolated kernel timing shows
+                row[f"cublas_us{tag}_hot"] = time_graph(lambda: torch.nn.functional.linear(x, hot), a.iters)
             torch.backends.cuda.preferred_blas_library("cublas")
             # the same product with the operands swapped: out^T = W @ x^T (x^T contiguous), which makes cuBLAS
             # pick among other kernels; would a layout with tokens along columns read the weight faster?
-            xt = x.t().contiguous()
-            row["swapped_us"] = time_graph(lambda: torch.mm(w, xt), a.iters)
+            cold = itertools.cycle(ws)
+            row["swapped_us"] = time_graph(lambda: torch.mm(next(cold), xt), a.iters)
             rows.append(row)
             print(f"{name:<8}{T:>6} rows: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbs']:.2f} TB/s), cuBLASLt "
-                  f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s)"
-                  + f", W @ x^T {row['swapped_us']:.1f} us", flush=True)
+                  f"{row['cublas_us_lt']:7.1f} us ({row['cublas_tbs_lt']:.2f} TB/s), W @ x^T {row['swapped_us']:.1f} us; "
+                  f"from L2: {row['cublas_us_hot']:.1f} / {row['cublas_us_lt_hot']:.1f} us", flush=True)
+        ws = hot = None  # free this module's copies before the next module's
     for T in a.layer_batches:
         mine = [r for r in rows if r["tokens"] == T]
         print(f"layer   {T:>6} rows: cuBLAS {sum(r['cublas_us'] for r in mine):7.1f} us, cuBLASLt "
