@@ -12,7 +12,9 @@ Shapes (each a whole step of one layer):
 - ``prefill4x2k``: 4 prompts of 2,048 tokens (causal).
 
 Each time is a call's share of 20 calls replayed from a CUDA graph, as the engine's decode steps run (the
-median over replays, ``kernel_bench.time_graph``): timed from Python instead (``--eager``), a small step
+median over replays, ``kernel_bench.time_graph``), each call reading one of several copies of K and V three
+times the L2's size, as each layer of a step reads its own (``--from-l2``: the same copy every call, which a
+small step's 25 MB leave in L2); timed from Python instead (``--eager``), a small step
 measures the host's launch (about 33 us whatever the tiling). Rates: FLOP/s for the prompt shapes (4 x heads x head dim x visible keys per
 query: QK and PV), bytes/s (K and V read once per kv head) for the decodes. Run on a CUDA machine:
 
@@ -75,6 +77,12 @@ def main() -> int:
     p.add_argument("--eager", action="store_true", help="time launches from Python rather than graph replays")
     p.add_argument("--max-model-len", type=int, default=8192,
                    help="the context a decode graph is captured for (it sets the split count)")
+    p.add_argument("--early-v", action="store_true",
+                   help="also time each tiling with every key tile's V load issued beside its K load "
+                        "(LORAPLEX_ATTENTION_EARLY_V)")
+    p.add_argument("--from-l2", action="store_true",
+                   help="every call reads the same K and V (served from L2 where they fit), not one of several "
+                        "copies three times the L2's size, as a step's layers read theirs")
     p.add_argument("--json", default="bench_out/attention_bench.json")
     a = p.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -87,6 +95,10 @@ def main() -> int:
                            if not (r == 128 and t == 128 and w == 4)]
         decode_configs += [dict(num_splits=n, tile_n=t, num_warps=w, num_stages=s)
                            for n, t, w, s in itertools.product((1, 2, 4, 8, 16), (16, 32, 64), (2, 4), (1, 2, 3))]
+    if a.early_v:
+        prompt_configs += [dict(c, early_v=True) for c in prompt_configs]
+        decode_configs += [dict(c, early_v=True) for c in decode_configs]
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     results = []
     for name, (ql, sl) in SHAPES.items():
         q, k, v, meta, flops, kv_bytes = make_step(ql, sl, dev, dtype)
@@ -95,11 +107,15 @@ def main() -> int:
             meta = dataclasses.replace(meta, max_seq_len=max(a.max_model_len, meta.max_seq_len))
         want = paged_attention(q, k, v, meta, scale, num_splits=1)
         out = torch.empty_like(q)
+        # each layer of a step reads its own cache: calls rotate over copies three times the L2's size
+        copies = 1 if a.from_l2 else max(2, -(-3 * l2 // (2 * k.numel() * k.element_size())))
+        caches = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
         for cfg in decode_configs if decode else prompt_configs:
             try:
                 got = paged_attention(q, k, v, meta, scale, **cfg)
                 err = (got.float() - want.float()).abs().max().item()
-                ms = timer(lambda: paged_attention(q, k, v, meta, scale, out=out, **cfg), 20) / 1e3
+                rotation = itertools.cycle(caches)
+                ms = timer(lambda: paged_attention(q, *next(rotation), meta, scale, out=out, **cfg), 20) / 1e3
             except Exception as e:  # a tiling this card cannot run (shared memory): skip it
                 print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                 continue
@@ -107,6 +123,7 @@ def main() -> int:
             results.append(row)
             print(f"{name:>12} {json.dumps(cfg):>70}: {ms * 1e3:9.1f} us  {row['tflops']:6.1f} TFLOP/s  "
                   f"{row['tbps']:5.2f} TB/s  err {err:.3g}", flush=True)
+        caches = None  # this shape's copies freed before the next shape's
     for name in SHAPES:
         rows = [r for r in results if r["shape"] == name]
         if rows:

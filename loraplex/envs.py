@@ -71,6 +71,9 @@ SWITCHES: dict[str, Switch] = {
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
+    # the Triton attention kernels (attention/triton_attention.py), read at import
+    "LORAPLEX_ATTENTION_EARLY_V": Switch(_bool, False, "each key tile's V load issued right after its K load, "
+                                         "before the QK product"),
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
