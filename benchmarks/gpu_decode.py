@@ -92,6 +92,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "graphs are captured; one rank only): does cuBLASLt pick better kernels for decode's "
                         "skinny GEMMs?")
     p.add_argument("--skip-itl", action="store_true")
+    p.add_argument("--lora-merging", action="store_true",
+                   help="enable_lora_merging: steps whose every request uses one adapter run on weights with it "
+                        "merged in, after a few such steps in a row (one GPU)")
     p.add_argument("--itl-budgets", type=int, nargs="+", default=[0, 512],
                    help="per-step token budgets of the inter-token latency case (0: the engine's "
                         "max_num_batched_tokens); a smaller budget prefills the long prompt in smaller chunks, "
@@ -493,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(str(model), load_format="dummy", dtype=a.dtype, device=str(device), max_model_len=max_len,
               max_num_seqs=max(a.batches) + 1, max_loras=a.max_loras, max_lora_rank=a.rank,
               max_cpu_loras=max(len(adapters), a.max_loras), seed=0, enforce_eager=a.enforce_eager,
-              tensor_parallel_size=a.tensor_parallel_size,
+              tensor_parallel_size=a.tensor_parallel_size, enable_lora_merging=a.lora_merging,
               enable_prefix_caching=False)  # every case computes its prompts: a cache hit would flatter prefill and ITL
     graphs = llm.engine.runner.graphs
     startup = {"seconds": time.perf_counter() - t0,

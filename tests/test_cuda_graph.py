@@ -59,7 +59,7 @@ def _request(rid: str, prompt: list[int], slot: int, blocks: list[int]) -> Reque
 
 
 def _seq(req: Request, start: int, n: int = 1, prompt_logprobs: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(req=req, start=start, num_new_tokens=n, prompt_logprobs=prompt_logprobs)
+    return SimpleNamespace(req=req, start=start, num_new_tokens=n, prompt_logprobs=prompt_logprobs, slot=req.slot)
 
 
 def test_block_table_array_follows_the_list() -> None:

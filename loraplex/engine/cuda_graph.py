@@ -117,7 +117,7 @@ def is_graph_step(seqs: Sequence, lora: bool = True) -> bool:
     for s in seqs:
         if s.prompt_logprobs:
             return False
-        if not lora and s.req.slot >= 0:  # the slot, not the adapter: what every tensor-parallel rank knows
+        if not lora and s.slot >= 0:  # the slot, not the adapter: what every tensor-parallel rank knows
             return False
         if s.req.mm is not None and s.start < len(s.req.prompt_token_ids):
             return False
@@ -249,7 +249,7 @@ class StepInputs:
             f"{B} sequences, {T} tokens for a graph of {size} tokens, {self.seqs} sequences"
         turn, h = self._next_host()
         starts = np.fromiter((s.start for s in seqs), np.int64, B)
-        slots = np.fromiter((s.req.slot for s in seqs), np.int64, B)
+        slots = np.fromiter((s.slot for s in seqs), np.int64, B)
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(ns, out=qsl[1:])
         sid = np.repeat(np.arange(B), ns)  # the sequence of each token
@@ -478,7 +478,7 @@ class StepGraphs:
         assert planned is not None, f"no graph for this step of {len(seqs)} sequences"
         decode, n = planned
         inputs = self.decode if decode else self.mixed
-        lora = self.lora and any(s.req.slot >= 0 for s in seqs)
+        lora = self.lora and any(s.slot >= 0 for s in seqs)
         inputs.fill(seqs, n)
         if fix_inputs is not None:
             fix_inputs(inputs.dev["input_ids"])

@@ -168,6 +168,15 @@ class LLMEngine:
                                  resolvers=make_resolvers(lc.lora_resolvers, lc.lora_cache_dir))
             if self._tp is not None:
                 lora_model.observer = self._tp.record_slot
+        # enable_lora_merging: the adapter of steps that all use it merged into the weights (lora/merge.py)
+        self.merger: Optional[Any] = None
+        self._merge_streak = (-1, 0)  # (slot, steps in a row whose every sequence used it)
+        if lc.enable_lora_merging and self.pool is not None:  # EngineConfig checked: one rank, LoRA on
+            from loraplex.lora.merge import LoRAMerger
+
+            self.merger = LoRAMerger(self.pool.lora_model)
+            logger.info("loraplex: LoRA merging on: %.2f GiB kept for the linear layers' base weights",
+                        self.merger.memory_bytes / 2**30)
         self.model = model
         self.mm_processor: Optional[MultiModalProcessor] = None
         if getattr(model, "supports_images", False):
@@ -524,9 +533,32 @@ class LLMEngine:
             outputs += self._finish(launched)
         return outputs
 
+    def _merge_for(self, seqs: list[ScheduledSeq]) -> None:
+        """enable_lora_merging: restore the base weights unless every sequence of this step uses the merged
+        adapter; merge the adapter that every sequence uses once it has done so for MERGE_AFTER_STEPS steps in a
+        row (and can be: lora/merge.py); then mark the sequences, so that the forward reads no adapter."""
+        from loraplex.lora.merge import MERGE_AFTER_STEPS
+
+        merger = self.merger
+        slot = seqs[0].req.slot
+        uniform = slot >= 0 and all(s.req.slot == slot for s in seqs)
+        last, run = self._merge_streak
+        run = (run + 1 if last == slot else 1) if uniform else 0
+        self._merge_streak = (slot if uniform else -1, run)
+        if merger.merged is not None and (not uniform or merger.merged != slot):
+            merger.restore()
+        if (merger.merged is None and uniform and run >= MERGE_AFTER_STEPS and self.pool.load_event(slot) is None
+                and merger.mergeable(slot)):
+            merger.merge(slot)
+        if merger.merged is not None:
+            for s in seqs:
+                s.merged = True
+
     def _launch(self, seqs: list[ScheduledSeq], prev: Optional[_Launched]) -> _Launched:
         """Queue the forward and the sampling of ``seqs`` on the device. Inputs that are tokens ``prev``
         sampled (at most one per request: its last) are taken from ``prev``'s device tensor."""
+        if self.merger is not None:
+            self._merge_for(seqs)
         fix = None
         if prev is not None:
             rows, src = [], []

@@ -247,7 +247,7 @@ class ModelRunner:
             ids.extend(toks)
             pos = range(s.start, s.start + s.num_new_tokens)
             positions.extend(pos)
-            token_slots.extend([req.slot] * s.num_new_tokens)
+            token_slots.extend([s.slot] * s.num_new_tokens)
             qlens.append(s.num_new_tokens)
             ctx_lens.append(s.start + s.num_new_tokens)
             if s.prompt_logprobs:  # every prompt position of the chunk
@@ -256,12 +256,12 @@ class ModelRunner:
                 rows = [base + s.num_new_tokens - 1]
             spans.append((len(logits_rows), len(rows)))
             logits_rows.extend(rows)
-            logits_row_slots.extend([req.slot] * len(rows))
+            logits_row_slots.extend([s.slot] * len(rows))
 
         dev = self.device
         attn = AttentionMetadata.build(qlens, ctx_lens, [x.req.block_table_array() for x in seqs], self.block_size,
                                        dev)
-        has_lora = any(s.req.slot >= 0 for s in seqs)
+        has_lora = any(s.slot >= 0 for s in seqs)
         pos_t = mrope_positions(seqs) if self.uses_mrope else torch.tensor(positions, dtype=torch.int64)
         # every host tensor goes through pinned memory (to_device): a copy from pageable memory would wait for
         # the device's queued work, so the host would lose its lead over the GPU in every step that runs eagerly

@@ -46,6 +46,14 @@ class ScheduledSeq:
     req: Request
     num_new_tokens: int  # tokens to compute this step (a decode: 1; a prefill: a chunk of the uncomputed tail)
     start: int  # index of the first new token in req.all_token_ids
+    # the request's adapter is merged into the base weights for this step (engine, enable_lora_merging): the
+    # forward sees no adapter (slot -1); the slot stays the request's for the pool's bookkeeping
+    merged: bool = False
+
+    @property
+    def slot(self) -> int:
+        """The adapter slot the forward reads for this sequence (-1: none, the base weights as they are)."""
+        return -1 if self.merged else self.req.slot
 
     @property
     def samples(self) -> bool:

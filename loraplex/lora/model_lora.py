@@ -148,6 +148,9 @@ class LoRAModel:
 
     # Called with (slot, adapter or None) on every set_slot: rank 0 of tensor parallelism forwards it to the others
     observer: Optional[Callable[[int, Optional[LoRAAdapter]], None]] = None
+    # Called before a slot is written; True when it changed the base weights on the current stream (the LoRA
+    # merger restoring them: a DoRA adapter's scales are computed from them), so the copies wait for it.
+    before_write: Optional[Callable[[], bool]] = None
 
     def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         a = self.modules[0].wrapper.stack.a if self.modules else torch.empty(0)
@@ -187,6 +190,8 @@ class LoRAModel:
         copies are done on return (None)."""
         if self.observer is not None:
             self.observer(slot, adapter)
+        if self.before_write is not None and self.before_write():
+            after = None
         device, _ = self._device_and_dtype()
         if device.type != "cuda":
             self._write_slot(slot, adapter)

@@ -50,7 +50,7 @@ def gather_images(seqs: Sequence) -> Optional[MultiModalBatch]:
         for img in mm.images:
             if img.offset >= s.start and img.offset + img.length <= end:
                 images.append(img)
-                slots.append(s.req.slot)
+                slots.append(s.slot)
                 adapter = getattr(s.req, "adapter", None)
                 identities.append(adapter.content_hash if adapter is not None else None)
             elif img.offset < end and img.offset + img.length > s.start:

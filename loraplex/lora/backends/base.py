@@ -81,6 +81,10 @@ class PageTable:
         """The extras row ``slot`` writes (padded layout: its own, whether used or not)."""
         return slot if self.identity else self._ext.get(slot)
 
+    def has_ext(self, slot: int) -> bool:
+        """Whether ``slot``'s adapter has extras (a LoRA bias or DoRA scales) in its row."""
+        return slot in self._ext
+
     def assign(self, slot: int, rank: int, ext: bool) -> None:
         """Give ``slot`` the pages of ``rank`` rank rows (lowest free first) and an extras row when ``ext``, after
         releasing what it held. The caller made sure they are free (:meth:`fits`)."""

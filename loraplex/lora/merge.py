@@ -1,0 +1,119 @@
+"""One adapter merged into the base weights, for steps in which every request uses it.
+
+    W <- W0 + sum_i scale_i * B_i A_i   (slice i of each linear layer: rows of that slice; W0 kept aside)
+
+A step whose every row uses the same adapter then runs as a base-model step (its graphs, no LoRA kernel), so
+it costs what the base model costs; any other step first restores ``W0``. The copy of every linear layer's
+weight that this keeps (``W0``) is the price: about the size of the decoder layers' weights. Adapters that
+touch more than the linear layers' weights are not merged: LoRA on the embedding or the head, trainable
+tokens or modules_to_save (the embedding and head run outside the merged weights), DoRA (its per-channel
+scale depends on the merged weight's norm) and LoRA bias.
+
+The engine decides when (:class:`loraplex.engine.engine.LLMEngine`, ``enable_lora_merging``): after
+:data:`MERGE_AFTER_STEPS` steps in a row on one mergeable adapter, so that a mix that changes every step does
+not pay for a merge each time. Merges and restores are device work queued on the current stream, between
+the steps that read the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from loraplex.lora.layers import LinearWithLoRA
+from loraplex.lora.model_lora import LoRAModel
+
+# Steps in a row whose rows all use one mergeable adapter before it is merged (the merge reads and writes every
+# linear weight once: on the Llama-3-8B shape about two decode steps' worth of memory traffic).
+MERGE_AFTER_STEPS = 8
+
+
+class LoRAMerger:
+    """Merges one slot's adapter into the linear layers' weights and restores them (module docstring)."""
+
+    def __init__(self, lora_model: LoRAModel) -> None:
+        self.lora_model = lora_model
+        self.linears = [wm for wm in lora_model.modules if isinstance(wm.wrapper, LinearWithLoRA)]
+        # W0: each linear layer's base weight as loaded (this rank's shard)
+        self.originals = [wm.wrapper.base_layer.weight.detach().clone() for wm in self.linears]
+        self.merged: Optional[int] = None  # the slot whose adapter the weights hold
+        self._touched: list[int] = []  # indices into self.linears whose weight differs from W0
+        self.num_merges = 0
+        self._mergeable: dict[int, bool] = {}  # slot -> mergeable, until the next slot write
+        lora_model.before_write = self.restore_for_write
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.originals)
+
+    def blocker(self, slot: int) -> Optional[str]:
+        """Why ``slot``'s adapter cannot be merged (the first module that stops it), or None when it can."""
+        for wm in self.lora_model.modules:
+            w = wm.wrapper
+            holds = slot in w.active or slot in w.tokens or slot in w.saved
+            if not holds:
+                continue
+            if not isinstance(w, LinearWithLoRA):
+                return f"{wm.name}: LoRA, trainable tokens or a saved table on a layer that is not linear"
+            extras = w.fused_extras and w.stack.pages.has_ext(slot)
+            if extras or slot in w.dora or slot in w.lora_bias or slot in w.dora_pending:
+                return f"{wm.name}: DoRA or LoRA bias"
+        return None
+
+    def mergeable(self, slot: int) -> bool:
+        """:meth:`blocker` is None, remembered until the next slot write."""
+        if slot not in self._mergeable:
+            self._mergeable[slot] = self.blocker(slot) is None
+        return self._mergeable[slot]
+
+    def _slices(self, index: int, slot: int):
+        """(row offset, rows, B (rows, rank), A (rank, in), scale) of each slice of linear layer ``index`` that
+        ``slot`` has weights for, read from the layer's stack in whatever page layout it has."""
+        w = self.linears[index].wrapper
+        if slot not in w.active:
+            return
+        stack = w.stack
+        pages = stack.pages.pages_of(slot)
+        offset = 0
+        for i, n in enumerate(stack.slices):
+            rank, scale = stack.ranks[i][slot], stack.scales[i][slot]
+            if rank:
+                a = stack.a[i, pages].reshape(-1, stack.a.shape[-1])[:rank]  # (rank, in)
+                b = stack.b[pages][:, offset:offset + n].permute(1, 0, 2).reshape(n, -1)[:, :rank]  # (n, rank)
+                yield offset, n, b, a, scale
+            offset += n
+
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        """Make every linear weight ``W0 + delta(slot)``, from ``W0`` (nothing drifts over many merges)."""
+        reason = self.blocker(slot)
+        if reason is not None:
+            raise ValueError(f"slot {slot}'s adapter cannot be merged: {reason}")
+        self.restore()
+        for index, wm in enumerate(self.linears):
+            weight = wm.wrapper.base_layer.weight
+            touched = False
+            for offset, n, b, a, scale in self._slices(index, slot):
+                weight[offset:offset + n].addmm_(b, a, alpha=scale)  # one rounding, as W0 + scale * B A
+                touched = True
+            if touched:
+                self._touched.append(index)
+        self.merged = slot
+        self.num_merges += 1
+
+    def restore_for_write(self) -> bool:
+        """Restore before a slot is written (``LoRAModel.before_write``): True when the weights were merged."""
+        self._mergeable.clear()
+        if self.merged is None:
+            return False
+        self.restore()
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every linear weight back to ``W0``, bit for bit."""
+        for index in self._touched:
+            self.linears[index].wrapper.base_layer.weight.copy_(self.originals[index])
+        self._touched = []
+        self.merged = None
