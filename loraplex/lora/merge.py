@@ -24,8 +24,9 @@ import torch
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.model_lora import LoRAModel
 
-# Steps in a row whose rows all use one mergeable adapter before it is merged (the merge reads and writes every
-# linear weight once: on the Llama-3-8B shape about two decode steps' worth of memory traffic).
+# Steps in a row whose rows all use one mergeable adapter before it is merged. A merge reads and writes every
+# linear weight once, a restore copies them: each about 26 GB of traffic on the Llama-3-8B shape, some 6 ms
+# on an H200, about one decode step.
 MERGE_AFTER_STEPS = 8
 
 
