@@ -64,7 +64,8 @@ class LLM:
 
     def get_metrics(self) -> dict[str, float]:
         """Engine figures: KV cache usage, and the prefix cache's prompt tokens looked up and found
-        (cumulative), hit rate, cached blocks and evictions."""
+        (cumulative), hit rate, cached blocks and evictions; with ``enable_lora_merging``, the merges and
+        restores (cumulative) and whether an adapter is merged now."""
         return self.engine.cache_stats()
 
     # ---- generation -----------------------------------------------------------------------

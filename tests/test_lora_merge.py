@@ -61,8 +61,13 @@ def test_uniform_batches_merge_and_match(setup) -> None:
         _assert_same(_run(merging, names, reqs), _run(plain, names, reqs))
     assert merger.num_merges >= before + 3  # each uniform batch ran long enough to merge its adapter
     # a step off the merged adapter restored W0 bit for bit before it ran
+    merged_before = merging.get_metrics()
     _run(merging, [None], reqs)
     assert merger.merged is None
+    after = merging.get_metrics()
+    assert merged_before["lora_merged"] == 1.0 and after["lora_merged"] == 0.0
+    assert after["lora_merges"] == merger.num_merges and after["lora_merge_restores"] == merged_before[
+        "lora_merge_restores"] + 1
     assert all(torch.equal(w, w0) for w, w0 in zip(_weights(merging), merger.originals))
 
 
@@ -153,3 +158,19 @@ def test_merged_steps_in_captured_graphs(tmp_path) -> None:
         assert all(torch.equal(w, w0) for w, w0 in zip(_weights(merging), merger.originals))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_merges_are_exported_as_prometheus_metrics() -> None:
+    """The engine's merge figures (LLMEngine.cache_stats, forwarded by the engine process) in /metrics."""
+    from prometheus_client import generate_latest
+
+    from loraplex.server.metrics import ServerMetrics
+
+    stats = {"lora_merges": 3.0, "lora_merge_restores": 2.0, "lora_merged": 1.0}
+    m = ServerMetrics(lambda: stats)
+    m._last = stats
+    text = generate_latest(m.registry).decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("loraplex_lora_merge")}
+    assert values == {"loraplex_lora_merges_total": 3.0, "loraplex_lora_merge_restores_total": 2.0,
+                      "loraplex_lora_merged": 1.0}

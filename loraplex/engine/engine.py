@@ -322,14 +322,22 @@ class LLMEngine:
 
     def cache_stats(self) -> dict[str, float]:
         """KV cache and prefix cache figures: blocks in use, prompt tokens looked up and found in the cache
-        (cumulative), cached blocks, evictions of cached blocks (cumulative); and the vision encoder cache's
-        lookups and hits (vision-language models)."""
+        (cumulative), cached blocks, evictions of cached blocks (cumulative); the vision encoder cache's
+        lookups and hits (vision-language models); with enable_lora_merging, the merges and restores
+        (cumulative) and whether an adapter is merged now."""
         a = self.allocator
         return {"kv_cache_usage": a.usage, "prefix_cache_queried_tokens": a.queried_tokens,
                 "prefix_cache_hit_tokens": a.hit_tokens,
                 "prefix_cache_hit_rate": a.hit_tokens / a.queried_tokens if a.queried_tokens else 0.0,
                 "prefix_cache_blocks": a.num_cached, "prefix_cache_evictions": a.evictions,
-                **self._encoder_cache_stats()}
+                **self._encoder_cache_stats(), **self._merge_stats()}
+
+    def _merge_stats(self) -> dict[str, float]:
+        m = self.merger
+        if m is None:
+            return {}
+        return {"lora_merges": m.num_merges, "lora_merge_restores": m.num_restores,
+                "lora_merged": float(m.merged is not None)}
 
     def _encoder_cache_stats(self) -> dict[str, float]:
         cache = getattr(self.model, "encoder_cache", None)

@@ -41,6 +41,7 @@ class LoRAMerger:
         self.merged: Optional[int] = None  # the slot whose adapter the weights hold
         self._touched: list[int] = []  # indices into self.linears whose weight differs from W0
         self.num_merges = 0
+        self.num_restores = 0
         self._mergeable: dict[int, bool] = {}  # slot -> mergeable, until the next slot write
         lora_model.before_write = self.restore_for_write
 
@@ -114,6 +115,8 @@ class LoRAMerger:
     @torch.no_grad()
     def restore(self) -> None:
         """Every linear weight back to ``W0``, bit for bit."""
+        if self.merged is not None:
+            self.num_restores += 1
         for index in self._touched:
             self.linears[index].wrapper.base_layer.weight.copy_(self.originals[index])
         self._touched = []

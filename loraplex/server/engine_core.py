@@ -252,7 +252,8 @@ class EngineCore:
             "lora_slots_used": sum(1 for a in pool.device_resident if a is not None) if pool else 0,
             "lora_slot_refs": sum(pool.slot_refcount(s) for s in range(pool.num_slots)) if pool else 0,
             "last_step_host_seconds": eng.last_step_host_seconds,
-            **{k: v for k, v in eng.cache_stats().items() if k.startswith(("prefix_cache", "encoder_cache"))},
+            **{k: v for k, v in eng.cache_stats().items()
+               if k.startswith(("prefix_cache", "encoder_cache", "lora_merge"))},
             # per-adapter: events since the last step; residency (names in device slots, in host memory) when
             # it changed since the last report (the client keeps the last one it got)
             "lora_events": pool.drain_events() if pool else [],

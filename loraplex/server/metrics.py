@@ -145,7 +145,8 @@ class ServerMetrics:
 
 
 class _EngineCounters:
-    """Cumulative figures the engine keeps itself (prefix and encoder caches), exposed as Prometheus counters."""
+    """Cumulative figures the engine keeps itself (prefix and encoder caches, adapter merges), exposed as
+    Prometheus counters."""
 
     def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
         self._stats = stats
@@ -158,10 +159,15 @@ class _EngineCounters:
             ("loraplex_prefix_cache_evictions", "prefix_cache_evictions", "Cached KV blocks evicted for new ones"),
             ("loraplex_encoder_cache_queries", "encoder_cache_queries", "Images looked up in the vision encoder cache"),
             ("loraplex_encoder_cache_hits", "encoder_cache_hits", "Images found in the vision encoder cache"),
+            ("loraplex_lora_merges", "lora_merges", "Adapters merged into the base weights (enable_lora_merging)"),
+            ("loraplex_lora_merge_restores", "lora_merge_restores", "Base weights restored after a merge"),
         ]:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0.0)))
             yield c
         g = GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks held in the prefix cache")
         g.add_metric([], float(s.get("prefix_cache_blocks", 0.0)))
+        yield g
+        g = GaugeMetricFamily("loraplex_lora_merged", "1 while an adapter is merged into the base weights")
+        g.add_metric([], float(s.get("lora_merged", 0.0)))
         yield g
