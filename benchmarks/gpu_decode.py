@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-itl", action="store_true")
     p.add_argument("--lora-merging", action="store_true",
                    help="enable_lora_merging: steps whose every request uses one adapter run on weights with it "
-                        "merged in, after a few such steps in a row (one GPU)")
+                        "merged in, after a few such steps in a row")
     p.add_argument("--itl-budgets", type=int, nargs="+", default=[0, 512],
                    help="per-step token budgets of the inter-token latency case (0: the engine's "
                         "max_num_batched_tokens); a smaller budget prefills the long prompt in smaller chunks, "

@@ -169,8 +169,9 @@ class LoRAConfig:
                                                "~/.cache/loraplex/adapters; the Hub's own cache for hf://)")
     enable_lora_merging: bool = _doc(False, "while every running request uses one adapter, run its steps on "
                                             "weights with that adapter merged in (as fast as the base model); "
-                                            "keeps a copy of the linear layers' weights (one GPU only; adapters "
-                                            "with DoRA, LoRA bias or LoRA on the embedding or head are not merged)")
+                                            "keeps a copy of the linear layers' weights (each rank its shard; "
+                                            "adapters with DoRA, LoRA bias or LoRA on the embedding or head are "
+                                            "not merged)")
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
@@ -217,10 +218,9 @@ class EngineConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        lc, tp = self.lora_config, self.parallel_config.tensor_parallel_size
+        lc = self.lora_config
         if lc.enable_lora_merging:
             _require(lc.enable_lora, "enable_lora_merging merges adapters: it needs enable_lora")
-            _require(tp == 1, f"enable_lora_merging runs on one GPU only, not with tensor_parallel_size {tp}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

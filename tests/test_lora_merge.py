@@ -3,7 +3,7 @@
 Against an engine without merging on the same weights: the same tokens and logprobs (float32, 1e-4) over
 uniform batches, mixes with the base model and other adapters, and adapters that cannot be merged (LoRA on the
 embedding and head, DoRA); the base weights restored bit for bit whenever a step is not all on the merged
-adapter, and before any slot is written.
+adapter, and before any slot is written; two ranks merging in step.
 """
 
 from __future__ import annotations
@@ -100,8 +100,23 @@ def test_config_errors() -> None:
 
     with pytest.raises(ValueError, match="enable_lora_merging merges adapters: it needs enable_lora"):
         EngineConfig.from_kwargs(model="m", enable_lora=False, enable_lora_merging=True)
-    with pytest.raises(ValueError, match="one GPU only, not with tensor_parallel_size 2"):
-        EngineConfig.from_kwargs(model="m", tensor_parallel_size=2, enable_lora_merging=True)
+
+
+def test_ranks_merge_in_step_under_tensor_parallelism(setup) -> None:
+    """Two ranks (gloo): rank 0 decides, each step's plan carries the merged slot, and the other rank merges
+    or restores its shard before the step: the outputs are one unmerged rank's."""
+    _, plain, reqs = setup
+    model = str(plain.engine.config.model_config.model)
+    mixes = (["all"] * 4, ["all", None, "qv"], ["qv"] * 3, ["dora"] * 2)
+    want = [_run(plain, names, reqs) for names in mixes]  # first: this process joins the ranks' group next
+    llm = LLM(model, dtype="float32", device="cpu", seed=0, max_loras=2, max_lora_rank=8, block_size=4,
+              num_kv_blocks=256, tensor_parallel_size=2, enable_lora_merging=True)
+    try:
+        for names, w in zip(mixes, want):
+            _assert_same(_run(llm, names, reqs), w)
+        assert llm.engine.merger.num_merges == 2
+    finally:
+        llm.engine.shutdown()
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",

@@ -63,6 +63,9 @@ class StepPlan:
     # device: every rank takes it from the tokens rank 0 broadcast after sampling (``num_sampled`` of them)
     fix: Optional[tuple[list[int], list[int]]] = None
     num_sampled: int = 0  # tokens this step samples that rank 0 broadcasts after sampling (async scheduling; else 0)
+    # enable_lora_merging: the slot whose adapter the linear weights hold for this step (-1: the base weights);
+    # every rank merges or restores its shard to match before the step
+    merged_slot: int = -1
 
 
 class _ShadowRequest:
@@ -146,8 +149,9 @@ class TensorParallelGroup:
 
     # -- steps ----------------------------------------------------------------------------------
     def plan(self, seqs: Sequence[Any], finished: Sequence[str],
-             fix: Optional[tuple[list[int], list[int]]] = None, num_sampled: int = 0) -> StepPlan:
-        out = StepPlan(finished=list(finished), fix=fix, num_sampled=num_sampled)
+             fix: Optional[tuple[list[int], list[int]]] = None, num_sampled: int = 0,
+             merged_slot: int = -1) -> StepPlan:
+        out = StepPlan(finished=list(finished), fix=fix, num_sampled=num_sampled, merged_slot=merged_slot)
         self._payloads = []
         for slot, adapter in self._slot_ops:
             if adapter is None:
@@ -343,12 +347,18 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
             mms.pop(rid, None)
         if not plan.seqs:
             continue
+        merger = engine.merger
+        if merger is not None and merger.merged != plan.merged_slot:  # as rank 0 did before this step
+            if plan.merged_slot < 0:
+                merger.restore()
+            else:
+                merger.merge(plan.merged_slot)
         seqs = []
         for sp in plan.seqs:
             if sp.mm is not None:
                 mms[sp.request_id] = sp.mm
             shadow = _ShadowRequest(sp, mms.get(sp.request_id), in_slot.get(sp.slot) if sp.slot >= 0 else None)
-            seqs.append(ScheduledSeq(shadow, sp.num_new_tokens, sp.start))
+            seqs.append(ScheduledSeq(shadow, sp.num_new_tokens, sp.start, merged=plan.merged_slot >= 0))
         fix = None
         if plan.fix is not None:  # inputs sampled by the previous step: rank 0's tokens, received after it
             assert sampled is not None, "a step reads sampled tokens that were never broadcast"

@@ -171,7 +171,7 @@ class LLMEngine:
         # enable_lora_merging: the adapter of steps that all use it merged into the weights (lora/merge.py)
         self.merger: Optional[Any] = None
         self._merge_streak = (-1, 0)  # (slot, steps in a row whose every sequence used it)
-        if lc.enable_lora_merging and self.pool is not None:  # EngineConfig checked: one rank, LoRA on
+        if lc.enable_lora_merging and self.pool is not None:  # EngineConfig checked: LoRA on; every rank keeps one
             from loraplex.lora.merge import LoRAMerger
 
             self.merger = LoRAMerger(self.pool.lora_model)
@@ -556,7 +556,7 @@ class LLMEngine:
         if merger.merged is not None and (not uniform or merger.merged != slot):
             merger.restore()
         if (merger.merged is None and uniform and run >= MERGE_AFTER_STEPS and self.pool.load_event(slot) is None
-                and merger.mergeable(slot)):
+                and merger.mergeable(slot) and not merger.dora_pending()):
             merger.merge(slot)
         if merger.merged is not None:
             for s in seqs:
@@ -585,7 +585,9 @@ class LLMEngine:
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         if self._tp is not None:  # every other rank runs the same forward on its shard
             shared = len(sampling) if self.async_scheduling else 0  # tokens the next plan may read on the device
-            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared))
+            merged = self.merger.merged if self.merger is not None and self.merger.merged is not None else -1
+            self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared,
+                                             merged))
             self._tp_finished = []
         batch = self.runner.prepare(seqs)
         if self._trace is not None:

@@ -63,6 +63,11 @@ class LoRAMerger:
                 return f"{wm.name}: DoRA or LoRA bias"
         return None
 
+    def dora_pending(self) -> bool:
+        """Whether a DoRA adapter's scales are still to be summed over the ranks (tensor parallelism: at the
+        start of the next step, from the base weights): no merge until they are."""
+        return any(wm.wrapper.dora_pending for wm in self.lora_model.modules)
+
     def mergeable(self, slot: int) -> bool:
         """:meth:`blocker` is None, remembered until the next slot write."""
         if slot not in self._mergeable:
