@@ -115,8 +115,15 @@ def test_ranks_merge_in_step_under_tensor_parallelism(setup) -> None:
         for names, w in zip(mixes, want):
             _assert_same(_run(llm, names, reqs), w)
         assert llm.engine.merger.num_merges == 2
+        # an engine built for one rank, stepped while this process belongs to the two ranks' group, would hang
+        # in its first collective: it refuses instead, and so does one built now
+        with pytest.raises(RuntimeError, match="tensor-parallel group has 2 ranks, started by another engine"):
+            _run(plain, ["all"], reqs)
+        with pytest.raises(ValueError, match="Shut that engine down first"):
+            LLM(model, dtype="float32", device="cpu", num_kv_blocks=16)
     finally:
         llm.engine.shutdown()
+    _assert_same(_run(plain, ["all"], reqs), want[0][:1])  # the group is gone: the one-rank engine runs again
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",

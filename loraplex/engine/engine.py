@@ -104,6 +104,12 @@ def _shutdown_at_exit(tp: Any, engine_ref: "weakref.ref") -> None:
         tp.close()
 
 
+# One tensor-parallel group per process: layers read its size when they are built and their collectives use it
+_SHARED_GROUP = ("this process's tensor-parallel group has {size} ranks, started by another engine: an engine built "
+                 "for another group size would send its collectives to it and hang. Shut that engine down first "
+                 "(llm.engine.shutdown()), or run this one in its own process")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -132,6 +138,8 @@ class LLMEngine:
         # before any layer is built, since layers read their rank and the group size when they are made.
         self._tp = None
         tp = config.parallel_config.tensor_parallel_size
+        if tp == 1 and get_tp_size() > 1:
+            raise ValueError(_SHARED_GROUP.format(size=get_tp_size()))
         if tp > 1 and get_tp_size() == 1:
             from loraplex.distributed.tp_engine import TensorParallelGroup
 
@@ -154,6 +162,7 @@ class LLMEngine:
             # at exit: the worker ranks stop; the engine itself is held weakly (it may be freed long before)
             atexit.register(_shutdown_at_exit, self._tp, weakref.ref(self))
         self._tp_finished: list[str] = []
+        self._tp_size = get_tp_size()  # the group the layers are built for: every step checks it is still this one
         torch.manual_seed(mc.seed)
         model = load_model(mc.model, self.hf_config, self.dtype, self.device, mc.load_format)
         lc = config.lora_config
@@ -521,6 +530,8 @@ class LLMEngine:
         """Schedule and launch this step; then read back and apply the previous step's results (async
         scheduling: the host does that, and the next step's scheduling, while the device runs this one) or
         this step's own (synchronous)."""
+        if get_tp_size() != self._tp_size:  # another engine of this process started or stopped a group
+            raise RuntimeError(_SHARED_GROUP.format(size=get_tp_size()))
         progress = self.pool.load_progress if self.pool is not None else 0
         sched = self.scheduler.schedule()
         prev, self._in_flight = self._in_flight, None
