@@ -116,11 +116,9 @@ def test_ranks_merge_in_step_under_tensor_parallelism(setup) -> None:
             _assert_same(_run(llm, names, reqs), w)
         assert llm.engine.merger.num_merges == 2
         # an engine built for one rank, stepped while this process belongs to the two ranks' group, would hang
-        # in its first collective: it refuses instead, and so does one built now
-        with pytest.raises(RuntimeError, match="tensor-parallel group has 2 ranks, started by another engine"):
+        # in its first collective: it refuses instead
+        with pytest.raises(RuntimeError, match="group now has 2 ranks, not the size this engine was built for"):
             _run(plain, ["all"], reqs)
-        with pytest.raises(ValueError, match="Shut that engine down first"):
-            LLM(model, dtype="float32", device="cpu", num_kv_blocks=16)
     finally:
         llm.engine.shutdown()
     _assert_same(_run(plain, ["all"], reqs), want[0][:1])  # the group is gone: the one-rank engine runs again

@@ -104,10 +104,11 @@ def _shutdown_at_exit(tp: Any, engine_ref: "weakref.ref") -> None:
         tp.close()
 
 
-# One tensor-parallel group per process: layers read its size when they are built and their collectives use it
-_SHARED_GROUP = ("this process's tensor-parallel group has {size} ranks, started by another engine: an engine built "
-                 "for another group size would send its collectives to it and hang. Shut that engine down first "
-                 "(llm.engine.shutdown()), or run this one in its own process")
+# One tensor-parallel group per process: layers read its size when they are built (a process that joined a group
+# itself builds its shard) and their collectives use it
+_SHARED_GROUP = ("this process's tensor-parallel group now has {size} ranks, not the size this engine was built "
+                 "for (another engine started or stopped a group): its collectives would go to that group and "
+                 "hang. Shut that engine down first (llm.engine.shutdown()), or run this one in its own process")
 
 
 class LLMEngine:
@@ -138,8 +139,6 @@ class LLMEngine:
         # before any layer is built, since layers read their rank and the group size when they are made.
         self._tp = None
         tp = config.parallel_config.tensor_parallel_size
-        if tp == 1 and get_tp_size() > 1:
-            raise ValueError(_SHARED_GROUP.format(size=get_tp_size()))
         if tp > 1 and get_tp_size() == 1:
             from loraplex.distributed.tp_engine import TensorParallelGroup
 
