@@ -281,6 +281,7 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
             pauses.append((info["generation"], time.perf_counter() - started[0]))
 
     gc.callbacks.append(on_gc)
+    merges = eng.cache_stats().get("lora_merges", 0)
     try:
         with around if around is not None else contextlib.nullcontext():
             t0 = time.perf_counter()
@@ -297,7 +298,9 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
         total = time.perf_counter() - t0
     finally:
         gc.callbacks.remove(on_gc)
-    return {"gc_collections": len(pauses), "gc_gen2_collections": sum(g == 2 for g, _ in pauses),
+    merged = eng.cache_stats().get("lora_merged", 0.0)
+    return {"lora_merges": eng.cache_stats().get("lora_merges", 0) - merges, "lora_merged_at_end": merged,
+            "gc_collections": len(pauses), "gc_gen2_collections": sum(g == 2 for g, _ in pauses),
             "gc_ms": 1e3 * sum(t for _, t in pauses), "step_ms_max": 1e3 * max(times),
             "steps": n, "ms_per_step": 1e3 * total / max(n, 1), "tokens_per_s": len(prompts) * n / total,
             "host_ms_per_step": 1e3 * host / max(n, 1),
@@ -528,7 +531,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if case != "base" and len({x for x in loras if x}) > a.max_loras:
                 print(f"skip batch {batch} {case}: more distinct adapters than --max-loras", flush=True)
                 continue
-            decode_case(llm, prompts, loras, 4, device)  # warm-up: slots loaded, kernels compiled
+            # warm-up: slots loaded, kernels compiled; with merging, long enough that a uniform mix is merged
+            # before the timed steps (lora/merge.py: MERGE_AFTER_STEPS), as it is in a long run
+            decode_case(llm, prompts, loras, 12 if a.lora_merging else 4, device)
             if a.profile and not rows:
                 profile_decode(llm, prompts, loras, a.profile, device, Path(a.json).with_suffix(".trace.json"))
             r = decode_case(llm, prompts, loras, a.new_tokens, device)
@@ -546,7 +551,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"batch {batch:>4} {case:>9} ({used:>3} adapters): {r['ms_per_step']:8.2f} ms/step "
                   f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}  "
                   f"host {r['host_ms_per_step']:.2f} ms/step  slowest step {r['step_ms_max']:.1f} ms  "
-                  f"gc {r['gc_collections']} ({r['gc_gen2_collections']} full) {r['gc_ms']:.1f} ms", flush=True)
+                  f"gc {r['gc_collections']} ({r['gc_gen2_collections']} full) {r['gc_ms']:.1f} ms"
+                  + (f"  merged: {'yes' if r['lora_merged_at_end'] else 'no'} ({r['lora_merges']} merges)"
+                     if a.lora_merging else ""), flush=True)
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["case"] == "base"}
     for r in rows:
         if r["batch"] in base:

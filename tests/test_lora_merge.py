@@ -15,7 +15,8 @@ from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.merge import MERGE_AFTER_STEPS
 
-PARAMS = SamplingParams(max_tokens=MERGE_AFTER_STEPS + 6, temperature=0.0, ignore_eos=True, logprobs=2)
+# long enough that a merge runs more steps than it waited for (a shorter one doubles the next wait)
+PARAMS = SamplingParams(max_tokens=2 * MERGE_AFTER_STEPS + 6, temperature=0.0, ignore_eos=True, logprobs=2)
 PROMPTS = [[5, 17, 33, 99, 120, 7], [42, 43, 44], [60, 61, 62, 63, 64], [8, 9], [100, 101, 102, 103]]
 
 
@@ -69,6 +70,35 @@ def test_uniform_batches_merge_and_match(setup) -> None:
     assert after["lora_merges"] == merger.num_merges and after["lora_merge_restores"] == merged_before[
         "lora_merge_restores"] + 1
     assert all(torch.equal(w, w0) for w, w0 in zip(_weights(merging), merger.originals))
+
+
+def test_a_mix_that_changes_often_stops_merging(tmp_path) -> None:
+    """Merges restored before they ran MERGE_AFTER_STEPS steps double the wait for the next one; long merged
+    runs halve it again, never below MERGE_AFTER_STEPS."""
+    model = make_tiny_model(tmp_path / "model")
+    reqs = {"all": LoRARequest("all", make_adapter(model, tmp_path / "all", seed=1, target_modules="all-linear"))}
+    llm = LLM(model, dtype="float32", device="cpu", seed=0, max_loras=2, max_lora_rank=8, block_size=4,
+              num_kv_blocks=256, enable_lora_merging=True)
+    merger = llm.engine.merger
+
+    def uniform(steps: int) -> None:  # one prefill step, then steps - 1 decodes, every row on "all"
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]],
+                     SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True),
+                     lora_request=reqs["all"], use_tqdm=False)
+
+    def base() -> None:
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+
+    uniform(MERGE_AFTER_STEPS + 3)  # merged for 4 steps, then restored by the base step
+    base()
+    assert (merger.num_merges, merger.after_steps) == (1, 2 * MERGE_AFTER_STEPS)
+    for _ in range(2):  # shorter than the wait now: no merge
+        uniform(MERGE_AFTER_STEPS + 3)
+        base()
+    assert merger.num_merges == 1
+    uniform(2 * MERGE_AFTER_STEPS + 4 * 2 * MERGE_AFTER_STEPS)  # merged for 4x the wait: it halves
+    base()
+    assert (merger.num_merges, merger.after_steps) == (2, MERGE_AFTER_STEPS)
 
 
 def test_adapters_that_cannot_merge_run_as_lora(setup) -> None:

@@ -553,10 +553,8 @@ class LLMEngine:
 
     def _merge_for(self, seqs: list[ScheduledSeq]) -> None:
         """enable_lora_merging: restore the base weights unless every sequence of this step uses the merged
-        adapter; merge the adapter that every sequence uses once it has done so for MERGE_AFTER_STEPS steps in a
-        row (and can be: lora/merge.py); then mark the sequences, so that the forward reads no adapter."""
-        from loraplex.lora.merge import MERGE_AFTER_STEPS
-
+        adapter; merge the adapter that every sequence uses once it has done so for ``merger.after_steps`` steps
+        in a row (and can be: lora/merge.py); then mark the sequences, so that the forward reads no adapter."""
         merger = self.merger
         slot = seqs[0].req.slot
         uniform = slot >= 0 and all(s.req.slot == slot for s in seqs)
@@ -565,10 +563,11 @@ class LLMEngine:
         self._merge_streak = (slot if uniform else -1, run)
         if merger.merged is not None and (not uniform or merger.merged != slot):
             merger.restore()
-        if (merger.merged is None and uniform and run >= MERGE_AFTER_STEPS and self.pool.load_event(slot) is None
+        if (merger.merged is None and uniform and run >= merger.after_steps and self.pool.load_event(slot) is None
                 and merger.mergeable(slot) and not merger.dora_pending()):
             merger.merge(slot)
         if merger.merged is not None:
+            merger.merged_steps += 1
             for s in seqs:
                 s.merged = True
 

@@ -26,8 +26,11 @@ from loraplex.lora.model_lora import LoRAModel
 
 # Steps in a row whose rows all use one mergeable adapter before it is merged. A merge reads and writes every
 # linear weight once, a restore copies them: each about 26 GB of traffic on the Llama-3-8B shape, some 6 ms
-# on an H200, about one decode step.
+# on an H200, about one decode step. A merge that is restored before it has run that many steps doubles the
+# wait for the next one (up to MAX_MERGE_AFTER_STEPS), and one that runs four times as long halves it again:
+# a mix that changes often stops paying for merges it cannot use.
 MERGE_AFTER_STEPS = 8
+MAX_MERGE_AFTER_STEPS = 256
 
 
 class LoRAMerger:
@@ -42,6 +45,8 @@ class LoRAMerger:
         self._touched: list[int] = []  # indices into self.linears whose weight differs from W0
         self.num_merges = 0
         self.num_restores = 0
+        self.after_steps = MERGE_AFTER_STEPS  # the streak the next merge waits for (see MERGE_AFTER_STEPS)
+        self.merged_steps = 0  # steps run on the current merge (the engine counts them)
         self._mergeable: dict[int, bool] = {}  # slot -> mergeable, until the next slot write
         lora_model.before_write = self.restore_for_write
 
@@ -122,6 +127,11 @@ class LoRAMerger:
         """Every linear weight back to ``W0``, bit for bit."""
         if self.merged is not None:
             self.num_restores += 1
+            if self.merged_steps < self.after_steps:  # restored before it paid for itself
+                self.after_steps = min(2 * self.after_steps, MAX_MERGE_AFTER_STEPS)
+            elif self.merged_steps >= 4 * self.after_steps:
+                self.after_steps = max(self.after_steps // 2, MERGE_AFTER_STEPS)
+            self.merged_steps = 0
         for index in self._touched:
             self.linears[index].wrapper.base_layer.weight.copy_(self.originals[index])
         self._touched = []
