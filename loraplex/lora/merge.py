@@ -98,7 +98,8 @@ class LoRAMerger:
 
     @torch.no_grad()
     def merge(self, slot: int) -> None:
-        """Make every linear weight ``W0 + delta(slot)``, from ``W0`` (nothing drifts over many merges)."""
+        """Make every linear weight ``W0 + sum_i scale_i B_i A_i`` of ``slot``'s adapter, starting from ``W0``
+        (nothing drifts over many merges)."""
         reason = self.blocker(slot)
         if reason is not None:
             raise ValueError(f"slot {slot}'s adapter cannot be merged: {reason}")
