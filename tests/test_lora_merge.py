@@ -14,6 +14,7 @@ import torch
 from helpers import make_adapter, make_tiny_model
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.merge import MERGE_AFTER_STEPS
+from test_cuda_graph import in_interpreter
 
 # long enough that a merge runs more steps than it waited for (a shorter one doubles the next wait)
 PARAMS = SamplingParams(max_tokens=2 * MERGE_AFTER_STEPS + 6, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -154,8 +155,7 @@ def test_ranks_merge_in_step_under_tensor_parallelism(setup) -> None:
     _assert_same(_run(plain, ["all"], reqs), want[0][:1])  # the group is gone: the one-rank engine runs again
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="runs Triton on the CPU (TRITON_INTERPRET=1); on a GPU see tests/test_gpu.py")
+@in_interpreter
 def test_merged_graph_steps_replay_the_base_graphs(setup, tmp_path) -> None:
     """Graph steps (their buffers set up, their forward run eagerly: CPU) on the Triton backend: a merged step
     replays a graph of the base family (no LoRA kernel), and the outputs are what eager torch-backend steps
@@ -183,8 +183,7 @@ def test_merged_graph_steps_replay_the_base_graphs(setup, tmp_path) -> None:
     assert first[:MERGE_AFTER_STEPS - 1] == [True] * (MERGE_AFTER_STEPS - 1) and not any(first[MERGE_AFTER_STEPS:])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # tests/conftest.py skips it without CUDA
 def test_merged_steps_in_captured_graphs(tmp_path) -> None:
     """On CUDA, with captured graphs and the Triton backend: merged steps (the base graphs over the merged
     weights) give what eager torch-backend steps without merging give, and a step off the adapter restores

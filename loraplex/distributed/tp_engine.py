@@ -348,11 +348,11 @@ def serve_steps(config: Any, rank: int, control: Any) -> None:
         if not plan.seqs:
             continue
         merger = engine.merger
-        if merger is not None and merger.merged != plan.merged_slot:  # as rank 0 did before this step
-            if plan.merged_slot < 0:
-                merger.restore()
-            else:
+        if merger is not None and merger.merged_slot != plan.merged_slot:  # as rank 0 did before this step
+            if plan.merged_slot >= 0:
                 merger.merge(plan.merged_slot)
+            else:
+                merger.restore()
         seqs = []
         for sp in plan.seqs:
             if sp.mm is not None:

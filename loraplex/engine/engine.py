@@ -178,7 +178,6 @@ class LLMEngine:
                 lora_model.observer = self._tp.record_slot
         # enable_lora_merging: the adapter of steps that all use it merged into the weights (lora/merge.py)
         self.merger: Optional[Any] = None
-        self._merge_streak = (-1, 0)  # (slot, steps in a row whose every sequence used it)
         if lc.enable_lora_merging and self.pool is not None:  # EngineConfig checked: LoRA on; every rank keeps one
             from loraplex.lora.merge import LoRAMerger
 
@@ -551,31 +550,16 @@ class LLMEngine:
             outputs += self._finish(launched)
         return outputs
 
-    def _merge_for(self, seqs: list[ScheduledSeq]) -> None:
-        """enable_lora_merging: restore the base weights unless every sequence of this step uses the merged
-        adapter; merge the adapter that every sequence uses once it has done so for ``merger.after_steps`` steps
-        in a row (and can be: lora/merge.py); then mark the sequences, so that the forward reads no adapter."""
-        merger = self.merger
-        slot = seqs[0].req.slot
-        uniform = slot >= 0 and all(s.req.slot == slot for s in seqs)
-        last, run = self._merge_streak
-        run = (run + 1 if last == slot else 1) if uniform else 0
-        self._merge_streak = (slot if uniform else -1, run)
-        if merger.merged is not None and (not uniform or merger.merged != slot):
-            merger.restore()
-        if (merger.merged is None and uniform and run >= merger.after_steps and self.pool.load_event(slot) is None
-                and merger.mergeable(slot) and not merger.dora_pending()):
-            merger.merge(slot)
-        if merger.merged is not None:
-            merger.merged_steps += 1
-            for s in seqs:
-                s.merged = True
-
     def _launch(self, seqs: list[ScheduledSeq], prev: Optional[_Launched]) -> _Launched:
         """Queue the forward and the sampling of ``seqs`` on the device. Inputs that are tokens ``prev``
         sampled (at most one per request: its last) are taken from ``prev``'s device tensor."""
-        if self.merger is not None:
-            self._merge_for(seqs)
+        if self.merger is not None:  # enable_lora_merging: the merger's policy (lora/merge.py)
+            slot = seqs[0].req.slot
+            if any(s.req.slot != slot for s in seqs):
+                slot = -1
+            if self.merger.before_step(slot, slot >= 0 and self.pool.load_event(slot) is not None):
+                for s in seqs:
+                    s.merged = True  # the forward reads no adapter
         fix = None
         if prev is not None:
             rows, src = [], []
@@ -594,7 +578,7 @@ class LLMEngine:
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         if self._tp is not None:  # every other rank runs the same forward on its shard
             shared = len(sampling) if self.async_scheduling else 0  # tokens the next plan may read on the device
-            merged = self.merger.merged if self.merger is not None and self.merger.merged is not None else -1
+            merged = self.merger.merged_slot if self.merger is not None else -1
             self._tp.broadcast(self._tp.plan(seqs, self._tp_finished, None if fix is None else fix[:2], shared,
                                              merged))
             self._tp_finished = []

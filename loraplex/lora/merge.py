@@ -9,7 +9,7 @@ touch more than the linear layers' weights are not merged: LoRA on the embedding
 tokens or modules_to_save (the embedding and head run outside the merged weights), DoRA (its per-channel
 scale depends on the merged weight's norm) and LoRA bias.
 
-The engine decides when (:class:`loraplex.engine.engine.LLMEngine`, ``enable_lora_merging``): after
+The engine asks before each step (:meth:`LoRAMerger.before_step`, ``enable_lora_merging``): a merge waits for
 :data:`MERGE_AFTER_STEPS` steps in a row on one mergeable adapter, so that a mix that changes every step does
 not pay for a merge each time. Merges and restores are device work queued on the current stream, between
 the steps that read the weights.
@@ -41,14 +41,20 @@ class LoRAMerger:
         self.linears = [wm for wm in lora_model.modules if isinstance(wm.wrapper, LinearWithLoRA)]
         # W0: each linear layer's base weight as loaded (this rank's shard)
         self.originals = [wm.wrapper.base_layer.weight.detach().clone() for wm in self.linears]
-        self.merged: Optional[int] = None  # the slot whose adapter the weights hold
+        self.merged: Optional[int] = None  # the slot whose adapter the weights hold (None: W0)
         self._touched: list[int] = []  # indices into self.linears whose weight differs from W0
         self.num_merges = 0
         self.num_restores = 0
         self.after_steps = MERGE_AFTER_STEPS  # the streak the next merge waits for (see MERGE_AFTER_STEPS)
-        self.merged_steps = 0  # steps run on the current merge (the engine counts them)
+        self.merged_steps = 0  # steps run on the current merge
+        self._streak = (-1, 0)  # (slot, steps in a row whose every sequence used it)
         self._mergeable: dict[int, bool] = {}  # slot -> mergeable, until the next slot write
         lora_model.before_write = self.restore_for_write
+
+    @property
+    def merged_slot(self) -> int:
+        """:attr:`merged` as a slot index (-1: none), as step plans and sequences carry slots."""
+        return -1 if self.merged is None else self.merged
 
     @property
     def memory_bytes(self) -> int:
@@ -67,6 +73,24 @@ class LoRAMerger:
             if extras or slot in w.dora or slot in w.lora_bias or slot in w.dora_pending:
                 return f"{wm.name}: DoRA or LoRA bias"
         return None
+
+    def before_step(self, slot: int, loading: bool) -> bool:
+        """The policy, before each step: ``slot`` is the adapter slot every sequence of the step uses (-1: they
+        do not share one), ``loading`` whether its upload may still be in flight. Restores ``W0`` unless the step
+        is all on the merged adapter; merges ``slot`` once it has run :attr:`after_steps` steps in a row (and can
+        be merged). True when the step runs merged: its sequences then read no adapter."""
+        last, run = self._streak
+        run = (run + 1 if last == slot else 1) if slot >= 0 else 0
+        self._streak = (slot, run)
+        if self.merged is not None and self.merged != slot:
+            self.restore()
+        if (self.merged is None and slot >= 0 and run >= self.after_steps and not loading and self.mergeable(slot)
+                and not self.dora_pending()):
+            self.merge(slot)
+        if self.merged is None:
+            return False
+        self.merged_steps += 1
+        return True
 
     def dora_pending(self) -> bool:
         """Whether a DoRA adapter's scales are still to be summed over the ranks (tensor parallelism: at the
