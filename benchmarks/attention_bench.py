@@ -77,9 +77,6 @@ def main() -> int:
     p.add_argument("--eager", action="store_true", help="time launches from Python rather than graph replays")
     p.add_argument("--max-model-len", type=int, default=8192,
                    help="the context a decode graph is captured for (it sets the split count)")
-    p.add_argument("--early-v", action="store_true",
-                   help="also time each tiling with every key tile's V load issued beside its K load "
-                        "(LORAPLEX_ATTENTION_EARLY_V)")
     p.add_argument("--from-l2", action="store_true",
                    help="every call reads the same K and V (served from L2 where they fit), not one of several "
                         "copies three times the L2's size, as a step's layers read theirs")
@@ -95,9 +92,6 @@ def main() -> int:
                            if not (r == 128 and t == 128 and w == 4)]
         decode_configs += [dict(num_splits=n, tile_n=t, num_warps=w, num_stages=s)
                            for n, t, w, s in itertools.product((1, 2, 4, 8, 16), (16, 32, 64), (2, 4), (1, 2, 3))]
-    if a.early_v:
-        prompt_configs += [dict(c, early_v=True) for c in prompt_configs]
-        decode_configs += [dict(c, early_v=True) for c in decode_configs]
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     results = []
     for name, (ql, sl) in SHAPES.items():

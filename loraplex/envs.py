@@ -71,9 +71,6 @@ SWITCHES: dict[str, Switch] = {
                                              "or mixed step) captured with cuBLASLt as the GEMM library (0: none)"),
     "LORAPLEX_EMULATE_CUDA_GRAPHS": Switch(_bool, False, "on the CPU, graph steps run eagerly over the graphs' "
                                            "buffers (tests)"),
-    # the Triton attention kernels (attention/triton_attention.py), read at import
-    "LORAPLEX_ATTENTION_EARLY_V": Switch(_bool, False, "each key tile's V load issued right after its K load, "
-                                         "before the QK product"),
     # the Triton LoRA backend and kernels
     "LORAPLEX_LORA_OVERLAP": Switch(_bool, None, "the shrink on a side stream beside the base GEMM (unset: on "
                                     "with one rank, off under tensor parallelism)"),
@@ -89,6 +86,11 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_TRITON_FAST_LAUNCH": Switch(_bool, True, "launches through the compiled kernel's own launcher "
                                           "rather than Triton's Python entry point"),
     "LORAPLEX_FUSED_KERNELS": Switch(_bool, True, "the Triton RMSNorm, rotary and SiLU-and-mul kernels on CUDA"),
+    # L2 prefetch (kernels/prefetch.py), read when a model is built
+    "LORAPLEX_L2_PREFETCH": Switch(_choice("0", "bulk", "load"), "0", "o_proj's weight prefetched into L2 on a "
+                                   "side stream while attention runs (bulk: the SM's copy engine; load: loads; "
+                                   "0: off)"),
+    "LORAPLEX_L2_PREFETCH_TOKENS": Switch(_int(1), 256, "only steps of at most this many tokens prefetch"),
     # adapter loads (lora/model_lora.py, lora/pool.py)
     "LORAPLEX_BATCHED_SLOT_WRITES": Switch(_bool, True, "an adapter's slot load as one batched launch (Triton "
                                            "backend, paged slots)"),

@@ -160,22 +160,6 @@ def test_triton_small_and_padded_head_dims(head_dim: int) -> None:
     _check_kernel("mixed", 2, 8, None, torch.float32, 2, head_dim=head_dim, tile_n=16)
 
 
-@pytest.mark.parametrize("scenario,window,dtype,splits", [("mixed", None, torch.bfloat16, 2),
-                                                         ("mixed", 6, torch.float32, 4),
-                                                         ("prefill", None, torch.float32, 1)])
-def test_early_v_load_gives_the_same_output(scenario, window, dtype, splits) -> None:
-    """LORAPLEX_ATTENTION_EARLY_V (each key tile's V load issued beside its K load) changes when V is read, not
-    what is computed: both kernels (decodes split, prompt chunks unified) give the default order's output bit
-    for bit, and the reference's within tolerance."""
-    q, kc, vc, meta, _ = make_case(SCENARIOS[scenario], 2, 8, dtype, 64, DEVICE, seed=3)
-    scale = 64 ** -0.5
-    late = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=32, early_v=False)
-    early = paged_attention(q, kc, vc, meta, scale, window, num_splits=splits, tile_n=32, early_v=True)
-    assert torch.equal(early, late)
-    want = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, scale, window)
-    torch.testing.assert_close(early.float(), want, **TOL[dtype])
-
-
 def test_triton_backend_through_registry() -> None:
     spec = SCENARIOS["mixed"]
     q, kc, vc, meta, _ = make_case(spec, 2, 16, torch.float32, device=DEVICE)

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex import envs
 from loraplex.attention.metadata import AttentionMetadata
 from loraplex.kernels.common import INTERPRET, Launcher, dot_precision, num_sms
 
@@ -43,7 +42,7 @@ def _unified_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
+    USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -96,8 +95,8 @@ def _unified_kernel(
         k_off = blk * stride_kb + off * stride_ks + kvh * stride_kh
         kt = tl.load(k_ptr + k_off[None, :] + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         v_off = blk * stride_vb + off * stride_vs + kvh * stride_vh
-        if EARLY_V:  # V's tile requested beside K's, before the QK product needs K: two loads in flight
-            vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        # V's tile requested beside K's, before the QK product needs K: two loads in flight
+        vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(qv, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, TILE_N), log2 domain
@@ -110,8 +109,6 @@ def _unified_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not EARLY_V:
-            vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
@@ -131,7 +128,6 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     NUM_SPLITS: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EARLY_V: tl.constexpr,
 ):
     # part (decodes, H, NUM_SPLITS, D_PAD) float32: unnormalised output; stats (decodes, H, NUM_SPLITS, 2): max, sum
     b = tl.program_id(0)
@@ -168,8 +164,8 @@ def _decode_split_kernel(
         k_off = blk * stride_kb + off * stride_ks + kvh * stride_kh
         kt = tl.load(k_ptr + k_off[None, :] + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         v_off = blk * stride_vb + off * stride_vs + kvh * stride_vh
-        if EARLY_V:  # V's tile requested beside K's, before the QK product needs K: two loads in flight
-            vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        # V's tile requested beside K's, before the QK product needs K: two loads in flight
+        vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(qv, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, TILE_N)
@@ -179,8 +175,6 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not EARLY_V:
-            vt = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
@@ -223,11 +217,9 @@ _launch_reduce = Launcher(_reduce_kernel)
 # of each step shape timed in CUDA graphs on an H200 (docs/results/attention_graph_sweep_h200_2026-11-30h.json),
 # where key tiles of 32 in three stages took 1.3x as long for 32 decodes at context 192.
 TILE_N, NUM_WARPS, NUM_STAGES = 64, 4, 2
-# LORAPLEX_ATTENTION_EARLY_V (opt-in, not yet timed): each key tile's V load issued right after its K load, not
-# after the QK product. At batch 32 (context 192) the split decode kernel took 11.7 us a layer in the step for
-# 25 MB of K and V, about half the card's copy rate (H200, 2026-12-01), with each program's loads in a chain:
-# table, K, product, V.
-EARLY_V = envs.LORAPLEX_ATTENTION_EARLY_V
+# Each key tile's V load is issued beside its K load, before the QK product: on an H200 (2026-12-01, HBM-read
+# operands) the same time for every decode shape and 0.92x for a mixed step of 480 tokens at 8k context, where
+# loading V after the product had it wait for the product.
 
 
 def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
@@ -246,14 +238,12 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None, num_splits: Optional[int] = None,
                     tile_n: int = TILE_N, out: Optional[torch.Tensor] = None, rows: int = 64,
-                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                    early_v: Optional[bool] = None) -> torch.Tensor:
+                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton paged attention (semantics in the module docstring); q (T, H, D), caches (num_blocks,
     block_size, KVH, D) -> (T, H, D). ``num_splits`` (a power of two) overrides the split-K decode heuristic
     (1: no split); ``rows`` (query rows per program of the unified kernel when steps hold prompt chunks),
     ``tile_n``, ``num_warps`` and ``num_stages`` the tiling of both kernels (tuning; one tiling for every step,
-    so the decodes of an eager step with prompt chunks reuse the kernel variants the decode graphs compiled);
-    ``early_v`` (default ``LORAPLEX_ATTENTION_EARLY_V``) issues each key tile's V load beside its K load."""
+    so the decodes of an eager step with prompt chunks reuse the kernel variants the decode graphs compiled)."""
     T, H, D = q.shape
     _, block_size, KVH, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
@@ -270,7 +260,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     window = sliding_window if sliding_window is not None else 0
     qk_scale = scale * _LOG2E
     precision = dot_precision(q.dtype)
-    early_v = EARLY_V if early_v is None else early_v
     tables = meta.block_tables
     B = meta.num_seqs
     nd = meta.num_decodes
@@ -290,7 +279,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
             dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, TILE_N=tile_n,
                  BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision,
-                 UPCAST=INTERPRET, EARLY_V=early_v),
+                 UPCAST=INTERPRET),
             num_warps=num_warps, num_stages=num_stages)
         _launch_reduce((nd, H), (part, stats, out, meta.query_start_loc, H, out.stride(0), out.stride(1)),
                        dict(HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits), num_warps=4)
@@ -311,8 +300,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0)),
         dict(HEAD_DIM=D, D_PAD=d_pad, GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-             BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET,
-             EARLY_V=early_v),
+             BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None, PRECISION=precision, UPCAST=INTERPRET),
         num_warps=num_warps, num_stages=num_stages)
     return out
 
