@@ -26,12 +26,6 @@ reaches reading its weight: the bound of the no-adapter decode step; and cuBLAS 
 over copies of it three times the L2's size (the same weight every call, also timed, is served from L2 where
 it fits: o_proj's 32 MiB at 32 rows took 7.6 us so, 11.6 us from HBM, on an H200). (A split-K Triton GEMM of our own was
 slower than cuBLAS at every shape here on the H200, 2026-12-01, and was removed: docs/benchmarks.md.)
-
-``--prefetch``: instead, each projection's GEMM (weights from HBM, rotated as ``--gemm`` does) after a wait of
-``--prefetch-wait-us`` on the stream (``torch.cuda._sleep``, standing in for the latency-bound rotary and
-attention kernels of a small batch), with the weight prefetched into L2 beside the wait on a side stream
-(``kernels/prefetch.py``: ``bulk`` and ``load``) or not; the GEMM's time is the whole minus the wait alone.
-The library is the one a graph of that many tokens captures with (cuBLASLt up to 64 tokens).
 """
 
 from __future__ import annotations
@@ -274,63 +268,6 @@ def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
     return rows
 
 
-def run_prefetch(a: argparse.Namespace, dev: torch.device) -> list[dict]:
-    """The ``--prefetch`` rows: see the module docstring."""
-    from loraplex.kernels.prefetch import prefetch_l2, sink_size
-
-    dtype = getattr(torch, a.dtype)
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
-    # _sleep counts clock cycles: calibrate them to microseconds on this card
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(100_000)
-    start.record()
-    torch.cuda._sleep(1_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    cycles = int(1_000_000 * a.prefetch_wait_us / (start.elapsed_time(end) * 1e3))
-    side = torch.cuda.Stream(dev)
-    sink = torch.empty(sink_size(dev), dtype=torch.int32, device=dev)
-    rows = []
-    wait_us = time_graph(lambda: torch.cuda._sleep(cycles), a.iters)
-    print(f"the wait alone: {wait_us:.1f} us ({cycles} cycles)")
-    for name, K, slices in LAYER_MODULES:
-        nbytes = sum(slices) * K * torch.empty(0, dtype=dtype).element_size()
-        copies = max(2, -(-3 * l2 // nbytes))
-        ws = [torch.randn(sum(slices), K, device=dev).to(dtype) for _ in range(copies)]
-        for T in a.layer_batches:
-            torch.backends.cuda.preferred_blas_library("cublaslt" if T <= 64 else "cublas")
-            x = torch.randn(T, K, device=dev).to(dtype)
-            row = {"module": name, "tokens": T, "weight_bytes": nbytes, "wait_us": wait_us}
-            for mode in ("none", "bulk", "load"):
-                cold = itertools.cycle(ws)
-
-                def step(mode=mode, cold=cold) -> None:
-                    w = next(cold)
-                    main = torch.cuda.current_stream()
-                    if mode != "none":
-                        side.wait_stream(main)
-                        with torch.cuda.stream(side):
-                            prefetch_l2(w, mode, sink)
-                    torch.cuda._sleep(cycles)
-                    torch.nn.functional.linear(x, w)
-                    if mode != "none":
-                        main.wait_stream(side)
-
-                row[f"{mode}_us"] = time_graph(step, a.iters) - wait_us
-            # the prefetch alone, from HBM: how long L2 takes to fill
-            for mode in ("bulk", "load"):
-                cold = itertools.cycle(ws)
-                row[f"{mode}_alone_us"] = time_graph(lambda mode=mode, cold=cold: prefetch_l2(next(cold), mode, sink),
-                                                     a.iters)
-            rows.append(row)
-            print(f"{name:<8}{T:>6} rows ({nbytes / 2**20:.0f} MiB): GEMM after the wait {row['none_us']:6.1f} us, "
-                  f"prefetched bulk {row['bulk_us']:6.1f}, load {row['load_us']:6.1f}; the prefetch alone "
-                  f"bulk {row['bulk_alone_us']:.1f}, load {row['load_alone_us']:.1f} us", flush=True)
-        ws = None
-    torch.backends.cuda.preferred_blas_library("cublas")
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -350,18 +287,15 @@ def main() -> None:
                          "per SM (1-16), K block (64-256), warps (2-8) and pipeline stages (2-4)")
     ap.add_argument("--gemm", action="store_true", help="the 8B layer's base projections through cuBLAS, with "
                     "the bandwidth each reaches")
-    ap.add_argument("--prefetch", action="store_true", help="each base projection after a latency-bound wait, "
-                    "its weight prefetched into L2 beside the wait or not")
-    ap.add_argument("--prefetch-wait-us", type=float, default=18.0)
     ap.add_argument("--json", default="bench_out/kernel_bench.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA device")
     dev = torch.device("cuda")
-    if a.gemm or a.prefetch:
-        rows = run_prefetch(a, dev) if a.prefetch else run_gemm(a, dev)
+    if a.gemm:
+        rows = run_gemm(a, dev)
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"config": vars(a), "prefetch" if a.prefetch else "gemm": rows, "device": torch.cuda.get_device_name(),
+        Path(a.json).write_text(json.dumps({"config": vars(a), "gemm": rows, "device": torch.cuda.get_device_name(),
                                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=2))
         print(f"wrote {a.json}")
         return

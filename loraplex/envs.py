@@ -86,11 +86,6 @@ SWITCHES: dict[str, Switch] = {
     "LORAPLEX_TRITON_FAST_LAUNCH": Switch(_bool, True, "launches through the compiled kernel's own launcher "
                                           "rather than Triton's Python entry point"),
     "LORAPLEX_FUSED_KERNELS": Switch(_bool, True, "the Triton RMSNorm, rotary and SiLU-and-mul kernels on CUDA"),
-    # L2 prefetch (kernels/prefetch.py), read when a model is built
-    "LORAPLEX_L2_PREFETCH": Switch(_choice("0", "bulk", "load"), "0", "o_proj's weight prefetched into L2 on a "
-                                   "side stream while attention runs (bulk: the SM's copy engine; load: loads; "
-                                   "0: off)"),
-    "LORAPLEX_L2_PREFETCH_TOKENS": Switch(_int(1), 256, "only steps of at most this many tokens prefetch"),
     # adapter loads (lora/model_lora.py, lora/pool.py)
     "LORAPLEX_BATCHED_SLOT_WRITES": Switch(_bool, True, "an adapter's slot load as one batched launch (Triton "
                                            "backend, paged slots)"),

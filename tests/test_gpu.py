@@ -142,16 +142,13 @@ def test_graph_replay_equals_eager_over_changing_mixes(graph_setup) -> None:
     assert_same(got, want, sizes)
 
 
-@pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=0",
-                                    "LORAPLEX_L2_PREFETCH=bulk", "LORAPLEX_L2_PREFETCH=load"])
+@pytest.mark.parametrize("switch", ["LORAPLEX_LORA_OVERLAP=0", "LORAPLEX_GRAPH_CUBLASLT_TOKENS=0"])
 def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     """Graphs captured another way give the same logprobs as eager steps of the torch backend, over changing
     adapter mixes in decode and mixed graphs: LORAPLEX_LORA_OVERLAP=0 (each shrink after the base GEMM on one
     stream, where the default runs it on a side stream beside the GEMM, forked and joined inside the graphs);
     LORAPLEX_GRAPH_CUBLASLT_TOKENS=0 (every graph captured with cuBLAS's GEMMs, where the default captures
-    those of up to 64 tokens with cuBLASLt's; the library setting is restored once captured either way);
-    LORAPLEX_L2_PREFETCH (o_proj's weight prefetched into L2 on a side stream beside attention, forked and
-    joined inside the graphs)."""
+    those of up to 64 tokens with cuBLASLt's; the library setting is restored once captured either way)."""
     from test_cuda_graph import assert_same, run_mixes
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -165,8 +162,6 @@ def test_graph_variants_equal_eager(graph_setup, monkeypatch, switch) -> None:
     backend = llm.engine.pool.lora_model.modules[0].wrapper.backend
     if name == "LORAPLEX_LORA_OVERLAP":
         assert not backend.overlap
-    if name == "LORAPLEX_L2_PREFETCH":
-        assert llm.engine.runner.model.model.layers[0].self_attn.l2_prefetch.mode == value
     assert torch.backends.cuda.preferred_blas_library() == library
     got, sizes = run_mixes(llm, adapters, use_graphs=True, capture=True)
     assert_same(got, want, sizes)

@@ -11,30 +11,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from loraplex import envs
 from loraplex.layers.activation import GatedActivation
 from loraplex.layers.attention import PagedAttention
 from loraplex.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loraplex.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import get_rope, rope_parameters
-
-
-def l2_prefetcher() -> Optional[Any]:
-    """The process's :class:`~loraplex.kernels.prefetch.L2Prefetcher` when ``LORAPLEX_L2_PREFETCH`` asks for one
-    (opt-in until timed on a GPU), shared by every layer; None otherwise."""
-    mode = envs.LORAPLEX_L2_PREFETCH
-    if mode == "0":
-        return None
-    global _PREFETCHER
-    if _PREFETCHER is None or _PREFETCHER.mode != mode:
-        from loraplex.kernels.prefetch import L2Prefetcher
-
-        _PREFETCHER = L2Prefetcher(mode, envs.LORAPLEX_L2_PREFETCH_TOKENS)
-    return _PREFETCHER
-
-
-_PREFETCHER = None
 
 
 def _head_dim(config: Any) -> int:
@@ -66,12 +48,9 @@ class LlamaAttention(nn.Module):
         if getattr(config, "use_sliding_window", True) is False:
             window = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, hd ** -0.5, window)
-        self.l2_prefetch = l2_prefetcher()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.l2_prefetch is not None:  # o_proj's weight into L2 while the attention kernels run
-            self.l2_prefetch.start(self.o_proj.weight, x.shape[0])
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # (tokens, heads, dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -123,7 +102,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, qk_norm)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.l2_prefetch = l2_prefetcher()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -134,8 +112,6 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual)
-        if self.l2_prefetch is not None and h.is_cuda:
-            self.l2_prefetch.join(h.device)
         return self.norm(h, residual)[0] if residual is not None else self.norm(h)
 
 
