@@ -307,6 +307,35 @@ def decode_case(llm: Any, prompts: list[list[int]], loras: list[Optional[str]], 
             "step_ms_p50": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[int(0.99 * (n - 1))]}
 
 
+def merge_cost(llm: Any, device: torch.device, reps: int = 5) -> Optional[dict[str, float]]:
+    """``--lora-merging``: what one merge of a resident adapter into the linear weights, and one restore of
+    them, cost (ms, median of ``reps``, each synchronised): what a change of mix pays on top of its steps. The
+    merger's policy state is put back afterwards. None when no resident adapter can be merged."""
+    m = llm.engine.merger
+    if m is None or not m.linears:
+        return None
+    slot = next((s for s in sorted(m.linears[0].wrapper.active) if m.mergeable(s)), None)
+    if slot is None:
+        return None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    policy = m.after_steps
+    merges, restores = [], []
+    m.restore()
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        m.merge(slot)
+        sync()
+        t1 = time.perf_counter()
+        m.restore()
+        sync()
+        merges.append(t1 - t0)
+        restores.append(time.perf_counter() - t1)
+    m.after_steps = policy
+    return {"merge_ms": 1e3 * statistics.median(merges), "restore_ms": 1e3 * statistics.median(restores),
+            "copy_gib": m.memory_bytes / 2**30, "linear_layers": len(m.linears)}
+
+
 def prefill_case(llm: Any, a: argparse.Namespace, device: torch.device, n_params: int) -> dict[str, float]:
     from loraplex import SamplingParams
 
@@ -552,12 +581,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{r['tokens_per_s']:9.0f} tok/s  floor {floor_ms:6.2f} ms  share {row['share_of_floor']:.2f}  "
                   f"host {r['host_ms_per_step']:.2f} ms/step  slowest step {r['step_ms_max']:.1f} ms  "
                   f"gc {r['gc_collections']} ({r['gc_gen2_collections']} full) {r['gc_ms']:.1f} ms"
-                  + (f"  merged: {'yes' if r['lora_merged_at_end'] else 'no'} ({r['lora_merges']} merges)"
+                  + (f"  merged: {'yes' if r['lora_merged_at_end'] else 'no'} ({r['lora_merges']} merges while timed)"
                      if a.lora_merging else ""), flush=True)
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["case"] == "base"}
     for r in rows:
         if r["batch"] in base:
             r["vs_base"] = r["tokens_per_s"] / base[r["batch"]]
+    merging = merge_cost(llm, device) if a.lora_merging and a.tensor_parallel_size == 1 else None
+    if merging:
+        print(f"merging one adapter into {merging['linear_layers']} linear modules: {merging['merge_ms']:.2f} ms; "
+              f"restoring them: {merging['restore_ms']:.2f} ms (the kept copy: {merging['copy_gib']:.1f} GiB)",
+              flush=True)
     prefill = None if a.skip_prefill else prefill_case(llm, a, device, n_params)
     if prefill:
         prefill["share_of_matmul"] = prefill["flops_per_s"] / card["matmul_flops_per_s"]
@@ -589,7 +623,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
     result = {"config": vars(a), "card": card, "device": name, "startup": startup, "weight_bytes": wbytes,
               "table_lora_bytes_per_gpu": table_lora,
-              "decode": rows,
+              "decode": rows, "lora_merge_cost": merging,
               "peft": peft, "prefill": prefill, "itl": itl, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
