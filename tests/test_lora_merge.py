@@ -223,3 +223,41 @@ def test_merges_are_exported_as_prometheus_metrics() -> None:
               if line.startswith("loraplex_lora_merge")}
     assert values == {"loraplex_lora_merges_total": 3.0, "loraplex_lora_merge_restores_total": 2.0,
                       "loraplex_lora_merged": 1.0}
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_slices_read_a_slots_weights_from_any_pages(scattered) -> None:
+    """The merge reads each slice's A and B of a slot from the stack's pages, a view when they run consecutively,
+    gathered through the page table's device index when an eviction left them scattered (pages 0, 1 and 4)."""
+    from types import SimpleNamespace
+
+    from loraplex.lora.backends.base import LoRAStack, PageTable
+    from loraplex.lora.merge import LoRAMerger
+
+    g = torch.Generator().manual_seed(0)
+    pages = PageTable(3, 7, 4, 12, 3, torch.device("cpu"))
+    slices = (8, 4)  # two slices (a fused layer), 8 and 4 output rows
+    stack = LoRAStack.zeros(2, 3, 12, 12, 16, slices, torch.float32, torch.device("cpu"), pages=pages)
+    pages.assign(0, 8, False)  # pages 0, 1
+    pages.assign(1, 8, False)  # pages 2, 3
+    slot = 2
+    if scattered:
+        pages.release(0)  # frees 0, 1: a rank-12 adapter then takes 0, 1 and 4
+    pages.assign(slot, 12, False)
+    assert pages.pages_of(slot) == ([0, 1, 4] if scattered else [4, 5, 6])
+    want = []
+    col = 0
+    for i, n in enumerate(slices):
+        a, b = torch.randn(12, 16, generator=g), torch.randn(n, 12, generator=g)
+        stack.write_a(slot, i, a)
+        stack.write_b(slot, col, b)
+        stack.set(slot, i, 12, 0.5 + i)
+        want.append((col, n, b, a, 0.5 + i))
+        col += n
+    merger = LoRAMerger.__new__(LoRAMerger)
+    merger.linears = [SimpleNamespace(wrapper=SimpleNamespace(active={slot}, stack=stack))]
+    got = list(merger._slices(0, slot))
+    assert len(got) == 2
+    for (off, n, b, a, scale), (w_off, w_n, w_b, w_a, w_scale) in zip(got, want):
+        assert (off, n, scale) == (w_off, w_n, w_scale)
+        assert torch.equal(a, w_a) and torch.equal(b, w_b)

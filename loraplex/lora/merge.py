@@ -105,18 +105,27 @@ class LoRAMerger:
 
     def _slices(self, index: int, slot: int):
         """(row offset, rows, B (rows, rank), A (rank, in), scale) of each slice of linear layer ``index`` that
-        ``slot`` has weights for, read from the layer's stack in whatever page layout it has."""
+        ``slot`` has weights for, read from the layer's stack in whatever page layout it has. The slot's pages
+        are a view when they run consecutively (the padded layout always), else gathered once for the layer
+        through the page table's device index: no host-to-device copy, so no synchronisation, per slice."""
         w = self.linears[index].wrapper
         if slot not in w.active:
             return
         stack = w.stack
         pages = stack.pages.pages_of(slot)
+        if not pages:
+            return
+        if pages == list(range(pages[0], pages[0] + len(pages))):
+            a_pages, b_pages = stack.a[:, pages[0]:pages[0] + len(pages)], stack.b[pages[0]:pages[0] + len(pages)]
+        else:
+            where = stack.pages.index(slot)
+            a_pages, b_pages = stack.a.index_select(1, where), stack.b.index_select(0, where)
         offset = 0
         for i, n in enumerate(stack.slices):
             rank, scale = stack.ranks[i][slot], stack.scales[i][slot]
             if rank:
-                a = stack.a[i, pages].reshape(-1, stack.a.shape[-1])[:rank]  # (rank, in)
-                b = stack.b[pages][:, offset:offset + n].permute(1, 0, 2).reshape(n, -1)[:, :rank]  # (n, rank)
+                a = a_pages[i].reshape(-1, stack.a.shape[-1])[:rank]  # (rank, in)
+                b = b_pages[:, offset:offset + n].permute(1, 0, 2).reshape(n, -1)[:, :rank]  # (n, rank)
                 yield offset, n, b, a, scale
             offset += n
 
