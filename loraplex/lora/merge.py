@@ -107,7 +107,8 @@ class LoRAMerger:
         """(row offset, rows, B (rows, rank), A (rank, in), scale) of each slice of linear layer ``index`` that
         ``slot`` has weights for, read from the layer's stack in whatever page layout it has. The slot's pages
         are a view when they run consecutively (the padded layout always), else gathered once for the layer
-        through the page table's device index: no host-to-device copy, so no synchronisation, per slice."""
+        through the page table's device index: no index uploaded from a host list and no gather per slice (an H200
+        merged the 8B shape's 129 linear modules in 48 ms that way, where a pass over their weights takes 7)."""
         w = self.linears[index].wrapper
         if slot not in w.active:
             return
