@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from loraplex.attention.metadata import AttentionMetadata  # noqa: E402
 from loraplex.attention.triton_attention import paged_attention  # noqa: E402
-from kernel_bench import time_eager, time_graph  # noqa: E402  (benchmarks/, this script's folder)
+from kernel_bench import hbm_copies, time_eager, time_graph  # noqa: E402  (benchmarks/, this script's folder)
 
 H, KVH, D, BS = 32, 8, 128, 16
 
@@ -92,7 +92,6 @@ def main() -> int:
                            if not (r == 128 and t == 128 and w == 4)]
         decode_configs += [dict(num_splits=n, tile_n=t, num_warps=w, num_stages=s)
                            for n, t, w, s in itertools.product((1, 2, 4, 8, 16), (16, 32, 64), (2, 4), (1, 2, 3))]
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     results = []
     for name, (ql, sl) in SHAPES.items():
         q, k, v, meta, flops, kv_bytes = make_step(ql, sl, dev, dtype)
@@ -101,8 +100,8 @@ def main() -> int:
             meta = dataclasses.replace(meta, max_seq_len=max(a.max_model_len, meta.max_seq_len))
         want = paged_attention(q, k, v, meta, scale, num_splits=1)
         out = torch.empty_like(q)
-        # each layer of a step reads its own cache: calls rotate over copies three times the L2's size
-        copies = 1 if a.from_l2 else max(2, -(-3 * l2 // (2 * k.numel() * k.element_size())))
+        # each layer of a step reads its own cache: calls rotate over copies of K and V
+        copies = 1 if a.from_l2 else hbm_copies(2 * k.numel() * k.element_size(), dev)
         caches = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
         for cfg in decode_configs if decode else prompt_configs:
             try:

@@ -226,15 +226,19 @@ def per_layer(rows: list[dict], sweep: str) -> dict[tuple, float]:
     return out
 
 
+def hbm_copies(nbytes: int, dev: torch.device) -> int:
+    """Copies of an operand of ``nbytes`` that calls rotate over so that each reads it from HBM, as each layer
+    of a step reads its own: together three times the L2's size, at least two."""
+    return max(2, -(-3 * torch.cuda.get_device_properties(dev).L2_cache_size // nbytes))
+
+
 def run_gemm(a: argparse.Namespace, dev: torch.device) -> list[dict]:
     """The ``--gemm`` rows: see the module docstring."""
     dtype = getattr(torch, a.dtype)
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     rows = []
     for name, K, slices in LAYER_MODULES:
         nbytes = sum(slices) * K * torch.empty(0, dtype=dtype).element_size()
-        # as in a step, each call reads its weight from HBM: calls rotate over copies three times the L2's size
-        copies = max(2, -(-3 * l2 // nbytes))
+        copies = hbm_copies(nbytes, dev)  # as in a step, each call reads its weight from HBM
         ws = [torch.randn(sum(slices), K, device=dev).to(dtype) for _ in range(copies)]
         hot = ws[0]
         gb = nbytes / 1e9
