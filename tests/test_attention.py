@@ -5,7 +5,8 @@ On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here and
 triton is imported). Caches are random everywhere, so keys past a sequence's length, in other sequences'
 blocks or outside its window must be masked; block tables are shuffled, and lengths leave the last block
 partial. Cases: GQA 1/2/4, block sizes 8/16, sliding windows, pure decode, pure prefill, and mixed steps
-(decodes first, then prefill chunks continuing a cached prefix), float32 and bfloat16.
+(decodes first, then prefill chunks continuing a cached prefix), float32 and bfloat16; and whole engines on
+the Triton backend against the torch backend: Llama, Mistral's sliding window and Qwen2-VL's M-RoPE with images.
 """
 
 from __future__ import annotations
@@ -204,6 +205,38 @@ def test_engine_with_triton_backend_matches_torch(tmp_path, family: str, overrid
         for backend in ("torch", "triton"):
             llm = LLM(model_dir, dtype="float32", device=device, block_size=4, num_kv_blocks=64, seed=0,
                       max_num_seqs=4, max_num_batched_tokens=8, attention_backend=backend)
+            outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for a, b in zip(outs["torch"], outs["triton"]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+
+
+def test_mrope_model_with_triton_backend_matches_torch(tmp_path) -> None:
+    """An M-RoPE model (Qwen2-VL: three position streams, image tokens' positions on a grid) on the Triton
+    backend gives the torch backend's tokens and logprobs over image and text prompts; a budget of 8 tokens
+    makes steps that mix decodes with prompt chunks."""
+    from vlm_helpers import image_prompt, make_image, make_tiny_vlm
+
+    from loraplex import LLM, SamplingParams
+
+    model_dir = make_tiny_vlm(tmp_path / "qwen2_vl", family="qwen2_vl")
+    prompts = [{"prompt": image_prompt(model_dir, "{image}Describe the robot"),
+                "multi_modal_data": {"image": [make_image(1, 32, 32)]}},
+               {"prompt": image_prompt(model_dir, "The storm came from the west")},
+               {"prompt": image_prompt(model_dir, "Compare {image} and {image} now"),
+                "multi_modal_data": {"image": [make_image(2, 24, 40), make_image(3, 40, 16)]}}]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    outs = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for backend in ("torch", "triton"):
+            llm = LLM(model_dir, dtype="float32", device=device, block_size=4, num_kv_blocks=256, seed=0,
+                      max_num_seqs=4, max_num_batched_tokens=8, attention_backend=backend, enforce_eager=True)
             outs[backend] = llm.generate(prompts, params, use_tqdm=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
